@@ -1,0 +1,293 @@
+"""Borg command lines as argv tuples, borg's environment, exit codes and JSON output.
+
+Pure: nothing here starts a process. Every function returns what a
+:class:`~mutualbackup.transport.Transport` will run, so tests assert the exact argv.
+
+Where things live on a source node (``WORKDIR`` is the node's ``workdir``, expanded):
+
+- ``WORKDIR/id_ed25519`` — the source's own SSH key, the one the hosts' forced
+  commands accept;
+- ``WORKDIR/passphrase`` — the repositories' passphrase, mode 0600, generated there;
+- ``WORKDIR/known_hosts`` — the pinned host keys of the source's replica hosts;
+- ``WORKDIR/borg`` — ``BORG_BASE_DIR`` (cache, security and config of borg).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import posixpath
+import shlex
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .model import Backup, Node
+
+KEY_FILE = "id_ed25519"
+PASSPHRASE_FILE = "passphrase"
+KNOWN_HOSTS_FILE = "known_hosts"
+BASE_DIR = "borg"
+
+LOCK_WAIT = 600  # seconds; longer than the ssh keepalive (10 s x 30)
+
+
+@dataclass(frozen=True)
+class SourcePaths:
+    """The files of one source node, with ``~`` already expanded."""
+
+    workdir: str
+
+    @property
+    def key(self) -> str:
+        return posixpath.join(self.workdir, KEY_FILE)
+
+    @property
+    def passphrase(self) -> str:
+        return posixpath.join(self.workdir, PASSPHRASE_FILE)
+
+    @property
+    def known_hosts(self) -> str:
+        return posixpath.join(self.workdir, KNOWN_HOSTS_FILE)
+
+    @property
+    def base_dir(self) -> str:
+        return posixpath.join(self.workdir, BASE_DIR)
+
+
+def repository_path(source: Node, host: Node) -> str:
+    """Where ``source``'s repository lives on ``host``: STORAGE/MEMBER/NODE."""
+    assert host.storage is not None
+    return posixpath.join(host.storage.path, source.member, source.slug)
+
+
+def repository_url(source: Node, host: Node) -> str:
+    """The ``ssh://`` URL a source's borg uses to reach its repository on ``host``."""
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    return f"ssh://{host.user}@{address}:{host.port}{repository_path(source, host)}"
+
+
+def known_hosts_name(node: Node) -> str:
+    """The host name as OpenSSH writes it in known_hosts (``[addr]:port`` unless port 22)."""
+    return node.address if node.port == 22 else f"[{node.address}]:{node.port}"
+
+
+def known_hosts_line(node: Node) -> str:
+    return f"{known_hosts_name(node)} {node.host_key}"
+
+
+def client_env(paths: SourcePaths) -> dict[str, str]:
+    """Environment for borg run on a source as a client of its repositories.
+
+    Nothing here is secret: the passphrase is read by borg itself from the 0600
+    file through ``BORG_PASSCOMMAND``; it never crosses the coordinator.
+    """
+    rsh = shlex.join(
+        [
+            "ssh",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-i", paths.key,
+            "-o", f"UserKnownHostsFile={paths.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ServerAliveInterval=10",
+            "-o", "ServerAliveCountMax=30",
+            "-o", "ConnectTimeout=20",
+        ]
+    )
+    env = base_env()
+    env.update(
+        {
+            "BORG_RSH": rsh,
+            "BORG_PASSCOMMAND": shlex.join(["cat", paths.passphrase]),
+            "BORG_BASE_DIR": paths.base_dir,
+        }
+    )
+    return env
+
+
+def base_env() -> dict[str, str]:
+    """Environment for every borg run: no prompts, modern exit codes, UTC, UTF-8."""
+    return {
+        "BORG_EXIT_CODES": "modern",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "no",
+        "BORG_CHECK_I_KNOW_WHAT_I_AM_DOING": "NO",
+        "BORG_DELETE_I_KNOW_WHAT_I_AM_DOING": "NO",
+        "BORG_DISPLAY_PASSPHRASE": "no",
+    }
+
+
+def serve_command(borg: str, repository: str, quota: int) -> str:
+    """The forced command of an ``authorized_keys`` line, as the host's shell will run it."""
+    return shlex.join(
+        [borg, "serve", "--restrict-to-repository", repository, "--append-only", "--storage-quota", str(quota)]
+    )
+
+
+def authorized_keys_line(borg: str, repository: str, quota: int, public_key: str, comment: str) -> str:
+    """One ``authorized_keys`` line that lets ``public_key`` reach only ``repository``, append-only.
+
+    Inside ``command="…"`` OpenSSH treats only ``\\"`` specially, so double quotes of
+    the (already shell-quoted) command are escaped and nothing else.
+    """
+    command = serve_command(borg, repository, quota).replace('"', '\\"')
+    key_type, key_data = public_key.split()[:2]
+    return f'command="{command}",restrict {key_type} {key_data} {comment}'
+
+
+def archive_name(source: Node, when: dt.datetime) -> str:
+    """``NODE-YYYY-MM-DDTHH:MM:SS`` in UTC: sortable, unique per second."""
+    return f"{source.slug}-{when.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%S}"
+
+
+def init_argv(borg: str, url: str) -> tuple[str, ...]:
+    return (borg, "init", "--encryption=repokey-blake2", url)
+
+
+def create_argv(borg: str, url: str, archive: str, backup: Backup) -> tuple[str, ...]:
+    argv: list[str] = [borg, "create", "--json", "--lock-wait", str(LOCK_WAIT), "--compression", backup.compression]
+    for pattern in backup.exclude:
+        argv += ["--exclude", pattern]
+    argv.append(f"{url}::{archive}")
+    argv.append("--")
+    argv += list(backup.paths)
+    return tuple(argv)
+
+
+def list_argv(borg: str, url: str) -> tuple[str, ...]:
+    return (borg, "list", "--json", "--lock-wait", str(LOCK_WAIT), url)
+
+
+def info_argv(borg: str, url: str) -> tuple[str, ...]:
+    return (borg, "info", "--json", "--lock-wait", str(LOCK_WAIT), url)
+
+
+def extract_argv(
+    borg: str, url: str, archive: str, paths: Sequence[str] = (), *, dry_run: bool = False
+) -> tuple[str, ...]:
+    """``borg extract`` into the current directory; ``paths`` are archive paths (no leading /)."""
+    argv: list[str] = [borg, "extract", "--lock-wait", str(LOCK_WAIT)]
+    if dry_run:
+        argv += ["--dry-run", "--list"]
+    argv.append(f"{url}::{archive}")
+    if paths:
+        argv.append("--")
+        argv += [archive_path(p) for p in paths]
+    return tuple(argv)
+
+
+def archive_path(path: str) -> str:
+    """Borg stores ``/etc/x`` as ``etc/x``: the form ``extract`` and ``list`` expect."""
+    return path.lstrip("/")
+
+
+# --- exit codes (BORG_EXIT_CODES=modern) ---------------------------------------
+
+def classify_exit(code: int) -> str:
+    """``success``, ``warning`` (archive written, something to look at), ``retry`` or ``error``.
+
+    -1 is what the transport reports for a lost connection or a timeout.
+    """
+    if code == 0:
+        return "success"
+    if code == 1 or 100 <= code <= 127:
+        return "warning"
+    if code in (-1, 73, 74, 80, 81, 87):
+        return "retry"
+    return "error"
+
+
+EXIT_HINTS: dict[int, str] = {
+    -1: "the connection was lost or the command timed out; the next attempt resumes (nothing stored is sent twice)",
+    2: "borg reported an error; see its message above",
+    13: "the repository does not exist: run `mutualbackup apply`",
+    14: "the host's disk is full: free space there or move the replica",
+    15: "the repository does not exist: run `mutualbackup apply`",
+    20: "the storage quota of this replica is exhausted: raise the estimate and re-run `mutualbackup apply`",
+    50: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
+    51: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
+    52: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
+    53: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
+    62: "the source's borg cache is newer than the repository (was it rolled back?): investigate before going on",
+    63: "the source's borg cache is newer than the repository (was it rolled back?): investigate before going on",
+    64: "the repository's security data changed (was it replaced?): investigate before going on",
+    73: "the repository is locked by another borg; retried later",
+    74: "the repository is locked by another borg; retried later",
+    83: "the host refused this repository path: re-run `mutualbackup apply`",
+    255: "ssh failed: is the host up, and does its host key match the one pinned in the inventory?",
+}
+
+
+def exit_hint(code: int) -> str:
+    if code in EXIT_HINTS:
+        return EXIT_HINTS[code]
+    if code > 128:
+        return f"borg was killed by signal {code - 128}"
+    return "see borg's message above"
+
+
+# --- JSON output ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveStats:
+    name: str
+    original_bytes: int
+    compressed_bytes: int
+    deduplicated_bytes: int
+    nfiles: int
+    repository_bytes: int | None
+
+
+def parse_create_json(stdout: bytes) -> ArchiveStats:
+    """The stats of ``borg create --json``; ValueError when the output is not that."""
+    data = _load_json(stdout)
+    archive = data["archive"]
+    stats = archive["stats"]
+    cache = data.get("cache", {}).get("stats", {})
+    return ArchiveStats(
+        name=archive["name"],
+        original_bytes=int(stats["original_size"]),
+        compressed_bytes=int(stats["compressed_size"]),
+        deduplicated_bytes=int(stats["deduplicated_size"]),
+        nfiles=int(stats.get("nfiles", 0)),
+        repository_bytes=int(cache["unique_csize"]) if "unique_csize" in cache else None,
+    )
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    name: str
+    time: dt.datetime  # UTC
+    id: str
+
+
+def parse_list_json(stdout: bytes) -> list[ArchiveEntry]:
+    """Archives of ``borg list --json``, oldest first. borg runs with TZ=UTC."""
+    data = _load_json(stdout)
+    entries = []
+    for item in data.get("archives", []):
+        when = dt.datetime.fromisoformat(item.get("start") or item["time"])
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        entries.append(ArchiveEntry(name=item.get("archive") or item["name"], time=when, id=item.get("id", "")))
+    return sorted(entries, key=lambda e: (e.time, e.name))
+
+
+def parse_info_repository_bytes(stdout: bytes) -> int:
+    """The repository's real size on disk from ``borg info --json`` (cache.stats.unique_csize)."""
+    return int(_load_json(stdout)["cache"]["stats"]["unique_csize"])
+
+
+def _load_json(stdout: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(stdout.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"borg did not print JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("borg printed JSON that is not an object")
+    return data

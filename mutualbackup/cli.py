@@ -1,0 +1,290 @@
+"""The ``mutualbackup`` command line: parse arguments, load the inventory, call the pipeline.
+
+Exit codes (SPEC.md): 0 success, 1 an operation failed, 2 bad usage or a bad inventory.
+Every command validates the whole inventory (and the placement) first; when it is
+invalid nothing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+from . import __version__
+from .context import Context, require_placeable, ssh_connector
+from .errors import InventoryError, MutualBackupError, UsageError
+from .history import History
+from .inventory import load_inventory
+from .model import Federation
+from .placement import diff, place
+from .units import format_duration, format_size
+
+log = logging.getLogger("mutualbackup")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return int(args.func(args) or 0)
+    except InventoryError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"inventory invalid: {len(exc.problems)} problem(s); nothing was done", file=sys.stderr)
+        return exc.exit_code
+    except MutualBackupError as exc:
+        print(f"mutualbackup: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--inventory", metavar="DIR", default=argparse.SUPPRESS, help="inventory directory")
+    common.add_argument("--state", metavar="DIR", default=argparse.SUPPRESS, help="state directory")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(prog="mutualbackup", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"mutualbackup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    command("check", cmd_check, "validate the inventory")
+    p = command("plan", cmd_plan, "placement of every replica and what changes")
+    p.add_argument("--json", action="store_true")
+    command("apply", cmd_apply, "provision keys, authorized_keys and repositories")
+    p = command("run", cmd_run, "back up now, in the foreground")
+    p.add_argument("sources", nargs="*", metavar="SOURCE")
+    p.add_argument("--replica", metavar="HOST")
+    p.add_argument("--json", action="store_true")
+    p = command("daemon", cmd_daemon, "scheduler, maintenance and /metrics until SIGTERM")
+    p.add_argument("--tick", type=float, default=15.0, help=argparse.SUPPRESS)
+    p = command("status", cmd_status, "state of each source × replica")
+    p.add_argument("--json", action="store_true")
+    p = command("archives", cmd_archives, "archives of one source")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--replica", metavar="HOST")
+    p.add_argument("--json", action="store_true")
+    p = command("restore", cmd_restore, "extract an archive onto a node")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--to", required=True, metavar="NODE:DIR")
+    p.add_argument("--archive", metavar="NAME")
+    p.add_argument("--path", action="append", default=[], metavar="P")
+    p.add_argument("--replica", metavar="HOST")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--allow-other-member", action="store_true")
+    p.add_argument("--recovery", metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain lines under systemd (no colours, no timestamps: the journal adds them)."""
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)-7s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def inventory_dir(args: argparse.Namespace) -> str:
+    return getattr(args, "inventory", None) or os.environ.get("MUTUALBACKUP_INVENTORY") or "inventory"
+
+
+def load(args: argparse.Namespace) -> Federation:
+    directory = inventory_dir(args)
+    if not os.path.isdir(directory):
+        raise UsageError(f"no inventory directory at {directory!r}: pass --inventory DIR or set MUTUALBACKUP_INVENTORY")
+    return load_inventory(directory)
+
+
+def open_context(args: argparse.Namespace, federation: Federation | None = None) -> Context:
+    """Inventory + state + SSH connector; raises InventoryError when the placement is impossible."""
+    federation = federation or load(args)
+    state = getattr(args, "state", None) or federation.coordinator.state
+    ctx = Context(federation, History(state), ssh_connector(federation))
+    require_placeable(federation, ctx.placement)
+    return ctx
+
+
+# --- commands -----------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    federation = load(args)
+    placement = place(federation)
+    require_placeable(federation, placement)
+    print(
+        f"{federation.directory}: ok — {len(federation.members)} members, {len(federation.sources())} sources, "
+        f"{len(federation.hosts())} hosts, {len(placement.pairs())} replicas"
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    ctx = open_context(args)
+    recorded = ctx.history.placement()
+    changes = diff(recorded, ctx.placement.replicas)
+    if args.json:
+        print(json.dumps({
+            "replicas": {s: list(h) for s, h in sorted(ctx.placement.replicas.items())},
+            "used_bytes": ctx.placement.used,
+            "changes": [{"change": c.kind, "source": c.source, "target": c.target, "previous": c.previous or None} for c in changes],
+        }, indent=2))
+        return 0
+    width = max((len(s) for s in ctx.placement.replicas), default=6)
+    for source, hosts in sorted(ctx.placement.replicas.items()):
+        print(f"{source:<{width}}  → {', '.join(hosts)}")
+    print()
+    for host in ctx.federation.hosts():
+        assert host.storage is not None
+        used = ctx.placement.used.get(host.name, 0)
+        print(f"{host.name:<{width}}  {format_size(used)} of {format_size(host.storage.capacity)} placed")
+    print()
+    if not changes:
+        print("no change against the state")
+    for c in changes:
+        symbol = {"+": "+", "-": "−", "~": "~"}[c.kind]
+        extra = f" (from {c.previous})" if c.previous else ""
+        print(f"{symbol} {c.source} → {c.target}{extra}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .provision import apply
+
+    ctx = open_context(args)
+    report = apply(ctx)
+    for line in report.changes:
+        print(line)
+    for line in report.notes:
+        print(f"note: {line}")
+    for line in report.failures:
+        print(f"FAILED {line}", file=sys.stderr)
+    if not report.changes and not report.failures:
+        print("nothing to change: the world matches the plan")
+    return 1 if report.failures else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .backup import run_backup
+
+    ctx = open_context(args)
+    sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
+    if args.replica:
+        ctx.node(args.replica)
+    outcomes = []
+    for source in sources:
+        targets = ctx.replicas_of(source.name)
+        if not targets:
+            print(f"{source.name}: no provisioned replica; run `mutualbackup apply` first", file=sys.stderr)
+            outcomes.append(None)
+            continue
+        for target in targets:
+            if args.replica and target != args.replica:
+                continue
+            outcome = run_backup(ctx, source, ctx.node(target))
+            outcomes.append(outcome)
+            if not args.json:
+                _print_outcome(outcome)
+    if args.replica and not [o for o in outcomes if o is not None]:
+        raise UsageError(f"{args.replica} holds no replica of the named source(s)")
+    if args.json:
+        print(json.dumps([o.__dict__ for o in outcomes if o is not None], indent=2))
+    return 0 if all(o is not None and o.ok for o in outcomes) else 1
+
+
+def _print_outcome(o) -> None:
+    if o.ok:
+        size = f"{format_size(o.original_bytes or 0)} read, {format_size(o.deduplicated_bytes or 0)} new"
+        print(f"{o.source} → {o.target}  {o.result:<7}  {o.archive}  {size}  {o.duration:.1f}s")
+        if o.result == "warning":
+            print(f"  warning: {o.error}")
+    else:
+        print(f"{o.source} → {o.target}  FAILED  {o.duration:.1f}s", file=sys.stderr)
+        for line in (o.error or "").splitlines():
+            print(f"  {line}", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import compute_status
+
+    ctx = open_context(args)
+    now = time.time()
+    rows = compute_status(ctx.federation, ctx.placement.replicas, ctx.history, now)
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+    else:
+        ws = max((len(r.source) for r in rows), default=6)
+        wt = max((len(r.target) for r in rows), default=6)
+        for r in rows:
+            age = format_duration(r.age_seconds) + " ago" if r.age_seconds is not None else "-"
+            print(f"{r.source:<{ws}}  {r.target:<{wt}}  {r.state:<7}  {age}")
+            if r.last_error and r.state != "ok":
+                print(f"    last error: {r.last_error.splitlines()[0]}")
+    return 0 if rows and all(r.state == "ok" for r in rows) else 1
+
+
+def cmd_archives(args: argparse.Namespace) -> int:
+    from .restore import list_archives
+
+    ctx = open_context(args)
+    source = ctx.source(args.source)
+    host, archives = list_archives(ctx, source, args.replica)
+    if args.json:
+        print(json.dumps({"source": source.name, "replica": host.name,
+                          "archives": [{"name": a.name, "time": a.time.isoformat(), "id": a.id} for a in archives]}, indent=2))
+    else:
+        print(f"{source.name} on {host.name}: {len(archives)} archive(s)")
+        for a in archives:
+            print(f"  {a.name}  {a.time:%Y-%m-%d %H:%M:%S} UTC")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .restore import restore
+
+    node_name, sep, directory = args.to.rpartition(":")
+    if not sep or not node_name or not directory:
+        raise UsageError(f"--to takes NODE:DIR (e.g. coopcycle/web1:/srv/restore), got {args.to!r}")
+    ctx = open_context(args)
+    source = ctx.source(args.source)
+    destination = ctx.node(node_name)
+    result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
+                     replica=args.replica, dry_run=args.dry_run, force=args.force)
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+    else:
+        verb = "would restore" if result.dry_run else "restored"
+        print(f"{verb} {result.archive} of {result.source} from {result.replica} into {result.node}:{result.directory}")
+        for line in result.listed:
+            print(f"  {line}")
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+
+    federation = load(args)
+    return run_daemon(args, federation)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

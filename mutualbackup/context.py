@@ -1,0 +1,81 @@
+"""What every command works with: the validated inventory, the state, the placement,
+and a way to reach nodes.
+
+The connector is the seam: the CLI gives the SSH one, unit tests give a fake.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .borg import SourcePaths
+from .errors import InventoryError
+from .history import History
+from .model import Federation, Node
+from .placement import Placement, place
+from .transport import Transport, expand_home
+
+Connector = Callable[[Node], Transport]
+
+
+@dataclass
+class Context:
+    federation: Federation
+    history: History
+    connector: Connector
+    _placement: Placement | None = field(default=None, repr=False)
+
+    @property
+    def placement(self) -> Placement:
+        """Sticky placement: the recorded one, kept where still valid, completed."""
+        if self._placement is None:
+            self._placement = place(self.federation, self.history.placement(), self.history.repository_sizes())
+        return self._placement
+
+    def replicas_of(self, source: str) -> tuple[str, ...]:
+        """The hosts recorded for ``source`` by the last ``apply`` (what exists in the world)."""
+        return self.history.placement().get(source, ())
+
+    def connect(self, node: Node) -> Transport:
+        return self.connector(node)
+
+    def source_paths(self, transport: Transport, node: Node) -> SourcePaths:
+        return SourcePaths(workdir=expand_home(node.workdir, transport.home()))
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``; a usage error naming the known ones otherwise."""
+        from .errors import UsageError
+
+        try:
+            return self.federation.node(name)
+        except KeyError:
+            known = ", ".join(sorted(n.name for n in self.federation.nodes()))
+            raise UsageError(f"no node {name!r} in the inventory (known: {known})") from None
+
+    def source(self, name: str) -> Node:
+        from .errors import UsageError
+
+        node = self.node(name)
+        if not node.is_source:
+            raise UsageError(f"{name} has no backup: section, so it is not a source")
+        return node
+
+
+def require_placeable(federation: Federation, placement: Placement) -> None:
+    """Raise an InventoryError (exit 2) when some source cannot get its replicas."""
+    if placement.problems:
+        raise InventoryError([str(p) for p in placement.problems])
+
+
+def ssh_connector(federation: Federation) -> Connector:
+    """Connector that opens pinned-key SSH sessions with the coordinator's own key."""
+    from .ssh import SSHTransport
+
+    key = os.path.expanduser(federation.coordinator.ssh_key)
+
+    def connect(node: Node) -> Transport:
+        return SSHTransport(node, key)
+
+    return connect

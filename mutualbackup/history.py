@@ -1,0 +1,325 @@
+"""The coordinator's memory: a SQLite file in the state directory.
+
+What is in it: every run (backup, check, prune, compact, drill, restore) with its
+start, end, result, borg exit code, archive sizes and the tail of the error; the
+placement (which source has a replica on which host); the archives the
+coordinator saw created and pruned; alerts. What is never in it: a passphrase
+or a key.
+
+Crash safety: WAL journal with ``synchronous=FULL``: a run is committed when it
+starts (``running``) and when it ends, so a ``kill -9`` loses no completed run;
+on start the daemon calls :meth:`History.mark_interrupted` for runs left
+``running`` by a process that is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from .errors import OperationFailed
+
+FILENAME = "history.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,              -- backup, check, repo-check, prune, compact, drill, restore
+    source TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    ended REAL,
+    result TEXT NOT NULL,            -- running, success, warning, failure, interrupted
+    exit_code INTEGER,
+    archive TEXT,
+    original_bytes INTEGER,
+    compressed_bytes INTEGER,
+    deduplicated_bytes INTEGER,
+    repository_bytes INTEGER,
+    nfiles INTEGER,
+    error TEXT,
+    pid INTEGER,
+    detail TEXT                      -- JSON: anything else worth keeping
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (kind, source, target, started);
+CREATE TABLE IF NOT EXISTS replicas (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (source, target)
+);
+CREATE TABLE IF NOT EXISTS archives (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,           -- the archive's own time (UTC epoch)
+    seen REAL NOT NULL,              -- when the coordinator first saw it
+    pruned REAL,                     -- when the coordinator's prune removed it
+    PRIMARY KEY (source, target, name)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+SUCCESSFUL = ("success", "warning")
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    source: str
+    target: str
+    started: float
+    ended: float | None
+    result: str
+    exit_code: int | None
+    archive: str | None
+    original_bytes: int | None
+    compressed_bytes: int | None
+    deduplicated_bytes: int | None
+    repository_bytes: int | None
+    nfiles: int | None
+    error: str | None
+    pid: int | None
+    detail: str | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result in SUCCESSFUL
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+class History:
+    """One SQLite file; safe to share between the daemon's threads."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]):
+        self.path = Path(state_dir) / FILENAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- runs ---------------------------------------------------------------
+
+    def start_run(self, kind: str, source: str, target: str = "", *, started: float | None = None) -> int:
+        """Record a run as ``running`` (committed at once) and return its id."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (kind, source, target, started, result, pid) VALUES (?, ?, ?, ?, 'running', ?)",
+                (kind, source, target, started if started is not None else time.time(), os.getpid()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_run(
+        self,
+        run_id: int,
+        result: str,
+        *,
+        exit_code: int | None = None,
+        error: str | None = None,
+        ended: float | None = None,
+        archive: str | None = None,
+        original_bytes: int | None = None,
+        compressed_bytes: int | None = None,
+        deduplicated_bytes: int | None = None,
+        repository_bytes: int | None = None,
+        nfiles: int | None = None,
+        detail: Mapping[str, object] | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                """UPDATE runs SET ended = ?, result = ?, exit_code = ?, error = ?, archive = ?,
+                   original_bytes = ?, compressed_bytes = ?, deduplicated_bytes = ?,
+                   repository_bytes = ?, nfiles = ?, detail = ? WHERE id = ?""",
+                (
+                    ended if ended is not None else time.time(),
+                    result,
+                    exit_code,
+                    error,
+                    archive,
+                    original_bytes,
+                    compressed_bytes,
+                    deduplicated_bytes,
+                    repository_bytes,
+                    nfiles,
+                    json.dumps(detail, sort_keys=True) if detail else None,
+                    run_id,
+                ),
+            )
+
+    def mark_interrupted(self, *, now: float | None = None) -> list[Run]:
+        """Mark runs left ``running`` by a process that no longer exists; return them."""
+        stale = [
+            run for run in self.runs(result="running") if run.pid != os.getpid() and not _pid_alive(run.pid)
+        ]
+        with self._tx() as db:
+            for run in stale:
+                db.execute(
+                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ? WHERE id = ? AND result = 'running'",
+                    (now or time.time(), "the coordinator stopped during this run (killed or crashed)", run.id),
+                )
+        return stale
+
+    def runs(
+        self,
+        *,
+        kind: str | None = None,
+        source: str | None = None,
+        target: str | None = None,
+        result: str | None = None,
+        limit: int | None = None,
+    ) -> list[Run]:
+        """Runs matching every given field, newest first."""
+        clauses, args = [], []
+        for column, value in (("kind", kind), ("source", source), ("target", target), ("result", result)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY started DESC, id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Run(**dict(row)) for row in self._query(sql, args)]
+
+    def last_run(self, kind: str, source: str, target: str = "", *, successful: bool = False) -> Run | None:
+        sql = "SELECT * FROM runs WHERE kind = ? AND source = ? AND target = ? AND result != 'running'"
+        if successful:
+            sql += " AND result IN ('success', 'warning')"
+        rows = self._query(sql + " ORDER BY started DESC, id DESC LIMIT 1", (kind, source, target))
+        return Run(**dict(rows[0])) if rows else None
+
+    def consecutive_failures(self, kind: str, source: str, target: str = "") -> int:
+        """Finished runs that failed since the last success (interrupted ones count)."""
+        rows = self._query(
+            """SELECT COUNT(*) FROM runs WHERE kind = ? AND source = ? AND target = ?
+               AND result IN ('failure', 'interrupted')
+               AND started > COALESCE((SELECT MAX(started) FROM runs WHERE kind = ? AND source = ?
+                    AND target = ? AND result IN ('success', 'warning')), 0)""",
+            (kind, source, target, kind, source, target),
+        )
+        return int(rows[0][0])
+
+    def running(self, kind: str | None = None) -> list[Run]:
+        return self.runs(kind=kind, result="running")
+
+    def repository_sizes(self) -> dict[str, int]:
+        """Per source, the largest measured repository size among its replicas (last backup)."""
+        rows = self._query(
+            """SELECT source, target, repository_bytes FROM runs r WHERE kind = 'backup'
+               AND repository_bytes IS NOT NULL AND started = (SELECT MAX(started) FROM runs
+               WHERE kind = 'backup' AND source = r.source AND target = r.target AND repository_bytes IS NOT NULL)"""
+        )
+        sizes: dict[str, int] = {}
+        for row in rows:
+            sizes[row["source"]] = max(sizes.get(row["source"], 0), int(row["repository_bytes"]))
+        return sizes
+
+    # --- placement ----------------------------------------------------------
+
+    def placement(self) -> dict[str, tuple[str, ...]]:
+        """The recorded placement: source -> hosts, in the order they were chosen."""
+        result: dict[str, list[str]] = {}
+        for row in self._query("SELECT source, target FROM replicas ORDER BY source, position"):
+            result.setdefault(row["source"], []).append(row["target"])
+        return {source: tuple(hosts) for source, hosts in result.items()}
+
+    def set_placement(self, replicas: Mapping[str, Sequence[str]], *, now: float | None = None) -> None:
+        """Replace the recorded placement; keeps ``created`` of replicas that stay."""
+        old = {(r["source"], r["target"]): r["created"] for r in self._query("SELECT * FROM replicas")}
+        with self._tx() as db:
+            db.execute("DELETE FROM replicas")
+            for source, hosts in replicas.items():
+                for position, target in enumerate(hosts):
+                    created = old.get((source, target), now or time.time())
+                    db.execute(
+                        "INSERT INTO replicas (source, target, position, created) VALUES (?, ?, ?, ?)",
+                        (source, target, position, created),
+                    )
+
+    # --- archives and alerts (used by maintenance) -------------------------
+
+    def record_archives(self, source: str, target: str, archives: Sequence[tuple[str, float]], *, now: float | None = None) -> None:
+        """Remember archives (name, creation time) seen in a repository; known ones are unchanged."""
+        with self._tx() as db:
+            for name, created in archives:
+                db.execute(
+                    "INSERT OR IGNORE INTO archives (source, target, name, created, seen) VALUES (?, ?, ?, ?, ?)",
+                    (source, target, name, created, now or time.time()),
+                )
+
+    def mark_pruned(self, source: str, target: str, names: Sequence[str], *, now: float | None = None) -> None:
+        with self._tx() as db:
+            for name in names:
+                db.execute(
+                    "UPDATE archives SET pruned = ? WHERE source = ? AND target = ? AND name = ? AND pruned IS NULL",
+                    (now or time.time(), source, target, name),
+                )
+
+    def known_archives(self, source: str, target: str) -> dict[str, tuple[float, float | None]]:
+        """name -> (created, pruned) for archives the coordinator has seen in this repository."""
+        rows = self._query("SELECT name, created, pruned FROM archives WHERE source = ? AND target = ?", (source, target))
+        return {row["name"]: (row["created"], row["pruned"]) for row in rows}
+
+    def add_alert(self, source: str, target: str, kind: str, message: str, *, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO alerts (at, source, target, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (now or time.time(), source, target, kind, message),
+            )
+
+    def alerts(self, limit: int = 50) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM alerts ORDER BY at DESC LIMIT ?", (limit,))
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

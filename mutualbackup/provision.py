@@ -1,0 +1,242 @@
+"""``mutualbackup apply``: make the world match the plan, idempotently.
+
+For each source: its own SSH key and passphrase, generated *on the source* (the
+passphrase never leaves it), and a known_hosts file pinning its replica hosts.
+For each host: one forced-command line per replica inside a managed block of its
+``authorized_keys`` (every other line untouched), and the parent directory of
+the repositories. Then ``borg init`` of each new repository, run from the source.
+A second run finds everything in place and changes nothing.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from . import borg
+from .context import Context
+from .errors import MutualBackupError, OperationFailed
+from .model import Node
+from .placement import source_size
+from .transport import Transport, expand_home
+
+BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
+END = "# END mutualbackup"
+
+MIN_QUOTA = 10 * 1024**3
+QUOTA_FACTOR = 2
+
+
+@dataclass
+class ApplyReport:
+    changes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def replica_quota(size: int, capacity: int) -> int:
+    """The storage quota of one replica: twice its size (room to grow), at least 10 GiB, at most the host."""
+    return min(capacity, max(MIN_QUOTA, QUOTA_FACTOR * size))
+
+
+def render_block(lines: Sequence[str]) -> list[str]:
+    return [BEGIN, *lines, END] if lines else []
+
+
+def replace_block(text: str, lines: Sequence[str]) -> str:
+    """``text`` with its managed block replaced by ``lines`` (block added at the end when absent).
+
+    Lines outside the block are kept byte for byte. An empty ``lines`` removes the block.
+    """
+    existing = text.splitlines()
+    try:
+        start = existing.index(BEGIN)
+        end = existing.index(END, start)
+    except ValueError:
+        start = end = -1
+    block = render_block(lines)
+    if start >= 0:
+        kept = existing[:start] + block + existing[end + 1 :]
+    else:
+        kept = existing + block
+    return "\n".join(kept) + ("\n" if kept else "")
+
+
+def managed_lines(text: str) -> list[str]:
+    """The lines inside the managed block of an authorized_keys file."""
+    existing = text.splitlines()
+    try:
+        start = existing.index(BEGIN)
+        end = existing.index(END, start)
+    except ValueError:
+        return []
+    return existing[start + 1 : end]
+
+
+def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
+    """Provision every source and host of the placement. Failures are collected, not raised."""
+    report = ApplyReport()
+    placement = ctx.placement
+    previous = ctx.history.placement()
+    sizes = ctx.history.repository_sizes()
+    public_keys: dict[str, str] = {}
+    paths: dict[str, borg.SourcePaths] = {}
+
+    for source in ctx.federation.sources():
+        try:
+            with _closing(ctx.connect(source)) as transport:
+                public_keys[source.name], paths[source.name] = _prepare_source(
+                    ctx, transport, source, placement.replicas.get(source.name, ()), report
+                )
+        except MutualBackupError as exc:
+            report.failures.append(f"{source.name}: {exc}")
+
+    for host in ctx.federation.hosts():
+        lines = []
+        for source_name, targets in sorted(placement.replicas.items()):
+            if host.name not in targets or source_name not in public_keys:
+                continue
+            source = ctx.federation.node(source_name)
+            assert host.storage is not None
+            quota = replica_quota(source_size(source, sizes), host.storage.capacity)
+            lines.append(
+                borg.authorized_keys_line(
+                    host.borg, borg.repository_path(source, host), quota, public_keys[source_name], f"mutualbackup:{source_name}"
+                )
+            )
+        # Keep the lines of sources we could not reach this time, rather than lock them out.
+        try:
+            with _closing(ctx.connect(host)) as transport:
+                _prepare_host(ctx, transport, host, lines, public_keys, report)
+        except MutualBackupError as exc:
+            report.failures.append(f"{host.name}: {exc}")
+
+    recorded: dict[str, tuple[str, ...]] = {}
+    for source in ctx.federation.sources():
+        targets = placement.replicas.get(source.name, ())
+        if source.name not in paths:
+            recorded[source.name] = tuple(previous.get(source.name, ()))
+            continue
+        ok: list[str] = []
+        with _closing(ctx.connect(source)) as transport:
+            for target in targets:
+                host = ctx.federation.node(target)
+                try:
+                    _init_repository(transport, source, host, paths[source.name], report)
+                    ok.append(target)
+                except MutualBackupError as exc:
+                    report.failures.append(f"{source.name} → {target}: {exc}")
+        recorded[source.name] = tuple(ok)
+        for gone in previous.get(source.name, ()):
+            if gone not in targets:
+                report.notes.append(
+                    f"{source.name} no longer has a replica on {gone}: its repository there is kept; "
+                    "delete it by hand once you are sure"
+                )
+    ctx.history.set_placement(recorded)
+    return report
+
+
+def _prepare_source(
+    ctx: Context, transport: Transport, source: Node, targets: Sequence[str], report: ApplyReport
+) -> tuple[str, borg.SourcePaths]:
+    paths = ctx.source_paths(transport, source)
+    _check(transport, ("mkdir", "-p", "-m", "700", "--", paths.workdir), f"cannot create {paths.workdir}")
+    if transport.read_file(paths.key + ".pub") is None:
+        _check(
+            transport,
+            ("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"mutualbackup:{source.name}", "-f", paths.key),
+            "cannot generate the source's SSH key",
+        )
+        report.changes.append(f"+ key         {source.name}")
+    public_key = (transport.read_file(paths.key + ".pub") or b"").decode().strip()
+    if len(public_key.split()) < 2:
+        raise OperationFailed(f"the public key {paths.key}.pub on {source.name} is unreadable")
+    # The passphrase is generated on the source and never read back: the shell
+    # script below only sees its path as "$1".
+    generated = transport.run(
+        (
+            "sh",
+            "-c",
+            'umask 077; [ -s "$1" ] && exit 3; head -c 48 /dev/urandom | base64 | tr -d "\\n" > "$1.tmp" && mv -f "$1.tmp" "$1"',
+            "sh",
+            paths.passphrase,
+        )
+    )
+    if generated.exit_code == 0:
+        report.changes.append(f"+ passphrase  {source.name} (on the source only, mode 0600)")
+    elif generated.exit_code != 3:
+        raise OperationFailed(f"cannot create the passphrase file on {source.name}: {generated.stderr_tail()}")
+    hosts = [ctx.federation.node(t) for t in targets]
+    known = "".join(borg.known_hosts_line(h) + "\n" for h in sorted(hosts, key=lambda h: h.name)).encode()
+    if transport.read_file(paths.known_hosts) != known:
+        transport.write_file(paths.known_hosts, known, 0o600)
+        report.changes.append(f"~ known_hosts {source.name} ({len(hosts)} pinned host key(s))")
+    return public_key, paths
+
+
+def _prepare_host(
+    ctx: Context,
+    transport: Transport,
+    host: Node,
+    lines: list[str],
+    public_keys: Mapping[str, str],
+    report: ApplyReport,
+) -> None:
+    assert host.storage is not None
+    path = expand_home(host.authorized_keys, transport.home())
+    current = (transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape")
+    # A source we could not reach keeps its existing line: better stale than locked out.
+    reached = {f"mutualbackup:{name}" for name in public_keys}
+    for line in managed_lines(current):
+        comment = line.rsplit(" ", 1)[-1]
+        if comment not in reached and comment.startswith("mutualbackup:") and comment[13:] in ctx.placement.replicas:
+            if host.name in ctx.placement.replicas[comment[13:]]:
+                lines.append(line)
+    lines.sort(key=lambda line: line.rsplit(" ", 1)[-1])
+    wanted = replace_block(current, lines)
+    if wanted != current:
+        transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
+        report.changes.append(f"~ authorized_keys {host.name} ({len(lines)} replica line(s))")
+    for member in sorted({line.rsplit(" ", 1)[-1][13:].split("/")[0] for line in lines}):
+        _check(
+            transport,
+            ("mkdir", "-p", "-m", "700", "--", posixpath.join(host.storage.path, member)),
+            f"cannot create the storage directory on {host.name}",
+        )
+
+
+def _init_repository(transport: Transport, source: Node, host: Node, paths: borg.SourcePaths, report: ApplyReport) -> None:
+    url = borg.repository_url(source, host)
+    listed = transport.run(borg.list_argv(source.borg, url) + ("--short",), env=borg.client_env(paths), timeout=120)
+    if listed.exit_code in (0, 1):
+        return
+    if listed.exit_code not in (13, 15, 2):
+        raise OperationFailed(
+            f"cannot open the repository on {host.name} (borg exit {listed.exit_code}: {borg.exit_hint(listed.exit_code)})\n"
+            f"{listed.stderr_tail()}"
+        )
+    result = transport.run(borg.init_argv(source.borg, url), env=borg.client_env(paths), timeout=300)
+    if result.exit_code not in (0, 1):
+        raise OperationFailed(
+            f"borg init of {url} failed (exit {result.exit_code}: {borg.exit_hint(result.exit_code)})\n{result.stderr_tail()}"
+        )
+    report.changes.append(f"+ repository  {source.name} → {host.name}")
+
+
+def _check(transport: Transport, argv: Sequence[str], what: str) -> None:
+    result = transport.run(argv, timeout=60)
+    if not result.ok:
+        raise OperationFailed(f"{what} on {transport.node_name}: {result.stderr_tail()}")
+
+
+class _closing:
+    def __init__(self, transport: Transport):
+        self.transport = transport
+
+    def __enter__(self) -> Transport:
+        return self.transport
+
+    def __exit__(self, *exc: object) -> None:
+        self.transport.close()

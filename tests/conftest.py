@@ -1,0 +1,35 @@
+"""Shared fixtures. Add new ones here; keep each fixture's scope as narrow as it can be.
+
+``lab`` gives a test its own real sshd nodes on 127.0.0.1 (see mutualbackup.lab);
+tests that use it are end-to-end and need root and /usr/sbin/sshd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mutualbackup.lab import Lab
+
+
+@pytest.fixture(scope="session")
+def borg_path() -> str:
+    """Absolute path of the borg executable: on PATH, else next to this Python."""
+    found = shutil.which("borg") or shutil.which("borg", path=os.path.dirname(sys.executable))
+    if found is None:
+        pytest.skip("borg is not installed")
+    return os.path.abspath(found)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, borg_path: str) -> Iterator[Lab]:
+    """An empty Lab in this test's tmp_path; every node it started is stopped afterwards."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("lab tests need root and /usr/sbin/sshd")
+    with Lab(tmp_path / "lab", borg=borg_path) as the_lab:
+        yield the_lab
