@@ -99,7 +99,7 @@ class Daemon:
         placement = {s: tuple(t for t in targets if _known(fed, t)) for s, targets in self.ctx.history.placement().items() if _known(fed, s)}
         jobs = schedule.select_jobs(
             fed, placement, self.job_states(), now, ZoneInfo(fed.coordinator.timezone),
-            global_limit=self.global_limit, sizes=self.ctx.history.repository_sizes(),
+            global_limit=self.global_limit, sizes=self.ctx.history.repository_sizes(), max_per_source=1,
         )
         for job in jobs:
             source, target = fed.node(job.source), fed.node(job.target)

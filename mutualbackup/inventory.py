@@ -53,8 +53,7 @@ def load_inventory(directory: str | os.PathLike[str]) -> Federation:
     reader = Reader(os.path.join(directory, "federation.yml"))
     name, coordinator, defaults = _read_federation_file(reader)
     problems += reader.formatted()
-    files, listing_problems = _member_files(os.path.join(directory, "members"))
-    by_file = [(problem.partition(":1: ")[0], [problem]) for problem in listing_problems]
+    files, by_file = _member_files(os.path.join(directory, "members"))
     members: list[Member] = []
     first_seen: dict[str, Where] = {}
     for file in files:
@@ -70,16 +69,17 @@ def load_inventory(directory: str | os.PathLike[str]) -> Federation:
     return Federation(name=name, coordinator=coordinator, members=tuple(members), directory=directory)
 
 
-def _member_files(members_dir: str) -> tuple[list[str], list[str]]:
-    """The member files (``*.yml``, sorted, hidden files skipped) and listing problems."""
+def _member_files(members_dir: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The member files (``*.yml``, sorted, hidden files skipped) and ``(path, [problem])`` pairs."""
     try:
         names = sorted(os.listdir(members_dir))
     except FileNotFoundError:
-        return [], [f"{members_dir}:1: directory not found; it must hold one MEMBER.yml file per member"]
+        problem = f"{members_dir}:1: directory not found; it must hold one MEMBER.yml file per member"
+        return [], [(members_dir, [problem])]
     except OSError as exc:
-        return [], [f"{members_dir}:1: cannot list the directory: {exc.strerror or exc}"]
+        return [], [(members_dir, [f"{members_dir}:1: cannot list the directory: {exc.strerror or exc}"])]
     files: list[str] = []
-    problems: list[str] = []
+    problems: list[tuple[str, list[str]]] = []
     for name in names:
         path = os.path.join(members_dir, name)
         if name.startswith("."):
@@ -87,9 +87,11 @@ def _member_files(members_dir: str) -> tuple[list[str], list[str]]:
         if name.endswith(".yml") and os.path.isfile(path):
             files.append(path)
         elif name.endswith(".yaml"):
-            problems.append(f"{path}:1: member files must end in .yml, so this one would be ignored; rename it")
+            message = "member files must end in .yml, so this one would be ignored; rename it"
+            problems.append((path, [f"{path}:1: {message}"]))
     if not files and not problems:
-        problems.append(f"{members_dir}:1: no member files (*.yml) found; add one MEMBER.yml per member")
+        message = "no member files (*.yml) found; add one MEMBER.yml per member"
+        problems.append((members_dir, [f"{members_dir}:1: {message}"]))
     return files, problems
 
 

@@ -300,14 +300,17 @@ class Lab:
         self._stop_tree(node, signal.SIGKILL)
 
     def restart(self, node: LabNode) -> None:
+        """Stop then start the node (same port, same host key)."""
         self.stop(node)
         self.start(node)
 
     def start_all(self) -> None:
+        """Start every node that is not running."""
         for node in self.nodes.values():
             self.start(node)
 
     def stop_all(self) -> None:
+        """Stop every running node (also run at interpreter exit)."""
         for node in self.nodes.values():
             self.stop(node)
 
@@ -378,7 +381,7 @@ def _descendants(roots: set[int], table: dict[int, tuple[str, int, int]]) -> set
     return found
 
 
-def alive(pid: int, started: int | None = None) -> bool:
+def is_alive(pid: int, started: int | None = None) -> bool:
     """Whether ``pid`` is a live (non-zombie) process, the one started at ``started`` if given."""
     stat = _stat(pid)
     if stat is None or stat[0] in ("Z", "X"):
@@ -388,7 +391,7 @@ def alive(pid: int, started: int | None = None) -> bool:
 
 def _signal(pid: int, started: int, sig: signal.Signals) -> None:
     """Send ``sig`` to ``pid`` only if it is still the process started at ``started``."""
-    if alive(pid, started):
+    if is_alive(pid, started):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -418,7 +421,7 @@ def _wait_gone(proc: subprocess.Popen[bytes], tree: dict[int, int], seconds: flo
     deadline = time.monotonic() + seconds
     while True:
         proc.poll()
-        if not any(alive(pid, started) for pid, started in tree.items()):
+        if not any(is_alive(pid, started) for pid, started in tree.items()):
             return True
         if time.monotonic() >= deadline:
             return False

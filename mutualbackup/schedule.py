@@ -209,7 +209,9 @@ def next_due(
       (due now), else of the next one.
     * Never backed up, no window: the source's jittered slot in the current
       period of ``min(every, 1h)`` (periods aligned on the Unix epoch), so that
-      first runs are spread instead of all starting at once.
+      first runs are spread instead of all starting at once. (With no history
+      to remember it by, a first run held back by a limit past the end of its
+      period waits for its slot in the next period.)
     * No window: ``last_success + every``.
     * Window and ``every >= 1 day``: take the opening of the occurrence that
       ``last_success`` started in (or the latest one before it, for a run made

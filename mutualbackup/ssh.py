@@ -60,11 +60,6 @@ trap - EXIT
 """
 
 
-def fingerprint(key: paramiko.PKey) -> str:
-    """The OpenSSH-style ``SHA256:…`` fingerprint of a public key."""
-    return key.fingerprint
-
-
 def parse_host_key(host_key: str) -> paramiko.PKey:
     """A pinned ``"TYPE BASE64"`` host key as a paramiko key; ValueError when it does not parse."""
     parts = host_key.split()
@@ -191,8 +186,8 @@ class SSHTransport:
             client.close()
             raise HostKeyMismatch(
                 f"{node.name} ({where}) presented host key {error.key.get_name()} "
-                f"{fingerprint(error.key)}, but the inventory pins "
-                f"{error.expected_key.get_name()} {fingerprint(error.expected_key)}. "
+                f"{error.key.fingerprint}, but the inventory pins "
+                f"{error.expected_key.get_name()} {error.expected_key.fingerprint}. "
                 f"The connection was refused: if {node.name} was reinstalled, verify the new "
                 f"key out of band and update host_key in the inventory; nothing was sent."
             ) from error
@@ -269,7 +264,9 @@ class SSHTransport:
             # Closing the channel does not signal a command without a terminal
             # (nor can a root session receive SSH "signal" requests): the node's
             # own timeout ends it; it starts later, so the local deadline is first.
-            words = ("timeout", "-k", str(REMOTE_KILL_GRACE_SECONDS), "--", f"{timeout:.3f}", *argv)
+            # (A zero duration would mean "no limit" to timeout: clamp it.)
+            remote = f"{max(timeout, 0.001):.3f}"
+            words = ("timeout", "-k", str(REMOTE_KILL_GRACE_SECONDS), "--", remote, *argv)
         line = command_line(words, env, cwd)
         live, channel = self._open_channel()
         events: queue.Queue[tuple[str, str | None]] = queue.Queue()
@@ -284,14 +281,17 @@ class SSHTransport:
                 events.put(("done", None))
 
         def read_stderr() -> None:
-            pending = b""
+            pending = bytearray()  # the incomplete last line
             try:
                 while data := channel.recv_stderr(_CHUNK):
                     stderr.append(data)
+                    searched = len(pending)
                     pending += data
-                    *lines, pending = pending.split(b"\n")
-                    for raw in lines:
-                        events.put(("line", raw.rstrip(b"\r").decode("utf-8", "replace")))
+                    cut = pending.rfind(b"\n", searched)
+                    if cut >= 0:
+                        for raw in bytes(pending[:cut]).split(b"\n"):
+                            events.put(("line", raw.rstrip(b"\r").decode("utf-8", "replace")))
+                        del pending[: cut + 1]
                 if pending:
                     events.put(("line", pending.rstrip(b"\r").decode("utf-8", "replace")))
             finally:

@@ -236,7 +236,8 @@ HOSTILE_MEMBER_EDITS = [
      'port must be an integer from 1 to 65535, got "ssh"'),
     ("quoted port", "port: 22", 'port: "22"', "port",
      'port must be an integer from 1 to 65535, got "22" (a quoted string: remove the quotes)'),
-    ("port out of range", "port: 22", "port: 70000", "port", "port must be an integer from 1 to 65535, got the integer 70000"),
+    ("port out of range", "port: 22", "port: 70000", "port",
+     "port must be an integer from 1 to 65535, got the integer 70000"),
     ("boolean replicas", "paths: [/etc]", "paths: [/etc]\n      replicas: true", "replicas",
      "backup.replicas must be an integer of at least 1, got the yes/no value true"),
     ("zero replicas", "paths: [/etc]", "paths: [/etc]\n      replicas: 0", "replicas",
@@ -317,11 +318,13 @@ BAD_FEDERATION_EDITS = [
     ("metrics without a port", "state: /var/lib/mutualbackup", "state: /var/lib/mutualbackup\n  metrics: localhost",
      "metrics", 'coordinator.metrics: "localhost" is not ADDRESS:PORT'),
     ("IPv6 metrics address without brackets", "state: /var/lib/mutualbackup",
-     'state: /var/lib/mutualbackup\n  metrics: "::1:9468"', "metrics", 'coordinator.metrics: "::1:9468" is not ADDRESS:PORT'),
+     'state: /var/lib/mutualbackup\n  metrics: "::1:9468"', "metrics",
+     'coordinator.metrics: "::1:9468" is not ADDRESS:PORT'),
     ("unknown time zone", "state: /var/lib/mutualbackup", "state: /var/lib/mutualbackup\n  timezone: Mars/Olympus",
      "timezone", 'coordinator.timezone: "Mars/Olympus" is not a time zone name'),
-    ("time zone that is a path", "state: /var/lib/mutualbackup", "state: /var/lib/mutualbackup\n  timezone: /etc/passwd",
-     "timezone", 'coordinator.timezone: "/etc/passwd" is not a time zone name'),
+    ("time zone that is a path", "state: /var/lib/mutualbackup",
+     "state: /var/lib/mutualbackup\n  timezone: /etc/passwd", "timezone",
+     'coordinator.timezone: "/etc/passwd" is not a time zone name'),
     ("paths in defaults", "replicas: 1", "replicas: 1\n  paths: [/etc]", "paths",
      'defaults cannot hold "paths": each source lists its own in its backup: section'),
     ("unknown key in defaults", "replicas: 1", "replicas: 1\n  replica: 2", "replica:",
@@ -456,7 +459,8 @@ def test_every_problem_in_every_file_is_reported_at_once_in_file_and_line_order(
     )
     bad_paths = edited(bad_paths, "port: 22", "port: true")
     directory = write_inventory(tmp_path, {"a.yml": bad_name, "b.yml": bad_paths}, federation_text)
-    where = {name: os.path.join(directory, *name.split("/")) for name in ("federation.yml", "members/a.yml", "members/b.yml")}
+    names = ("federation.yml", "members/a.yml", "members/b.yml")
+    where = {name: os.path.join(directory, *name.split("/")) for name in names}
 
     with pytest.raises(InventoryError) as caught:
         load_inventory(directory)
@@ -470,6 +474,22 @@ def test_every_problem_in_every_file_is_reported_at_once_in_file_and_line_order(
     ]
     assert caught.value.exit_code == 2
     assert str(caught.value) == "\n".join(caught.value.problems)
+
+
+def test_problems_within_a_file_come_in_line_order_even_when_found_out_of_order(tmp_path):
+    # "capacity is missing" is only known after the rest of storage: was read
+    text = edited(edited(MEMBER, "      capacity: 500GiB\n", ""), "path: /srv/mutualbackup", "path: relative")
+    federation_text = edited(FEDERATION, "  replicas: 1\n", "  replicas: 1\n  window: nope\n")
+    directory = write_inventory(tmp_path, {"coopcycle.yml": text}, federation_text)
+
+    problems = problems_of(directory)
+
+    file = os.path.join(directory, "members", "coopcycle.yml")
+    assert [problem.split(": ", 1)[0] for problem in problems] == [
+        f"{os.path.join(directory, 'federation.yml')}:7",
+        f"{file}:{line_of(text, 'storage:')}",
+        f"{file}:{line_of(text, 'path: relative')}",
+    ]
 
 
 def test_a_path_object_is_accepted_and_problems_name_files_under_it(tmp_path):

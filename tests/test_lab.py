@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.errors import TransportError
-from mutualbackup.lab import Lab, LabNode, alive
+from mutualbackup.lab import Lab, LabNode, is_alive
 from mutualbackup.ssh import SSHTransport
 
 pytestmark = pytest.mark.lab
@@ -42,6 +42,13 @@ def start_times(pids: list[int]) -> dict[int, int]:
     return times
 
 
+def command_name(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def wait_for(condition, seconds: float = 10.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -56,7 +63,8 @@ def busy_tree(lab: Lab, node: LabNode, pool: concurrent.futures.Executor) -> tup
     """Start a long command on ``node``; once it runs, the node's processes with their start times."""
     transport = SSHTransport(node.as_node(), str(lab.coordinator_key))
     future = pool.submit(transport.run, ["sleep", "60"])
-    wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "sleep" for pid in lab.processes(node)))
+    future.add_done_callback(lambda _: transport.close())
+    wait_for(lambda: any(command_name(pid) == "sleep" for pid in lab.processes(node)))
     tree = start_times(lab.processes(node))
     assert len(tree) >= 3  # listener, per-connection sshd, sleep
     return future, tree
@@ -68,7 +76,7 @@ def test_nodes_start_on_distinct_ports_and_answer_ssh(lab: Lab) -> None:
     assert len({node.port for node in nodes}) == 3
     assert len({node.dir for node in nodes}) == 3
     for node in nodes:
-        assert node.pid is not None and alive(node.pid)
+        assert node.pid is not None and is_alive(node.pid)
         assert banner(node.port).startswith(b"SSH-2.0")
         with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
             assert transport.run(["sh", "-c", 'command -v borg']).stdout.decode().strip() == lab.borg
@@ -134,7 +142,7 @@ def test_stop_leaves_no_process_of_the_node_alive(lab: Lab) -> None:
         future, tree = busy_tree(lab, node, pool)
         lab.stop(node)
         assert future.result(timeout=10).exit_code == -1
-    assert [pid for pid, started in tree.items() if alive(pid, started)] == []
+    assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
     assert node.pid is None and lab.processes(node) == []
     assert refuses_connections(port)
 
@@ -149,7 +157,7 @@ def test_kill_ends_the_node_and_its_commands_at_once(lab: Lab) -> None:
         assert time.monotonic() - before < 2
         result = future.result(timeout=10)
     assert result.exit_code == -1 and b"lost" in result.stderr
-    assert [pid for pid, started in tree.items() if alive(pid, started)] == []
+    assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
 
 
 def test_stop_all_stops_every_node_and_leaves_the_others_untouched(lab: Lab, tmp_path: Path) -> None:
@@ -161,13 +169,13 @@ def test_stop_all_stops_every_node_and_leaves_the_others_untouched(lab: Lab, tmp
             bystander = neighbour.add_node("coop", "web1")
             neighbour.start(bystander)
             lab.stop_all()
-            assert bystander.pid is not None and alive(bystander.pid)
+            assert bystander.pid is not None and is_alive(bystander.pid)
             assert banner(bystander.port).startswith(b"SSH-2.0")
-        assert not alive(bystander.pid or 0) and bystander.pid is None
+        assert not is_alive(bystander.pid or 0) and bystander.pid is None
         for future, _ in trees:
             assert future.result(timeout=10).exit_code == -1
     for _, tree in trees:
-        assert [pid for pid, started in tree.items() if alive(pid, started)] == []
+        assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
     assert all(node.pid is None for node in nodes)
     lab.start_all()  # and they start again
     assert all(banner(node.port).startswith(b"SSH-2.0") for node in nodes)
@@ -178,8 +186,8 @@ def test_leaving_the_lab_context_stops_its_nodes(tmp_path: Path, borg_path: str)
         node = lab.add_node("coop", "web1")
         lab.start(node)
         pid = node.pid
-        assert pid is not None and alive(pid)
-    assert not alive(pid)
+        assert pid is not None and is_alive(pid)
+    assert not is_alive(pid)
 
 
 def test_restart_keeps_the_port_and_the_host_key(lab: Lab) -> None:

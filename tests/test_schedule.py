@@ -82,6 +82,9 @@ IN_WINDOW = [
     ("22:00-04:00", paris(2025, 3, 29, 23, 30), True),
     ("22:00-04:00", paris(2025, 3, 30, 3, 30), True),
     ("22:00-04:00", paris(2025, 3, 30, 4, 0), False),
+    # a window opening in the skipped hour opens at the jump
+    ("02:30-05:00", paris(2025, 3, 30, 1, 59), False),
+    ("02:30-05:00", paris(2025, 3, 30, 3, 0), True),
     # a window wholly inside the skipped hour opens at the jump, for its length
     ("02:00-02:30", paris(2025, 3, 30, 1, 59), False),
     ("02:00-02:30", paris(2025, 3, 30, 3, 0), True),
@@ -102,7 +105,9 @@ def test_in_window_follows_the_local_clock_across_midnight_and_dst_changes(windo
     assert in_window(backup(window_text=window_text), PARIS, when) is expected
 
 
-@pytest.mark.parametrize("when", [paris(2025, 3, 30, 2, 30), paris(2025, 6, 1, 12, 0), paris(2025, 10, 26, 2, 30, fold=1)])
+@pytest.mark.parametrize(
+    "when", [paris(2025, 3, 30, 2, 30), paris(2025, 6, 1, 12, 0), paris(2025, 10, 26, 2, 30, fold=1)]
+)
 def test_a_backup_without_window_is_always_in_its_window(when):
     assert in_window(backup(window_text=None), PARIS, when) is True
 
@@ -111,6 +116,7 @@ OCCURRENCES = [
     ("01:00-06:00", dt.date(2025, 6, 10), paris(2025, 6, 10, 1), 5),
     ("01:00-06:00", dt.date(2025, 3, 30), paris(2025, 3, 30, 1), 4),
     ("01:00-06:00", dt.date(2025, 10, 26), paris(2025, 10, 26, 1), 6),
+    ("02:30-05:00", dt.date(2025, 3, 30), paris(2025, 3, 30, 3), 2),
     ("22:00-04:00", dt.date(2025, 3, 29), paris(2025, 3, 29, 22), 5),
     ("22:00-04:00", dt.date(2025, 10, 25), paris(2025, 10, 25, 22), 7),
     ("22:00-04:00", dt.date(2025, 10, 26), paris(2025, 10, 26, 22), 6),
@@ -200,15 +206,17 @@ NEXT_DUE = [
     ("every 2 hours repeats inside the window",
      backup(every="2h"), paris(2025, 6, 10, 1, 30), paris(2025, 6, 10, 2), paris(2025, 6, 10, 3, 30)),
     ("every 2 hours waits for the next night once the window has closed",
-     backup(every="2h"), paris(2025, 6, 10, 4, 30), paris(2025, 6, 10, 5), slot(paris(2025, 6, 11, 1), "01:00-06:00")),
+     backup(every="2h"), paris(2025, 6, 10, 4, 30), paris(2025, 6, 10, 5),
+     slot(paris(2025, 6, 11, 1), "01:00-06:00")),
     ("every 6 hours with a window shorter than 6 hours runs once a night",
-     backup(every="6h"), paris(2025, 6, 10, 2, 0), paris(2025, 6, 10, 3), slot(paris(2025, 6, 11, 1), "01:00-06:00")),
+     backup(every="6h"), paris(2025, 6, 10, 2, 0), paris(2025, 6, 10, 3),
+     slot(paris(2025, 6, 11, 1), "01:00-06:00")),
 ]
 
 
 @pytest.mark.parametrize(("backup_", "last_success", "now", "expected"), [row[1:] for row in NEXT_DUE],
                          ids=[row[0] for row in NEXT_DUE])
-def test_next_due(backup_, last_success, now, expected):
+def test_the_next_due_time_is_the_one_in_the_table(backup_, last_success, now, expected):
     assert next_due(SRC, backup_, last_success, PARIS, now) == expected
 
 
@@ -221,6 +229,17 @@ def test_first_runs_without_window_are_spread_over_the_hour_and_stay_put_within_
     assert early == late
     assert all(hour <= due < hour + HOUR for due in early)
     assert len(set(early)) >= 45
+
+
+def test_a_slot_stays_inside_a_window_shortened_by_the_spring_forward_jump():
+    # 01:30-03:00 lasts 30 min on 30 March 2025 (01:30 CET to the jump), but its
+    # jitter spans 45 min: later slots are pulled back inside.
+    b = backup(window_text="01:30-03:00")
+    names = [f"member{i}/node{i}" for i in range(40)]
+    assert any(jitter_seconds(name, 45 * 60) >= 30 * 60 for name in names)
+    for name in names:
+        due = next_due(name, b, paris(2025, 3, 29, 1, 30), PARIS, paris(2025, 3, 29, 12))
+        assert paris(2025, 3, 30, 1, 30) <= due < paris(2025, 3, 30, 3, 0), name
 
 
 def _occurrence_date(start: dt.datetime, window_text: str) -> dt.date:
@@ -323,8 +342,8 @@ NEXT_ATTEMPT = [
      backup(window_text=None), JobState(SRC, "b/h", paris(2025, 6, 1, 1), paris(2025, 6, 10, 1), 60),
      paris(2025, 6, 10, 5)),
     ("a failed manual run does not make a backup due before its time",
-     backup(), JobState(SRC, "b/h", slot(paris(2025, 6, 10, 1), "01:00-06:00"), paris(2025, 6, 10, 14), 1),
-     slot(paris(2025, 6, 11, 1), "01:00-06:00")),
+     backup(window_text=None), JobState(SRC, "b/h", paris(2025, 6, 10, 1), paris(2025, 6, 10, 14), 1),
+     paris(2025, 6, 11, 1)),
     ("a success after failures clears the retry",
      backup(), JobState(SRC, "b/h", paris(2025, 6, 10, 2), paris(2025, 6, 10, 2), 0),
      slot(paris(2025, 6, 11, 1), "01:00-06:00")),
@@ -336,7 +355,7 @@ NEXT_ATTEMPT = [
 
 @pytest.mark.parametrize(("backup_", "state", "expected"), [row[1:] for row in NEXT_ATTEMPT],
                          ids=[row[0] for row in NEXT_ATTEMPT])
-def test_next_attempt(backup_, state, expected):
+def test_the_next_attempt_is_the_one_in_the_table(backup_, state, expected):
     assert next_attempt(SRC, backup_, state, PARIS, paris(2025, 6, 10, 15)) == expected
 
 
@@ -389,7 +408,8 @@ def host(name: str, max_concurrent: int, bandwidth_mbit: int | None = 100) -> No
 
 
 def source(name: str, estimate_gib: int | None = None, window_text: str | None = None) -> Node:
-    return node(name, backup_=backup(window_text=window_text, estimate=estimate_gib * GIB if estimate_gib else None))
+    estimate = estimate_gib * GIB if estimate_gib else None
+    return node(name, backup_=backup(window_text=window_text, estimate=estimate))
 
 
 NOW = paris(2025, 6, 10, 12, 0)

@@ -83,8 +83,8 @@ def build_world() -> World:
             size = None if k % 8 == 3 else ((k * 7) % 12 + 1) * GIB
             nodes.append(Node(member=member, slug=f"src{j}", address=f"198.51.100.{k}", port=22,
                               user="mutualbackup", host_key=HOST_KEY, site=f"site-{m % 5}",
-                              backup=Backup(paths=("/etc", "/srv"), estimate=size, every=int(every.total_seconds()),
-                                            window=WINDOWS[window_text])))
+                              backup=Backup(paths=("/etc", "/srv"), estimate=size,
+                                            every=int(every.total_seconds()), window=WINDOWS[window_text])))
             placements[name] = [f"coop{(m + 1 + j) % 10}/store", f"coop{(m + 5 + j) % 10}/store"]
             window_of[name], every_of[name], size_of[name] = window_text, every, size
         members.append(Member(name=member, contact=f"ops@{member}.example", site=f"site-{m % 5}",
@@ -126,7 +126,8 @@ def simulate(world: World, t0: dt.datetime, until: dt.datetime) -> tuple[list[At
                     states[key] = replace(state, running=False, last_success=state.last_attempt,
                                           consecutive_failures=0)
                 else:
-                    states[key] = replace(state, running=False, consecutive_failures=state.consecutive_failures + 1)
+                    states[key] = replace(state, running=False,
+                                          consecutive_failures=state.consecutive_failures + 1)
                 del finishing[key]
         calls += 1
         for job in select_jobs(fed, placements, states, now, PARIS, global_limit=GLOBAL_LIMIT):
