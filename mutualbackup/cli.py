@@ -119,6 +119,8 @@ def open_context(args: argparse.Namespace, federation: Federation | None = None)
     """Inventory + state + SSH connector; raises InventoryError when the placement is impossible."""
     federation = federation or load(args)
     state = getattr(args, "state", None) or federation.coordinator.state
+    if not os.path.exists(os.path.join(state, "history.sqlite3")):
+        require_placeable(federation, place(federation))  # refuse before creating any state
     ctx = Context(federation, History(state), ssh_connector(federation))
     require_placeable(federation, ctx.placement)
     return ctx
