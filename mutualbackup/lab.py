@@ -249,11 +249,14 @@ class Lab:
         Retries once on another port when the chosen one was taken meanwhile.
         Raises LabError with the tail of the sshd log when it does not come up.
         """
-        if node.pid is not None:
+        running = self._procs.get(node.name)
+        if running is not None and running.poll() is None:
             return
+        self._stop_tree(node, signal.SIGKILL)  # leftovers of an sshd that died by itself
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         for attempt in (1, 2):
             self._write_config(node)
+            log_start = node.sshd_log.stat().st_size if node.sshd_log.exists() else 0
             with open(node.sshd_log, "ab") as log:
                 proc = subprocess.Popen(
                     [SSHD, "-D", "-e", "-f", str(node.config)],
@@ -268,7 +271,7 @@ class Lab:
             if problem is None:
                 return
             self._stop_tree(node, signal.SIGKILL)
-            tail = _tail(node.sshd_log)
+            tail = _tail(node.sshd_log, log_start)
             if attempt == 1 and "Address already in use" in tail:
                 self._ports.discard(node.port)
                 node.port = self._free_port()
@@ -439,8 +442,12 @@ def _keygen(path: Path, comment: str, key_type: str = "ed25519") -> None:
     )
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def _tail(path: Path, start: int = 0, lines: int = 20) -> str:
+    """The last ``lines`` lines of ``path`` written after byte ``start``."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with path.open("rb") as log:
+            log.seek(start)
+            text = log.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing logged)"

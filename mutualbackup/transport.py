@@ -94,7 +94,7 @@ def command_line(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd:
     """
     words: list[str] = []
     if env:
-        words += ["env"] + [f"{name}={value}" for name, value in sorted(env.items())]
+        words += ["env", "--"] + [f"{name}={value}" for name, value in sorted(env.items())]
     words += list(argv)
     line = shlex.join(words)
     if cwd is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.errors import TransportError
-from mutualbackup.lab import Lab, LabNode, is_alive
+from mutualbackup.lab import Lab, LabError, LabNode, is_alive
 from mutualbackup.ssh import SSHTransport
 
 pytestmark = pytest.mark.lab
@@ -229,3 +231,22 @@ def test_bad_slugs_and_duplicate_nodes_are_refused(lab: Lab) -> None:
     for member, slug in [("coop", "web1"), ("../etc", "x"), ("coop", "Web1"), ("coop", "")]:
         with pytest.raises(ValueError):
             lab.add_node(member, slug)
+
+
+def test_a_node_whose_sshd_died_by_itself_can_be_started_again(lab: Lab) -> None:
+    node = lab.add_node("coop", "web1")
+    lab.start(node)
+    assert node.pid is not None
+    os.kill(node.pid, signal.SIGKILL)
+    wait_for(lambda: lab.processes(node) == [])
+    lab.start(node)
+    assert banner(node.port).startswith(b"SSH-2.0")
+
+
+def test_a_node_that_cannot_start_raises_with_the_sshd_log(lab: Lab) -> None:
+    node = lab.add_node("coop", "web1")
+    node.host_key_file.unlink()
+    with pytest.raises(LabError, match="exited") as raised:
+        lab.start(node)
+    assert "no hostkeys available" in str(raised.value)
+    assert node.pid is None

@@ -1,0 +1,393 @@
+"""Argv, environment, ``authorized_keys`` lines and output parsing for restores, drills and key export.
+
+Pure, like :mod:`mutualbackup.borg` (which it extends without editing): nothing
+here starts a process. Tests assert the exact argv.
+
+Two ways borg reaches a repository for a restore:
+
+- *as the source*: on the source node itself, with its own key and its 0600
+  passphrase file (:func:`mutualbackup.borg.client_env`);
+- *delegated*: on any other node (or on a rebuilt source), with a temporary key
+  generated on that node in a temporary directory (:class:`TemporaryPaths`), which
+  the replica's host accepts through a temporary restricted line
+  (:func:`restore_line`), and the passphrase read by borg from file descriptor 3,
+  a pipe fed from the coordinator's memory (:func:`with_passphrase_on_fd3`). The
+  passphrase is never in argv, in an environment value, or on a disk of the
+  coordinator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .borg import LOCK_WAIT, archive_path, base_env
+
+RESTORE_COMMENT_PREFIX = "mutualbackup-restore:"
+"""Comment of a temporary restore line: ``mutualbackup-restore:SOURCE:ID``."""
+
+RESTORE_LINE_LIFETIME = dt.timedelta(hours=6)
+"""A temporary line expires (``expiry-time``) this long after it was written; ``apply`` then drops it.
+
+Borg opens its SSH connection at the start of a list, extract or key import, so
+only the start of a restore must fall within this time, not its end.
+"""
+
+RESTORE_QUOTA = "10M"
+"""Storage quota of a temporary line: borg's minimum. Reads are unaffected; a
+repository already larger than this refuses every write through that key."""
+
+PASSPHRASE_FD = 3
+
+_ID = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{4,32}\Z")
+
+
+# --- the temporary authorisation ------------------------------------------------------
+
+
+def new_restore_id(now: dt.datetime, token: str) -> str:
+    """``YYYYMMDDTHHMMSSZ-TOKEN``: when it was made (UTC) and a random hex token."""
+    if not re.fullmatch(r"[0-9a-f]{4,32}", token):
+        raise ValueError(f"the token must be 4 to 32 lowercase hex digits, got {token!r}")
+    return f"{now.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{token}"
+
+
+def restore_comment(source: str, restore_id: str) -> str:
+    return f"{RESTORE_COMMENT_PREFIX}{source}:{restore_id}"
+
+
+def restore_line(borg: str, repository: str, public_key: str, source: str, restore_id: str) -> str:
+    """The temporary ``authorized_keys`` line letting a restore key read ``repository``.
+
+    Same forced command as a replica line (one repository, append-only) with the
+    smallest quota borg accepts, ``restrict``, and ``expiry-time`` so that sshd
+    itself refuses the key once :data:`RESTORE_LINE_LIFETIME` has passed, even if
+    the coordinator died before removing the line.
+    """
+    created = restore_id_time(restore_id)
+    if created is None:
+        raise ValueError(f"not a restore id: {restore_id!r}")
+    expires = created + RESTORE_LINE_LIFETIME
+    command = shlex.join(
+        [borg, "serve", "--restrict-to-repository", repository, "--append-only", "--storage-quota", RESTORE_QUOTA]
+    ).replace('"', '\\"')
+    key_type, key_data = public_key.split()[:2]
+    return (
+        f'command="{command}",restrict,expiry-time="{expires:%Y%m%d%H%M%S}Z" '
+        f"{key_type} {key_data} {restore_comment(source, restore_id)}"
+    )
+
+
+def restore_id_time(restore_id: str) -> dt.datetime | None:
+    """When a restore id was made (UTC), or None when it is not one."""
+    match = _ID.match(restore_id)
+    if match is None:
+        return None
+    return dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class RestoreLine:
+    source: str
+    restore_id: str
+    created: dt.datetime | None  # None when the id does not parse (then it is treated as stale)
+
+
+def parse_restore_line(line: str) -> RestoreLine | None:
+    """The source and id of a temporary restore line, or None for any other line."""
+    comment = line.rsplit(" ", 1)[-1]
+    if not comment.startswith(RESTORE_COMMENT_PREFIX):
+        return None
+    source, _, restore_id = comment[len(RESTORE_COMMENT_PREFIX):].rpartition(":")
+    return RestoreLine(source, restore_id, restore_id_time(restore_id))
+
+
+def is_stale_restore_line(line: str, now: dt.datetime) -> bool:
+    """True for a restore line past its lifetime (or with an unreadable id); False for other lines."""
+    parsed = parse_restore_line(line)
+    if parsed is None:
+        return False
+    return parsed.created is None or now - parsed.created >= RESTORE_LINE_LIFETIME
+
+
+def live_restore_lines(lines: Iterable[str], now: dt.datetime) -> list[str]:
+    """The restore lines among ``lines`` that are still within their lifetime (``apply`` keeps those)."""
+    return [line for line in lines if parse_restore_line(line) is not None and not is_stale_restore_line(line, now)]
+
+
+def with_restore_line(lines: Sequence[str], new: str, now: dt.datetime) -> list[str]:
+    """Managed lines with ``new`` added and stale restore lines dropped."""
+    return [line for line in lines if not is_stale_restore_line(line, now) and line != new] + [new]
+
+
+def without_restore_line(lines: Sequence[str], source: str, restore_id: str, now: dt.datetime) -> list[str]:
+    """Managed lines without the restore line ``source``/``restore_id`` and without stale ones."""
+    kept = []
+    for line in lines:
+        parsed = parse_restore_line(line)
+        if parsed is not None and (parsed.source, parsed.restore_id) == (source, restore_id):
+            continue
+        if is_stale_restore_line(line, now):
+            continue
+        kept.append(line)
+    return kept
+
+
+# --- the delegated client --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemporaryPaths:
+    """The temporary directory of a delegated restore on the destination (mode 0700)."""
+
+    directory: str
+
+    @property
+    def key(self) -> str:
+        return posixpath.join(self.directory, "id_ed25519")
+
+    @property
+    def known_hosts(self) -> str:
+        return posixpath.join(self.directory, "known_hosts")
+
+    @property
+    def base_dir(self) -> str:
+        return posixpath.join(self.directory, "borg")
+
+
+def make_temporary_dir_argv(workdir: str, restore_id: str, comment: str) -> tuple[str, ...]:
+    """Create ``WORKDIR/restore-ID.XXXXXX`` (0700) holding a new key pair; prints the directory.
+
+    The private key is made on the destination and never leaves it.
+    """
+    script = (
+        'umask 077 && mkdir -p -m 700 -- "$1" && d=$(mktemp -d "$1/restore-$2.XXXXXX") && '
+        'ssh-keygen -q -t ed25519 -N "" -C "$3" -f "$d/id_ed25519" </dev/null >/dev/null && printf %s "$d"'
+    )
+    return ("sh", "-c", script, "sh", workdir, restore_id, comment)
+
+
+def remove_temporary_dir_argv(directory: str) -> tuple[str, ...]:
+    """``rm -rf`` of a temporary directory, refusing anything not named like one."""
+    script = 'case "$1" in */restore-*.*|*/drill-*.*) exec rm -rf -- "$1" ;; *) echo "refusing to remove $1" >&2; exit 2 ;; esac'
+    return ("sh", "-c", script, "sh", directory)
+
+
+def delegated_env(tmp: TemporaryPaths) -> dict[str, str]:
+    """Environment of borg on a destination: the temporary key, pinned hosts, passphrase on fd 3."""
+    rsh = shlex.join(
+        [
+            "ssh",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-i", tmp.key,
+            "-o", f"UserKnownHostsFile={tmp.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ServerAliveInterval=10",
+            "-o", "ServerAliveCountMax=30",
+            "-o", "ConnectTimeout=20",
+        ]
+    )
+    env = base_env()
+    env.update({"BORG_RSH": rsh, "BORG_BASE_DIR": tmp.base_dir, "BORG_PASSPHRASE_FD": str(PASSPHRASE_FD)})
+    return env
+
+
+def with_passphrase_on_fd3(argv: Sequence[str]) -> tuple[str, ...]:
+    """Run ``argv`` with what the transport sends on stdin moved to fd 3, and stdin from /dev/null.
+
+    Borg reads the passphrase from fd 3 (``BORG_PASSPHRASE_FD``) until end of file;
+    a prompt it might still show reads /dev/null and aborts instead of hanging.
+    """
+    return ("sh", "-c", 'exec 3<&0 </dev/null; exec "$@"', "sh", *argv)
+
+
+# --- argv ---------------------------------------------------------------------------
+
+
+def path_pattern(path: str) -> str:
+    """A path as a borg *path prefix* pattern, so that ``re:x`` or ``sh:*`` in a name stay literal."""
+    return "pp:" + archive_path(path)
+
+
+def extract_argv(
+    borg: str, url: str, archive: str, paths: Sequence[str] = (), *, dry_run: bool = False, progress: bool = True
+) -> tuple[str, ...]:
+    """``borg extract`` into the current directory, logging JSON lines on stderr.
+
+    ``--list`` names every item (counted as files), ``--progress`` reports bytes.
+    ``paths`` are absolute or archive paths, passed as literal prefixes.
+    """
+    argv: list[str] = [borg, "extract", "--lock-wait", str(LOCK_WAIT), "--log-json", "--list"]
+    if dry_run:
+        argv.append("--dry-run")
+    if progress:
+        argv.append("--progress")
+    argv.append(f"{url}::{archive}")
+    if paths:
+        argv.append("--")
+        argv += [path_pattern(p) for p in paths]
+    return tuple(argv)
+
+
+ITEM_FORMAT = "{type}{mode}{path}{size}{mtime}{linktarget}{source}"
+HASH_FORMAT = ITEM_FORMAT + "{sha256}"
+
+
+def items_argv(borg: str, url: str, archive: str, paths: Sequence[str] = (), *, hashes: bool = False) -> tuple[str, ...]:
+    """``borg list --json-lines`` of an archive's items; with ``hashes``, each file's sha256 too.
+
+    Hashing reads (and authenticates) the files' data from the repository, so it
+    is asked only for a drill's bounded sample (``paths``).
+    """
+    argv: list[str] = [
+        borg, "list", "--lock-wait", str(LOCK_WAIT), "--json-lines",
+        "--format", HASH_FORMAT if hashes else ITEM_FORMAT, f"{url}::{archive}",
+    ]
+    if paths:
+        argv.append("--")
+        argv += [path_pattern(p) for p in paths]
+    return tuple(argv)
+
+
+def key_export_argv(borg: str, url: str) -> tuple[str, ...]:
+    """``borg key export`` to stdout: the repository key, still encrypted by the passphrase."""
+    return (borg, "key", "export", url)
+
+
+def key_import_argv(borg: str, url: str) -> tuple[str, ...]:
+    """``borg key import`` from stdin: restores a damaged repository key from an export."""
+    return (borg, "key", "import", url, "-")
+
+
+# --- parsing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One item of ``borg list --json-lines``."""
+
+    path: str  # archive form: no leading slash
+    type: str  # "-" file, "d" directory, "l" symlink, "h" hardlink, ...
+    mode: str  # "-rw-r--r--"
+    size: int
+    mtime: float  # seconds since the epoch (borg ran with TZ=UTC)
+    linktarget: str = ""
+    source: str = ""  # hardlink master, or symlink target
+    sha256: str = ""
+
+    @property
+    def permissions(self) -> int:
+        """The permission bits (with setuid, setgid and sticky) of ``mode``."""
+        return mode_bits(self.mode)
+
+
+def parse_items(stdout: bytes) -> list[Item]:
+    """Items of ``borg list --json-lines``; ValueError when a line is not an item."""
+    items = []
+    for number, raw in enumerate(stdout.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            when = dt.datetime.fromisoformat(data["mtime"])
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.timezone.utc)
+            items.append(
+                Item(
+                    path=data["path"],
+                    type=data["type"],
+                    mode=data["mode"],
+                    size=int(data.get("size") or 0),
+                    mtime=when.timestamp(),
+                    linktarget=data.get("linktarget") or "",
+                    source=data.get("source") or "",
+                    sha256=data.get("sha256") or "",
+                )
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"borg list printed an unexpected line {number}: {exc}") from None
+    return items
+
+
+def mode_bits(mode: str) -> int:
+    """``-rwsr-x--T`` → 0o5754: the permission bits of an ``ls``-style mode string."""
+    if len(mode) != 10:
+        raise ValueError(f"not a mode string: {mode!r}")
+    bits = 0
+    for index, char in enumerate(mode[1:]):
+        shift = 8 - index
+        if char in "rwxst":
+            bits |= 1 << shift
+    special = {3: 0o4000, 6: 0o2000, 9: 0o1000}
+    for index, flag in special.items():
+        if mode[index] in "sStT":
+            bits |= flag
+    return bits
+
+
+@dataclass
+class ExtractProgress:
+    """What ``borg extract --log-json --list --progress`` has said so far (fed line by line)."""
+
+    files: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    listed: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # borg's own log lines (warnings, errors), and non-JSON lines
+    keep_listed: bool = False
+
+    def feed(self, line: str) -> bool:
+        """Take one stderr line; True when it changed the progress (files or bytes)."""
+        if not line.strip():
+            return False
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            self.messages.append(line)
+            return False
+        if not isinstance(event, dict):
+            self.messages.append(line)
+            return False
+        kind = event.get("type")
+        if kind == "log_message" and event.get("name") == "borg.output.list":
+            self.files += 1
+            if self.keep_listed:
+                self.listed.append(str(event.get("message", "")))
+            return True
+        if kind == "progress_percent":
+            if event.get("total"):
+                self.bytes_total = int(event["total"])
+            if event.get("current") is not None:
+                self.bytes_done = int(event["current"])
+            if event.get("finished") and self.bytes_total:
+                self.bytes_done = self.bytes_total
+                return True
+            return event.get("current") is not None
+        if kind == "log_message":
+            level = event.get("levelname", "")
+            self.messages.append(f"{level}: {event.get('message', '')}" if level not in ("INFO", "") else str(event.get("message", "")))
+            return False
+        if kind in ("progress_message",):
+            return False
+        self.messages.append(line)
+        return False
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.messages[-lines:])
+
+
+def parse_key_export(stdout: bytes) -> tuple[str, str]:
+    """(repository id, key text) of ``borg key export``; ValueError when it is not one."""
+    text = stdout.decode("utf-8", "replace")
+    first = text.splitlines()[0] if text.strip() else ""
+    parts = first.split()
+    if len(parts) != 2 or parts[0] != "BORG_KEY" or not re.fullmatch(r"[0-9a-f]{64}", parts[1]):
+        raise ValueError("borg key export did not print a key (expected a first line 'BORG_KEY <repository id>')")
+    return parts[1], text if text.endswith("\n") else text + "\n"

@@ -1,0 +1,68 @@
+"""The managed block of authorized_keys and the forced-command line, by value."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from mutualbackup.borg import authorized_keys_line
+from mutualbackup.provision import BEGIN, END, managed_lines, replace_block, replica_quota
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
+
+
+def openssh_command_option(line: str) -> str:
+    """Dequote ``command="…"`` the way OpenSSH's opt_dequote does: only \\" is special."""
+    assert line.startswith('command="')
+    out, i = [], len('command="')
+    while line[i] != '"':
+        if line[i] == "\\" and line[i + 1] == '"':
+            i += 1
+        out.append(line[i])
+        i += 1
+    assert line[i + 1 :].startswith(",restrict ")
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    "repository",
+    ["/srv/mb/coop/web1", "/srv/it's \"here\" now/coop/web1", "/srv/back\\slash \\\"/x", "/srv/été -- --append-only=no/x"],
+)
+def test_the_forced_command_gives_borg_serve_exactly_the_repository_path(repository: str) -> None:
+    line = authorized_keys_line("/opt/borg", repository, 20 * 1024**3, KEY + " comment", "mutualbackup:coop/web1")
+    argv = shlex.split(openssh_command_option(line))
+    assert argv == [
+        "/opt/borg", "serve", "--restrict-to-repository", repository, "--append-only", "--storage-quota", str(20 * 1024**3)
+    ]
+    assert line.endswith(f",restrict {KEY} mutualbackup:coop/web1")
+
+
+def test_the_block_is_added_at_the_end_and_other_lines_are_kept_byte_for_byte() -> None:
+    original = "# admin\nssh-ed25519 AAAA admin@laptop\n\n  odd   spacing  \n"
+    updated = replace_block(original, ["line-a", "line-b"])
+    assert updated == original + f"{BEGIN}\nline-a\nline-b\n{END}\n"
+    assert managed_lines(updated) == ["line-a", "line-b"]
+
+
+def test_the_block_is_replaced_in_place() -> None:
+    text = f"first\n{BEGIN}\nold\n{END}\nlast\n"
+    assert replace_block(text, ["new"]) == f"first\n{BEGIN}\nnew\n{END}\nlast\n"
+
+
+def test_an_empty_block_is_removed_and_a_missing_file_stays_empty() -> None:
+    assert replace_block(f"first\n{BEGIN}\nold\n{END}\n", []) == "first\n"
+    assert replace_block("", []) == ""
+
+
+def test_replacing_twice_is_idempotent() -> None:
+    once = replace_block("keep\n", ["a"])
+    assert replace_block(once, ["a"]) == once
+
+
+@pytest.mark.parametrize(
+    "size, capacity, quota",
+    [(0, 500 * 1024**3, 10 * 1024**3), (20 * 1024**3, 500 * 1024**3, 40 * 1024**3), (400 * 1024**3, 500 * 1024**3, 500 * 1024**3)],
+)
+def test_the_quota_is_twice_the_size_at_least_10_gib_at_most_the_host(size: int, capacity: int, quota: int) -> None:
+    assert replica_quota(size, capacity) == quota
