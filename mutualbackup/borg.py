@@ -17,11 +17,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .model import Backup, Node
+from .model import Backup, Node, Retention
 
 KEY_FILE = "id_ed25519"
 PASSPHRASE_FILE = "passphrase"
@@ -291,3 +292,150 @@ def _load_json(stdout: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("borg printed JSON that is not an object")
     return data
+
+
+# --- maintenance: prune, check, compact, locks (run by the daemon) ---------------
+#
+# Client-side commands (prune, archives check, list, info) run on the source with
+# client_env(); host-side commands (repository check, compact, break-lock, lock
+# listing, repository facts) run on the host, as its user, on the repository
+# path itself, with host_env(): they need no key and no passphrase.
+
+CHECKPOINT_SUFFIX = re.compile(r"\.checkpoint(\.\d+)?\Z")
+
+
+def archive_glob(source: Node) -> str:
+    """The archives the coordinator creates for ``source`` (see :func:`archive_name`)."""
+    return f"{source.slug}-*"
+
+
+def is_checkpoint(name: str) -> bool:
+    """True for borg's partial archives (``NAME.checkpoint``, ``NAME.checkpoint.N``)."""
+    return CHECKPOINT_SUFFIX.search(name) is not None
+
+
+def host_env(workdir: str) -> dict[str, str]:
+    """Environment for borg run on a host, on its own repositories (no key needed)."""
+    env = base_env()
+    env["BORG_BASE_DIR"] = posixpath.join(workdir, BASE_DIR)
+    return env
+
+
+def prune_argv(borg: str, url: str, retention: Retention, glob: str) -> tuple[str, ...]:
+    """``borg prune`` of the archives matching ``glob`` with the ``--keep-*`` rules of ``retention``."""
+    return (borg, "prune", "--lock-wait", str(LOCK_WAIT), "--glob-archives", glob, *retention.prune_flags(), url)
+
+
+def check_argv(borg: str, location: str, *, repository_only: bool = False, archives_only: bool = False) -> tuple[str, ...]:
+    """``borg check`` of a repository (a path on the host, or a URL from the source)."""
+    if repository_only and archives_only:
+        raise ValueError("repository_only and archives_only exclude each other")
+    argv = [borg, "check", "--lock-wait", str(LOCK_WAIT)]
+    if repository_only:
+        argv.append("--repository-only")
+    if archives_only:
+        argv.append("--archives-only")
+    argv.append(location)
+    return tuple(argv)
+
+
+def compact_argv(borg: str, path: str) -> tuple[str, ...]:
+    """``borg compact`` of the repository at ``path``, run on the host (frees what deletions left)."""
+    return (borg, "compact", "--lock-wait", str(LOCK_WAIT), path)
+
+
+def break_lock_argv(borg: str, path: str) -> tuple[str, ...]:
+    """``borg break-lock`` of the repository at ``path``, run on the host. Only when no borg holds it."""
+    return (borg, "break-lock", path)
+
+
+_REPOSITORY_FACTS = r"""cd -- "$1" 2>/dev/null || exit 3
+[ -f config ] && [ -d data ] || exit 4
+exec find data -type f -printf '%T@ %s\n'
+"""
+REPOSITORY_MISSING = 3
+REPOSITORY_NOT_BORG = 4
+
+
+def repository_facts_argv(path: str) -> tuple[str, ...]:
+    """Size and last-write time of the segment files of the repository at ``path`` (on the host).
+
+    Exits :data:`REPOSITORY_MISSING` when the directory is gone and
+    :data:`REPOSITORY_NOT_BORG` when it holds no borg repository.
+    """
+    return ("sh", "-c", _REPOSITORY_FACTS, "sh", path)
+
+
+@dataclass(frozen=True)
+class RepositoryFacts:
+    segments: int
+    bytes: int
+    last_write: float | None  # epoch of the newest segment file; None when there is none
+
+
+def parse_repository_facts(stdout: bytes) -> RepositoryFacts:
+    """Parse the output of :func:`repository_facts_argv`; ValueError when it is not that."""
+    count, total, newest = 0, 0, None
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        mtime, size = line.split()
+        count += 1
+        total += int(size)
+        newest = max(newest or 0.0, float(mtime))
+    return RepositoryFacts(count, total, newest)
+
+
+_LOCK_LISTING = r"""cd -- "$1" 2>/dev/null || exit 3
+uname -n
+for f in lock.exclusive/*; do [ -e "$f" ] && printf 'exclusive %s\n' "${f#lock.exclusive/}"; done
+if [ -f lock.roster ]; then printf 'roster '; tr -d '\n' < lock.roster; echo; fi
+exit 0
+"""
+
+
+def lock_listing_argv(path: str) -> tuple[str, ...]:
+    """The host's name, then who holds the lock of the repository at ``path`` (run on the host)."""
+    return ("sh", "-c", _LOCK_LISTING, "sh", path)
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    host: str  # borg's host id: FQDN@NODE (or BORG_HOST_ID)
+    pid: int
+    thread: int
+    kind: str  # exclusive (lock.exclusive/), or shared/exclusive (lock.roster)
+
+    @property
+    def hostname(self) -> str:
+        """The short host name part of the host id (what ``uname -n`` says, up to the first dot)."""
+        return self.host.split("@", 1)[0].split(".", 1)[0]
+
+
+def parse_lock_listing(stdout: bytes) -> tuple[str, list[LockHolder]]:
+    """(short host name, holders) from :func:`lock_listing_argv`; ValueError on a malformed lock.
+
+    Lock file names are ``HOSTID.PID-THREAD`` (thread in hex), as borg writes them.
+    """
+    lines = stdout.decode("utf-8", "replace").splitlines()
+    if not lines:
+        raise ValueError("the lock listing is empty")
+    hostname = lines[0].strip().split(".", 1)[0]
+    holders: list[LockHolder] = []
+    for line in lines[1:]:
+        kind, _, rest = line.partition(" ")
+        if kind == "exclusive":
+            host_pid, _, thread = rest.rpartition("-")
+            host, _, pid = host_pid.rpartition(".")
+            if not host or not pid.isdigit():
+                raise ValueError(f"malformed lock file name {rest!r}")
+            holders.append(LockHolder(host, int(pid), int(thread, 16), "exclusive"))
+        elif kind == "roster":
+            try:
+                roster = json.loads(rest or "{}")
+            except json.JSONDecodeError:
+                continue  # borg itself treats a corrupt roster as empty
+            for mode in ("shared", "exclusive"):
+                for host, pid, thread in roster.get(mode, []):
+                    holders.append(LockHolder(str(host), int(pid), int(thread), f"roster-{mode}"))
+    return hostname, holders

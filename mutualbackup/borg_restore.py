@@ -211,18 +211,29 @@ def with_passphrase_on_fd3(argv: Sequence[str]) -> tuple[str, ...]:
 # --- argv ---------------------------------------------------------------------------
 
 
-def path_pattern(path: str) -> str:
-    """A path as a borg *path prefix* pattern, so that ``re:x`` or ``sh:*`` in a name stay literal."""
-    return "pp:" + archive_path(path)
+def path_pattern(path: str, *, exact: bool = False) -> str:
+    """A path as a literal borg pattern, so that ``re:x`` or ``sh:*`` in a name stay literal.
+
+    ``pp:`` (the path and everything under it) by default; ``pf:`` (exactly that
+    path, a dictionary lookup in borg, fast for hundreds of sampled files) with ``exact``.
+    """
+    return ("pf:" if exact else "pp:") + archive_path(path)
 
 
 def extract_argv(
-    borg: str, url: str, archive: str, paths: Sequence[str] = (), *, dry_run: bool = False, progress: bool = True
+    borg: str,
+    url: str,
+    archive: str,
+    paths: Sequence[str] = (),
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    exact: bool = False,
 ) -> tuple[str, ...]:
     """``borg extract`` into the current directory, logging JSON lines on stderr.
 
     ``--list`` names every item (counted as files), ``--progress`` reports bytes.
-    ``paths`` are absolute or archive paths, passed as literal prefixes.
+    ``paths`` are absolute or archive paths, passed as literal patterns.
     """
     argv: list[str] = [borg, "extract", "--lock-wait", str(LOCK_WAIT), "--log-json", "--list"]
     if dry_run:
@@ -232,28 +243,29 @@ def extract_argv(
     argv.append(f"{url}::{archive}")
     if paths:
         argv.append("--")
-        argv += [path_pattern(p) for p in paths]
+        argv += [path_pattern(p, exact=exact) for p in paths]
     return tuple(argv)
 
 
-ITEM_FORMAT = "{type}{mode}{path}{size}{mtime}{linktarget}{source}"
-HASH_FORMAT = ITEM_FORMAT + "{sha256}"
+CATALOGUE_FORMAT = "{mode}{NUL}{size}{NUL}{path}{NUL}"
+HASH_FORMAT = "{type}{mode}{path}{size}{mtime}{linktarget}{source}{sha256}"
 
 
-def items_argv(borg: str, url: str, archive: str, paths: Sequence[str] = (), *, hashes: bool = False) -> tuple[str, ...]:
-    """``borg list --json-lines`` of an archive's items; with ``hashes``, each file's sha256 too.
+def catalogue_argv(borg: str, url: str, archive: str) -> tuple[str, ...]:
+    """``borg list`` of every item as NUL-separated ``mode size path`` (compact, any file name)."""
+    return (borg, "list", "--lock-wait", str(LOCK_WAIT), "--format", CATALOGUE_FORMAT, f"{url}::{archive}")
+
+
+def hashes_argv(borg: str, url: str, archive: str, paths: Sequence[str]) -> tuple[str, ...]:
+    """``borg list --json-lines`` of exactly ``paths``, with each file's sha256.
 
     Hashing reads (and authenticates) the files' data from the repository, so it
-    is asked only for a drill's bounded sample (``paths``).
+    is asked only for a drill's bounded sample.
     """
-    argv: list[str] = [
-        borg, "list", "--lock-wait", str(LOCK_WAIT), "--json-lines",
-        "--format", HASH_FORMAT if hashes else ITEM_FORMAT, f"{url}::{archive}",
-    ]
-    if paths:
-        argv.append("--")
-        argv += [path_pattern(p) for p in paths]
-    return tuple(argv)
+    return (
+        borg, "list", "--lock-wait", str(LOCK_WAIT), "--json-lines", "--format", HASH_FORMAT, f"{url}::{archive}",
+        "--", *(path_pattern(p, exact=True) for p in paths),
+    )
 
 
 def key_export_argv(borg: str, url: str) -> tuple[str, ...]:
@@ -314,6 +326,32 @@ def parse_items(stdout: bytes) -> list[Item]:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"borg list printed an unexpected line {number}: {exc}") from None
     return items
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of :func:`catalogue_argv`: ``kind`` is the first letter of its mode."""
+
+    kind: str  # "-" file, "d" directory, "l" symlink, "h" hardlink to an earlier file, ...
+    size: int
+    path: str
+
+
+def parse_catalogue(stdout: bytes) -> list[Entry]:
+    """Entries of :func:`catalogue_argv`'s output; ValueError when it does not parse."""
+    fields = stdout.split(b"\0")
+    if fields and fields[-1] == b"":
+        fields.pop()
+    if len(fields) % 3:
+        raise ValueError("borg list printed an incomplete item list")
+    entries = []
+    for i in range(0, len(fields), 3):
+        mode, size, path = fields[i : i + 3]
+        try:
+            entries.append(Entry(mode[:1].decode("ascii"), int(size), path.decode("utf-8", "surrogateescape")))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"borg list printed an unexpected item: {fields[i:i + 3]!r}") from None
+    return entries
 
 
 def mode_bits(mode: str) -> int:

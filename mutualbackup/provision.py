@@ -10,11 +10,12 @@ A second run finds everything in place and changes nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from . import borg
+from . import borg, borg_restore
 from .context import Context
 from .errors import MutualBackupError, OperationFailed
 from .model import Node
@@ -195,7 +196,9 @@ def _prepare_host(
             if host.name in ctx.placement.replicas[comment[13:]]:
                 lines.append(line)
     lines.sort(key=lambda line: line.rsplit(" ", 1)[-1])
-    wanted = replace_block(current, lines)
+    # Temporary restore lines (restore.py) stay while a restore may still use them; expired ones go.
+    restoring = borg_restore.live_restore_lines(managed_lines(current), dt.datetime.now(dt.timezone.utc))
+    wanted = replace_block(current, lines + restoring)
     if wanted != current:
         transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
         report.changes.append(f"~ authorized_keys {host.name} ({len(lines)} replica line(s))")

@@ -40,8 +40,8 @@ from .transport import Result, Transport, expand_home
 log = logging.getLogger("mutualbackup.restore")
 
 RESTORE_TIMEOUT = 24 * 3600
-UNREACHABLE = (-1, 255, 80, 81, 87)
-"""borg exit codes meaning the repository's host could not be reached (or the connection broke)."""
+UNREACHABLE = (255, 80, 81, 87)
+"""borg exit codes meaning the repository's host could not be reached (or the connection to it broke)."""
 REPO_KEY_MISSING = 44
 """borg's RepoKeyNotFoundError: the repository's own key is gone (``--recovery`` imports the exported one)."""
 
@@ -197,11 +197,18 @@ def authorised(ctx: Context, host: Node, source: str, repository: str, public_ke
         try:
             yield
         finally:
-            _edit_block(
-                transport, host,
-                lambda lines, now: borg_restore.without_restore_line(lines, source, restore_id, now), absent=line,
-            )
-            log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
+            try:
+                _edit_block(
+                    transport, host,
+                    lambda lines, now: borg_restore.without_restore_line(lines, source, restore_id, now), absent=line,
+                )
+                log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
+            except MutualBackupError as exc:
+                log.error(
+                    "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
+                    "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
+                    borg_restore.restore_comment(source, restore_id), host.name, exc, host.name,
+                )
     finally:
         transport.close()
 
