@@ -2,12 +2,18 @@
 
 The coordinator connects to the *source* and runs borg there; borg reaches the
 host over SSH with the source's own key (the forced command on the host confines
-it to its repository). The job never raises for a failed backup: it records the
-failure and returns it, so that one failure never stops other jobs or the daemon.
+it to its repository). The ``before:`` commands and borg run under the
+:mod:`supervise` wrapper: they die with the coordinator's session, and the
+daemon can stop them (SIGINT: borg keeps a checkpoint) when it shuts down.
+
+The job never raises for a failed backup: it records the failure and returns
+it, so that one failure never stops other jobs or the daemon. A job aborted by
+the daemon is recorded ``interrupted``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +22,9 @@ from typing import Callable
 from . import borg
 from .context import Context
 from .errors import MutualBackupError
-from .model import Node, now_utc
+from .model import Node
+from .supervise import JobControl, pidfile_path, run_supervised
+from .transport import Result
 
 log = logging.getLogger("mutualbackup.backup")
 
@@ -27,7 +35,7 @@ BACKUP_TIMEOUT = 12 * 3600
 class Outcome:
     source: str
     target: str
-    result: str  # success, warning, failure
+    result: str  # success, warning, failure, interrupted
     exit_code: int | None
     duration: float
     archive: str | None = None
@@ -40,6 +48,12 @@ class Outcome:
         return self.result in ("success", "warning")
 
 
+class _Failed(Exception):
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_backup(
     ctx: Context,
     source: Node,
@@ -47,57 +61,89 @@ def run_backup(
     *,
     timeout: float = BACKUP_TIMEOUT,
     clock: Callable[[], float] = time.time,
+    control: JobControl | None = None,
 ) -> Outcome:
-    """Back ``source`` up into its repository on ``host``; record and return the outcome."""
+    """Back ``source`` up into its repository on ``host``; record and return the outcome.
+
+    ``timeout`` bounds the whole job (``before:`` commands and borg); ``clock``
+    gives the times recorded (and the archive name); ``control`` lets the daemon
+    abort the job. Never raises for a failed backup.
+    """
     assert source.backup is not None
     started = clock()
     run_id = ctx.history.start_run("backup", source.name, host.name, started=started)
-    log.info("backup start  %s -> %s", source.name, host.name)
+    log.info("backup  start  %s -> %s", source.name, host.name)
     exit_code: int | None = None
     try:
-        transport = ctx.connect(source)
-        try:
-            paths = ctx.source_paths(transport, source)
-            for command in source.backup.before:
-                result = transport.run(("sh", "-c", command), timeout=timeout)
-                if not result.ok:
-                    raise MutualBackupError(
-                        f"the before: command failed with exit {result.exit_code}, so no backup was made.\n"
-                        f"command: {command}\n{result.stderr_tail()}"
-                    )
-            archive = borg.archive_name(source, now_utc())
-            url = borg.repository_url(source, host)
-            result = transport.run(
-                borg.create_argv(source.borg, url, archive, source.backup),
-                env=borg.client_env(paths),
-                timeout=timeout,
-            )
-        finally:
-            transport.close()
+        result = _create(ctx, source, host, run_id, started, timeout, clock, control)
         exit_code = result.exit_code
+        if control is not None and control.is_aborted:
+            raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
         verdict = borg.classify_exit(exit_code)
-        if verdict in ("success", "warning"):
-            stats = borg.parse_create_json(result.stdout)
-            outcome = Outcome(
-                source.name, host.name, verdict, exit_code, clock() - started, stats.name,
-                stats.original_bytes, stats.deduplicated_bytes,
-                error=result.stderr_tail() if verdict == "warning" else None,
-            )
-            ctx.history.finish_run(
-                run_id, verdict, exit_code=exit_code, ended=started + outcome.duration, archive=stats.name,
-                original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
-                deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
-                nfiles=stats.nfiles, error=outcome.error,
-            )
-            ctx.history.record_archives(source.name, host.name, [(stats.name, started)])
-            log.info("backup end    %s -> %s  %s  %.1fs", source.name, host.name, verdict, outcome.duration)
-            return outcome
-        error = (
-            f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{result.stderr_tail()}"
-        ).strip()
+        if verdict not in ("success", "warning"):
+            raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{result.stderr_tail()}".strip(), exit_code)
+        stats = borg.parse_create_json(result.stdout)
+        ended = clock()
+        error = result.stderr_tail() if verdict == "warning" else None
+        ctx.history.finish_run(
+            run_id, verdict, exit_code=exit_code, ended=ended, archive=stats.name,
+            original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
+            deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
+            nfiles=stats.nfiles, error=error,
+        )
+        ctx.history.record_archives(source.name, host.name, [(stats.name, started)], now=ended)
+        outcome = Outcome(source.name, host.name, verdict, exit_code, ended - started, stats.name,
+                          stats.original_bytes, stats.deduplicated_bytes, error=error)
+        log.info("backup  end    %s -> %s  %s  %.1fs  %s", source.name, host.name, verdict, outcome.duration, stats.name)
+        return outcome
+    except _Failed as exc:
+        error, exit_code = str(exc), exc.exit_code
     except (MutualBackupError, ValueError) as exc:
         error = str(exc)
-    duration = clock() - started
-    ctx.history.finish_run(run_id, "failure", exit_code=exit_code, error=error, ended=started + duration)
-    log.warning("backup end    %s -> %s  failure  %.1fs: %s", source.name, host.name, duration, error.splitlines()[0])
-    return Outcome(source.name, host.name, "failure", exit_code, duration, error=error)
+    except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
+        log.exception("backup of %s -> %s crashed", source.name, host.name)
+        error = f"internal error: {exc!r}"
+    result_word = "interrupted" if control is not None and control.is_aborted else "failure"
+    ended = clock()
+    ctx.history.finish_run(run_id, result_word, exit_code=exit_code, error=error, ended=ended)
+    log.warning("backup  end    %s -> %s  %s  %.1fs: %s", source.name, host.name, result_word, ended - started,
+                error.splitlines()[0] if error else "")
+    return Outcome(source.name, host.name, result_word, exit_code, ended - started, error=error)
+
+
+def _create(
+    ctx: Context, source: Node, host: Node, run_id: int, started: float, timeout: float,
+    clock: Callable[[], float], control: JobControl | None,
+) -> Result:
+    """Run the ``before:`` commands, then ``borg create``; the Result of borg create."""
+    assert source.backup is not None
+    transport = ctx.connect(source)
+    if control is not None:
+        control.attach(transport)
+    try:
+        paths = ctx.source_paths(transport, source)
+        pidfile = pidfile_path(paths.workdir, host.name)
+        deadline = started + timeout
+        for command in source.backup.before:
+            if control is not None and control.is_aborted:
+                raise _Failed(f"aborted before the before: command ran: {control.reason}")
+            result = run_supervised(transport, source, pidfile, run_id, ("sh", "-c", command),
+                                    timeout=max(1.0, deadline - clock()), control=control)
+            if not result.ok:
+                raise _Failed(
+                    f"the before: command failed with exit {result.exit_code}, so no backup was made.\n"
+                    f"command: {command}\n{result.stderr_tail()}".strip(),
+                    result.exit_code,
+                )
+        if control is not None and control.is_aborted:
+            raise _Failed(f"aborted before borg started: {control.reason}")
+        archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
+        url = borg.repository_url(source, host)
+        return run_supervised(
+            transport, source, pidfile, run_id, borg.create_argv(source.borg, url, archive, source.backup),
+            env=borg.client_env(paths), timeout=max(1.0, deadline - clock()), control=control,
+        )
+    finally:
+        if control is not None:
+            control.detach(transport)
+        transport.close()

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-member", action="store_true")
     p.add_argument("--recovery", metavar="FILE")
     p.add_argument("--json", action="store_true")
+    p = command("drill", cmd_drill, "restore a sample of the latest archive on the source and verify it")
+    p.add_argument("sources", nargs="*", metavar="SOURCE")
+    p.add_argument("--json", action="store_true")
+    p = command("keys", cmd_keys, "export a source's keys and passphrase for the member's offline safe")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -241,7 +249,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{r.source:<{ws}}  {r.target:<{wt}}  {r.state:<7}  {age}")
             if r.last_error and r.state != "ok":
                 print(f"    last error: {r.last_error.splitlines()[0]}")
-    return 0 if rows and all(r.state == "ok" for r in rows) else 1
+        drills = {r.source: r for r in rows}
+        if drills:
+            print()
+        for r in drills.values():
+            when = format_duration(now - r.last_drill_success) + " ago" if r.last_drill_success else "never"
+            print(f"{r.source:<{ws}}  drill  {r.drill_state:<7}  last success {when}")
+            if r.drill_error:
+                print(f"    drill error: {r.drill_error.splitlines()[0]}")
+    failed_drill = any(r.drill_state == "failed" for r in rows)
+    return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill else 1
 
 
 def cmd_archives(args: argparse.Namespace) -> int:
@@ -261,23 +278,73 @@ def cmd_archives(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .restore import restore
+    from .keys import read_recovery
+    from .restore import TerminalProgress, requested_by, restore
 
-    node_name, sep, directory = args.to.rpartition(":")
+    node_name, sep, directory = args.to.partition(":")
     if not sep or not node_name or not directory:
         raise UsageError(f"--to takes NODE:DIR (e.g. coopcycle/web1:/srv/restore), got {args.to!r}")
+    recovery = read_recovery(args.recovery) if args.recovery else None
     ctx = open_context(args)
-    source = ctx.source(args.source)
     destination = ctx.node(node_name)
-    result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
-                     replica=args.replica, dry_run=args.dry_run, force=args.force)
+    source = args.source if recovery and args.source not in {n.name for n in ctx.federation.nodes()} else ctx.source(args.source)
+    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
+                         replica=args.replica, dry_run=args.dry_run, force=args.force,
+                         allow_other_member=args.allow_other_member, recovery=recovery,
+                         requested_by=requested_by(), on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
     if args.json:
-        print(json.dumps(result.__dict__, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     else:
         verb = "would restore" if result.dry_run else "restored"
         print(f"{verb} {result.archive} of {result.source} from {result.replica} into {result.node}:{result.directory}")
+        print(f"  {format_progress_summary(result)}")
         for line in result.listed:
             print(f"  {line}")
+        for line in result.warnings:
+            print(f"  warning: {line}")
+    return 0
+
+
+def format_progress_summary(result) -> str:  # noqa: ANN001
+    rate = f"{format_size(int(result.bytes / result.seconds))}/s" if result.seconds > 0 else "-"
+    return f"{result.files} item(s), {format_size(result.bytes)} in {result.seconds:.1f}s ({rate}), {result.access}"
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from .drill import run_drill
+
+    ctx = open_context(args)
+    sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
+    outcomes = [run_drill(ctx, source) for source in sources]
+    if args.json:
+        print(json.dumps([o.__dict__ for o in outcomes], indent=2))
+    for o in outcomes if not args.json else ():
+        if o.ok:
+            print(f"{o.source} on {o.target}  drill ok  {o.archive}  {o.files} file(s), {format_size(o.bytes)} "
+                  f"from {o.top_level}; {o.live_checked} compared with the live files  {o.duration:.1f}s")
+        else:
+            print(f"{o.source} on {o.target or '-'}  drill FAILED  {o.duration:.1f}s", file=sys.stderr)
+            for line in (o.error or "").splitlines():
+                print(f"  {line}", file=sys.stderr)
+    return 0 if outcomes and all(o.ok for o in outcomes) else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import WARNING, export_keys, summary
+
+    ctx = open_context(args)
+    source = ctx.source(args.source)
+    recovery = export_keys(ctx, source, args.out)
+    print(WARNING.format(out=args.out, source=source.name), file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary(recovery, args.out), indent=2))
+    else:
+        print(f"wrote {args.out} (mode 0600): {source.name}, {len(recovery.repositories)} repository key(s) and the passphrase")
     return 0
 
 

@@ -1,12 +1,27 @@
-"""``mutualbackup daemon``: the scheduler loop, the job pool and the /metrics server.
+"""``mutualbackup daemon``: the scheduler loop, the jobs and the /metrics server.
 
-Each tick: reload the inventory if its files changed (an invalid one is reported
-through ``mutualbackup_inventory_valid`` and the last valid one stays in use),
-ask :func:`schedule.select_jobs` what to start now, start those jobs in a thread
-pool. A job failure is recorded by the job itself and never stops the loop.
+Each tick (and whenever a job ends): reload the inventory if its files changed
+(an invalid one is reported through ``mutualbackup_inventory_valid`` and the
+last valid one stays in use), reap finished jobs, ask
+:func:`schedule.select_jobs` which backups to start now, then start due
+maintenance jobs with the capacity left. Each job runs in its own thread:
+
+- **backup**: :func:`backup.run_backup`, then (on success) :func:`maintenance.prune_replica`;
+- **maintenance**: :func:`maintenance.maintain_replica` (check, then guarded
+  compaction), every ``check_every``, only while the source's window is closed.
+
+Limits: a replica (source x host) runs one job at a time; a source runs one
+job at a time (its ``before:`` commands never run twice at once); a host runs
+at most ``storage.max_concurrent`` jobs and at most one maintenance job; the
+daemon runs at most ``global_limit`` jobs. A job over a limit waits. A job
+whose replica's last run failed or was interrupted first cleans up what that
+run left (:func:`recovery.recover_pair`). A job failure is recorded by the job
+and never stops the loop.
 
 SIGTERM (or SIGINT): stop starting jobs, let running ones finish for up to the
-grace period, then abort what is left, and exit 0.
+grace period, then abort what is left (SIGINT to the remote borg through a new
+connection, which keeps a checkpoint, then SIGTERM), record those runs
+``interrupted``, and exit 0 within the grace period.
 """
 
 from __future__ import annotations
@@ -14,40 +29,83 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from zoneinfo import ZoneInfo
 
 from prometheus_client import start_http_server
 
-from . import schedule
+from . import maintenance, schedule
 from .backup import run_backup
 from .context import Context, require_placeable, ssh_connector
 from .errors import MutualBackupError, OperationFailed
-from .history import History
+from .history import History, PairSummary
 from .inventory import load_inventory
 from .metrics import MetricsSource, build_registry
-from .model import Federation
+from .model import Backup, Federation
+from .recovery import recover_pair
+from .supervise import JobControl, stop_remote
 
 log = logging.getLogger("mutualbackup.daemon")
 
 GLOBAL_LIMIT = 8
 GRACE_SECONDS = 60.0
+MAINTENANCE_PER_HOST = 1
+MIN_JOB_TIMEOUT = 3600.0
+MAX_JOB_TIMEOUT = 48 * 3600.0
+ABORT_BUDGET = 20.0  # seconds of the grace period kept for aborting jobs cleanly
+
+
+def job_timeout(estimated_seconds: float) -> float:
+    """Per-job timeout: three times the estimate plus half an hour, within [1 h, 48 h]."""
+    return min(MAX_JOB_TIMEOUT, max(MIN_JOB_TIMEOUT, 3 * estimated_seconds + 1800))
+
+
+@dataclass
+class RunningJob:
+    kind: str  # backup, maintenance
+    source: str
+    target: str
+    reason: str
+    thread: threading.Thread | None = None
+    control: JobControl = field(default_factory=JobControl)
 
 
 class Daemon:
-    def __init__(self, ctx: Context, *, tick: float = 15.0, grace: float = GRACE_SECONDS, global_limit: int = GLOBAL_LIMIT):
+    """The scheduler. :meth:`step` is one tick at a given ``now``; :meth:`serve` loops until :attr:`stop`.
+
+    ``clock`` gives the times recorded in the history (tests pass a fake one,
+    together with ``now`` to :meth:`step`); ``timeout_for`` maps a job's
+    estimated duration to its timeout.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        tick: float = 15.0,
+        grace: float = GRACE_SECONDS,
+        global_limit: int = GLOBAL_LIMIT,
+        clock: Callable[[], float] = time.time,
+        timeout_for: Callable[[float], float] = job_timeout,
+        maintenance_enabled: bool = True,
+    ):
         self.ctx = ctx
         self.tick = tick
         self.grace = grace
         self.global_limit = global_limit
+        self.clock = clock
+        self.timeout_for = timeout_for
+        self.maintenance_enabled = maintenance_enabled
         self.stop = threading.Event()
-        self.pool = ThreadPoolExecutor(max_workers=global_limit, thread_name_prefix="job")
-        self.running: dict[tuple[str, str], Future[object]] = {}
+        self.wake = threading.Event()
+        self.running: dict[tuple[str, str], RunningJob] = {}
+        self._lock = threading.Lock()
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement)
         self._inventory_stamp = _stamp(ctx.federation.directory)
 
@@ -73,73 +131,253 @@ class Daemon:
 
     # --- scheduling -----------------------------------------------------------
 
-    def job_states(self) -> dict[tuple[str, str], schedule.JobState]:
-        history = self.ctx.history
+    def _placement(self) -> dict[str, tuple[str, ...]]:
+        fed = self.ctx.federation
+        return {
+            s: tuple(t for t in targets if _known(fed, t))
+            for s, targets in self.ctx.history.placement().items()
+            if _known(fed, s)
+        }
+
+    def job_states(self, summaries: dict[tuple[str, str], PairSummary] | None = None) -> dict[tuple[str, str], schedule.JobState]:
+        """What select_jobs needs per replica; any running job (backup or maintenance) occupies it."""
+        if summaries is None:
+            summaries = self.ctx.history.pair_summaries("backup")
         states = {}
-        for source, targets in history.placement().items():
+        for source, targets in self._placement().items():
             for target in targets:
-                success = history.last_run("backup", source, target, successful=True)
-                last = history.last_run("backup", source, target)
+                summary = summaries.get((source, target))
                 states[(source, target)] = schedule.JobState(
                     source=source,
                     target=target,
-                    last_success=_utc(success.started) if success else None,
-                    last_attempt=_utc(last.started) if last else None,
-                    consecutive_failures=history.consecutive_failures("backup", source, target),
+                    last_success=_utc(summary.last_success) if summary and summary.last_success else None,
+                    last_attempt=_utc(summary.last_attempt) if summary and summary.last_attempt else None,
+                    consecutive_failures=summary.failures if summary else 0,
                     running=(source, target) in self.running,
                 )
         return states
 
-    def step(self, now: dt.datetime) -> list[schedule.Job]:
-        """One tick: reap finished jobs, start the due ones. Returns the jobs started."""
-        for key, future in list(self.running.items()):
-            if future.done():
-                del self.running[key]
+    def reap(self) -> list[RunningJob]:
+        """Forget the jobs whose thread has ended; return them."""
+        with self._lock:
+            done = [job for job in self.running.values() if job.thread is not None and not job.thread.is_alive()]
+            for job in done:
+                del self.running[(job.source, job.target)]
+        return done
+
+    def step(self, now: dt.datetime) -> list[RunningJob]:
+        """One tick at ``now``: reap finished jobs, start the due ones. Returns the jobs started."""
+        self.reap()
+        if self.stop.is_set():
+            return []
         fed = self.ctx.federation
-        placement = {s: tuple(t for t in targets if _known(fed, t)) for s, targets in self.ctx.history.placement().items() if _known(fed, s)}
+        tz = ZoneInfo(fed.coordinator.timezone)
+        summaries = self.ctx.history.pair_summaries("backup")
+        states = self.job_states(summaries)
+        placement = self._placement()
         jobs = schedule.select_jobs(
-            fed, placement, self.job_states(), now, ZoneInfo(fed.coordinator.timezone),
+            fed, placement, states, now, tz,
             global_limit=self.global_limit, sizes=self.ctx.history.repository_sizes(), max_per_source=1,
         )
-        for job in jobs:
-            source, target = fed.node(job.source), fed.node(job.target)
-            self.running[(job.source, job.target)] = self.pool.submit(self._run_job, source, target)
-        return jobs
+        started = [self._start("backup", job.source, job.target, job.reason, job.estimated_seconds) for job in jobs]
+        if self.maintenance_enabled:
+            for source, target in self._due_maintenance(now, tz, placement, summaries):
+                started.append(self._start("maintenance", source, target, "check_every", 0.0))
+        return started
 
-    def _run_job(self, source, target) -> None:
+    def _due_maintenance(
+        self, now: dt.datetime, tz: ZoneInfo, placement: dict[str, tuple[str, ...]], backups: dict[tuple[str, str], PairSummary]
+    ) -> list[tuple[str, str]]:
+        """Replicas whose maintenance is due and fits the limits left, most overdue first."""
+        fed = self.ctx.federation
+        checks = self.ctx.history.pair_summaries("check")
+        stamp = now.timestamp()
+        candidates = []
+        for source, targets in placement.items():
+            backup = fed.node(source).backup
+            if backup is None or not self._window_closed(backup, tz, now):
+                continue
+            for target in targets:
+                due = maintenance.maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
+                if due is not None and due <= stamp:
+                    candidates.append((due, source, target))
+        busy_sources = {j.source for j in self.running.values()}
+        per_host = Counter(j.target for j in self.running.values())
+        maintaining = Counter(j.target for j in self.running.values() if j.kind == "maintenance")
+        total = len(self.running)
+        chosen = []
+        for _due, source, target in sorted(candidates):
+            storage = fed.node(target).storage
+            if total >= self.global_limit:
+                break
+            if storage is None:
+                continue
+            if (source, target) in self.running or source in busy_sources:
+                continue
+            if per_host[target] >= storage.max_concurrent or maintaining[target] >= MAINTENANCE_PER_HOST:
+                continue
+            chosen.append((source, target))
+            busy_sources.add(source)
+            per_host[target] += 1
+            maintaining[target] += 1
+            total += 1
+        return chosen
+
+    @staticmethod
+    def _window_closed(backup: Backup, tz: ZoneInfo, now: dt.datetime) -> bool:
+        """Maintenance leaves the backup window to backups (a source without a window: any time)."""
+        return backup.window is None or not schedule.in_window(backup, tz, now)
+
+    def next_wakeup(self, now: dt.datetime) -> dt.datetime | None:
+        """When something may become startable without a job ending (None: nothing scheduled)."""
+        fed = self.ctx.federation
+        tz = ZoneInfo(fed.coordinator.timezone)
+        placement = self._placement()
+        wake = schedule.next_wakeup(fed, placement, self.job_states(), now, tz)
+        if self.maintenance_enabled:
+            backups = self.ctx.history.pair_summaries("backup")
+            checks = self.ctx.history.pair_summaries("check")
+            for source, targets in placement.items():
+                backup = fed.node(source).backup
+                if backup is None:
+                    continue
+                for target in targets:
+                    if (source, target) in self.running:
+                        continue
+                    due = maintenance.maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
+                    if due is None:
+                        continue
+                    when = max(now, _utc(due))
+                    if not self._window_closed(backup, tz, when):
+                        occurrence = schedule.occurrence_containing(backup.window, tz, when) if backup.window else None
+                        if occurrence is None:
+                            continue
+                        when = occurrence.end
+                    if when > now and (wake is None or when < wake):
+                        wake = when
+        return wake
+
+    # --- jobs -------------------------------------------------------------------
+
+    def _start(self, kind: str, source: str, target: str, reason: str, estimate: float) -> RunningJob:
+        job = RunningJob(kind, source, target, reason)
+        job.thread = threading.Thread(
+            target=self._run_job, args=(job, estimate), name=f"{kind} {source}->{target}", daemon=True
+        )
+        with self._lock:
+            self.running[(source, target)] = job
+        log.debug("starting %s %s -> %s (%s)", kind, source, target, reason)
+        job.thread.start()
+        return job
+
+    def _run_job(self, job: RunningJob, estimate: float) -> None:
+        ctx = self.ctx
         try:
-            run_backup(self.ctx, source, target)
+            source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
+            if self._needs_recovery(job):
+                recovery = recover_pair(ctx, source, host, clock=self.clock)
+                if recovery.busy:
+                    run_id = ctx.history.start_run("backup" if job.kind == "backup" else "check", job.source, job.target,
+                                                   started=self.clock())
+                    ctx.history.finish_run(run_id, "failure", error=f"not started: {recovery.busy}", ended=self.clock())
+                    log.warning("%s %s -> %s not started: %s", job.kind, job.source, job.target, recovery.busy)
+                    return
+            if job.kind == "backup":
+                outcome = run_backup(ctx, source, host, timeout=self.timeout_for(estimate), clock=self.clock,
+                                     control=job.control)
+                if outcome.ok and not job.control.is_aborted:
+                    maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
+            else:
+                maintenance.maintain_replica(ctx, source, host, clock=self.clock, control=job.control)
         except Exception:  # a bug in one job must not stop the daemon
-            log.exception("backup of %s -> %s crashed", source.name, target.name)
+            log.exception("%s job %s -> %s crashed", job.kind, job.source, job.target)
+        finally:
+            self.wake.set()
+
+    def _needs_recovery(self, job: RunningJob) -> bool:
+        """True when the replica's last run was interrupted or failed: it may have left a borg or a lock."""
+        last = self.ctx.history.runs(source=job.source, target=job.target, limit=1)
+        return bool(last) and last[0].result in ("interrupted", "failure")
 
     # --- main loop ------------------------------------------------------------
 
+    def now(self) -> dt.datetime:
+        return _utc(self.clock())
+
     def serve(self) -> int:
+        """Tick until :attr:`stop` is set, then :meth:`shutdown`; returns the exit code (0)."""
         while not self.stop.is_set():
+            delay = self.tick
+            self.wake.clear()
             try:
                 self.reload_if_changed()
-                self.step(dt.datetime.now(dt.timezone.utc))
+                now = self.now()
+                self.step(now)
+                wake = self.next_wakeup(now)
+                if wake is not None:
+                    delay = min(delay, max(0.05, (wake - now).total_seconds()))
             except Exception:
                 log.exception("scheduler tick failed; trying again next tick")
-            self.stop.wait(self.tick)
+            self.wake.wait(delay)
         return self.shutdown()
 
     def shutdown(self) -> int:
-        pending = [f for f in self.running.values() if not f.done()]
+        """Let running jobs finish within the grace period, abort the rest cleanly; returns 0."""
+        start = time.monotonic()
+        deadline = start + self.grace
+        abort_at = deadline - min(ABORT_BUDGET, self.grace / 3)
+        pending = self._alive_jobs()
         if pending:
-            log.info("stopping: waiting up to %.0fs for %d running job(s)", self.grace, len(pending))
-        deadline = time.monotonic() + self.grace
-        for future in pending:
-            _wait(future, deadline)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        left = [k for k, f in self.running.items() if not f.done()]
+            log.info("stopping: waiting up to %.0fs for %d running job(s)", abort_at - start, len(pending))
+        self._join(pending, abort_at)
+        left = self._alive_jobs()
         if left:
-            log.warning("grace period over; abandoning %d job(s): %s", len(left), ", ".join(f"{s}->{t}" for s, t in left))
-            for s, t in left:
-                for run in self.ctx.history.runs(kind="backup", source=s, target=t, result="running"):
-                    self.ctx.history.finish_run(run.id, "interrupted", error="aborted: the daemon was stopped")
+            log.warning("grace period over; aborting %d job(s): %s", len(left),
+                        ", ".join(f"{j.kind} {j.source}->{j.target}" for j in left))
+            budget = max(1.0, deadline - time.monotonic() - 1.0)
+            for job in left:
+                job.control.abort("the daemon was stopped (SIGTERM) and the grace period ran out")
+                threading.Thread(target=self._stop_remote, args=(job, budget), daemon=True).start()
+            self._join(left, deadline - 0.5)
+            for job in self._alive_jobs():
+                job.control.close_transports()
+            self._join(left, deadline)
+        for run in self.ctx.history.interrupt_own_runs("aborted: the daemon was stopped before this run ended",
+                                                       now=self.clock()):
+            log.warning("run %d (%s %s -> %s) marked interrupted", run.id, run.kind, run.source, run.target)
         log.info("daemon stopped")
         return 0
+
+    def _alive_jobs(self) -> list[RunningJob]:
+        with self._lock:
+            return [j for j in self.running.values() if j.thread is not None and j.thread.is_alive()]
+
+    @staticmethod
+    def _join(jobs: list[RunningJob], deadline: float) -> None:
+        for job in jobs:
+            if job.thread is not None:
+                job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _stop_remote(self, job: RunningJob, budget: float) -> None:
+        """Stop the job's supervised command through a new connection: SIGINT, then SIGTERM."""
+        current = job.control.current
+        if current is None:
+            job.control.close_transports()
+            return
+        node, pidfile = current
+        int_seconds = max(1, int(budget * 0.6))
+        term_seconds = max(1, int(budget * 0.3))
+        try:
+            transport = self.ctx.connect(node)
+            try:
+                result = stop_remote(transport, pidfile, int_seconds=int_seconds, term_seconds=term_seconds)
+            finally:
+                transport.close()
+            log.info("aborted %s %s -> %s on %s: %s", job.kind, job.source, job.target, node.name,
+                     result.stdout.decode("utf-8", "replace").strip() or result.stderr_tail(2))
+        except Exception as exc:  # the transport is closed below anyway
+            log.warning("cannot abort %s %s -> %s on %s cleanly: %s", job.kind, job.source, job.target, node.name, exc)
+            job.control.close_transports()
 
 
 def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
@@ -149,17 +387,19 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     require_placeable(federation, ctx.placement)
     for run in history.mark_interrupted():
         log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
-    daemon = Daemon(ctx, tick=args.tick)
+    daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
     address, port = federation.coordinator.metrics_address
     try:
         server, _thread = start_http_server(port, addr=address, registry=build_registry(daemon.metrics))
     except OSError as exc:
         raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
-    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics", len(federation.sources()), address, port)
+    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
+             len(federation.sources()), address, port, daemon.grace)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)
         daemon.stop.set()
+        daemon.wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -167,14 +407,6 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
         return daemon.serve()
     finally:
         server.shutdown()
-
-
-def _wait(future: Future[object], deadline: float) -> None:
-    """Wait for ``future`` until ``deadline`` (monotonic); its outcome is already recorded."""
-    try:
-        future.result(timeout=max(0.0, deadline - time.monotonic()))
-    except Exception:
-        pass
 
 
 def _stamp(directory: str) -> tuple[tuple[str, float], ...]:
@@ -193,3 +425,4 @@ def _known(federation: Federation, name: str) -> bool:
 
 def _utc(timestamp: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+

@@ -107,6 +107,17 @@ class Run:
         return None if self.ended is None else self.ended - self.started
 
 
+@dataclass(frozen=True)
+class PairSummary:
+    """Runs of one kind for one source x target, as the scheduler sees them (epoch seconds)."""
+
+    last_success: float | None
+    first_success: float | None
+    last_attempt: float | None  # the last finished run that was not interrupted
+    last_success_end: float | None
+    failures: int  # failed runs since the last success (interrupted ones not counted)
+
+
 class History:
     """One SQLite file; safe to share between the daemon's threads."""
 
@@ -311,6 +322,56 @@ class History:
 
     def alerts(self, limit: int = 50) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM alerts ORDER BY at DESC LIMIT ?", (limit,))
+
+    # --- scheduling and maintenance (the daemon) ---------------------------
+
+    def pair_summaries(self, kind: str) -> dict[tuple[str, str], PairSummary]:
+        """Per source x target, what the scheduler needs about runs of ``kind``, in two queries.
+
+        Interrupted runs (the coordinator was stopped or killed) are not attempts:
+        they neither count as failures nor delay the next attempt.
+        """
+        rows = self._query(
+            """SELECT source, target,
+                   MAX(CASE WHEN result IN ('success', 'warning') THEN started END) AS last_success,
+                   MIN(CASE WHEN result IN ('success', 'warning') THEN started END) AS first_success,
+                   MAX(CASE WHEN result IN ('success', 'warning', 'failure') THEN started END) AS last_attempt,
+                   MAX(CASE WHEN result IN ('success', 'warning') THEN ended END) AS last_success_end
+               FROM runs WHERE kind = ? GROUP BY source, target""",
+            (kind,),
+        )
+        failures = {
+            (r["source"], r["target"]): int(r["n"])
+            for r in self._query(
+                """SELECT source, target, COUNT(*) AS n FROM runs r WHERE kind = ? AND result = 'failure'
+                   AND started > COALESCE((SELECT MAX(started) FROM runs WHERE kind = r.kind AND source = r.source
+                        AND target = r.target AND result IN ('success', 'warning')), 0)
+                   GROUP BY source, target""",
+                (kind,),
+            )
+        }
+        return {
+            (r["source"], r["target"]): PairSummary(
+                last_success=r["last_success"], first_success=r["first_success"], last_attempt=r["last_attempt"],
+                last_success_end=r["last_success_end"], failures=failures.get((r["source"], r["target"]), 0),
+            )
+            for r in rows
+        }
+
+    def interrupt_own_runs(self, message: str, *, now: float | None = None) -> list[Run]:
+        """Mark the runs this process left ``running`` as ``interrupted`` with ``message``; return them."""
+        mine = [run for run in self.runs(result="running") if run.pid == os.getpid()]
+        with self._tx() as db:
+            for run in mine:
+                db.execute(
+                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ? WHERE id = ? AND result = 'running'",
+                    (now or time.time(), message, run.id),
+                )
+        return mine
+
+    def run_by_id(self, run_id: int) -> Run | None:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return Run(**dict(rows[0])) if rows else None
 
 
 def _pid_alive(pid: int | None) -> bool:

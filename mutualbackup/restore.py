@@ -360,6 +360,10 @@ class _HostUnusable(Exception):
     """This replica could not be used, and nothing was written yet: try the next one."""
 
 
+class _RecordedFailure(OperationFailed):
+    """A failed restore already recorded in the history."""
+
+
 def _restore_from(
     ctx: Context,
     transport: Transport,
@@ -385,26 +389,38 @@ def _restore_from(
     anything was written passes the turn to the next replica.
     """
     errors: list[str] = []
-    for host in hosts:
-        path = repository_path(host)
-        url = repository_url(host, path)
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(access.grant(host, path))
-            except TransportError as exc:
-                errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
-                continue
-            chosen = archive
-            if archive is None or recovery is not None:
-                chosen, error = _pick_archive(transport, access, destination, host, url, archive, recovery, source)
-                if chosen is None:
-                    errors.append(error)
+    tried = ""
+    try:
+        for host in hosts:
+            tried = host.name
+            path = repository_path(host)
+            url = repository_url(host, path)
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(access.grant(host, path))
+                except TransportError as exc:
+                    errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
                     continue
-            try:
-                return _extract(ctx, transport, access, source, destination, directory, host, url, chosen, paths,
-                                dry_run, detail, on_progress, on_line)
-            except _HostUnusable as exc:
-                errors.append(str(exc))
+                chosen = archive
+                if archive is None or recovery is not None:
+                    chosen, error = _pick_archive(transport, access, destination, host, url, archive, recovery, source)
+                    if chosen is None:
+                        errors.append(error)
+                        continue
+                try:
+                    return _extract(ctx, transport, access, source, destination, directory, host, url, chosen, paths,
+                                    dry_run, detail, on_progress, on_line)
+                except _HostUnusable as exc:
+                    errors.append(str(exc))
+    except (_RecordedFailure, UsageError):
+        raise
+    except MutualBackupError as exc:
+        run_id = ctx.history.start_run("restore", source, tried)
+        ctx.history.finish_run(run_id, "failure", error=str(exc), detail=detail)
+        raise OperationFailed(
+            f"restore of {source} into {destination.name}:{directory} failed: {exc}\n"
+            f"Run it again once {destination.name} is reachable (add --force if something was written)."
+        ) from None
     run_id = ctx.history.start_run("restore", source, "")
     message = f"no replica of {source} could be used:\n" + "\n".join(errors)
     ctx.history.finish_run(run_id, "failure", error=message, detail=detail)
@@ -471,7 +487,7 @@ def _extract(
         )
     except MutualBackupError as exc:
         ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=detail)
-        raise OperationFailed(
+        raise _RecordedFailure(
             f"restore of {source} from {host.name} into {destination.name}:{directory} was cut off: {exc}\n"
             f"{progress.files} item(s) were written before; run the restore again with --force once {destination.name} is back"
         ) from None
@@ -486,7 +502,7 @@ def _extract(
         error = f"borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{progress.tail()}".strip()
         ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail,
                                nfiles=progress.files, original_bytes=progress.bytes_done)
-        raise OperationFailed(f"restore of {source} from {host.name} into {destination.name}:{directory} failed: {error}")
+        raise _RecordedFailure(f"restore of {source} from {host.name} into {destination.name}:{directory} failed: {error}")
     warnings = tuple(progress.messages) if verdict == "warning" else ()
     ctx.history.finish_run(
         run_id, verdict, exit_code=result.exit_code, archive=archive, detail=detail, nfiles=progress.files,
@@ -512,3 +528,58 @@ def _prepare_target(transport: Transport, directory: str, force: bool) -> None:
             raise UsageError(
                 f"{transport.node_name}:{directory} is not empty; restore into a new directory, or add --force to write over it"
             )
+
+
+# --- for the command line --------------------------------------------------------------
+
+
+def requested_by() -> str:
+    """Who runs this command, for the history: ``user@host`` (and the sudo caller, if any)."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    who = f"{user}@{socket.gethostname()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{who} (sudo by {sudo})" if sudo and sudo != user else who
+
+
+def format_progress(progress: ExtractProgress, seconds: float) -> str:
+    """One progress line: items, bytes (of the total), rate."""
+    from .units import format_size
+
+    rate = progress.bytes_done / seconds if seconds > 0 else 0.0
+    total = f" of {format_size(progress.bytes_total)}" if progress.bytes_total else ""
+    return f"{progress.files} item(s)  {format_size(progress.bytes_done)}{total}  {format_size(int(rate))}/s"
+
+
+class TerminalProgress:
+    """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses."""
+
+    def __init__(self, stream, clock: Callable[[], float] = time.monotonic) -> None:  # noqa: ANN001
+        self.stream = stream
+        self.clock = clock
+        self.started = clock()
+        self.shown = 0.0
+        self.width = 0
+
+    def __call__(self, progress: ExtractProgress) -> None:
+        now = self.clock()
+        if now - self.shown < 0.2:
+            return
+        self.shown = now
+        self._write(format_progress(progress, now - self.started))
+
+    def _write(self, text: str) -> None:
+        self.stream.write("\r" + text.ljust(self.width))
+        self.width = len(text)
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()

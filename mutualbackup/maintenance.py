@@ -1,0 +1,421 @@
+"""Keeping repositories healthy: prune, check, and compaction guarded by promise 3.
+
+Per source x replica:
+
+- **prune** (after each successful backup, from the source, through its
+  append-only key): ``borg list`` before, ``borg prune`` with the source's
+  ``retention``, ``borg list`` after. Every archive seen is recorded in the
+  history; those that disappeared *and* that :func:`retention.plan_prune`
+  deletes are marked pruned by the coordinator. Any other disappearance is an
+  alert, and stays unexplained (so compaction will refuse).
+- **check** (every ``check_every``, and ``mutualbackup verify``):
+  ``repo-check`` on the host, as its user, without any key
+  (``borg check --repository-only`` and the repository's last-write time, so
+  a host that lost data is noticed even when the source is down), then
+  ``check`` from the source (``borg check --archives-only``); the ``check``
+  run succeeds only when both did.
+- **compact** (after a successful check): the guard of SPEC promise 3 first --
+  every archive the coordinator recorded and did not prune must still be
+  listed, and the repository's live size must not have shrunk since the
+  coordinator last wrote to it. Otherwise: refuse, alert, keep everything.
+  Then ``borg compact`` on the host, only when the coordinator pruned
+  something since the last compaction; the freed volume is recorded.
+
+Every step is a run in the history (kinds ``prune``, ``repo-check``,
+``check``, ``compact``) and a log line at its start and end. Nothing here
+raises for a failed step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+from . import borg
+from .context import Context
+from .errors import MutualBackupError, TransportError
+from .history import PairSummary, Run
+from .model import Backup, Node
+from .retention import plan_prune
+from .schedule import retry_delay
+from .supervise import JobControl, pidfile_path, run_supervised
+from .transport import Result, Transport, expand_home
+
+log = logging.getLogger("mutualbackup.maintenance")
+
+LIST_TIMEOUT = 900
+PRUNE_TIMEOUT = 4 * 3600
+CHECK_TIMEOUT = 24 * 3600
+COMPACT_TIMEOUT = 12 * 3600
+WRITE_CLOCK_SKEW = 3600  # seconds of clock difference tolerated between the coordinator and a host
+SHRINK_TOLERANCE = (1024**2, 0.01)  # bytes, fraction: a smaller live size is "shrunk"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    kind: str  # prune, repo-check, check, compact
+    source: str
+    target: str
+    result: str  # success, warning, failure, interrupted
+    duration: float
+    error: str | None = None
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("success", "warning")
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Step:
+    """One recorded run: started at construction, finished by :meth:`succeed` or :meth:`fail`."""
+
+    def __init__(self, ctx: Context, kind: str, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None):
+        self.ctx, self.kind, self.source, self.host, self.clock, self.control = ctx, kind, source, host, clock, control
+        self.started = clock()
+        self.run_id = ctx.history.start_run(kind, source.name, host.name, started=self.started)
+        log.info("%-7s start  %s -> %s", kind, source.name, host.name)
+
+    def succeed(self, detail: Mapping[str, object] | None = None, *, repository_bytes: int | None = None) -> StepOutcome:
+        ended = self.clock()
+        self.ctx.history.finish_run(self.run_id, "success", exit_code=0, ended=ended, detail=detail,
+                                    repository_bytes=repository_bytes)
+        log.info("%-7s end    %s -> %s  success  %.1fs", self.kind, self.source.name, self.host.name, ended - self.started)
+        return StepOutcome(self.kind, self.source.name, self.host.name, "success", ended - self.started, None, detail or {})
+
+    def fail(self, error: str, exit_code: int | None = None, detail: Mapping[str, object] | None = None) -> StepOutcome:
+        ended = self.clock()
+        result = "interrupted" if self.control is not None and self.control.is_aborted else "failure"
+        self.ctx.history.finish_run(self.run_id, result, exit_code=exit_code, error=error, ended=ended, detail=detail)
+        log.warning("%-7s end    %s -> %s  %s  %.1fs: %s", self.kind, self.source.name, self.host.name, result,
+                    ended - self.started, error.splitlines()[0] if error else "")
+        return StepOutcome(self.kind, self.source.name, self.host.name, result, ended - self.started, error, detail or {})
+
+    def guarded(self, body: Callable[[], StepOutcome]) -> StepOutcome:
+        """Run ``body``; a failure of any kind becomes a recorded failed run."""
+        try:
+            return body()
+        except _Failed as exc:
+            return self.fail(str(exc), exc.exit_code)
+        except (MutualBackupError, ValueError) as exc:
+            return self.fail(str(exc))
+        except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
+            log.exception("%s of %s -> %s crashed", self.kind, self.source.name, self.host.name)
+            return self.fail(f"internal error: {exc!r}")
+
+
+@contextmanager
+def _session(ctx: Context, node: Node, control: JobControl | None) -> Iterator[Transport]:
+    transport = ctx.connect(node)
+    if control is not None:
+        control.attach(transport)
+    try:
+        yield transport
+    finally:
+        if control is not None:
+            control.detach(transport)
+        transport.close()
+
+
+def _aborted(control: JobControl | None) -> None:
+    if control is not None and control.is_aborted:
+        raise _Failed(f"aborted: {control.reason}")
+
+
+def _borg_ok(result: Result, what: str) -> None:
+    verdict = borg.classify_exit(result.exit_code)
+    if verdict not in ("success", "warning"):
+        raise _Failed(f"{what} exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail()}".strip(),
+                      result.exit_code)
+
+
+def _list(transport: Transport, source: Node, url: str, env: Mapping[str, str]) -> list[borg.ArchiveEntry]:
+    result = transport.run(borg.list_argv(source.borg, url), env=env, timeout=LIST_TIMEOUT)
+    _borg_ok(result, "borg list")
+    return borg.parse_list_json(result.stdout)
+
+
+def _live_bytes(transport: Transport, source: Node, url: str, env: Mapping[str, str]) -> int | None:
+    """The repository's live size (``borg info``), or None when borg cannot tell."""
+    result = transport.run(borg.info_argv(source.borg, url), env=env, timeout=LIST_TIMEOUT)
+    if borg.classify_exit(result.exit_code) not in ("success", "warning"):
+        return None
+    try:
+        return borg.parse_info_repository_bytes(result.stdout)
+    except (ValueError, KeyError):
+        return None
+
+
+# --- prune --------------------------------------------------------------------------
+
+
+def prune_replica(
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
+) -> StepOutcome:
+    """``borg prune`` of ``source``'s repository on ``host`` with its retention; see the module notes."""
+    assert source.backup is not None
+    step = _Step(ctx, "prune", source, host, clock, control)
+
+    def body() -> StepOutcome:
+        assert source.backup is not None
+        url = borg.repository_url(source, host)
+        with _session(ctx, source, control) as transport:
+            paths = ctx.source_paths(transport, source)
+            env = borg.client_env(paths)
+            before = _list(transport, source, url, env)
+            ctx.history.record_archives(
+                source.name, host.name, [(a.name, a.time.timestamp()) for a in before if not borg.is_checkpoint(a.name)], now=clock()
+            )
+            plan = plan_prune([a for a in before if a.name.startswith(f"{source.slug}-")], source.backup.retention)
+            _aborted(control)
+            result = run_supervised(
+                transport, source, pidfile_path(paths.workdir, host.name), step.run_id,
+                borg.prune_argv(source.borg, url, source.backup.retention, borg.archive_glob(source)),
+                env=env, timeout=PRUNE_TIMEOUT, control=control,
+            )
+            _aborted(control)
+            _borg_ok(result, "borg prune")
+            after = {a.name for a in _list(transport, source, url, env)}
+            removed = {a.name for a in before} - after
+            explained = sorted(removed & set(plan.delete))
+            unexplained = sorted(plan.explains(removed))
+            ctx.history.mark_pruned(source.name, host.name, explained, now=clock())
+            size = _live_bytes(transport, source, url, env)
+        detail = {"pruned": explained, "kept": sorted(plan.keep)}
+        if unexplained:
+            message = (
+                f"borg prune removed {len(unexplained)} archive(s) that the retention policy keeps: {', '.join(unexplained)}. "
+                f"They are not marked as pruned, so compaction of {source.name} on {host.name} will refuse until this is "
+                "explained; the data is still there (append-only)."
+            )
+            ctx.history.add_alert(source.name, host.name, "prune-unexplained", message, now=clock())
+            return step.fail(message, detail=detail)
+        return step.succeed(detail, repository_bytes=size)
+
+    return step.guarded(body)
+
+
+# --- check ----------------------------------------------------------------------------
+
+
+def check_replica(
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
+) -> list[StepOutcome]:
+    """``repo-check`` on the host (no key), then ``check`` of the archives from the source."""
+    repository = _repository_check(ctx, source, host, clock, control)
+    step = _Step(ctx, "check", source, host, clock, control)
+    if not repository.ok:
+        return [repository, step.fail(f"not checked further: the repository check on {host.name} failed:\n{repository.error}")]
+
+    def body() -> StepOutcome:
+        url = borg.repository_url(source, host)
+        try:
+            with _session(ctx, source, control) as transport:
+                paths = ctx.source_paths(transport, source)
+                result = run_supervised(
+                    transport, source, pidfile_path(paths.workdir, host.name), step.run_id,
+                    borg.check_argv(source.borg, url, archives_only=True),
+                    env=borg.client_env(paths), timeout=CHECK_TIMEOUT, control=control,
+                )
+        except TransportError as exc:
+            raise _Failed(f"cannot reach {source.name} to check the archives (the repository check on {host.name} "
+                          f"passed): {exc}") from None
+        _aborted(control)
+        _borg_ok(result, "borg check --archives-only")
+        return step.succeed({"repository": "ok", "archives": "ok"})
+
+    return [repository, step.guarded(body)]
+
+
+def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> StepOutcome:
+    step = _Step(ctx, "repo-check", source, host, clock, control)
+
+    def body() -> StepOutcome:
+        path = borg.repository_path(source, host)
+        with _session(ctx, host, control) as transport:
+            workdir = expand_home(host.workdir, transport.home())
+            facts = _facts(transport, host, path)
+            result = run_supervised(
+                transport, host, pidfile_path(workdir, source.name), step.run_id,
+                borg.check_argv(host.borg, path, repository_only=True),
+                env=borg.host_env(workdir), timeout=CHECK_TIMEOUT, control=control,
+            )
+        _aborted(control)
+        _borg_ok(result, f"borg check --repository-only on {host.name}")
+        detail = {"segments": facts.segments, "bytes": facts.bytes, "last_write": facts.last_write}
+        last = ctx.history.last_run("backup", source.name, host.name, successful=True)
+        if last is not None and last.ended is not None and (facts.last_write or 0) < last.ended - WRITE_CLOCK_SKEW:
+            raise _Failed(
+                f"{host.name} may have lost data: the repository {path} was last written at "
+                f"{_iso(facts.last_write)}, but a backup into it succeeded at {_iso(last.ended)}. "
+                "Was the host restored from an older snapshot? Check with its operators before compacting anything."
+            )
+        return step.succeed(detail)
+
+    return step.guarded(body)
+
+
+def _facts(transport: Transport, host: Node, path: str) -> borg.RepositoryFacts:
+    result = transport.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
+    if result.exit_code == borg.REPOSITORY_MISSING:
+        raise _Failed(f"the repository {path} is missing on {host.name}: the host lost it, or it was moved. "
+                      "Run `mutualbackup apply` to create an empty one (the history in it is gone).")
+    if result.exit_code == borg.REPOSITORY_NOT_BORG:
+        raise _Failed(f"{path} on {host.name} holds no borg repository (no config or data/): it was damaged or replaced")
+    if not result.ok:
+        raise _Failed(f"cannot read the repository {path} on {host.name} (exit {result.exit_code}): {result.stderr_tail(5)}")
+    return borg.parse_repository_facts(result.stdout)
+
+
+def _iso(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+# --- compact --------------------------------------------------------------------------
+
+
+def compact_replica(
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time,
+    control: JobControl | None = None, force: bool = False,
+) -> StepOutcome:
+    """Check that every deletion is the coordinator's own, then ``borg compact`` on the host.
+
+    Compacts only when the coordinator pruned something since the last
+    compaction (or ``force``). Refuses, alerts and keeps everything otherwise.
+    """
+    step = _Step(ctx, "compact", source, host, clock, control)
+
+    def body() -> StepOutcome:
+        url = borg.repository_url(source, host)
+        try:
+            with _session(ctx, source, control) as transport:
+                env = borg.client_env(ctx.source_paths(transport, source))
+                present = _list(transport, source, url, env)
+                live = _live_bytes(transport, source, url, env)
+        except TransportError as exc:
+            raise _Failed(f"skipped: cannot reach {source.name} to list its archives, and compaction only runs after "
+                          f"that check: {exc}") from None
+        names = {a.name for a in present}
+        known = ctx.history.known_archives(source.name, host.name)
+        vanished = sorted(name for name, (_created, pruned) in known.items() if pruned is None and name not in names)
+        ctx.history.record_archives(
+            source.name, host.name, [(a.name, a.time.timestamp()) for a in present if not borg.is_checkpoint(a.name)], now=clock()
+        )
+        baseline = _baseline_bytes(ctx.history.runs(source=source.name, target=host.name, limit=50))
+        problems = _guard_problems(vanished, baseline, live)
+        if problems:
+            message = _refusal(source, host, problems, vanished)
+            ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
+            return step.fail(message, detail={"compacted": False, "vanished": vanished, "baseline_bytes": baseline,
+                                              "live_bytes": live})
+        pruned = _pruned_since_compaction(ctx, source, host, known)
+        if not pruned and not force:
+            return step.succeed({"compacted": False, "reason": "nothing pruned since the last compaction", "live_bytes": live})
+        _aborted(control)
+        path = borg.repository_path(source, host)
+        with _session(ctx, host, control) as transport:
+            workdir = expand_home(host.workdir, transport.home())
+            before = _facts(transport, host, path)
+            result = run_supervised(transport, host, pidfile_path(workdir, source.name), step.run_id,
+                                    borg.compact_argv(host.borg, path), env=borg.host_env(workdir),
+                                    timeout=COMPACT_TIMEOUT, control=control)
+            _aborted(control)
+            _borg_ok(result, f"borg compact on {host.name}")
+            after = _facts(transport, host, path)
+        return step.succeed({"compacted": True, "pruned": pruned, "freed_bytes": before.bytes - after.bytes,
+                             "bytes_before": before.bytes, "bytes_after": after.bytes, "live_bytes": live})
+
+    return step.guarded(body)
+
+
+def _guard_problems(vanished: Sequence[str], baseline: int | None, live: int | None) -> list[str]:
+    """What promise 3 forbids compacting over (pure): missing archives, a shrunk live size."""
+    problems = []
+    if vanished:
+        problems.append(f"{len(vanished)} archive(s) that the coordinator recorded and never pruned are gone: {', '.join(vanished)}")
+    if baseline is not None and live is not None:
+        floor = baseline - max(SHRINK_TOLERANCE[0], int(baseline * SHRINK_TOLERANCE[1]))
+        if live < floor:
+            problems.append(
+                f"the repository's live data shrank from {baseline} to {live} bytes since the coordinator last wrote to it, "
+                "without a deletion of its own"
+            )
+    return problems
+
+
+def _refusal(source: Node, host: Node, problems: Sequence[str], vanished: Sequence[str]) -> str:
+    path = borg.repository_path(source, host)
+    return (
+        f"compaction of {source.name} on {host.name} refused; nothing was compacted, so the deleted data is still on disk.\n"
+        + "\n".join(f"- {p}" for p in problems)
+        + f"\nSomeone with {source.name}'s key deleted or rewrote archives, or the repository was rolled back. "
+        f"To recover: on {host.name}, with backups of {source.name} paused, roll {path} back to the last transaction "
+        "before the deletion (borg documentation, \"Append-only mode\": remove the newer segments and index files), "
+        f"then run `mutualbackup verify {source.name}`. Compaction stays refused until the archives are back."
+    )
+
+
+def _baseline_bytes(runs: Sequence[Run]) -> int | None:
+    """The live size measured after the coordinator's last write (backup or prune); None when unknown."""
+    for run in runs:  # newest first
+        if run.kind in ("backup", "prune") and run.succeeded:
+            return run.repository_bytes
+    return None
+
+
+def _pruned_since_compaction(ctx: Context, source: Node, host: Node, known: Mapping[str, tuple[float, float | None]]) -> list[str]:
+    since = 0.0
+    for run in ctx.history.runs(kind="compact", source=source.name, target=host.name, result="success"):
+        if run.detail and json.loads(run.detail).get("compacted"):
+            since = run.started
+            break
+    return sorted(name for name, (_created, pruned) in known.items() if pruned is not None and pruned >= since)
+
+
+# --- the maintenance job, verify, and when it is due -----------------------------------
+
+
+def maintain_replica(
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
+) -> list[StepOutcome]:
+    """The daemon's periodic job: check, then (when the check passed) guarded compaction."""
+    outcomes = check_replica(ctx, source, host, clock=clock, control=control)
+    if all(o.ok for o in outcomes) and not (control is not None and control.is_aborted):
+        outcomes.append(compact_replica(ctx, source, host, clock=clock, control=control))
+    return outcomes
+
+
+def verify(ctx: Context, sources: Sequence[Node], *, clock: Callable[[], float] = time.time) -> list[StepOutcome]:
+    """``mutualbackup verify``: :func:`check_replica` of every replica of ``sources``."""
+    outcomes: list[StepOutcome] = []
+    for source in sources:
+        for target in ctx.replicas_of(source.name):
+            outcomes += check_replica(ctx, source, ctx.node(target), clock=clock)
+    return outcomes
+
+
+def maintenance_due(backup: Backup, backups: PairSummary | None, checks: PairSummary | None) -> float | None:
+    """When the next maintenance job of one replica is due (epoch), or None before its first backup.
+
+    ``check_every`` after the last successful check (after the first successful
+    backup when never checked); after failed checks, no earlier than the retry
+    back-off of :func:`schedule.retry_delay`.
+    """
+    if backups is None or backups.first_success is None:
+        return None
+    base = checks.last_success if checks is not None and checks.last_success is not None else backups.first_success
+    due = base + backup.check_every
+    if checks is not None and checks.failures and checks.last_attempt is not None:
+        due = max(due, checks.last_attempt + retry_delay(checks.failures))
+    return due

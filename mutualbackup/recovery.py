@@ -1,0 +1,167 @@
+"""Clean up after a run that did not end well, before the next job of the same replica.
+
+A coordinator killed with ``kill -9``, a host that rebooted, a connection that
+dropped: each can leave behind
+
+- a supervised command still running on the source or the host (the
+  :mod:`supervise` wrapper stops it when the session goes, but a source that
+  was unreachable at that moment may still run it), and
+- a borg lock in the repository (``lock.exclusive/``, ``lock.roster``) whose
+  holder (a ``borg serve`` or ``borg check`` on the host) was killed.
+
+:func:`recover_pair` stops a leftover command only when the run that started
+it is not running in a live coordinator process, and breaks a repository lock
+only when it is certain that no borg holds it: every holder is a process of the
+host itself (same host name) and none of those pids is alive there. Otherwise
+it leaves things alone and says why. :func:`judge_lock` is the pure decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import borg
+from .context import Context
+from .errors import MutualBackupError
+from .model import Node
+from .supervise import parse_pidfile, pidfile_path, stop_remote
+from .transport import Transport, expand_home
+
+log = logging.getLogger("mutualbackup.recovery")
+
+
+@dataclass(frozen=True)
+class LockVerdict:
+    stale: bool
+    reason: str
+
+
+def judge_lock(hostname: str, holders: Iterable[borg.LockHolder], alive_pids: set[int]) -> LockVerdict:
+    """Whether a repository lock on host ``hostname`` may be broken.
+
+    ``holders`` come from the lock files; ``alive_pids`` are those of the
+    holders' pids that are alive on the host. Stale only when there is at
+    least one holder, every holder was written on this host, and no holder's
+    pid is alive.
+    """
+    holders = list(holders)
+    if not holders:
+        return LockVerdict(False, "not locked")
+    foreign = sorted({h.host for h in holders if h.hostname != hostname})
+    if foreign:
+        return LockVerdict(False, f"locked by borg on another machine ({', '.join(foreign)}): cannot tell whether it still runs")
+    live = sorted({h.pid for h in holders if h.pid in alive_pids})
+    if live:
+        return LockVerdict(False, f"locked by live process(es) {', '.join(map(str, live))} on {hostname}")
+    gone = ", ".join(str(pid) for pid in sorted({h.pid for h in holders}))
+    return LockVerdict(True, f"left by process(es) {gone} of {hostname}, which no longer exist")
+
+
+@dataclass
+class Recovery:
+    notes: list[str] = field(default_factory=list)
+    busy: str | None = None  # set when another live coordinator process still runs this job
+
+
+def recover_pair(ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time) -> Recovery:
+    """Stop leftovers of dead runs of ``source`` x ``host`` and break a stale repository lock.
+
+    Never raises for an unreachable node or a failed command: what could not be
+    done is in the notes (the job that follows will fail and be retried).
+    """
+    recovery = Recovery()
+    for node, peer in ((source, host.name), (host, source.name)):
+        try:
+            _stop_leftover(ctx, node, peer, recovery)
+        except MutualBackupError as exc:
+            recovery.notes.append(f"{node.name}: cannot look for leftover commands: {exc}")
+        if recovery.busy:
+            return recovery
+    try:
+        _break_stale_lock(ctx, source, host, recovery, clock)
+    except (MutualBackupError, ValueError) as exc:
+        recovery.notes.append(f"{host.name}: cannot inspect the repository lock: {exc}")
+    for note in recovery.notes:
+        log.warning("recovery %s -> %s: %s", source.name, host.name, note)
+    return recovery
+
+
+def _stop_leftover(ctx: Context, node: Node, peer: str, recovery: Recovery) -> None:
+    transport = ctx.connect(node)
+    try:
+        pidfile = pidfile_path(expand_home(node.workdir, transport.home()), peer)
+        data = transport.read_file(pidfile)
+        if data is None:
+            return
+        info = parse_pidfile(data)
+        owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
+        if owner is not None and owner.result == "running" and _alive(owner.pid):
+            recovery.busy = (
+                f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} (pid {info.pid if info else '?'})"
+            )
+            return
+        result = stop_remote(transport, pidfile, int_seconds=30, term_seconds=10)
+        said = result.stdout.decode("utf-8", "replace").strip()
+        if result.ok and said != "not running":
+            what = f"run {info.run_id}" if info and info.run_id is not None else "an unknown run"
+            recovery.notes.append(f"{node.name}: stopped a leftover command of {what} (pid {info.pid if info else '?'}): {said}")
+        elif not result.ok:
+            recovery.notes.append(f"{node.name}: a leftover command does not stop: {said or result.stderr_tail(3)}")
+    finally:
+        transport.close()
+
+
+def _break_stale_lock(ctx: Context, source: Node, host: Node, recovery: Recovery, clock: Callable[[], float]) -> None:
+    path = borg.repository_path(source, host)
+    transport = ctx.connect(host)
+    try:
+        listing = transport.run(borg.lock_listing_argv(path), timeout=60)
+        if listing.exit_code == 3:
+            recovery.notes.append(f"{host.name}: the repository {path} does not exist")
+            return
+        if not listing.ok:
+            raise ValueError(f"lock listing exited {listing.exit_code}: {listing.stderr_tail(3)}")
+        hostname, holders = borg.parse_lock_listing(listing.stdout)
+        if not holders:
+            return
+        verdict = judge_lock(hostname, holders, _alive_on(transport, {h.pid for h in holders}))
+        if not verdict.stale:
+            recovery.notes.append(f"{host.name}: repository {path} is {verdict.reason}; not breaking the lock")
+            return
+        workdir = expand_home(host.workdir, transport.home())
+        broken = transport.run(borg.break_lock_argv(host.borg, path), env=borg.host_env(workdir), timeout=120)
+        if broken.ok:
+            message = f"broke a stale lock of repository {path} on {host.name}: {verdict.reason}"
+            recovery.notes.append(message)
+            ctx.history.add_alert(source.name, host.name, "stale-lock-broken", message, now=clock())
+        else:
+            recovery.notes.append(f"{host.name}: borg break-lock exited {broken.exit_code}: {broken.stderr_tail(3)}")
+    finally:
+        transport.close()
+
+
+def _alive_on(transport: Transport, pids: set[int]) -> set[int]:
+    """Which of ``pids`` are processes alive on the transport's node (``ps``: exit 1 when none is)."""
+    if not pids:
+        return set()
+    result = transport.run(("ps", "-o", "pid=", "-p", ",".join(str(p) for p in sorted(pids))), timeout=60)
+    if result.exit_code not in (0, 1):
+        return set(pids)  # cannot tell: assume alive, never break
+    return {int(word) for word in result.stdout.split() if word.isdigit()}
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process on the coordinator's machine."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
