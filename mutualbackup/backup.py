@@ -106,6 +106,8 @@ def run_backup(
     result_word = "interrupted" if control is not None and control.is_aborted else "failure"
     ended = clock()
     ctx.history.finish_run(run_id, result_word, exit_code=exit_code, error=error, ended=ended)
+    if result_word == "failure" and exit_code is not None and borg.classify_exit(exit_code) == "error":
+        _alert_once(ctx, source, host, exit_code, error, ended)
     log.warning("backup  end    %s -> %s  %s  %.1fs: %s", source.name, host.name, result_word, ended - started,
                 error.splitlines()[0] if error else "")
     return Outcome(source.name, host.name, result_word, exit_code, ended - started, error=error)
@@ -147,3 +149,11 @@ def _create(
         if control is not None:
             control.detach(transport)
         transport.close()
+
+
+def _alert_once(ctx: Context, source: Node, host: Node, exit_code: int, error: str, now: float) -> None:
+    """An alert for an error that retrying will not fix (disk full, quota, passphrase...), once per streak."""
+    previous = ctx.history.runs(kind="backup", source=source.name, target=host.name, limit=2)[1:]
+    if previous and previous[0].result == "failure" and previous[0].exit_code == exit_code:
+        return
+    ctx.history.add_alert(source.name, host.name, "backup-error", error.splitlines()[0] if error else f"exit {exit_code}", now=now)

@@ -218,7 +218,10 @@ EXIT_HINTS: dict[int, str] = {
     64: "the repository's security data changed (was it replaced?): investigate before going on",
     73: "the repository is locked by another borg; retried later",
     74: "the repository is locked by another borg; retried later",
+    80: "the connection to the host was closed (host down or sshd restarted?); retried later",
+    81: "the connection to the host broke; retried later",
     83: "the host refused this repository path: re-run `mutualbackup apply`",
+    87: "the connection to the host broke; retried later",
     255: "ssh failed: is the host up, and does its host key match the one pinned in the inventory?",
 }
 

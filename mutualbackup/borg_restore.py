@@ -125,19 +125,6 @@ def with_restore_line(lines: Sequence[str], new: str, now: dt.datetime) -> list[
     return [line for line in lines if not is_stale_restore_line(line, now) and line != new] + [new]
 
 
-def without_restore_line(lines: Sequence[str], source: str, restore_id: str, now: dt.datetime) -> list[str]:
-    """Managed lines without the restore line ``source``/``restore_id`` and without stale ones."""
-    kept = []
-    for line in lines:
-        parsed = parse_restore_line(line)
-        if parsed is not None and (parsed.source, parsed.restore_id) == (source, restore_id):
-            continue
-        if is_stale_restore_line(line, now):
-            continue
-        kept.append(line)
-    return kept
-
-
 # --- the delegated client --------------------------------------------------------------
 
 
@@ -160,16 +147,70 @@ class TemporaryPaths:
         return posixpath.join(self.directory, "borg")
 
 
-def make_temporary_dir_argv(workdir: str, restore_id: str, comment: str) -> tuple[str, ...]:
-    """Create ``WORKDIR/restore-ID.XXXXXX`` (0700) holding a new key pair; prints the directory.
+TARGET_UNUSABLE = 201
+"""Exit code of the scripts below when the target or temporary directory cannot be created."""
+TARGET_NOT_EMPTY = 202
+"""Exit code of the scripts below when the target directory is not empty (and not forced)."""
 
-    The private key is made on the destination and never leaves it.
+_EXPAND = 'case "$1" in "~") w=$HOME ;; "~/"*) w=$HOME/${1#"~/"} ;; *) w=$1 ;; esac'
+_TARGET = (
+    'if [ -n "$2" ]; then mkdir -p -- "$2" || exit 201; '
+    'if [ "$3" != force ] && [ -n "$(ls -A -- "$2")" ]; then exit 202; fi; fi'
+)
+
+
+def setup_destination_argv(
+    workdir: str, directory: str | None, force: bool, restore_id: str, comment: str, known_hosts: str
+) -> tuple[str, ...]:
+    """One round trip on the destination of a delegated restore.
+
+    Checks the target ``directory`` (created; exit 202 when not empty unless
+    ``force``; skipped when None, for a dry run), then makes ``WORKDIR/restore-ID.XXXXXX``
+    (0700; ``~`` expanded there) holding a new key pair and ``known_hosts``. Prints
+    the directory, a newline, and the public key line. The private key is made on
+    the destination and never leaves it.
     """
-    script = (
-        'umask 077 && mkdir -p -m 700 -- "$1" && d=$(mktemp -d "$1/restore-$2.XXXXXX") && '
-        'ssh-keygen -q -t ed25519 -N "" -C "$3" -f "$d/id_ed25519" </dev/null >/dev/null && printf %s "$d"'
-    )
-    return ("sh", "-c", script, "sh", workdir, restore_id, comment)
+    script = "\n".join([
+        _EXPAND,
+        _TARGET,
+        "umask 077",
+        'mkdir -p -m 700 -- "$w" && d=$(mktemp -d "$w/restore-$4.XXXXXX") || exit 201',
+        'printf %s "$6" > "$d/known_hosts" && ssh-keygen -q -t ed25519 -N "" -C "$5" -f "$d/id_ed25519" </dev/null >/dev/null '
+        '|| { rm -rf -- "$d"; exit 201; }',
+        'printf "%s\\n" "$d" && exec cat -- "$d/id_ed25519.pub"',
+    ])
+    return ("sh", "-c", script, "sh", workdir, directory or "", "force" if force else "empty", restore_id, comment, known_hosts)
+
+
+def prepare_then_exec(directory: str, force: bool, argv: Sequence[str]) -> tuple[str, ...]:
+    """Run ``argv`` in ``directory``, created first; exit 202 when it is not empty (unless ``force``).
+
+    Lets a restore onto the source itself check its target and extract in one round trip.
+    """
+    script = 'set -- "" "$@"; ' + _TARGET + '; d=$2; shift 3; cd -- "$d" || exit 201; exec "$@"'
+    return ("sh", "-c", script, "sh", directory, "force" if force else "empty", *argv)
+
+
+def remove_line_argv(path: str, line: str) -> tuple[str, ...]:
+    """Remove the exact ``line`` from the file at ``path`` (``~`` expanded there) in one round trip.
+
+    Every other byte stays; the file is replaced atomically (temporary file, then
+    rename) and only when the line is present.
+    """
+    script = "\n".join([
+        _EXPAND,
+        '[ -e "$w" ] && grep -qxF -e "$2" -- "$w" || exit 0',
+        't=$(mktemp "$(dirname -- "$w")/.mutualbackup-tmp.XXXXXX") || exit 1',
+        'grep -vxF -e "$2" -- "$w" > "$t"; rc=$?',
+        'if [ "$rc" -gt 1 ]; then rm -f -- "$t"; exit "$rc"; fi',
+        'chmod 600 "$t" && exec mv -f -- "$t" "$w"',
+    ])
+    return ("sh", "-c", script, "sh", path, line)
+
+
+def read_passphrase_argv(workdir: str) -> tuple[str, ...]:
+    """``cat`` of ``WORKDIR/passphrase`` (``~`` expanded on the node); its stdout is the secret."""
+    return ("sh", "-c", _EXPAND + '; exec cat -- "$w/passphrase"', "sh", workdir)
 
 
 def remove_temporary_dir_argv(directory: str) -> tuple[str, ...]:
@@ -429,3 +470,34 @@ def parse_key_export(stdout: bytes) -> tuple[str, str]:
     if len(parts) != 2 or parts[0] != "BORG_KEY" or not re.fullmatch(r"[0-9a-f]{64}", parts[1]):
         raise ValueError("borg key export did not print a key (expected a first line 'BORG_KEY <repository id>')")
     return parts[1], text if text.endswith("\n") else text + "\n"
+
+
+# --- borg's errors, for a tired operator ---------------------------------------------------
+
+EXTRA_HINTS: dict[int, str] = {
+    31: "that archive does not exist in this repository: see `mutualbackup archives SOURCE`",
+    44: "the repository's own key is missing: restore with --recovery FILE (it holds an exported copy)",
+    90: "data integrity error: the repository is damaged on the host",
+    91: "data integrity error: the repository is damaged on the host",
+    92: "data integrity error: the repository is damaged on the host",
+}
+
+
+def hint(code: int) -> str:
+    """What borg's exit ``code`` means for a restore or a drill (falls back to borg.exit_hint)."""
+    from .borg import exit_hint
+
+    return EXTRA_HINTS.get(code) or exit_hint(code)
+
+
+def error_lines(text: str, lines: int = 6) -> str:
+    """The informative end of borg's stderr: no traceback frames, no platform report, no argv dump."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("Platform: "):
+            break  # borg's report after an error: platform, versions, PID, CWD, sys.argv...
+        stripped = line.strip()
+        if not stripped or line.startswith(("Traceback ", "  File ", "    ")) or stripped.startswith("^"):
+            continue
+        kept.append(stripped)
+    return "\n".join(kept[-lines:])

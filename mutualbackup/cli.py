@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("daemon", cmd_daemon, "scheduler, maintenance and /metrics until SIGTERM")
     p.add_argument("--tick", type=float, default=15.0, help=argparse.SUPPRESS)
+    p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running jobs may finish before they are aborted (default 60)")
+    p = command("verify", cmd_verify, "borg check of the repositories (on the host, and the archives from the source)")
+    p.add_argument("sources", nargs="*", metavar="SOURCE")
     p = command("status", cmd_status, "state of each source × replica")
     p.add_argument("--json", action="store_true")
     p = command("archives", cmd_archives, "archives of one source")
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["export"])
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p = command("ledger", cmd_ledger, "per member: capacity lent, used by others, used elsewhere by its own sources")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -287,7 +293,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     recovery = read_recovery(args.recovery) if args.recovery else None
     ctx = open_context(args)
     destination = ctx.node(node_name)
-    source = args.source if recovery and args.source not in {n.name for n in ctx.federation.nodes()} else ctx.source(args.source)
+    if args.source in {n.name for n in ctx.federation.nodes()}:
+        source = ctx.source(args.source)
+    elif recovery is not None:
+        source = args.source  # gone from the inventory: the recovery file says where its backups are
+    else:
+        raise UsageError(f"{args.source} is not in the inventory; to restore a node that is gone, "
+                         "use --recovery FILE (made by `mutualbackup keys export`)")
     progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
         result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
@@ -353,6 +365,31 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     federation = load(args)
     return run_daemon(args, federation)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .maintenance import print_verify, verify
+
+    ctx = open_context(args)
+    sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
+    return print_verify(verify(ctx, sources))
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from .metrics import read_ledger
+
+    ctx = open_context(args)
+    ledger = read_ledger(ctx.history, ctx.federation)
+    if args.json:
+        print(json.dumps(ledger.to_json(), indent=2))
+        return 0
+    header = ("member", "capacity lent", "used by others", "used elsewhere", "balance")
+    rows = [(m.member, format_size(m.capacity_bytes), format_size(m.lent_bytes), format_size(m.consumed_bytes),
+             ("+" if m.balance_bytes > 0 else "") + format_size(m.balance_bytes)) for m in ledger.members]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]).rstrip())
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ GRACE_SECONDS = 60.0
 MAINTENANCE_PER_HOST = 1
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
-ABORT_BUDGET = 20.0  # seconds of the grace period kept for aborting jobs cleanly
+ABORT_BUDGET = 30.0  # at most this much (and half) of the grace period is kept for aborting jobs cleanly
 
 
 def job_timeout(estimated_seconds: float) -> float:
@@ -295,9 +295,10 @@ class Daemon:
             self.wake.set()
 
     def _needs_recovery(self, job: RunningJob) -> bool:
-        """True when the replica's last run was interrupted or failed: it may have left a borg or a lock."""
+        """True when the replica's last run was interrupted or failed (it may have left a borg or a
+        lock), or another process runs one now."""
         last = self.ctx.history.runs(source=job.source, target=job.target, limit=1)
-        return bool(last) and last[0].result in ("interrupted", "failure")
+        return bool(last) and last[0].result in ("interrupted", "failure", "running")
 
     # --- main loop ------------------------------------------------------------
 
@@ -325,7 +326,7 @@ class Daemon:
         """Let running jobs finish within the grace period, abort the rest cleanly; returns 0."""
         start = time.monotonic()
         deadline = start + self.grace
-        abort_at = deadline - min(ABORT_BUDGET, self.grace / 3)
+        abort_at = deadline - min(ABORT_BUDGET, self.grace / 2)
         pending = self._alive_jobs()
         if pending:
             log.info("stopping: waiting up to %.0fs for %d running job(s)", abort_at - start, len(pending))
@@ -335,13 +336,17 @@ class Daemon:
             log.warning("grace period over; aborting %d job(s): %s", len(left),
                         ", ".join(f"{j.kind} {j.source}->{j.target}" for j in left))
             budget = max(1.0, deadline - time.monotonic() - 1.0)
+            stoppers = []
             for job in left:
                 job.control.abort("the daemon was stopped (SIGTERM) and the grace period ran out")
-                threading.Thread(target=self._stop_remote, args=(job, budget), daemon=True).start()
+                stoppers.append(threading.Thread(target=self._stop_remote, args=(job, budget), daemon=True))
+                stoppers[-1].start()
             self._join(left, deadline - 0.5)
             for job in self._alive_jobs():
                 job.control.close_transports()
             self._join(left, deadline)
+            for thread in stoppers:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for run in self.ctx.history.interrupt_own_runs("aborted: the daemon was stopped before this run ended",
                                                        now=self.clock()):
             log.warning("run %d (%s %s -> %s) marked interrupted", run.id, run.kind, run.source, run.target)
@@ -365,8 +370,8 @@ class Daemon:
             job.control.close_transports()
             return
         node, pidfile = current
-        int_seconds = max(1, int(budget * 0.6))
-        term_seconds = max(1, int(budget * 0.3))
+        int_seconds = max(1, round(budget * 0.7))  # borg writes a checkpoint on SIGINT: give it most of the time
+        term_seconds = max(1, int(budget - int_seconds))
         try:
             transport = self.ctx.connect(node)
             try:

@@ -20,6 +20,7 @@ A drill, on the source node with its own key:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ from .errors import MutualBackupError, OperationFailed
 from .history import History
 from .model import Federation, Node
 from .restore import choose_replica
-from .transport import Transport
+from .transport import Result, Transport
 
 log = logging.getLogger("mutualbackup.drill")
 
@@ -86,8 +87,8 @@ def choose_sample(
     (``(n div k) × max_files``, wrapping), and fills the budget (``max_bytes``,
     ``max_files``) from it, then from the next paths. Files larger than what is
     left of the budget are skipped, except that the first path always gets one
-    file: its smallest, when none fits. Hardlinks to earlier files, directories
-    and devices are not sampled. Pure and deterministic.
+    file: its smallest, alone, when none fits. Hardlinks to earlier files,
+    directories and devices are not sampled. Pure and deterministic.
     """
     groups: dict[str, list[Entry]] = {}
     order = list(roots) + [""]
@@ -137,7 +138,7 @@ def drills_due(federation: Federation, history: History, now: float) -> list[str
             continue
         success = _last_drill(history, source.name, successful=True)
         attempt = _last_drill(history, source.name, successful=False)
-        since = success.started if success is not None else 0.0  # never drilled: as soon as there is a backup
+        since = success.started if success is not None else -math.inf  # never drilled: as soon as there is a backup
         if now - since < source.backup.drill_every:
             continue
         if attempt is not None and now - attempt.started < min(source.backup.drill_every, RETRY_AFTER):
@@ -326,13 +327,17 @@ def _latest_archive(ctx: Context, transport: Transport, source: Node, env: dict[
         url = borg.repository_url(source, host)
         listed = transport.run(borg.list_argv(source.borg, url), env=env, timeout=600)
         if listed.exit_code not in (0, 1):
-            errors.append(f"{host.name}: borg list exited {listed.exit_code}: {borg.exit_hint(listed.exit_code)}\n{listed.stderr_tail(5)}")
+            errors.append(f"{host.name}: borg list exited {listed.exit_code}: {borg_restore.hint(listed.exit_code)}\n{_borg_error(listed)}")
             continue
         archives = borg.parse_list_json(listed.stdout)
         if archives:
             return host, url, archives[-1].name
         errors.append(f"{host.name}: no archive yet")
     raise OperationFailed(f"no replica of {source.name} could be drilled:\n" + "\n".join(errors))
+
+
+def _borg_error(result: Result) -> str:
+    return borg_restore.error_lines(result.stderr.decode("utf-8", "replace"))
 
 
 def _drill(
@@ -348,7 +353,7 @@ def _drill(
     catalogue = transport.run(borg_restore.catalogue_argv(source.borg, url, archive), env=env, timeout=DRILL_TIMEOUT)
     if catalogue.exit_code not in (0, 1):
         raise _DrillFailed(f"cannot list {where}: borg list exited {catalogue.exit_code}: "
-                           f"{borg.exit_hint(catalogue.exit_code)}\n{catalogue.stderr_tail(8)}{damaged}")
+                           f"{borg_restore.hint(catalogue.exit_code)}\n{_borg_error(catalogue)}{damaged}")
     roots = top_level_paths(source.backup.paths)
     top, sample = choose_sample(borg_restore.parse_catalogue(catalogue.stdout), roots, number)
     if not sample:
@@ -357,7 +362,7 @@ def _drill(
     hashed = transport.run(borg_restore.hashes_argv(source.borg, url, archive, paths), env=env, timeout=DRILL_TIMEOUT)
     if hashed.exit_code not in (0, 1):
         raise _DrillFailed(f"borg could not read the sample's data in {where}: borg list exited {hashed.exit_code}: "
-                           f"{borg.exit_hint(hashed.exit_code)}\n{hashed.stderr_tail(8)}{damaged}")
+                           f"{borg_restore.hint(hashed.exit_code)}\n{_borg_error(hashed)}{damaged}")
     wanted = set(paths)
     items = [item for item in borg_restore.parse_items(hashed.stdout) if item.path in wanted]
     if len(items) != len(wanted):
@@ -377,7 +382,7 @@ def _drill(
         )
         if extracted.exit_code not in (0, 1):
             raise _DrillFailed(f"borg extract of the sample of {where} exited {extracted.exit_code}: "
-                               f"{borg.exit_hint(extracted.exit_code)}\n{progress.tail(8)}{damaged}")
+                               f"{borg_restore.hint(extracted.exit_code)}\n{borg_restore.error_lines(progress.tail(40))}{damaged}")
         inspected = transport.run(inspect_argv(scratch, paths), timeout=DRILL_TIMEOUT)
         if not inspected.ok:
             raise OperationFailed(f"cannot inspect the extracted sample on {source.name}: {inspected.stderr_tail(5)}")

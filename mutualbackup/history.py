@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from .errors import OperationFailed
 
@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     detail TEXT                      -- JSON: anything else worth keeping
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (kind, source, target, started);
+-- the few runs in progress (metrics: jobs running, and where the incremental totals stop)
+CREATE INDEX IF NOT EXISTS runs_running ON runs (id) WHERE result = 'running';
 CREATE TABLE IF NOT EXISTS replicas (
     source TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -372,6 +374,22 @@ class History:
     def run_by_id(self, run_id: int) -> Run | None:
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
         return Run(**dict(rows[0])) if rows else None
+
+    # --- read-only snapshots (metrics, ledger) -------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Callable[..., list[sqlite3.Row]]]:
+        """Several read queries on one consistent state: yields ``query(sql, args=())`` -> rows.
+
+        One read transaction; writers of other connections are not blocked (WAL),
+        writers of this object wait until the block ends.
+        """
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield lambda sql, args=(): self._db.execute(sql, args).fetchall()
+            finally:
+                self._db.execute("ROLLBACK")
 
 
 def _pid_alive(pid: int | None) -> bool:

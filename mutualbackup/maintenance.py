@@ -131,9 +131,12 @@ def _aborted(control: JobControl | None) -> None:
         raise _Failed(f"aborted: {control.reason}")
 
 
-def _borg_ok(result: Result, what: str) -> None:
+def _borg_ok(result: Result, what: str, *, strict: bool = False) -> None:
+    """Raise unless borg succeeded; ``strict``: a warning fails too (``borg check`` exits 1 when it finds errors)."""
     verdict = borg.classify_exit(result.exit_code)
-    if verdict not in ("success", "warning"):
+    if verdict != "success" and (strict or verdict != "warning"):
+        if strict and verdict == "warning":
+            raise _Failed(f"{what} found errors (exit {result.exit_code}):\n{result.stderr_tail()}".strip(), result.exit_code)
         raise _Failed(f"{what} exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail()}".strip(),
                       result.exit_code)
 
@@ -230,7 +233,7 @@ def check_replica(
             raise _Failed(f"cannot reach {source.name} to check the archives (the repository check on {host.name} "
                           f"passed): {exc}") from None
         _aborted(control)
-        _borg_ok(result, "borg check --archives-only")
+        _borg_ok(result, "borg check --archives-only", strict=True)
         return step.succeed({"repository": "ok", "archives": "ok"})
 
     return [repository, step.guarded(body)]
@@ -250,7 +253,7 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
                 env=borg.host_env(workdir), timeout=CHECK_TIMEOUT, control=control,
             )
         _aborted(control)
-        _borg_ok(result, f"borg check --repository-only on {host.name}")
+        _borg_ok(result, f"borg check --repository-only on {host.name}", strict=True)
         detail = {"segments": facts.segments, "bytes": facts.bytes, "last_write": facts.last_write}
         last = ctx.history.last_run("backup", source.name, host.name, successful=True)
         if last is not None and last.ended is not None and (facts.last_write or 0) < last.ended - WRITE_CLOCK_SKEW:
@@ -419,3 +422,29 @@ def maintenance_due(backup: Backup, backups: PairSummary | None, checks: PairSum
     if checks is not None and checks.failures and checks.last_attempt is not None:
         due = max(due, checks.last_attempt + retry_delay(checks.failures))
     return due
+
+
+def print_verify(outcomes: Sequence[StepOutcome], out: Callable[[str], None] = print,
+                 err: Callable[[str], None] | None = None) -> int:
+    """One line per replica checked by :func:`verify`; the exit code (1 when a check failed or none ran)."""
+    import sys
+
+    err = err or (lambda line: print(line, file=sys.stderr))
+    pairs: dict[tuple[str, str], list[StepOutcome]] = {}
+    for outcome in outcomes:
+        pairs.setdefault((outcome.source, outcome.target), []).append(outcome)
+    if not pairs:
+        err("nothing to verify: no provisioned replica (run `mutualbackup apply`)")
+        return 1
+    failed = False
+    for (source, target), steps in pairs.items():
+        seconds = sum(s.duration for s in steps)
+        bad = [s for s in steps if not s.ok]
+        if not bad:
+            out(f"{source} → {target}  ok      repository and archives checked  {seconds:.1f}s")
+            continue
+        failed = True
+        err(f"{source} → {target}  FAILED  {bad[0].kind}  {seconds:.1f}s")
+        for line in (bad[0].error or "").splitlines():
+            err(f"  {line}")
+    return 1 if failed else 0

@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -130,12 +131,13 @@ def repository_url(host: Node, path: str) -> str:
 
 @dataclass
 class _Access:
-    """How borg runs on the destination: environment, stdin and argv wrapping, and the host grant."""
+    """How borg runs on the destination: environment, the passphrase pipe, the host grant, the target check."""
 
     env: Mapping[str, str]
     passphrase: bytes | None = field(default=None, repr=False)  # sent on stdin, read by borg from fd 3
     grant: Callable[[Node, str], contextlib.AbstractContextManager[None]] = lambda host, path: contextlib.nullcontext()
     name: str = "source key"
+    prepare: tuple[str, bool] | None = None  # (directory, force): checked in the extract's own round trip
 
     def run(self, transport: Transport, argv: Sequence[str], **kwargs: object) -> Result:
         if self.passphrase is None:
@@ -145,63 +147,86 @@ class _Access:
         )
 
 
-@contextlib.contextmanager
-def temporary_key(ctx: Context, transport: Transport, destination: Node, source: str, restore_id: str) -> Iterator[tuple[TemporaryPaths, str]]:
-    """A key pair made on ``destination`` in a 0700 temporary directory, removed on exit.
+def _expanded(transport: Transport, path: str) -> str:
+    """``path`` with ``~`` expanded on the node (asking for its home only when needed)."""
+    return expand_home(path, transport.home()) if path.startswith("~") else path
 
-    Yields the directory and the public key line. When the destination cannot be
-    reached at the end, the directory stays (its key is useless once the host's
-    line is gone) and a warning says where.
+
+def _target_refused(code: int, node: str, directory: str, stderr: str) -> None:
+    """Raise for the target-check exit codes of :mod:`borg_restore`'s scripts."""
+    if code == borg_restore.TARGET_NOT_EMPTY:
+        raise UsageError(f"{node}:{directory} is not empty; restore into a new directory, or add --force to write over it")
+    if code == borg_restore.TARGET_UNUSABLE:
+        raise OperationFailed(f"cannot create {directory} (or a temporary directory) on {node}: {stderr}")
+
+
+def _setup_destination(
+    transport: Transport, destination: Node, directory: str | None, force: bool, source: str, restore_id: str,
+    hosts: Sequence[Node],
+) -> tuple[TemporaryPaths, str]:
+    """Check the target, make the temporary key and pinned known_hosts on the destination (one round trip).
+
+    Returns the temporary directory and the public key line.
     """
-    workdir = expand_home(destination.workdir, transport.home())
+    known_hosts = "".join(borg.known_hosts_line(h) + "\n" for h in hosts)
     made = transport.run(
-        borg_restore.make_temporary_dir_argv(workdir, restore_id, borg_restore.restore_comment(source, restore_id)),
-        timeout=60,
+        borg_restore.setup_destination_argv(
+            destination.workdir, directory, force, restore_id, borg_restore.restore_comment(source, restore_id), known_hosts
+        ),
+        timeout=120,
     )
-    directory = made.stdout.decode("utf-8", "replace")
-    if not made.ok or not directory.startswith("/"):
+    _target_refused(made.exit_code, destination.name, directory or "", made.stderr_tail(3))
+    lines = made.stdout.decode("utf-8", "replace").splitlines()
+    if not made.ok or len(lines) != 2 or not lines[0].startswith("/") or len(lines[1].split()) < 2:
         raise OperationFailed(
-            f"cannot create a temporary key on {destination.name} under {workdir} (exit {made.exit_code}): {made.stderr_tail(5)}"
+            f"cannot create a temporary key on {destination.name} under {destination.workdir} (exit {made.exit_code}): "
+            f"{made.stderr_tail(5)}"
         )
-    tmp = TemporaryPaths(directory)
+    return TemporaryPaths(lines[0]), lines[1]
+
+
+def _remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPaths) -> None:
+    """Remove the temporary key directory; when the destination is gone, say where it stays."""
     try:
-        public = (transport.read_file(tmp.key + ".pub") or b"").decode().strip()
-        if len(public.split()) < 2:
-            raise OperationFailed(f"the temporary key {tmp.key}.pub on {destination.name} is unreadable")
-        yield tmp, public
-    finally:
-        try:
-            removed = transport.run(borg_restore.remove_temporary_dir_argv(directory), timeout=120)
-            if not removed.ok:
-                log.warning("could not remove %s on %s: %s", directory, destination.name, removed.stderr_tail(3))
-        except MutualBackupError as exc:
-            log.warning(
-                "could not remove the temporary key directory %s on %s (%s); its key no longer opens anything: "
-                "remove it by hand", directory, destination.name, exc,
-            )
+        removed = transport.run(borg_restore.remove_temporary_dir_argv(tmp.directory), timeout=120)
+        if removed.ok:
+            return
+        problem = removed.stderr_tail(3)
+    except MutualBackupError as exc:
+        problem = str(exc)
+    log.warning(
+        "could not remove the temporary key directory %s on %s (%s); its key no longer opens anything: remove it by hand",
+        tmp.directory, destination.name, problem,
+    )
 
 
 @contextlib.contextmanager
-def authorised(ctx: Context, host: Node, source: str, repository: str, public_key: str, restore_id: str) -> Iterator[None]:
+def authorised(
+    ctx: Context, host: Node, source: str, repository: str, public_key: str, restore_id: str,
+    prefetched: "_Prefetched | None" = None,
+) -> Iterator[None]:
     """A temporary restore line for ``public_key`` on ``host`` while the block runs.
 
-    Added to (and removed from) the managed block of the host's authorized_keys;
-    stale restore lines found there are dropped at the same time. Raises
-    TransportError when the host cannot be reached (nothing was changed then).
+    Added to (and removed from) the managed block of the host's authorized_keys,
+    whatever happens in the block; stale restore lines found there are dropped at
+    the same time. Raises TransportError when the host cannot be reached (nothing
+    was changed then). A failed removal is logged: sshd refuses the line after its
+    ``expiry-time`` anyway, and the next ``apply`` or restore through that host drops it.
+    ``prefetched``: a connection to the host opened, and its file read, beforehand.
     """
     line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
-    transport = ctx.connect(host)
+    transport = prefetched.transport if prefetched is not None else ctx.connect(host)
     try:
-        _edit_block(transport, host, lambda lines, now: borg_restore.with_restore_line(lines, line, now), expect=line)
+        _edit_block(transport, host, lambda lines, now: borg_restore.with_restore_line(lines, line, now),
+                    current=prefetched.result() if prefetched is not None else None)
         log.info("temporary restore line for %s added on %s (%s)", source, host.name, restore_id)
         try:
             yield
         finally:
             try:
-                _edit_block(
-                    transport, host,
-                    lambda lines, now: borg_restore.without_restore_line(lines, source, restore_id, now), absent=line,
-                )
+                removed = transport.run(borg_restore.remove_line_argv(host.authorized_keys, line), timeout=60)
+                if not removed.ok:
+                    raise OperationFailed(f"exit {removed.exit_code}: {removed.stderr_tail(3)}")
                 log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
             except MutualBackupError as exc:
                 log.error(
@@ -214,25 +239,35 @@ def authorised(ctx: Context, host: Node, source: str, repository: str, public_ke
 
 
 def _edit_block(
-    transport: Transport,
-    host: Node,
-    change: Callable[[list[str], dt.datetime], list[str]],
-    *,
-    expect: str | None = None,
-    absent: str | None = None,
-    attempts: int = 3,
+    transport: Transport, host: Node, change: Callable[[list[str], dt.datetime], list[str]],
+    current: tuple[str, bytes | None] | None = None,
 ) -> None:
-    """Read-modify-write of the managed block, re-read to confirm (another writer may race us)."""
-    path = expand_home(host.authorized_keys, transport.home())
-    for _ in range(attempts):
-        current = (transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape")
-        wanted = replace_block(current, change(managed_lines(current), dt.datetime.now(dt.timezone.utc)))
-        if wanted != current:
-            transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
-        confirmed = managed_lines((transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape"))
-        if (expect is None or expect in confirmed) and (absent is None or absent not in confirmed):
-            return
-    raise OperationFailed(f"cannot update the managed block of {path} on {host.name}: it keeps changing under us")
+    """Read-modify-write of the managed block of ``host``'s authorized_keys (written atomically).
+
+    ``current``: (path, content) read a moment ago, to save a round trip.
+    """
+    path, data = current if current is not None else _read_authorized_keys(transport, host)
+    text = (data or b"").decode("utf-8", errors="surrogateescape")
+    wanted = replace_block(text, change(managed_lines(text), dt.datetime.now(dt.timezone.utc)))
+    if wanted != text:
+        transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
+
+
+def _read_authorized_keys(transport: Transport, host: Node) -> tuple[str, bytes | None]:
+    path = _expanded(transport, host.authorized_keys)
+    return path, transport.read_file(path)
+
+
+class _Prefetched:
+    """A connection to a replica's host, opened and its authorized_keys read in the background."""
+
+    def __init__(self, ctx: Context, host: Node, pool: ThreadPoolExecutor) -> None:
+        self.host = host
+        self.transport = ctx.connect(host)
+        self.future = pool.submit(_read_authorized_keys, self.transport, host)
+
+    def result(self) -> tuple[str, bytes | None]:
+        return self.future.result()
 
 
 def read_source_passphrase(ctx: Context, source: Node) -> bytes:
@@ -240,8 +275,7 @@ def read_source_passphrase(ctx: Context, source: Node) -> bytes:
     try:
         transport = ctx.connect(source)
         try:
-            paths = ctx.source_paths(transport, source)
-            result = transport.run(("cat", "--", paths.passphrase), timeout=60)
+            result = transport.run(borg_restore.read_passphrase_argv(source.workdir), timeout=60)
         finally:
             transport.close()
     except TransportError as exc:
@@ -282,8 +316,8 @@ def restore(
     ``source`` is a Node, or only its name when it is gone from the inventory
     (then ``recovery`` is required). Raises UsageError (exit 2) for a refused
     request (another member without ``allow_other_member``, a non-empty target
-    without ``force``, a relative directory) and OperationFailed when borg fails;
-    the history records every attempted restore, with who asked.
+    without ``force``, a relative directory) and OperationFailed when the restore
+    fails; the history records every attempted restore, with who asked.
     """
     source_name = source if isinstance(source, str) else source.name
     source_node = source if isinstance(source, Node) else None
@@ -300,8 +334,6 @@ def restore(
             f"restoring {source_name} onto {destination.name} would show {source_member}'s plaintext to {destination.member}.\n"
             f"Add --allow-other-member once {source_member} agreed; the history records it and who asked."
         )
-
-    delegated = recovery is not None or destination.name != source_name
     if recovery is not None:
         known = {n.name for n in ctx.federation.nodes()}
         among = [r.host for r in recovery.repositories if r.host in known]
@@ -321,39 +353,70 @@ def restore(
         assert source_node is not None
         return borg.repository_path(source_node, host)
 
-    detail = {
+    delegated = recovery is not None or destination.name != source_name
+    detail: dict[str, object] = {
         "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
         "requested_by": requested_by, "other_member": other_member, "recovery": recovery is not None,
         "access": "temporary key" if delegated else "source key",
     }
+    job = _Job(ctx, source_name, destination, directory, hosts, repository_path, archive, tuple(paths), dry_run,
+               detail, recovery, on_progress, on_line)
     transport = ctx.connect(destination)
     try:
-        if not dry_run:
-            _prepare_target(transport, directory, force)
         if not delegated:
             assert source_node is not None
-            access = _Access(env=borg.client_env(ctx.source_paths(transport, source_node)))
-            return _restore_from(ctx, transport, access, source_name, destination, directory, hosts, repository_path,
-                                 archive, paths, dry_run, detail, recovery, on_progress, on_line)
-        if recovery is not None:
-            passphrase = recovery.passphrase.encode("utf-8")
-        else:
-            assert source_node is not None
-            passphrase = read_source_passphrase(ctx, source_node)
-        restore_id = borg_restore.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
-        with temporary_key(ctx, transport, destination, source_name, restore_id) as (tmp, public_key):
-            known_hosts = "".join(borg.known_hosts_line(h) + "\n" for h in hosts).encode()
-            transport.write_file(tmp.known_hosts, known_hosts, 0o600)
-            access = _Access(
-                env=borg_restore.delegated_env(tmp),
-                passphrase=passphrase,
-                grant=lambda host, path: authorised(ctx, host, source_name, path, public_key, restore_id),
-                name="temporary key",
-            )
-            return _restore_from(ctx, transport, access, source_name, destination, directory, hosts, repository_path,
-                                 archive, paths, dry_run, detail, recovery, on_progress, on_line)
+            workdir = _expanded(transport, source_node.workdir)
+            access = _Access(env=borg.client_env(borg.SourcePaths(workdir)), prepare=None if dry_run else (directory, force))
+            try:
+                return job.run(transport, access)
+            finally:
+                job.release()
+        return _restore_delegated(job, transport, source_node, force)
     finally:
         transport.close()
+
+
+def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | None, force: bool) -> RestoreResult:
+    """The temporary-key restore, with its round trips overlapped where they can be.
+
+    While the destination checks its target and makes the temporary key, the
+    passphrase is read (from the source) and the first replica's authorized_keys
+    too; at the end, the line is withdrawn while the temporary directory is removed.
+    """
+    restore_id = borg_restore.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
+        prefetched = _Prefetched(job.ctx, job.hosts[0], pool)
+        setup = pool.submit(
+            _setup_destination, transport, job.destination, None if job.dry_run else job.directory, force,
+            job.source, restore_id, job.hosts,
+        )
+        secret = pool.submit(read_source_passphrase, job.ctx, source_node) if job.recovery is None and source_node else None
+        wait([f for f in (setup, secret, prefetched.future) if f is not None])
+        try:
+            tmp, public_key = setup.result()
+        except BaseException:
+            prefetched.transport.close()
+            raise
+        try:
+            if secret is not None:
+                passphrase = secret.result()
+            else:
+                assert job.recovery is not None
+                passphrase = job.recovery.passphrase.encode("utf-8")
+
+            def grant(host: Node, path: str) -> contextlib.AbstractContextManager[None]:
+                early = prefetched if host is prefetched.host and prefetched.future.exception() is None else None
+                if early is None and host is prefetched.host:
+                    prefetched.transport.close()
+                return authorised(job.ctx, host, job.source, path, public_key, restore_id, early)
+
+            access = _Access(env=borg_restore.delegated_env(tmp), passphrase=passphrase, grant=grant, name="temporary key")
+            return job.run(transport, access)
+        finally:
+            revoked = pool.submit(job.release)
+            _remove_temporary(transport, job.destination, tmp)
+            revoked.result()
+            prefetched.transport.close()
 
 
 class _HostUnusable(Exception):
@@ -364,170 +427,173 @@ class _RecordedFailure(OperationFailed):
     """A failed restore already recorded in the history."""
 
 
-def _restore_from(
-    ctx: Context,
-    transport: Transport,
-    access: _Access,
-    source: str,
-    destination: Node,
-    directory: str,
-    hosts: Sequence[Node],
-    repository_path: Callable[[Node], str],
-    archive: str | None,
-    paths: Sequence[str],
-    dry_run: bool,
-    detail: dict[str, object],
-    recovery: Recovery | None,
-    on_progress: Callable[[ExtractProgress], None] | None,
-    on_line: Callable[[str], None] | None,
-) -> RestoreResult:
-    """Try each replica in turn until one is reached; extract from the first that is.
+@dataclass
+class _Job:
+    """One restore request, once validated: what to extract, from where to where."""
 
-    The archive list is read first when no archive is named (to find the latest)
-    or with a recovery file (to find out whether a repository lost its key);
-    otherwise borg extract goes first, and a host that cannot be reached before
-    anything was written passes the turn to the next replica.
-    """
-    errors: list[str] = []
-    tried = ""
-    try:
-        for host in hosts:
-            tried = host.name
-            path = repository_path(host)
-            url = repository_url(host, path)
-            with contextlib.ExitStack() as stack:
-                try:
-                    stack.enter_context(access.grant(host, path))
-                except TransportError as exc:
-                    errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
-                    continue
-                chosen = archive
-                if archive is None or recovery is not None:
-                    chosen, error = _pick_archive(transport, access, destination, host, url, archive, recovery, source)
-                    if chosen is None:
-                        errors.append(error)
+    ctx: Context
+    source: str
+    destination: Node
+    directory: str
+    hosts: Sequence[Node]
+    repository_path: Callable[[Node], str]
+    archive: str | None
+    paths: tuple[str, ...]
+    dry_run: bool
+    detail: dict[str, object]
+    recovery: Recovery | None
+    on_progress: Callable[[ExtractProgress], None] | None
+    on_line: Callable[[str], None] | None
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def release(self) -> None:
+        """Withdraw the authorisation that served the restore (kept open by :meth:`run` until now)."""
+        self.held.close()
+
+    def run(self, transport: Transport, access: _Access) -> RestoreResult:
+        """Try each replica in turn until one is reached; extract from the first that is.
+
+        The archive list is read first when no archive is named (to find the latest)
+        or with a recovery file (to find out whether a repository lost its key);
+        otherwise borg extract goes first, and a host that cannot be reached before
+        anything was written passes the turn to the next replica. Every outcome is
+        recorded in the history.
+        """
+        errors: list[str] = []
+        tried = ""
+        try:
+            for host in self.hosts:
+                tried = host.name
+                path = self.repository_path(host)
+                url = repository_url(host, path)
+                with contextlib.ExitStack() as stack:
+                    try:
+                        stack.enter_context(access.grant(host, path))
+                    except TransportError as exc:
+                        errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
                         continue
-                try:
-                    return _extract(ctx, transport, access, source, destination, directory, host, url, chosen, paths,
-                                    dry_run, detail, on_progress, on_line)
-                except _HostUnusable as exc:
-                    errors.append(str(exc))
-    except (_RecordedFailure, UsageError):
-        raise
-    except MutualBackupError as exc:
-        run_id = ctx.history.start_run("restore", source, tried)
-        ctx.history.finish_run(run_id, "failure", error=str(exc), detail=detail)
-        raise OperationFailed(
-            f"restore of {source} into {destination.name}:{directory} failed: {exc}\n"
-            f"Run it again once {destination.name} is reachable (add --force if something was written)."
-        ) from None
-    run_id = ctx.history.start_run("restore", source, "")
-    message = f"no replica of {source} could be used:\n" + "\n".join(errors)
-    ctx.history.finish_run(run_id, "failure", error=message, detail=detail)
-    raise OperationFailed(message)
+                    chosen = self.archive
+                    if self.archive is None or self.recovery is not None:
+                        chosen, error = self._pick_archive(transport, access, host, url)
+                        if chosen is None:
+                            errors.append(error)
+                            continue
+                    try:
+                        result = self._extract(transport, access, host, url, chosen)
+                    except _HostUnusable as exc:
+                        errors.append(str(exc))
+                        continue
+                    self.held.enter_context(stack.pop_all())  # withdrawn by release(), or below
+                    return result
+        except (_RecordedFailure, UsageError):
+            raise
+        except MutualBackupError as exc:
+            self._record_failure(tried, str(exc))
+            raise OperationFailed(
+                f"restore of {self.source} into {self.destination.name}:{self.directory} failed: {exc}\n"
+                f"Run it again once {self.destination.name} is reachable (add --force if something was written)."
+            ) from None
+        message = f"no replica of {self.source} could be used:\n" + "\n".join(errors)
+        self._record_failure("", message)
+        raise OperationFailed(message)
 
+    def _record_failure(self, target: str, error: str, **fields: object) -> None:
+        run_id = self.ctx.history.start_run("restore", self.source, target)
+        self.ctx.history.finish_run(run_id, "failure", error=error, detail=self.detail, **fields)  # type: ignore[arg-type]
 
-def _pick_archive(
-    transport: Transport, access: _Access, destination: Node, host: Node, url: str, archive: str | None,
-    recovery: Recovery | None, source: str,
-) -> tuple[str | None, str]:
-    """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
-    result = access.run(transport, borg.list_argv(destination.borg, url), timeout=600)
-    if result.exit_code == REPO_KEY_MISSING and recovery is not None:
-        _import_key(transport, access, destination, host, url, recovery)
-        result = access.run(transport, borg.list_argv(destination.borg, url), timeout=600)
-    if result.exit_code not in (0, 1):
-        return None, f"{host.name}: borg list exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail(5)}"
-    archives = borg.parse_list_json(result.stdout)
-    if not archives:
-        return None, f"{host.name}: no archive of {source} yet"
-    if archive is None:
-        return archives[-1].name, ""
-    if archive not in {a.name for a in archives}:
-        raise UsageError(f"no archive {archive!r} of {source} on {host.name}; see `mutualbackup archives {source}`")
-    return archive, ""
+    def _pick_archive(self, transport: Transport, access: _Access, host: Node, url: str) -> tuple[str | None, str]:
+        """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
+        argv = borg.list_argv(self.destination.borg, url)
+        result = access.run(transport, argv, timeout=600)
+        if result.exit_code == REPO_KEY_MISSING and self.recovery is not None:
+            self._import_key(transport, access, host, url)
+            result = access.run(transport, argv, timeout=600)
+        if result.exit_code not in (0, 1):
+            return None, (f"{host.name}: borg list exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
+                          f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}")
+        archives = borg.parse_list_json(result.stdout)
+        if not archives:
+            return None, f"{host.name}: no archive of {self.source} yet"
+        if self.archive is None:
+            return archives[-1].name, ""
+        if self.archive not in {a.name for a in archives}:
+            raise UsageError(f"no archive {self.archive!r} of {self.source} on {host.name}; see `mutualbackup archives {self.source}`")
+        return self.archive, ""
 
-
-def _import_key(transport: Transport, access: _Access, destination: Node, host: Node, url: str, recovery: Recovery) -> None:
-    """Put the exported key back into a repository whose own key is missing."""
-    entry = recovery.repository(host.name)
-    assert entry is not None
-    log.warning("the repository of %s on %s has lost its key: importing the one from the recovery file", recovery.source, host.name)
-    env = {k: v for k, v in access.env.items() if k != "BORG_PASSPHRASE_FD"}
-    result = transport.run(borg_restore.key_import_argv(destination.borg, url), env=env, stdin=entry.key.encode(), timeout=600)
-    if result.exit_code not in (0, 1):
-        raise OperationFailed(
-            f"the repository on {host.name} has no key and `borg key import` failed (exit {result.exit_code}): {result.stderr_tail(5)}"
+    def _import_key(self, transport: Transport, access: _Access, host: Node, url: str) -> None:
+        """Put the exported key back into a repository whose own key is missing."""
+        assert self.recovery is not None
+        entry = self.recovery.repository(host.name)
+        assert entry is not None
+        log.warning("the repository of %s on %s has lost its key: importing the one from the recovery file", self.source, host.name)
+        env = {k: v for k, v in access.env.items() if k != "BORG_PASSPHRASE_FD"}
+        result = transport.run(
+            borg_restore.key_import_argv(self.destination.borg, url), env=env, stdin=entry.key.encode(), timeout=600
         )
-
-
-def _extract(
-    ctx: Context, transport: Transport, access: _Access, source: str, destination: Node, directory: str, host: Node,
-    url: str, archive: str, paths: Sequence[str], dry_run: bool, detail: dict[str, object],
-    on_progress: Callable[[ExtractProgress], None] | None, on_line: Callable[[str], None] | None,
-) -> RestoreResult:
-    progress = ExtractProgress(keep_listed=dry_run)
-
-    def feed(line: str) -> None:
-        if on_line is not None:
-            on_line(line)
-        if progress.feed(line) and on_progress is not None:
-            on_progress(progress)
-
-    started = time.time()
-    run_id = ctx.history.start_run("restore", source, host.name, started=started)
-    log.info("restore start %s from %s into %s:%s (%s)", source, host.name, destination.name, directory, access.name)
-    try:
-        result = access.run(
-            transport,
-            borg_restore.extract_argv(destination.borg, url, archive, paths, dry_run=dry_run),
-            cwd=directory if not dry_run else "/",
-            timeout=RESTORE_TIMEOUT,
-            on_stderr_line=feed,
-        )
-    except MutualBackupError as exc:
-        ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=detail)
-        raise _RecordedFailure(
-            f"restore of {source} from {host.name} into {destination.name}:{directory} was cut off: {exc}\n"
-            f"{progress.files} item(s) were written before; run the restore again with --force once {destination.name} is back"
-        ) from None
-    seconds = time.time() - started
-    verdict = borg.classify_exit(result.exit_code)
-    detail = dict(detail, files=progress.files, bytes=progress.bytes_done, seconds=round(seconds, 3))
-    if verdict not in ("success", "warning") and result.exit_code in UNREACHABLE and progress.files == 0:
-        error = f"{host.name}: borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{progress.tail(5)}"
-        ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail)
-        raise _HostUnusable(error)
-    if verdict not in ("success", "warning"):
-        error = f"borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{progress.tail()}".strip()
-        ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail,
-                               nfiles=progress.files, original_bytes=progress.bytes_done)
-        raise _RecordedFailure(f"restore of {source} from {host.name} into {destination.name}:{directory} failed: {error}")
-    warnings = tuple(progress.messages) if verdict == "warning" else ()
-    ctx.history.finish_run(
-        run_id, verdict, exit_code=result.exit_code, archive=archive, detail=detail, nfiles=progress.files,
-        original_bytes=progress.bytes_done, error="\n".join(warnings[-15:]) or None,
-    )
-    log.info("restore end   %s from %s: %s, %d item(s), %.1fs", source, host.name, verdict, progress.files, seconds)
-    return RestoreResult(
-        source=source, replica=host.name, archive=archive, node=destination.name, directory=directory, dry_run=dry_run,
-        listed=tuple(progress.listed), files=progress.files, bytes=progress.bytes_done, seconds=round(seconds, 3),
-        result=verdict, access=access.name, recovery=bool(detail.get("recovery")), warnings=warnings,
-    )
-
-
-def _prepare_target(transport: Transport, directory: str, force: bool) -> None:
-    """Create ``directory``; refuse a non-empty one unless ``force``."""
-    check = transport.run(
-        ("sh", "-c", 'mkdir -p -- "$1" && [ -z "$(ls -A -- "$1")" ]', "sh", directory), timeout=60
-    )
-    if check.exit_code != 0:
-        if check.stderr.strip():
-            raise OperationFailed(f"cannot create {directory} on {transport.node_name}: {check.stderr_tail()}")
-        if not force:
-            raise UsageError(
-                f"{transport.node_name}:{directory} is not empty; restore into a new directory, or add --force to write over it"
+        if result.exit_code not in (0, 1):
+            raise OperationFailed(
+                f"the repository on {host.name} has no key and `borg key import` failed (exit {result.exit_code}): "
+                f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}"
             )
+
+    def _extract(self, transport: Transport, access: _Access, host: Node, url: str, archive: str) -> RestoreResult:
+        progress = ExtractProgress(keep_listed=self.dry_run)
+
+        def feed(line: str) -> None:
+            if self.on_line is not None:
+                self.on_line(line)
+            if progress.feed(line) and self.on_progress is not None:
+                self.on_progress(progress)
+
+        argv = borg_restore.extract_argv(self.destination.borg, url, archive, self.paths, dry_run=self.dry_run)
+        if access.prepare is not None:
+            argv, cwd = borg_restore.prepare_then_exec(access.prepare[0], access.prepare[1], argv), None
+        else:
+            cwd = "/" if self.dry_run else self.directory
+        started = time.time()
+        run_id = self.ctx.history.start_run("restore", self.source, host.name, started=started)
+        log.info("restore start %s from %s into %s:%s (%s)", self.source, host.name, self.destination.name, self.directory, access.name)
+        try:
+            result = access.run(transport, argv, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed)
+            _target_refused(result.exit_code, self.destination.name, self.directory, progress.tail(3))
+        except MutualBackupError as exc:
+            self.ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=self.detail)
+            if isinstance(exc, UsageError):
+                raise
+            raise _RecordedFailure(
+                f"restore of {self.source} from {host.name} into {self.destination.name}:{self.directory} was cut off: {exc}\n"
+                f"{progress.files} item(s) were written before; run the restore again with --force once "
+                f"{self.destination.name} is back"
+            ) from None
+        seconds = time.time() - started
+        verdict = borg.classify_exit(result.exit_code)
+        detail = dict(self.detail, files=progress.files, bytes=progress.bytes_done, seconds=round(seconds, 3))
+        failed = verdict not in ("success", "warning")
+        if failed and result.exit_code in UNREACHABLE and progress.files == 0:
+            error = (f"{host.name}: borg extract exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
+                     f"{borg_restore.error_lines(progress.tail(40))}")
+            self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail)
+            raise _HostUnusable(error)
+        if failed:
+            error = (f"borg extract exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
+                     f"{borg_restore.error_lines(progress.tail(40))}").strip()
+            self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive,
+                                        detail=detail, nfiles=progress.files, original_bytes=progress.bytes_done)
+            raise _RecordedFailure(
+                f"restore of {self.source} from {host.name} into {self.destination.name}:{self.directory} failed: {error}"
+            )
+        warnings = tuple(progress.messages) if verdict == "warning" else ()
+        self.ctx.history.finish_run(
+            run_id, verdict, exit_code=result.exit_code, archive=archive, detail=detail, nfiles=progress.files,
+            original_bytes=progress.bytes_done, error="\n".join(warnings[-15:]) or None,
+        )
+        log.info("restore end   %s from %s: %s, %d item(s), %.1fs", self.source, host.name, verdict, progress.files, seconds)
+        return RestoreResult(
+            source=self.source, replica=host.name, archive=archive, node=self.destination.name, directory=self.directory,
+            dry_run=self.dry_run, listed=tuple(progress.listed), files=progress.files, bytes=progress.bytes_done,
+            seconds=round(seconds, 3), result=verdict, access=access.name, recovery=self.recovery is not None,
+            warnings=warnings,
+        )
 
 
 # --- for the command line --------------------------------------------------------------

@@ -4,6 +4,9 @@
 - ``failing``: the last ``FAILING_AFTER`` attempts or more failed in a row;
 - ``late``: the last success is older than the source's ``rpo``;
 - ``ok``: otherwise.
+
+Each row also carries its source's restore drill (:func:`drill_state`): ``ok``,
+``overdue``, ``failed`` or ``never``, with the last drill, its replica and error.
 """
 
 from __future__ import annotations

@@ -1,0 +1,195 @@
+"""Restore time: ``mutualbackup restore`` against bare ``borg extract`` over the same SSH.
+
+Builds a small lab federation (coopcycle/web1, the source; coopcycle/web2, another
+node; picasoft/store1, the replica host), backs up SIZE MiB of incompressible data
+plus a few hundred small files, then, REPEAT times and in turns (so that caches and
+the neighbours' load affect each alike):
+
+- ``bare``: ``borg extract`` of the archive, run as the source would (its key, its
+  pinned known_hosts, its passphrase file), into an empty directory;
+- ``source``: ``mutualbackup restore SOURCE --to SOURCE:DIR --archive NAME``
+  (the CLI's ``main``, in this process: everything but the interpreter start);
+- ``other node``: the same onto coopcycle/web2 (temporary key and authorisation).
+
+Prints the median times and the ratios to ``bare`` (goal: ≤ 1.05). Needs root and
+/usr/sbin/sshd, like the lab. Usage::
+
+    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mutualbackup import labfed
+from mutualbackup.cli import main as mutualbackup_main
+from mutualbackup.lab import Lab
+
+GOAL = 1.05
+SOURCE = "coopcycle/web1"
+OTHER = "coopcycle/web2"
+HOST = "picasoft/store1"
+
+
+def cli(inventory: Path, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = mutualbackup_main(["--inventory", str(inventory), *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def build(root: Path, borg: str) -> tuple[Lab, labfed.LabFederation]:
+    node = {"address": "x", "user": "x", "host_key": "x"}
+    federation = {
+        "federation": "bench",
+        "coordinator": {"ssh_key": "/nonexistent", "state": "/nonexistent", "timezone": "UTC"},
+        "defaults": {"replicas": 1, "every": "24h", "rpo": "26h", "retention": {"daily": 7}, "compression": "lz4"},
+    }
+    members = {
+        "coopcycle": {"member": "coopcycle", "contact": "a@b.c", "site": "paris", "nodes": [
+            {"name": "web1", **node, "backup": {"paths": ["/srv/data"], "estimate": "1GiB"}},
+            {"name": "web2", **node},
+        ]},
+        "picasoft": {"member": "picasoft", "contact": "a@b.c", "site": "compiegne", "nodes": [
+            {"name": "store1", **node, "storage": {"path": "/srv/mb", "capacity": "100GiB"}},
+        ]},
+    }
+    lab = Lab(root / "lab", borg=borg)
+    return lab, labfed.build(lab, federation, members, root)
+
+
+def write_data(directory: Path, size_mb: int) -> int:
+    """``size_mb`` MiB in 8 MiB random files, plus 300 small files; returns the bytes written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    total = 0
+    chunk = 8 * 1024 * 1024
+    for index in range((size_mb * 1024 * 1024 + chunk - 1) // chunk):
+        size = min(chunk, size_mb * 1024 * 1024 - index * chunk)
+        (directory / f"blob-{index:04d}.bin").write_bytes(os.urandom(size))
+        total += size
+    small = directory / "small files"
+    small.mkdir(exist_ok=True)
+    for index in range(300):
+        data = os.urandom(2000)
+        (small / f"f{index:03d}").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def bare_extract(fed: labfed.LabFederation, url: str, target: Path) -> None:
+    work = Path(fed.nodes[SOURCE].workdir)
+    env = dict(os.environ)
+    env.update(
+        BORG_RSH=f"ssh -o BatchMode=yes -o IdentitiesOnly=yes -i {work}/id_ed25519 -o UserKnownHostsFile={work}/known_hosts "
+        "-o StrictHostKeyChecking=yes",
+        BORG_PASSCOMMAND=f"cat {work}/passphrase",
+        BORG_BASE_DIR=str(work / "borg"),
+        BORG_EXIT_CODES="modern",
+        LANG="C.UTF-8",
+    )
+    target.mkdir(parents=True)
+    subprocess.run([fed.lab.borg, "extract", url], cwd=target, env=env, check=True, stdin=subprocess.DEVNULL,
+                   capture_output=True)
+
+
+def timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
+    lab, fed = build(root, borg)
+    with lab:
+        data = fed.data_path(SOURCE, "/srv/data")
+        written = write_data(data, size_mb)
+        for args in (("apply",), ("run",)):
+            code, out, err = cli(fed.inventory, *args)
+            if code != 0:
+                raise SystemExit(f"mutualbackup {args[0]} failed:\n{out}{err}")
+        code, out, err = cli(fed.inventory, "archives", SOURCE, "--json")
+        archive = json.loads(out)["archives"][-1]["name"]
+        node = fed.nodes[HOST]
+        url = f"ssh://root@127.0.0.1:{node.port}{node.storage}/coopcycle/web1::{archive}"
+        scratch = root / "targets"
+        counter = iter(range(10**6))
+
+        def fresh() -> Path:
+            return scratch / f"t{next(counter)}"
+
+        def through_cli(destination: str) -> Callable[[], None]:
+            def restore() -> None:
+                target = fresh()
+                code, out, err = cli(fed.inventory, "restore", SOURCE, "--to", f"{destination}:{target}", "--archive", archive)
+                if code != 0:
+                    raise SystemExit(f"mutualbackup restore failed:\n{out}{err}")
+                shutil.rmtree(target)
+            return restore
+
+        def bare() -> None:
+            target = fresh()
+            bare_extract(fed, url, target)
+            shutil.rmtree(target)
+
+        ways: dict[str, Callable[[], None]] = {"bare": bare, "source": through_cli(SOURCE), "other node": through_cli(OTHER)}
+        bare()  # warm-up: page cache, borg's security directory
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(repeat):
+            for name, action in ways.items():
+                times[name].append(timed(action))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "bytes": written,
+        "repeat": repeat,
+        "seconds": {name: [round(v, 3) for v in values] for name, values in times.items()},
+        "median_seconds": {name: round(v, 3) for name, v in medians.items()},
+        "ratio_source": round(medians["source"] / medians["bare"], 3),
+        "ratio_other_node": round(medians["other node"] / medians["bare"], 3),
+        "goal": GOAL,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    m = result["median_seconds"]
+    mib = result["bytes"] / 1024**2
+    return "\n".join([
+        f"restore of {mib:.0f} MiB, median of {result['repeat']} run(s) each:",
+        f"  bare borg extract                       {m['bare']:7.2f} s  ({mib / m['bare']:.0f} MiB/s)",
+        f"  mutualbackup restore onto the source    {m['source']:7.2f} s  ratio {result['ratio_source']:.3f}",
+        f"  mutualbackup restore onto another node  {m['other node']:7.2f} s  ratio {result['ratio_other_node']:.3f}",
+        f"  goal: ratio ≤ {result['goal']}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--root", type=Path, help="work directory (default: a new temporary one, removed afterwards)")
+    parser.add_argument("--borg", default=shutil.which("borg") or str(Path(sys.executable).with_name("borg")))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        print("the bench needs root and /usr/sbin/sshd (it runs a lab federation)", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="restore-bench-")))
+        result = run(args.size_mb, args.repeat, root, args.borg)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""A fake federation for fast tests: a fake clock, and fake nodes that answer borg argv.
+
+:class:`FakeWorld` plays every node of a federation. Its :meth:`FakeWorld.connect`
+is a Context connector: it returns a :class:`FakeTransport`, which implements
+:class:`mutualbackup.transport.Transport`. Commands are matched by argv, never
+by a shell line:
+
+- the :mod:`mutualbackup.supervise` wrapper is unwrapped (the pidfile is noted);
+- scripted rules (:meth:`FakeWorld.script`) are asked first, in order; the first
+  that returns a Result answers (a rule may also sleep on the fake clock);
+- otherwise borg create / list / prune / info / check / compact / break-lock and
+  the repository-facts, lock-listing, ps and stop scripts get plausible answers
+  from an in-memory model of the repositories.
+
+``borg create`` takes ``FakeWorld.duration(source, target)`` seconds of *fake*
+time: the job's thread sleeps on the :class:`FakeClock` until the test advances
+it. :meth:`FakeClock.settle` waits (in real time, polling) until every job
+thread is asleep on the fake clock or has ended, so a test can step a daemon
+through a week deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from mutualbackup import borg, supervise
+from mutualbackup.errors import TransportError
+from mutualbackup.model import Backup, Federation, Node, Retention
+from mutualbackup.retention import plan_prune
+from mutualbackup.transport import Result
+
+HOME = "/home/fake"
+ARCHIVE_BYTES = 100_000_000  # live bytes each fake archive adds
+_URL = re.compile(r"ssh://[^@]+@(\[[^\]]+\]|[^:/]+):(\d+)(/.*)\Z")
+
+
+class FakeClock:
+    """Time that moves only when the test says so; threads can sleep on it."""
+
+    def __init__(self, start: float):
+        self._now = float(start)
+        self._cond = threading.Condition()
+        self.sleepers: dict[int, float] = {}
+
+    def time(self) -> float:
+        with self._cond:
+            return self._now
+
+    def sleep_until(self, deadline: float) -> None:
+        ident = threading.get_ident()
+        with self._cond:
+            self.sleepers[ident] = deadline
+            try:
+                while self._now < deadline:
+                    self._cond.wait()
+            finally:
+                del self.sleepers[ident]
+
+    def advance_to(self, instant: float) -> None:
+        with self._cond:
+            if instant < self._now:
+                raise ValueError("the fake clock never goes back")
+            self._now = float(instant)
+            self._cond.notify_all()
+
+    def next_deadline(self) -> float | None:
+        """The earliest instant a sleeping thread waits for."""
+        with self._cond:
+            return min(self.sleepers.values(), default=None)
+
+    def settle(self, threads: Iterable[threading.Thread | None], timeout: float = 20.0) -> None:
+        """Wait until each of ``threads`` has ended or sleeps on this clock for a future instant."""
+        threads = [t for t in threads if t is not None]
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                busy = [
+                    t for t in threads
+                    if t.is_alive() and not (t.ident in self.sleepers and self.sleepers[t.ident] > self._now)
+                ]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"threads never settled: {[t.name for t in busy]}")
+            time.sleep(0.0005)
+
+
+@dataclass
+class FakeRepo:
+    host: str
+    path: str
+    archives: dict[str, float] = field(default_factory=dict)  # name -> time (epoch)
+    disk_bytes: int = 0
+    last_write: float | None = None
+    compactions: int = 0
+
+    @property
+    def live_bytes(self) -> int:
+        return ARCHIVE_BYTES * len(self.archives)
+
+
+@dataclass(frozen=True)
+class Call:
+    node: str
+    argv: tuple[str, ...]  # unwrapped
+    start: float
+    end: float
+    exit_code: int
+    pidfile: str | None
+    timeout: float | None
+
+
+Rule = Callable[[Node, tuple[str, ...], "FakeWorld"], Result | None]
+
+
+class FakeWorld:
+    """Every node of ``federation``, answering on a :class:`FakeClock`."""
+
+    def __init__(self, federation: Federation, clock: FakeClock):
+        self.federation = federation
+        self.clock = clock
+        self.repos: dict[tuple[str, str], FakeRepo] = {}  # (host name, path)
+        self.files: dict[tuple[str, str], bytes] = {}
+        self.rules: list[Rule] = []
+        self.calls: list[Call] = []
+        self.unreachable: set[str] = set()
+        self.duration: Callable[[str, str], float] = lambda source, target: 600.0
+        self._lock = threading.Lock()
+        self._by_address = {(n.address, n.port): n for n in federation.nodes()}
+        self.active: dict[str, int] = {}  # host -> borg sessions on its repositories now
+        self.peak: dict[str, int] = {}
+        self.sessions: list[tuple[str, str, str, float, float]] = []  # (kind, source, host, start, end)
+
+    # -- scripting ---------------------------------------------------------
+
+    def script(self, rule: Rule) -> None:
+        """Answer some argv with ``rule`` (asked before the built-in answers)."""
+        self.rules.append(rule)
+
+    def repo(self, source: str, host: str) -> FakeRepo:
+        src, dst = self.federation.node(source), self.federation.node(host)
+        return self._repo(dst, borg.repository_path(src, dst))
+
+    def _repo(self, host: Node, path: str) -> FakeRepo:
+        key = (host.name, path)
+        with self._lock:
+            if key not in self.repos:
+                self.repos[key] = FakeRepo(host.name, path)
+            return self.repos[key]
+
+    def connect(self, node: Node) -> FakeTransport:
+        if node.name in self.unreachable:
+            raise TransportError(f"cannot connect to {node.name} ({node.address}:{node.port}): connection refused (fake)")
+        return FakeTransport(node, self)
+
+    # -- answers -----------------------------------------------------------
+
+    def answer(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        for rule in self.rules:
+            result = rule(node, argv, self)
+            if result is not None:
+                return result
+        if supervise.is_stop(argv):
+            return Result(argv, 0, b"not running\n", b"")
+        if argv[:1] == ("ps",):
+            return Result(argv, 1, b"", b"")
+        if argv[:2] == ("sh", "-c") and len(argv) >= 5:
+            return self._script(node, argv)
+        if argv[:2] == ("sh", "-c"):
+            return Result(argv, 0, b"", b"")  # a before: command
+        if len(argv) >= 2 and argv[1] in ("create", "list", "prune", "info", "check", "compact", "break-lock"):
+            return getattr(self, "_borg_" + argv[1].replace("-", "_"))(node, argv, timeout)
+        raise AssertionError(f"the fake does not know {argv!r} on {node.name}")
+
+    def _script(self, node: Node, argv: tuple[str, ...]) -> Result:
+        path = argv[4]
+        repo = self.repos.get((node.name, path))
+        if argv == borg.repository_facts_argv(path):
+            if repo is None:
+                return Result(argv, borg.REPOSITORY_MISSING, b"", b"")
+            line = f"{repo.last_write or 0} {repo.disk_bytes}\n" if repo.disk_bytes else ""
+            return Result(argv, 0, line.encode(), b"")
+        if argv == borg.lock_listing_argv(path):
+            return Result(argv, 0 if repo is not None else 3, b"fakehost\n", b"")
+        raise AssertionError(f"the fake does not know the script {argv[2][:40]!r}")
+
+    def _locate(self, url: str) -> tuple[Node, str]:
+        match = _URL.match(url.split("::", 1)[0])
+        assert match, url
+        host = self._by_address[(match.group(1).strip("[]"), int(match.group(2)))]
+        return host, match.group(3)
+
+    def _source_of(self, host: Node, path: str) -> str:
+        member, slug = path.rstrip("/").split("/")[-2:]
+        return f"{member}/{slug}"
+
+    def _session(self, kind: str, source: str, host: str, seconds: float, timeout: float | None) -> bool:
+        """Occupy ``host`` for ``seconds`` of fake time; False when ``timeout`` cut it short."""
+        start = self.clock.time()
+        with self._lock:
+            self.active[host] = self.active.get(host, 0) + 1
+            self.peak[host] = max(self.peak.get(host, 0), self.active[host])
+        cut = timeout is not None and timeout < seconds
+        try:
+            if seconds > 0:
+                self.clock.sleep_until(start + (timeout if cut else seconds))
+        finally:
+            with self._lock:
+                self.active[host] -= 1
+                self.sessions.append((kind, source, host, start, self.clock.time()))
+        return not cut
+
+    def _borg_create(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        location = next(a for a in argv if "::" in a)
+        host, path = self._locate(location)
+        source = self._source_of(host, path)
+        name = location.split("::", 1)[1]
+        if not self._session("create", source, host.name, self.duration(source, host.name), timeout):
+            return Result(argv, -1, b"", f"mutualbackup: {node.name}: timed out after {timeout:g}s\n".encode())
+        repo = self._repo(host, path)
+        now = self.clock.time()
+        with self._lock:
+            repo.archives[name] = now
+            repo.disk_bytes += ARCHIVE_BYTES
+            repo.last_write = now
+        out = {
+            "archive": {"name": name, "stats": {"original_size": 5 * ARCHIVE_BYTES, "compressed_size": 2 * ARCHIVE_BYTES,
+                                                "deduplicated_size": ARCHIVE_BYTES, "nfiles": 42}},
+            "cache": {"stats": {"unique_csize": repo.live_bytes}},
+        }
+        return Result(argv, 0, json.dumps(out).encode(), b"")
+
+    def _borg_list(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        repo = self._repo(*self._locate(argv[-1]))
+        archives = [
+            {"name": name, "archive": name, "id": f"{abs(hash(name)):064x}"[:64],
+             "start": time.strftime("%Y-%m-%dT%H:%M:%S.000000", time.gmtime(when))}
+            for name, when in sorted(repo.archives.items(), key=lambda item: item[1])
+        ]
+        return Result(argv, 0, json.dumps({"archives": archives}).encode(), b"")
+
+    def _borg_prune(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        host, path = self._locate(argv[-1])
+        repo = self._repo(host, path)
+        keep = {flag.split("=")[0][7:]: int(flag.split("=")[1]) for flag in argv if flag.startswith("--keep-")}
+        glob = argv[argv.index("--glob-archives") + 1]
+        matching = [borg.ArchiveEntry(n, _utc(t), "") for n, t in repo.archives.items() if n.startswith(glob.rstrip("*"))]
+        plan = plan_prune(matching, Retention(**keep))
+        with self._lock:
+            for name in plan.delete:
+                del repo.archives[name]
+            repo.last_write = self.clock.time()
+        return Result(argv, 0, b"", b"")
+
+    def _borg_info(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        repo = self._repo(*self._locate(argv[-1]))
+        return Result(argv, 0, json.dumps({"cache": {"stats": {"unique_csize": repo.live_bytes}}}).encode(), b"")
+
+    def _borg_check(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        return Result(argv, 0, b"", b"")
+
+    def _borg_compact(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        repo = self._repo(node, argv[-1])
+        with self._lock:
+            repo.disk_bytes = repo.live_bytes
+            repo.compactions += 1
+        return Result(argv, 0, b"", b"")
+
+    def _borg_break_lock(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
+        return Result(argv, 0, b"", b"")
+
+    def commands(self, *words: str) -> list[Call]:
+        """Calls whose argv contains every one of ``words``."""
+        return [c for c in self.calls if all(w in c.argv for w in words)]
+
+
+class FakeTransport:
+    """A :class:`mutualbackup.transport.Transport` onto one node of a :class:`FakeWorld`."""
+
+    def __init__(self, node: Node, world: FakeWorld):
+        self.node = node
+        self.node_name = node.name
+        self.world = world
+        self.closed = False
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_stderr_line: Callable[[str], None] | None = None,
+    ) -> Result:
+        if self.node.name in self.world.unreachable:
+            raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+        inner, pidfile, _run_id = supervise.unwrap(argv)
+        start = self.world.clock.time()
+        result = self.world.answer(self.node, inner, timeout)
+        with self.world._lock:
+            self.world.calls.append(Call(self.node.name, inner, start, self.world.clock.time(), result.exit_code, pidfile, timeout))
+        return Result(tuple(argv), result.exit_code, result.stdout, result.stderr)
+
+    def home(self) -> str:
+        return HOME
+
+    def read_file(self, path: str) -> bytes | None:
+        return self.world.files.get((self.node.name, path))
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        self.world.files[(self.node.name, path)] = data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def failing(exit_code: int, stderr: str, *, when: Callable[[Node, tuple[str, ...]], bool]) -> Rule:
+    """A rule: every argv for which ``when(node, argv)`` holds fails with ``exit_code`` and ``stderr``."""
+
+    def rule(node: Node, argv: tuple[str, ...], world: FakeWorld) -> Result | None:
+        return Result(argv, exit_code, b"", stderr.encode()) if when(node, argv) else None
+
+    return rule
+
+
+def _utc(epoch: float):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+# --- federations for fake tests ------------------------------------------------------
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+GIB = 1024**3
+
+
+def make_federation(
+    members: int = 3,
+    sources_per_member: int = 1,
+    *,
+    backup: Callable[[int, int], Backup] | None = None,
+    max_concurrent: Callable[[int], int] = lambda m: 2,
+    bandwidth: Callable[[int], int | None] = lambda m: 100_000_000,
+    timezone: str = "Europe/Paris",
+    directory: str = "",
+) -> Federation:
+    """``members`` members ``coopM``, each lending one host ``coopM/store`` and owning
+    ``sources_per_member`` sources ``coopM/srcJ``; ``backup(m, j)`` gives each source's section."""
+    from mutualbackup.model import Coordinator, Member, Storage
+
+    def default_backup(m: int, j: int) -> Backup:
+        return Backup(paths=("/etc", "/srv"), estimate=GIB, retention=Retention(daily=7))
+
+    make_backup = backup or default_backup
+    result = []
+    for m in range(members):
+        member = f"coop{m}"
+        nodes = [Node(member=member, slug="store", address=f"192.0.2.{m + 1}", port=22, user="mutualbackup",
+                      host_key=HOST_KEY, site=f"site-{m}",
+                      storage=Storage(path="/srv/mutualbackup", capacity=2000 * GIB,
+                                      max_concurrent=max_concurrent(m), bandwidth=bandwidth(m)))]
+        for j in range(sources_per_member):
+            nodes.append(Node(member=member, slug=f"src{j}", address=f"198.51.{m}.{j + 1}", port=22, user="root",
+                              host_key=HOST_KEY, site=f"site-{m}", backup=make_backup(m, j)))
+        result.append(Member(name=member, contact=f"ops@{member}.example", site=f"site-{m}", nodes=tuple(nodes)))
+    return Federation(
+        name="fake-federation",
+        coordinator=Coordinator(ssh_key="/nonexistent", state="/nonexistent", timezone=timezone),
+        members=tuple(result),
+        directory=directory,
+    )
+
+
+class Harness:
+    """A real :class:`mutualbackup.daemon.Daemon` on a :class:`FakeWorld`, stepped on a :class:`FakeClock`."""
+
+    def __init__(self, federation: Federation, state_dir: str, start: float, **daemon_options: object):
+        import datetime as dt
+
+        from mutualbackup.context import Context
+        from mutualbackup.daemon import Daemon
+        from mutualbackup.history import History
+        from mutualbackup.placement import place
+
+        self._dt = dt
+        self.federation = federation
+        self.clock = FakeClock(start)
+        self.world = FakeWorld(federation, self.clock)
+        self.history = History(state_dir)
+        self.ctx = Context(federation, self.history, self.world.connect)
+        self.placement = place(federation).replicas
+        self.history.set_placement(self.placement, now=start)
+        self.daemon = Daemon(self.ctx, clock=self.clock.time, **daemon_options)  # type: ignore[arg-type]
+        self.steps = 0
+
+    def now(self):
+        return self._dt.datetime.fromtimestamp(self.clock.time(), self._dt.timezone.utc)
+
+    def threads(self) -> list[threading.Thread | None]:
+        return [job.thread for job in list(self.daemon.running.values())]
+
+    def step(self) -> list:
+        """One daemon tick at the fake now; returns the jobs started (settled: asleep or done)."""
+        self.clock.settle(self.threads())
+        started = self.daemon.step(self.now())
+        self.steps += 1
+        self.clock.settle(self.threads())
+        return started
+
+    def run_until(self, until: float) -> None:
+        """Tick at every instant something can change (a job ends, a job becomes due) until ``until``."""
+        while True:
+            self.step()
+            self.daemon.reap()
+            wake = self.daemon.next_wakeup(self.now())
+            events = [t for t in (self.clock.next_deadline(), wake.timestamp() if wake else None) if t is not None]
+            following = min(events, default=until)
+            following = max(following, self.clock.time() + 1)  # at least one second later
+            if following > until:
+                self.clock.advance_to(until)
+                self.clock.settle(self.threads())
+                self.daemon.reap()
+                return
+            self.clock.advance_to(following)
+
+    def finish(self) -> None:
+        """Let every running job end (advancing the fake clock), starting nothing new."""
+        while self.daemon.running:
+            self.clock.settle(self.threads())
+            self.daemon.reap()
+            deadline = self.clock.next_deadline()
+            if deadline is not None:
+                self.clock.advance_to(deadline)

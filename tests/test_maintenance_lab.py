@@ -1,0 +1,220 @@
+"""Prune, check, compaction guard, verify and stale locks on real sshd nodes and real borg.
+
+One small federation for the module: alpha/web (a source) backs up onto beta/store
+(a host). Archives are made with chosen timestamps (``borg create --timestamp``)
+through the source's own key, exactly as the source's borg would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mutualbackup import borg, labfed
+from mutualbackup.context import Context, ssh_connector
+from mutualbackup.history import History
+from mutualbackup.inventory import load_inventory
+from mutualbackup.lab import Lab
+from mutualbackup.labfed import LabFederation
+from mutualbackup.maintenance import check_replica, compact_replica, prune_replica
+from mutualbackup.recovery import recover_pair
+
+from labkit import mb
+
+pytestmark = pytest.mark.lab
+
+SOURCE, HOST = "alpha/web", "beta/store"
+
+
+def two_members() -> tuple[dict, dict]:
+    federation = {
+        "federation": "maintenance-lab",
+        "coordinator": {"ssh_key": "/nonexistent", "state": "/nonexistent", "timezone": "UTC"},
+        "defaults": {"replicas": 1, "every": "24h", "retention": {"daily": 2, "weekly": 2, "monthly": 2}},
+    }
+    members = {
+        "alpha": {"member": "alpha", "contact": "ops@alpha.example", "site": "a",
+                  "nodes": [{"name": "web", "address": "x", "user": "x", "host_key": "x",
+                             "backup": {"paths": ["/srv/data"], "estimate": "1GiB"}}]},
+        "beta": {"member": "beta", "contact": "ops@beta.example", "site": "b",
+                 "nodes": [{"name": "store", "address": "x", "user": "x", "host_key": "x",
+                            "storage": {"path": "/srv/mb", "capacity": "100GiB"}}]},
+    }
+    return federation, members
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[LabFederation]:
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("lab tests need root and /usr/sbin/sshd")
+    root = tmp_path_factory.mktemp("maintenance")
+    with Lab(root / "lab", borg=borg_path) as lab:
+        federation = labfed.build(lab, *two_members(), root)
+        code, out, err = mb(federation, "apply")
+        assert code == 0, out + err
+        yield federation
+
+
+def context(fed: LabFederation) -> Context:
+    federation = load_inventory(str(fed.inventory))
+    return Context(federation, History(fed.state), ssh_connector(federation))
+
+
+def repo_dir(fed: LabFederation) -> Path:
+    return Path(fed.nodes[HOST].storage) / "alpha" / "web"
+
+
+def borg_as_source(fed: LabFederation, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """borg run on this machine exactly as alpha/web runs it: its key, pinned hosts, passphrase and cache."""
+    work = Path(fed.nodes[SOURCE].workdir)
+    env = {**os.environ, **borg.client_env(borg.SourcePaths(str(work))), "BORG_DELETE_I_KNOW_WHAT_I_AM_DOING": "YES"}
+    return subprocess.run([fed.lab.borg, *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120, cwd=cwd)
+
+
+def url(fed: LabFederation) -> str:
+    node = fed.nodes[HOST]
+    return f"ssh://root@127.0.0.1:{node.port}{node.storage}/alpha/web"
+
+
+def archives(fed: LabFederation) -> list[str]:
+    listed = borg_as_source(fed, "list", "--short", url(fed))
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout.split()
+
+
+def create_at(fed: LabFederation, name: str, timestamp: str) -> None:
+    """An archive called ``name`` dated ``timestamp`` (UTC), holding data no other archive has."""
+    data = fed.data_path(SOURCE, "/srv/data")
+    (data / "unique.bin").write_bytes(os.urandom(400_000))
+    made = borg_as_source(fed, "create", "--timestamp", timestamp, f"{url(fed)}::{name}", str(data))
+    assert made.returncode == 0, made.stderr
+    ctx = context(fed)
+    ctx.history.record_archives(SOURCE, HOST, [(name, time.time())])  # as run_backup records what it made
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file of a repository: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*") if p.is_file() and "lock" not in p.name}
+
+
+# Chosen so the expected result can be worked out by hand (see the test).
+DATED = [
+    ("web-2025-01-15T10:00:00", "2025-01-15T10:00:00"),
+    ("web-2025-02-10T10:00:00", "2025-02-10T10:00:00"),
+    ("web-2025-03-03T10:00:00", "2025-03-03T10:00:00"),
+    ("web-2025-03-05T10:00:00", "2025-03-05T10:00:00"),
+    ("web-2025-03-10T09:00:00", "2025-03-10T09:00:00"),
+    ("web-2025-03-10T18:00:00", "2025-03-10T18:00:00"),
+    ("web-2025-03-11T10:00:00", "2025-03-11T10:00:00"),
+]
+
+
+def test_prune_keeps_exactly_what_the_retention_says_and_records_what_it_removed(fed: LabFederation) -> None:
+    for name, timestamp in DATED:
+        create_at(fed, name, timestamp)
+    ctx = context(fed)
+    outcome = prune_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))
+    assert outcome.result == "success", outcome.error
+    # daily=2: 03-11, 03-10 18h.  weekly=2 (ISO weeks): W11 is taken, so 03-05 (W10), 02-10 (W07).
+    # monthly=2: March and February are taken, so 01-15 (January); the list ends there.
+    expected = {"web-2025-01-15T10:00:00", "web-2025-02-10T10:00:00", "web-2025-03-05T10:00:00",
+                "web-2025-03-10T18:00:00", "web-2025-03-11T10:00:00"}
+    assert set(archives(fed)) == expected
+    assert sorted(outcome.detail["pruned"]) == ["web-2025-03-03T10:00:00", "web-2025-03-10T09:00:00"]
+    known = ctx.history.known_archives(SOURCE, HOST)
+    assert {name for name, (_, pruned) in known.items() if pruned is not None} == {
+        "web-2025-03-03T10:00:00", "web-2025-03-10T09:00:00"}
+    prune_run = ctx.history.last_run("prune", SOURCE, HOST)
+    assert prune_run.succeeded and prune_run.repository_bytes and prune_run.repository_bytes > 0
+
+
+def test_compaction_after_the_coordinators_own_prune_frees_space_on_the_host(fed: LabFederation) -> None:
+    ctx = context(fed)
+    before = sum(size for size, _ in snapshot(repo_dir(fed)).values())
+    outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))
+    assert outcome.result == "success", outcome.error
+    assert outcome.detail["compacted"] is True
+    assert outcome.detail["freed_bytes"] > 300_000  # the two pruned archives held 400 kB of their own each
+    assert sum(size for size, _ in snapshot(repo_dir(fed)).values()) < before
+    again = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))
+    assert again.result == "success" and again.detail["compacted"] is False  # nothing pruned since
+
+
+def test_compaction_refuses_after_a_hand_deletion_with_the_sources_key_and_nothing_is_lost(fed: LabFederation) -> None:
+    victim = "web-2025-02-10T10:00:00"
+    deleted = borg_as_source(fed, "delete", f"{url(fed)}::{victim}")
+    assert deleted.returncode == 0, deleted.stderr  # append-only: the delete "succeeds"
+    assert victim not in archives(fed)
+    on_disk = snapshot(repo_dir(fed))
+    ctx = context(fed)
+    outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST), force=True)
+    assert outcome.result == "failure"
+    assert victim in outcome.error
+    assert "nothing was compacted" in outcome.error and "roll" in outcome.error and "mutualbackup verify" in outcome.error
+    assert snapshot(repo_dir(fed)) == on_disk  # not a byte moved: the deletion can still be rolled back
+    alerts = [a for a in ctx.history.alerts() if a["kind"] == "compaction-refused"]
+    assert alerts and victim in alerts[0]["message"]
+    run = ctx.history.last_run("compact", SOURCE, HOST)
+    assert run.result == "failure" and victim in run.error
+
+
+def test_verify_checks_the_repository_on_the_host_and_the_archives_from_the_source(fed: LabFederation) -> None:
+    code, out, err = mb(fed, "verify")
+    assert code == 0, err
+    assert f"{SOURCE} → {HOST}  ok" in out
+    ctx = context(fed)
+    assert ctx.history.last_run("check", SOURCE, HOST).result == "success"
+    repo_check = ctx.history.last_run("repo-check", SOURCE, HOST)
+    assert repo_check.result == "success" and '"segments"' in repo_check.detail
+
+
+def test_verify_fails_with_exit_1_on_a_corrupted_segment_even_with_the_source_down(fed: LabFederation) -> None:
+    segment = max((p for p in (repo_dir(fed) / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    original = segment.read_bytes()
+    middle = len(original) // 2
+    segment.write_bytes(original[:middle] + bytes(b ^ 0xFF for b in original[middle:middle + 64]) + original[middle + 64:])
+    fed.lab.stop(fed.nodes[SOURCE])
+    try:
+        code, out, err = mb(fed, "verify", SOURCE)
+        assert code == 1
+        assert f"{SOURCE} → {HOST}  FAILED  repo-check" in err
+        ctx = context(fed)
+        assert ctx.history.last_run("repo-check", SOURCE, HOST).result == "failure"
+        assert ctx.history.last_run("check", SOURCE, HOST).result == "failure"
+    finally:
+        segment.write_bytes(original)
+        fed.lab.start(fed.nodes[SOURCE])
+    code, out, err = mb(fed, "verify", SOURCE)
+    assert code == 0, err
+
+
+def test_a_stale_lock_of_a_dead_borg_on_the_host_is_broken_and_a_live_one_is_not(fed: LabFederation) -> None:
+    ctx = context(fed)
+    source, host = ctx.node(SOURCE), ctx.node(HOST)
+    hostname = os.uname().nodename
+    lock = repo_dir(fed) / "lock.exclusive"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.mkdir()
+    (lock / f"{hostname}@12345.{os.getpid()}-0").touch()  # this test process: alive
+    try:
+        kept = recover_pair(ctx, source, host)
+        assert lock.exists()
+        assert any("live process" in note for note in kept.notes)
+    finally:
+        for f in lock.iterdir():
+            f.unlink()
+    (lock / f"{hostname}@12345.{gone.pid}-0").touch()  # a borg that died without unlocking
+    broken = recover_pair(ctx, source, host)
+    assert not lock.exists()
+    assert any("broke a stale lock" in note for note in broken.notes)
+    assert [a["kind"] for a in ctx.history.alerts()][:1] == ["stale-lock-broken"]
+    repository, archives_check = check_replica(ctx, source, host)
+    assert repository.ok and archives_check.ok

@@ -1,0 +1,323 @@
+"""Restore building blocks by value: argv, the temporary authorized_keys line, the
+passphrase pipe, borg's output. Fast: no lab (a few tiny local shell runs prove the
+shell snippets do what they say)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mutualbackup import borg_restore as br
+from mutualbackup.model import Node
+from mutualbackup.provision import BEGIN, END, replace_block
+from mutualbackup.restore import authorised, repository_url
+from mutualbackup.transport import Result
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
+NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+RID = "20260301T120000Z-abcd1234"
+
+
+def dequote_command(line: str) -> tuple[str, str]:
+    """(command, the rest) of a ``command="…"`` line, dequoted as OpenSSH does (only \\" is special)."""
+    assert line.startswith('command="')
+    out, i = [], len('command="')
+    while line[i] != '"':
+        if line[i] == "\\" and line[i + 1] == '"':
+            i += 1
+        out.append(line[i])
+        i += 1
+    return "".join(out), line[i + 1 :]
+
+
+# --- the temporary line ------------------------------------------------------------------
+
+
+def test_a_restore_id_says_when_it_was_made_and_carries_a_random_token() -> None:
+    assert br.new_restore_id(NOW, "abcd1234") == RID
+    assert br.restore_id_time(RID) == NOW
+    assert br.restore_id_time("not-an-id") is None
+    with pytest.raises(ValueError):
+        br.new_restore_id(NOW, "ZZ; rm -rf /")
+
+
+@pytest.mark.parametrize("repository", ["/srv/mb/coop/web1", "/srv/it's \"here\" now/coop/web1", "/srv/été -- --append-only=no/x"])
+def test_the_restore_line_confines_the_key_to_one_repository_read_mostly_and_expires(repository: str) -> None:
+    line = br.restore_line("/opt/borg", repository, KEY + " user@dest", "coop/web1", RID)
+    command, rest = dequote_command(line)
+    assert shlex.split(command) == [
+        "/opt/borg", "serve", "--restrict-to-repository", repository, "--append-only", "--storage-quota", "10M"
+    ]
+    assert rest == f',restrict,expiry-time="20260301180000Z" {KEY} mutualbackup-restore:coop/web1:{RID}'
+
+
+def test_restore_lines_are_recognised_and_expire_after_their_lifetime() -> None:
+    line = br.restore_line("borg", "/r", KEY, "coop/web1", RID)
+    parsed = br.parse_restore_line(line)
+    assert parsed == br.RestoreLine("coop/web1", RID, NOW)
+    assert br.parse_restore_line(f'command="borg serve",restrict {KEY} mutualbackup:coop/web1') is None
+    assert not br.is_stale_restore_line(line, NOW + br.RESTORE_LINE_LIFETIME - dt.timedelta(seconds=1))
+    assert br.is_stale_restore_line(line, NOW + br.RESTORE_LINE_LIFETIME)
+    assert br.is_stale_restore_line(f"{KEY} mutualbackup-restore:coop/web1:garbage", NOW)  # unreadable id: stale
+    replica = f'command="borg serve",restrict {KEY} mutualbackup:coop/web1'
+    assert br.live_restore_lines([replica, line], NOW) == [line]
+    assert br.live_restore_lines([replica, line], NOW + dt.timedelta(days=1)) == []
+
+
+def test_adding_a_restore_line_keeps_other_lines_and_drops_stale_ones() -> None:
+    replica = f'command="borg serve",restrict {KEY} mutualbackup:coop/web1'
+    old = br.restore_line("borg", "/r", KEY, "coop/web1", "20260101T000000Z-dead")
+    mine = br.restore_line("borg", "/r", KEY, "coop/web1", RID)
+    other = br.restore_line("borg", "/r", KEY, "coop/web1", "20260301T115900Z-beef")
+    assert br.with_restore_line([replica, old, other], mine, NOW) == [replica, other, mine]
+
+
+def test_removing_a_line_takes_exactly_that_line_in_one_round_trip(tmp_path: Path) -> None:
+    line = br.restore_line("borg", "/srv/it's here", KEY, "coop/web1", RID)
+    path = tmp_path / ".ssh" / "authorized_keys"
+    path.parent.mkdir()
+    path.write_text(f"-e admin\n{BEGIN}\n{line}\n{line[:-1]}\n{END}\n")
+    env = dict(os.environ, HOME=str(tmp_path))
+    assert subprocess.run(br.remove_line_argv("~/.ssh/authorized_keys", line), env=env).returncode == 0
+    assert path.read_text() == f"-e admin\n{BEGIN}\n{line[:-1]}\n{END}\n"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert subprocess.run(br.remove_line_argv("~/.ssh/authorized_keys", line), env=env).returncode == 0  # absent: no-op
+    assert subprocess.run(br.remove_line_argv("~/.ssh/missing", line), env=env).returncode == 0
+
+
+class LocalHost:
+    """A transport onto this machine, with HOME in a temporary directory (the SSH one, minus SSH)."""
+
+    node_name = "picasoft/store1"
+
+    def __init__(self, home: Path) -> None:
+        self.home_dir = home
+        self.closed = False
+
+    def run(self, argv, *, env=None, stdin=None, cwd=None, timeout=None, on_stderr_line=None):  # noqa: ANN001, ANN201
+        done = subprocess.run(list(argv), input=stdin or b"", capture_output=True, cwd=cwd,
+                              env=dict(os.environ, HOME=str(self.home_dir), **(env or {})))
+        return Result(tuple(argv), done.returncode, done.stdout, done.stderr)
+
+    def home(self) -> str:
+        return str(self.home_dir)
+
+    def read_file(self, path: str) -> bytes | None:
+        return Path(path).read_bytes() if Path(path).exists() else None
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        Path(path).write_bytes(data)
+        os.chmod(path, mode)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeContext:
+    def __init__(self, host: LocalHost) -> None:
+        self.host = host
+
+    def connect(self, node: Node) -> LocalHost:
+        return self.host
+
+
+def test_the_temporary_line_is_removed_even_when_the_restore_fails(tmp_path: Path) -> None:
+    outside = "# the member's admin\nssh-ed25519 AAAA admin@laptop\n"
+    replica = f'command="borg serve",restrict {KEY} mutualbackup:coop/web1'
+    stale = br.restore_line("borg", "/r", KEY, "coop/web1", "20200101T000000Z-dead")
+    path = tmp_path / ".ssh" / "authorized_keys"
+    path.parent.mkdir()
+    path.write_text(replace_block(outside, [replica, stale]))
+    host = LocalHost(tmp_path)
+    node = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
+    seen = []
+    restore_id = br.new_restore_id(dt.datetime.now(dt.timezone.utc), "abcd")
+    with pytest.raises(RuntimeError):
+        with authorised(FakeContext(host), node, "coop/web1", "/srv/mb/coop/web1", KEY, restore_id):  # type: ignore[arg-type]
+            seen.append(path.read_text())
+            raise RuntimeError("borg died")
+    assert f"mutualbackup-restore:coop/web1:{restore_id}" in seen[0] and stale not in seen[0]
+    after = path.read_text()
+    assert after == replace_block(outside, [replica])  # back to the replica line alone, outside untouched
+    assert after.index(BEGIN) < after.index(replica) < after.index(END)
+    assert host.closed
+
+
+# --- the delegated client ------------------------------------------------------------------
+
+
+def test_the_delegated_environment_names_files_and_an_fd_never_a_passphrase() -> None:
+    env = br.delegated_env(br.TemporaryPaths("/home/x/.mutualbackup/restore-ID.abc"))
+    assert env["BORG_PASSPHRASE_FD"] == "3"
+    assert "BORG_PASSPHRASE" not in env and "BORG_PASSCOMMAND" not in env
+    assert env["BORG_BASE_DIR"] == "/home/x/.mutualbackup/restore-ID.abc/borg"
+    rsh = shlex.split(env["BORG_RSH"])
+    assert rsh[rsh.index("-i") + 1] == "/home/x/.mutualbackup/restore-ID.abc/id_ed25519"
+    assert "UserKnownHostsFile=/home/x/.mutualbackup/restore-ID.abc/known_hosts" in rsh
+    assert "StrictHostKeyChecking=yes" in rsh and "BatchMode=yes" in rsh
+    assert env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] == "no"
+
+
+def test_the_passphrase_goes_to_fd_3_and_stdin_becomes_dev_null() -> None:
+    argv = br.with_passphrase_on_fd3(["prog", "--flag", "$(x)"])
+    assert argv == ("sh", "-c", 'exec 3<&0 </dev/null; exec "$@"', "sh", "prog", "--flag", "$(x)")
+    probe = "import os,sys; print(os.read(3, 100).decode(), repr(sys.stdin.read()), sys.argv[1:])"
+    done = subprocess.run(
+        br.with_passphrase_on_fd3([sys.executable, "-c", probe, "$(x)", "-n"]), input=b"s3cret pass", capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "s3cret pass '' ['$(x)', '-n']\n"
+
+
+def test_one_round_trip_checks_the_target_and_makes_a_private_key_directory(tmp_path: Path) -> None:
+    home, target = tmp_path / "home", tmp_path / "target dir"
+    home.mkdir()
+    argv = br.setup_destination_argv("~/work dir", str(target), False, RID, "mutualbackup-restore:coop/web1:" + RID, "[h]:2 ssh-ed25519 AAAA\n")
+    env = dict(os.environ, HOME=str(home))
+    made = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=env)
+    assert made.returncode == 0, made.stderr
+    directory, public = made.stdout.decode().splitlines()
+    assert Path(directory).parent == home / "work dir" and Path(directory).name.startswith(f"restore-{RID}.")
+    assert (Path(directory).stat().st_mode & 0o777) == 0o700 and target.is_dir()
+    assert public.split()[2] == "mutualbackup-restore:coop/web1:" + RID
+    assert (Path(directory) / "id_ed25519.pub").read_text().strip() == public
+    assert (Path(directory) / "known_hosts").read_text() == "[h]:2 ssh-ed25519 AAAA\n"
+    (target / "precious").write_text("keep")
+    refused = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=env)
+    assert refused.returncode == br.TARGET_NOT_EMPTY and len(list((home / "work dir").iterdir())) == 1
+    forced = br.setup_destination_argv("~/work dir", str(target), True, RID, "c", "")
+    assert subprocess.run(forced, capture_output=True, stdin=subprocess.DEVNULL, env=env).returncode == 0
+
+
+def test_a_restore_onto_the_source_checks_its_target_in_the_same_round_trip(tmp_path: Path) -> None:
+    target = tmp_path / "new dir"
+    argv = br.prepare_then_exec(str(target), False, ["sh", "-c", 'pwd; printf "%s|" "$@"', "sh", "-a", "$(b)"])
+    done = subprocess.run(argv, capture_output=True)
+    assert (done.returncode, done.stdout.decode()) == (0, f"{target}\n-a|$(b)|")
+    (target / "x").write_text("x")
+    assert subprocess.run(argv, capture_output=True).returncode == br.TARGET_NOT_EMPTY
+    assert subprocess.run(br.prepare_then_exec(str(target), True, ["true"])).returncode == 0
+
+
+def test_the_passphrase_is_read_on_the_node_with_its_home_expanded_there(tmp_path: Path) -> None:
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "passphrase").write_text("s3cret")
+    done = subprocess.run(br.read_passphrase_argv("~/wd"), capture_output=True, env=dict(os.environ, HOME=str(tmp_path)))
+    assert done.stdout == b"s3cret"
+
+
+def test_only_temporary_directories_are_ever_removed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    refused = subprocess.run(br.remove_temporary_dir_argv(str(elsewhere)), capture_output=True)
+    assert refused.returncode == 2 and elsewhere.exists()
+    temporary = tmp_path / f"restore-{RID}.aBc123"
+    temporary.mkdir()
+    assert subprocess.run(br.remove_temporary_dir_argv(str(temporary))).returncode == 0
+    assert not temporary.exists()
+
+
+# --- argv ------------------------------------------------------------------------------
+
+
+def test_extract_passes_paths_as_literal_prefixes_so_hostile_names_arrive_unchanged() -> None:
+    argv = br.extract_argv("borg", "ssh://u@h:22/r", "web1-2026", ["/etc/re:x", "-rf", "/srv/a b/sh:*"])
+    assert argv == (
+        "borg", "extract", "--lock-wait", "600", "--log-json", "--list", "--progress", "ssh://u@h:22/r::web1-2026",
+        "--", "pp:etc/re:x", "pp:-rf", "pp:srv/a b/sh:*",
+    )
+    assert br.extract_argv("borg", "U", "A", dry_run=True, progress=False) == (
+        "borg", "extract", "--lock-wait", "600", "--log-json", "--list", "--dry-run", "U::A"
+    )
+    assert br.extract_argv("borg", "U", "A", ["/x"], progress=False, exact=True)[-1] == "pf:x"
+
+
+def test_the_drill_lists_compactly_then_hashes_exactly_the_sample() -> None:
+    assert br.catalogue_argv("borg", "U", "A") == (
+        "borg", "list", "--lock-wait", "600", "--format", "{mode}{NUL}{size}{NUL}{path}{NUL}", "U::A"
+    )
+    assert br.hashes_argv("borg", "U", "A", ["etc/a", "-b"]) == (
+        "borg", "list", "--lock-wait", "600", "--json-lines", "--format",
+        "{type}{mode}{path}{size}{mtime}{linktarget}{source}{sha256}", "U::A", "--", "pf:etc/a", "pf:-b",
+    )
+
+
+def test_key_export_prints_to_stdout_and_key_import_reads_stdin() -> None:
+    assert br.key_export_argv("borg", "U") == ("borg", "key", "export", "U")
+    assert br.key_import_argv("borg", "U") == ("borg", "key", "import", "U", "-")
+
+
+def test_the_repository_url_brackets_ipv6_addresses() -> None:
+    node = Node(member="m", slug="h", address="2001:db8::1", port=2222, user="mb", host_key=KEY)
+    assert repository_url(node, "/srv/mb/c/w") == "ssh://mb@[2001:db8::1]:2222/srv/mb/c/w"
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def test_the_catalogue_parses_any_file_name() -> None:
+    raw = b"drwxr-xr-x\x000\x00etc\x00-rw-r--r--\x0012\x00etc/new\nline \xc3\xa9\x00hrw-r--r--\x000\x00etc/hard\x00"
+    assert br.parse_catalogue(raw) == [
+        br.Entry("d", 0, "etc"), br.Entry("-", 12, "etc/new\nline é"), br.Entry("h", 0, "etc/hard")
+    ]
+    with pytest.raises(ValueError):
+        br.parse_catalogue(b"-rw-r--r--\x0012\x00")
+
+
+def test_items_parse_with_their_checksum_and_mtime_in_utc() -> None:
+    line = (b'{"type": "-", "mode": "-rwsr-x---", "path": "etc/a b", "size": 2, "mtime": "2026-03-01T12:00:00.250000", '
+            b'"linktarget": "", "source": "", "sha256": "ab"}\n')
+    [item] = br.parse_items(line)
+    assert item == br.Item("etc/a b", "-", "-rwsr-x---", 2, NOW.timestamp() + 0.25, "", "", "ab")
+    assert item.permissions == 0o4750
+    with pytest.raises(ValueError):
+        br.parse_items(b"not json\n")
+
+
+@pytest.mark.parametrize("mode, bits", [("-rw-r--r--", 0o644), ("drwxrwxrwt", 0o1777), ("-rwSr-Sr-T", 0o7644), ("lrwxrwxrwx", 0o777)])
+def test_mode_strings_become_permission_bits(mode: str, bits: int) -> None:
+    assert br.mode_bits(mode) == bits
+
+
+def test_extract_progress_counts_items_and_bytes_and_keeps_borgs_messages() -> None:
+    progress = br.ExtractProgress(keep_listed=True)
+    lines = [
+        '{"message": "Calculating total", "current": 0, "total": 0, "type": "progress_percent", "finished": false}',
+        '{"type": "log_message", "message": "src/a b", "levelname": "INFO", "name": "borg.output.list"}',
+        '{"message": " 50%", "current": 100, "total": 200, "type": "progress_percent", "finished": false}',
+        '{"type": "log_message", "message": "src/c", "levelname": "INFO", "name": "borg.output.list"}',
+        '{"type": "log_message", "message": "some file vanished", "levelname": "WARNING", "name": "borg.archiver"}',
+        '{"type": "progress_percent", "finished": true}',
+        "Remote: ssh: connect to host 127.0.0.1 port 1: Connection refused",
+    ]
+    changed = [progress.feed(line) for line in lines]
+    assert changed == [True, True, True, True, False, True, False]
+    assert (progress.files, progress.bytes_done, progress.bytes_total) == (2, 200, 200)
+    assert progress.listed == ["src/a b", "src/c"]
+    assert progress.tail() == "WARNING: some file vanished\nRemote: ssh: connect to host 127.0.0.1 port 1: Connection refused"
+
+
+def test_a_key_export_is_recognised_by_its_header() -> None:
+    key_id = "e4ab17b9008f422cea378131e97051073b96449e800405fe204f6181310071cb"
+    assert br.parse_key_export(f"BORG_KEY {key_id}\nhqlhbGdv\n".encode()) == (key_id, f"BORG_KEY {key_id}\nhqlhbGdv\n")
+    with pytest.raises(ValueError):
+        br.parse_key_export(b"Error: something\n")
+
+
+def test_borg_errors_are_shown_without_traceback_or_platform_report() -> None:
+    stderr = (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise X\n"
+        "borg.helpers.errors.IntegrityError: Data integrity error: Segment entry checksum mismatch [segment 2, offset 676]\n"
+        "\nPlatform: Linux vm\nBorg: 1.4.5\nsys.argv: ['borg', 'list', 'SECRET-LOOKING ARGV']\n"
+    )
+    assert br.error_lines(stderr) == (
+        "borg.helpers.errors.IntegrityError: Data integrity error: Segment entry checksum mismatch [segment 2, offset 676]"
+    )
+    assert br.hint(90).startswith("data integrity error") and br.hint(255).startswith("ssh failed")
+
