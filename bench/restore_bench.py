@@ -167,8 +167,10 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join([
         f"restore of {mib:.0f} MiB, median of {result['repeat']} run(s) each:",
         f"  bare borg extract                       {m['bare']:7.2f} s  ({mib / m['bare']:.0f} MiB/s)",
-        f"  mutualbackup restore onto the source    {m['source']:7.2f} s  ratio {result['ratio_source']:.3f}",
-        f"  mutualbackup restore onto another node  {m['other node']:7.2f} s  ratio {result['ratio_other_node']:.3f}",
+        f"  mutualbackup restore onto the source    {m['source']:7.2f} s  ratio {result['ratio_source']:.3f}"
+        f"  (+{m['source'] - m['bare']:.2f} s)",
+        f"  mutualbackup restore onto another node  {m['other node']:7.2f} s  ratio {result['ratio_other_node']:.3f}"
+        f"  (+{m['other node'] - m['bare']:.2f} s)",
         f"  goal: ratio ≤ {result['goal']}",
     ])
 

@@ -264,10 +264,10 @@ class Daemon:
         job.thread = threading.Thread(
             target=self._run_job, args=(job, estimate), name=f"{kind} {source}->{target}", daemon=True
         )
-        with self._lock:
-            self.running[(source, target)] = job
         log.debug("starting %s %s -> %s (%s)", kind, source, target, reason)
         job.thread.start()
+        with self._lock:
+            self.running[(source, target)] = job
         return job
 
     def _run_job(self, job: RunningJob, estimate: float) -> None:

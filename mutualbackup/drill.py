@@ -19,6 +19,7 @@ A drill, on the source node with its own key:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import time
@@ -124,12 +125,16 @@ def choose_sample(
     return turns[first], chosen
 
 
-def drills_due(federation: Federation, history: History, now: float) -> list[str]:
-    """Sources whose drill is due at ``now`` (epoch seconds), most overdue first.
+def drills_due(federation: Federation, history: History, now: float | dt.datetime) -> list[str]:
+    """Sources whose drill is due at ``now`` (epoch seconds, or an aware datetime), most overdue first.
 
     Due: at least one successful backup, and no successful drill within
     ``drill_every``; a failed drill is retried after ``min(drill_every, RETRY_AFTER)``.
+    The daemon should not start a source's drill while that source's backup runs
+    (both lock the repository; borg would wait up to ``--lock-wait``).
     """
+    if isinstance(now, dt.datetime):
+        now = now.timestamp()
     due: list[tuple[float, str]] = []
     for source in federation.sources():
         assert source.backup is not None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -222,8 +222,4 @@ def summary(recovery: Recovery, out: str) -> Mapping[str, Any]:
         "mode": "0600",
         "repositories": [{"host": r.host, "path": r.path, "repository_id": r.repository_id} for r in recovery.repositories],
     }
-
-
-def hosts_in(recovery: Recovery) -> Sequence[str]:
-    return [r.host for r in recovery.repositories]
 

@@ -71,9 +71,12 @@ class StepOutcome:
 
 
 class _Failed(Exception):
-    def __init__(self, message: str, exit_code: int | None = None):
+    """A step failed; ``alert`` (a kind) also records an alert: the failure needs a human."""
+
+    def __init__(self, message: str, exit_code: int | None = None, *, alert: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.alert = alert
 
 
 class _Step:
@@ -105,6 +108,8 @@ class _Step:
         try:
             return body()
         except _Failed as exc:
+            if exc.alert:
+                self.ctx.history.add_alert(self.source.name, self.host.name, exc.alert, str(exc), now=self.clock())
             return self.fail(str(exc), exc.exit_code)
         except (MutualBackupError, ValueError) as exc:
             return self.fail(str(exc))
@@ -136,7 +141,8 @@ def _borg_ok(result: Result, what: str, *, strict: bool = False) -> None:
     verdict = borg.classify_exit(result.exit_code)
     if verdict != "success" and (strict or verdict != "warning"):
         if strict and verdict == "warning":
-            raise _Failed(f"{what} found errors (exit {result.exit_code}):\n{result.stderr_tail()}".strip(), result.exit_code)
+            raise _Failed(f"{what} found errors (exit {result.exit_code}):\n{result.stderr_tail()}".strip(), result.exit_code,
+                          alert="repository-damaged")
         raise _Failed(f"{what} exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail()}".strip(),
                       result.exit_code)
 
@@ -260,7 +266,8 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
             raise _Failed(
                 f"{host.name} may have lost data: the repository {path} was last written at "
                 f"{_iso(facts.last_write)}, but a backup into it succeeded at {_iso(last.ended)}. "
-                "Was the host restored from an older snapshot? Check with its operators before compacting anything."
+                "Was the host restored from an older snapshot? Check with its operators before compacting anything.",
+                alert="repository-rolled-back",
             )
         return step.succeed(detail)
 
@@ -271,9 +278,10 @@ def _facts(transport: Transport, host: Node, path: str) -> borg.RepositoryFacts:
     result = transport.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
     if result.exit_code == borg.REPOSITORY_MISSING:
         raise _Failed(f"the repository {path} is missing on {host.name}: the host lost it, or it was moved. "
-                      "Run `mutualbackup apply` to create an empty one (the history in it is gone).")
+                      "Run `mutualbackup apply` to create an empty one (the history in it is gone).", alert="repository-missing")
     if result.exit_code == borg.REPOSITORY_NOT_BORG:
-        raise _Failed(f"{path} on {host.name} holds no borg repository (no config or data/): it was damaged or replaced")
+        raise _Failed(f"{path} on {host.name} holds no borg repository (no config or data/): it was damaged or replaced",
+                      alert="repository-damaged")
     if not result.ok:
         raise _Failed(f"cannot read the repository {path} on {host.name} (exit {result.exit_code}): {result.stderr_tail(5)}")
     return borg.parse_repository_facts(result.stdout)
@@ -316,7 +324,7 @@ def compact_replica(
             source.name, host.name, [(a.name, a.time.timestamp()) for a in present if not borg.is_checkpoint(a.name)], now=clock()
         )
         baseline = _baseline_bytes(ctx.history.runs(source=source.name, target=host.name, limit=50))
-        problems = _guard_problems(vanished, baseline, live)
+        problems = guard_problems(vanished, baseline, live)
         if problems:
             message = _refusal(source, host, problems, vanished)
             ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
@@ -342,8 +350,12 @@ def compact_replica(
     return step.guarded(body)
 
 
-def _guard_problems(vanished: Sequence[str], baseline: int | None, live: int | None) -> list[str]:
-    """What promise 3 forbids compacting over (pure): missing archives, a shrunk live size."""
+def guard_problems(vanished: Sequence[str], baseline: int | None, live: int | None) -> list[str]:
+    """What promise 3 forbids compacting over (pure): archives that vanished, a live size that shrank.
+
+    ``baseline`` is the live size measured after the coordinator's last write, ``live`` the
+    size now; a shrink beyond :data:`SHRINK_TOLERANCE` is a deletion the coordinator did not make.
+    """
     problems = []
     if vanished:
         problems.append(f"{len(vanished)} archive(s) that the coordinator recorded and never pruned are gone: {', '.join(vanished)}")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import borg
 from .context import Context
@@ -74,84 +75,101 @@ def recover_pair(ctx: Context, source: Node, host: Node, *, clock: Callable[[], 
     done is in the notes (the job that follows will fail and be retried).
     """
     recovery = Recovery()
-    for node, peer in ((source, host.name), (host, source.name)):
-        try:
-            _stop_leftover(ctx, node, peer, recovery)
-        except MutualBackupError as exc:
-            recovery.notes.append(f"{node.name}: cannot look for leftover commands: {exc}")
-        if recovery.busy:
-            return recovery
     try:
-        _break_stale_lock(ctx, source, host, recovery, clock)
-    except (MutualBackupError, ValueError) as exc:
-        recovery.notes.append(f"{host.name}: cannot inspect the repository lock: {exc}")
+        with _session(ctx, source) as transport:
+            _stop_leftover(ctx, transport, source, host.name, recovery)
+    except MutualBackupError as exc:
+        recovery.notes.append(f"{source.name}: cannot look for leftover commands: {exc}")
+    if not recovery.busy:
+        try:
+            with _session(ctx, host) as transport:
+                _stop_leftover(ctx, transport, host, source.name, recovery)
+                if not recovery.busy:
+                    _break_stale_lock(ctx, transport, source, host, recovery, clock)
+        except (MutualBackupError, ValueError) as exc:
+            recovery.notes.append(f"{host.name}: cannot clean up after the last run: {exc}")
     for note in recovery.notes:
         log.warning("recovery %s -> %s: %s", source.name, host.name, note)
     return recovery
 
 
-def _stop_leftover(ctx: Context, node: Node, peer: str, recovery: Recovery) -> None:
+@contextmanager
+def _session(ctx: Context, node: Node) -> Iterator[Transport]:
     transport = ctx.connect(node)
     try:
-        pidfile = pidfile_path(expand_home(node.workdir, transport.home()), peer)
-        data = transport.read_file(pidfile)
-        if data is None:
-            return
-        info = parse_pidfile(data)
-        owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
-        if owner is not None and owner.result == "running" and _alive(owner.pid):
-            recovery.busy = (
-                f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} (pid {info.pid if info else '?'})"
-            )
-            return
-        result = stop_remote(transport, pidfile, int_seconds=30, term_seconds=10)
-        said = result.stdout.decode("utf-8", "replace").strip()
-        if result.ok and said != "not running":
-            what = f"run {info.run_id}" if info and info.run_id is not None else "an unknown run"
-            recovery.notes.append(f"{node.name}: stopped a leftover command of {what} (pid {info.pid if info else '?'}): {said}")
-        elif not result.ok:
-            recovery.notes.append(f"{node.name}: a leftover command does not stop: {said or result.stderr_tail(3)}")
+        yield transport
     finally:
         transport.close()
 
 
-def _break_stale_lock(ctx: Context, source: Node, host: Node, recovery: Recovery, clock: Callable[[], float]) -> None:
+def _stop_leftover(ctx: Context, transport: Transport, node: Node, peer: str, recovery: Recovery) -> None:
+    """Stop the supervised command of ``node`` for ``peer`` unless a live coordinator process runs it."""
+    pidfile = pidfile_path(expand_home(node.workdir, transport.home()), peer)
+    data = transport.read_file(pidfile)
+    if data is None:
+        return
+    info = parse_pidfile(data)
+    owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
+    if owner is not None and owner.result == "running" and _alive(owner.pid):
+        recovery.busy = (
+            f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} "
+            f"(pid {info.pid if info else '?'})"
+        )
+        return
+    result = stop_remote(transport, pidfile, int_seconds=30, term_seconds=10)
+    said = result.stdout.decode("utf-8", "replace").strip()
+    if result.ok and said != "not running":
+        what = f"run {info.run_id}" if info and info.run_id is not None else "an unknown run"
+        recovery.notes.append(f"{node.name}: stopped a leftover command of {what} (pid {info.pid if info else '?'}): {said}")
+    elif not result.ok:
+        recovery.notes.append(f"{node.name}: a leftover command does not stop: {said or result.stderr_tail(3)}")
+
+
+def _break_stale_lock(
+    ctx: Context, transport: Transport, source: Node, host: Node, recovery: Recovery, clock: Callable[[], float]
+) -> None:
     path = borg.repository_path(source, host)
-    transport = ctx.connect(host)
-    try:
-        listing = transport.run(borg.lock_listing_argv(path), timeout=60)
-        if listing.exit_code == 3:
-            recovery.notes.append(f"{host.name}: the repository {path} does not exist")
-            return
-        if not listing.ok:
-            raise ValueError(f"lock listing exited {listing.exit_code}: {listing.stderr_tail(3)}")
-        hostname, holders = borg.parse_lock_listing(listing.stdout)
-        if not holders:
-            return
-        verdict = judge_lock(hostname, holders, _alive_on(transport, {h.pid for h in holders}))
-        if not verdict.stale:
-            recovery.notes.append(f"{host.name}: repository {path} is {verdict.reason}; not breaking the lock")
-            return
-        workdir = expand_home(host.workdir, transport.home())
-        broken = transport.run(borg.break_lock_argv(host.borg, path), env=borg.host_env(workdir), timeout=120)
-        if broken.ok:
-            message = f"broke a stale lock of repository {path} on {host.name}: {verdict.reason}"
-            recovery.notes.append(message)
-            ctx.history.add_alert(source.name, host.name, "stale-lock-broken", message, now=clock())
-        else:
-            recovery.notes.append(f"{host.name}: borg break-lock exited {broken.exit_code}: {broken.stderr_tail(3)}")
-    finally:
-        transport.close()
+    listing = transport.run(borg.lock_listing_argv(path), timeout=60)
+    if listing.exit_code == 3:
+        recovery.notes.append(f"{host.name}: the repository {path} does not exist")
+        return
+    if not listing.ok:
+        raise ValueError(f"lock listing exited {listing.exit_code}: {listing.stderr_tail(3)}")
+    hostname, holders = borg.parse_lock_listing(listing.stdout)
+    if not holders:
+        return
+    verdict = judge_lock(hostname, holders, _alive_on(transport, {h.pid for h in holders}))
+    if not verdict.stale:
+        recovery.notes.append(f"{host.name}: repository {path} is {verdict.reason}; not breaking the lock")
+        return
+    workdir = expand_home(host.workdir, transport.home())
+    broken = transport.run(borg.break_lock_argv(host.borg, path), env=borg.host_env(workdir), timeout=120)
+    if broken.ok:
+        message = f"broke a stale lock of repository {path} on {host.name}: {verdict.reason}"
+        recovery.notes.append(message)
+        ctx.history.add_alert(source.name, host.name, "stale-lock-broken", message, now=clock())
+    else:
+        recovery.notes.append(f"{host.name}: borg break-lock exited {broken.exit_code}: {broken.stderr_tail(3)}")
 
 
 def _alive_on(transport: Transport, pids: set[int]) -> set[int]:
-    """Which of ``pids`` are processes alive on the transport's node (``ps``: exit 1 when none is)."""
+    """Which of ``pids`` are live processes on the transport's node.
+
+    A zombie (killed, not yet reaped by its parent) is not alive: it can hold no
+    lock any more. ``ps`` exits 1 when it lists none; any other failure means
+    "cannot tell", and then every pid counts as alive (a lock is never broken on a guess).
+    """
     if not pids:
         return set()
-    result = transport.run(("ps", "-o", "pid=", "-p", ",".join(str(p) for p in sorted(pids))), timeout=60)
+    result = transport.run(("ps", "-o", "pid=,stat=", "-p", ",".join(str(p) for p in sorted(pids))), timeout=60)
     if result.exit_code not in (0, 1):
-        return set(pids)  # cannot tell: assume alive, never break
-    return {int(word) for word in result.stdout.split() if word.isdigit()}
+        return set(pids)
+    alive = set()
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].isdigit() and not words[1].startswith("Z"):
+            alive.add(int(words[0]))
+    return alive
 
 
 def _alive(pid: int | None) -> bool:

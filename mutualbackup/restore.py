@@ -14,7 +14,7 @@ host or the coordinator. Two ways to reach the repository:
   passphrase is read from the source's 0600 file (or from the recovery file the
   operator holds) into the coordinator's memory and written to borg's fd 3
   through the SSH channel's stdin: never in argv, an environment value, a log,
-  the history or a file of the coordinator.
+  the history or a file of the coordinator (:mod:`mutualbackup.restore_access`).
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
 from . import borg, borg_restore
-from .borg_restore import ExtractProgress, TemporaryPaths
+from .borg_restore import ExtractProgress
 from .context import Context
 from .errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from .keys import Recovery
 from .model import Node
-from .provision import managed_lines, replace_block
+from .restore_access import (
+    Access, Prefetched, authorised, expanded, read_source_passphrase, refuse_target, remove_temporary,
+    repository_url, setup_destination,
+)
 from .status import FAILING_AFTER
-from .transport import Result, Transport, expand_home
+from .transport import Transport
 
 log = logging.getLogger("mutualbackup.restore")
 
@@ -120,177 +123,6 @@ def list_archives(ctx: Context, source: Node, replica: str | None = None) -> tup
     raise OperationFailed(f"cannot list the archives of {source.name}:\n" + "\n".join(errors))
 
 
-# --- how borg reaches the repository from the destination --------------------------
-
-
-def repository_url(host: Node, path: str) -> str:
-    """The ``ssh://`` URL of the repository at ``path`` on ``host`` (as :func:`borg.repository_url`)."""
-    address = f"[{host.address}]" if ":" in host.address else host.address
-    return f"ssh://{host.user}@{address}:{host.port}{path}"
-
-
-@dataclass
-class _Access:
-    """How borg runs on the destination: environment, the passphrase pipe, the host grant, the target check."""
-
-    env: Mapping[str, str]
-    passphrase: bytes | None = field(default=None, repr=False)  # sent on stdin, read by borg from fd 3
-    grant: Callable[[Node, str], contextlib.AbstractContextManager[None]] = lambda host, path: contextlib.nullcontext()
-    name: str = "source key"
-    prepare: tuple[str, bool] | None = None  # (directory, force): checked in the extract's own round trip
-
-    def run(self, transport: Transport, argv: Sequence[str], **kwargs: object) -> Result:
-        if self.passphrase is None:
-            return transport.run(argv, env=self.env, **kwargs)  # type: ignore[arg-type]
-        return transport.run(
-            borg_restore.with_passphrase_on_fd3(argv), env=self.env, stdin=self.passphrase, **kwargs  # type: ignore[arg-type]
-        )
-
-
-def _expanded(transport: Transport, path: str) -> str:
-    """``path`` with ``~`` expanded on the node (asking for its home only when needed)."""
-    return expand_home(path, transport.home()) if path.startswith("~") else path
-
-
-def _target_refused(code: int, node: str, directory: str, stderr: str) -> None:
-    """Raise for the target-check exit codes of :mod:`borg_restore`'s scripts."""
-    if code == borg_restore.TARGET_NOT_EMPTY:
-        raise UsageError(f"{node}:{directory} is not empty; restore into a new directory, or add --force to write over it")
-    if code == borg_restore.TARGET_UNUSABLE:
-        raise OperationFailed(f"cannot create {directory} (or a temporary directory) on {node}: {stderr}")
-
-
-def _setup_destination(
-    transport: Transport, destination: Node, directory: str | None, force: bool, source: str, restore_id: str,
-    hosts: Sequence[Node],
-) -> tuple[TemporaryPaths, str]:
-    """Check the target, make the temporary key and pinned known_hosts on the destination (one round trip).
-
-    Returns the temporary directory and the public key line.
-    """
-    known_hosts = "".join(borg.known_hosts_line(h) + "\n" for h in hosts)
-    made = transport.run(
-        borg_restore.setup_destination_argv(
-            destination.workdir, directory, force, restore_id, borg_restore.restore_comment(source, restore_id), known_hosts
-        ),
-        timeout=120,
-    )
-    _target_refused(made.exit_code, destination.name, directory or "", made.stderr_tail(3))
-    lines = made.stdout.decode("utf-8", "replace").splitlines()
-    if not made.ok or len(lines) != 2 or not lines[0].startswith("/") or len(lines[1].split()) < 2:
-        raise OperationFailed(
-            f"cannot create a temporary key on {destination.name} under {destination.workdir} (exit {made.exit_code}): "
-            f"{made.stderr_tail(5)}"
-        )
-    return TemporaryPaths(lines[0]), lines[1]
-
-
-def _remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPaths) -> None:
-    """Remove the temporary key directory; when the destination is gone, say where it stays."""
-    try:
-        removed = transport.run(borg_restore.remove_temporary_dir_argv(tmp.directory), timeout=120)
-        if removed.ok:
-            return
-        problem = removed.stderr_tail(3)
-    except MutualBackupError as exc:
-        problem = str(exc)
-    log.warning(
-        "could not remove the temporary key directory %s on %s (%s); its key no longer opens anything: remove it by hand",
-        tmp.directory, destination.name, problem,
-    )
-
-
-@contextlib.contextmanager
-def authorised(
-    ctx: Context, host: Node, source: str, repository: str, public_key: str, restore_id: str,
-    prefetched: "_Prefetched | None" = None,
-) -> Iterator[None]:
-    """A temporary restore line for ``public_key`` on ``host`` while the block runs.
-
-    Added to (and removed from) the managed block of the host's authorized_keys,
-    whatever happens in the block; stale restore lines found there are dropped at
-    the same time. Raises TransportError when the host cannot be reached (nothing
-    was changed then). A failed removal is logged: sshd refuses the line after its
-    ``expiry-time`` anyway, and the next ``apply`` or restore through that host drops it.
-    ``prefetched``: a connection to the host opened, and its file read, beforehand.
-    """
-    line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
-    transport = prefetched.transport if prefetched is not None else ctx.connect(host)
-    try:
-        _edit_block(transport, host, lambda lines, now: borg_restore.with_restore_line(lines, line, now),
-                    current=prefetched.result() if prefetched is not None else None)
-        log.info("temporary restore line for %s added on %s (%s)", source, host.name, restore_id)
-        try:
-            yield
-        finally:
-            try:
-                removed = transport.run(borg_restore.remove_line_argv(host.authorized_keys, line), timeout=60)
-                if not removed.ok:
-                    raise OperationFailed(f"exit {removed.exit_code}: {removed.stderr_tail(3)}")
-                log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
-            except MutualBackupError as exc:
-                log.error(
-                    "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
-                    "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
-                    borg_restore.restore_comment(source, restore_id), host.name, exc, host.name,
-                )
-    finally:
-        transport.close()
-
-
-def _edit_block(
-    transport: Transport, host: Node, change: Callable[[list[str], dt.datetime], list[str]],
-    current: tuple[str, bytes | None] | None = None,
-) -> None:
-    """Read-modify-write of the managed block of ``host``'s authorized_keys (written atomically).
-
-    ``current``: (path, content) read a moment ago, to save a round trip.
-    """
-    path, data = current if current is not None else _read_authorized_keys(transport, host)
-    text = (data or b"").decode("utf-8", errors="surrogateescape")
-    wanted = replace_block(text, change(managed_lines(text), dt.datetime.now(dt.timezone.utc)))
-    if wanted != text:
-        transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
-
-
-def _read_authorized_keys(transport: Transport, host: Node) -> tuple[str, bytes | None]:
-    path = _expanded(transport, host.authorized_keys)
-    return path, transport.read_file(path)
-
-
-class _Prefetched:
-    """A connection to a replica's host, opened and its authorized_keys read in the background."""
-
-    def __init__(self, ctx: Context, host: Node, pool: ThreadPoolExecutor) -> None:
-        self.host = host
-        self.transport = ctx.connect(host)
-        self.future = pool.submit(_read_authorized_keys, self.transport, host)
-
-    def result(self) -> tuple[str, bytes | None]:
-        return self.future.result()
-
-
-def read_source_passphrase(ctx: Context, source: Node) -> bytes:
-    """The passphrase from the source's 0600 file, into memory only; OperationFailed with advice otherwise."""
-    try:
-        transport = ctx.connect(source)
-        try:
-            result = transport.run(borg_restore.read_passphrase_argv(source.workdir), timeout=60)
-        finally:
-            transport.close()
-    except TransportError as exc:
-        raise OperationFailed(
-            f"restoring onto another node needs {source.name}'s passphrase, and {source.name} cannot be reached ({exc}).\n"
-            f"Restore with the member's recovery file instead: --recovery FILE (made by `mutualbackup keys export`)."
-        ) from None
-    if not result.ok or not result.stdout.strip():
-        raise OperationFailed(
-            f"cannot read the passphrase file on {source.name} (exit {result.exit_code}); "
-            "restore with --recovery FILE instead"
-        )
-    return result.stdout
-
-
 # --- restore --------------------------------------------------------------------------
 
 
@@ -365,8 +197,8 @@ def restore(
     try:
         if not delegated:
             assert source_node is not None
-            workdir = _expanded(transport, source_node.workdir)
-            access = _Access(env=borg.client_env(borg.SourcePaths(workdir)), prepare=None if dry_run else (directory, force))
+            workdir = expanded(transport, source_node.workdir)
+            access = Access(env=borg.client_env(borg.SourcePaths(workdir)), prepare=None if dry_run else (directory, force))
             try:
                 return job.run(transport, access)
             finally:
@@ -385,9 +217,9 @@ def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | No
     """
     restore_id = borg_restore.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
-        prefetched = _Prefetched(job.ctx, job.hosts[0], pool)
+        prefetched = Prefetched(job.ctx, job.hosts[0], pool)
         setup = pool.submit(
-            _setup_destination, transport, job.destination, None if job.dry_run else job.directory, force,
+            setup_destination, transport, job.destination, None if job.dry_run else job.directory, force,
             job.source, restore_id, job.hosts,
         )
         secret = pool.submit(read_source_passphrase, job.ctx, source_node) if job.recovery is None and source_node else None
@@ -410,11 +242,11 @@ def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | No
                     prefetched.transport.close()
                 return authorised(job.ctx, host, job.source, path, public_key, restore_id, early)
 
-            access = _Access(env=borg_restore.delegated_env(tmp), passphrase=passphrase, grant=grant, name="temporary key")
+            access = Access(env=borg_restore.delegated_env(tmp), passphrase=passphrase, grant=grant, name="temporary key")
             return job.run(transport, access)
         finally:
             revoked = pool.submit(job.release)
-            _remove_temporary(transport, job.destination, tmp)
+            remove_temporary(transport, job.destination, tmp)
             revoked.result()
             prefetched.transport.close()
 
@@ -450,7 +282,7 @@ class _Job:
         """Withdraw the authorisation that served the restore (kept open by :meth:`run` until now)."""
         self.held.close()
 
-    def run(self, transport: Transport, access: _Access) -> RestoreResult:
+    def run(self, transport: Transport, access: Access) -> RestoreResult:
         """Try each replica in turn until one is reached; extract from the first that is.
 
         The archive list is read first when no archive is named (to find the latest)
@@ -501,7 +333,7 @@ class _Job:
         run_id = self.ctx.history.start_run("restore", self.source, target)
         self.ctx.history.finish_run(run_id, "failure", error=error, detail=self.detail, **fields)  # type: ignore[arg-type]
 
-    def _pick_archive(self, transport: Transport, access: _Access, host: Node, url: str) -> tuple[str | None, str]:
+    def _pick_archive(self, transport: Transport, access: Access, host: Node, url: str) -> tuple[str | None, str]:
         """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
         argv = borg.list_argv(self.destination.borg, url)
         result = access.run(transport, argv, timeout=600)
@@ -520,7 +352,7 @@ class _Job:
             raise UsageError(f"no archive {self.archive!r} of {self.source} on {host.name}; see `mutualbackup archives {self.source}`")
         return self.archive, ""
 
-    def _import_key(self, transport: Transport, access: _Access, host: Node, url: str) -> None:
+    def _import_key(self, transport: Transport, access: Access, host: Node, url: str) -> None:
         """Put the exported key back into a repository whose own key is missing."""
         assert self.recovery is not None
         entry = self.recovery.repository(host.name)
@@ -536,7 +368,7 @@ class _Job:
                 f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}"
             )
 
-    def _extract(self, transport: Transport, access: _Access, host: Node, url: str, archive: str) -> RestoreResult:
+    def _extract(self, transport: Transport, access: Access, host: Node, url: str, archive: str) -> RestoreResult:
         progress = ExtractProgress(keep_listed=self.dry_run)
 
         def feed(line: str) -> None:
@@ -555,7 +387,7 @@ class _Job:
         log.info("restore start %s from %s into %s:%s (%s)", self.source, host.name, self.destination.name, self.directory, access.name)
         try:
             result = access.run(transport, argv, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed)
-            _target_refused(result.exit_code, self.destination.name, self.directory, progress.tail(3))
+            refuse_target(result.exit_code, self.destination.name, self.directory, progress.tail(3))
         except MutualBackupError as exc:
             self.ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=self.detail)
             if isinstance(exc, UsageError):

@@ -189,16 +189,18 @@ def test_after_an_interrupted_run_a_leftover_command_is_stopped_and_a_stale_lock
     assert h.history.last_run("backup", source, target).result == "success"
 
 
-def test_a_lock_held_by_a_live_process_is_never_broken(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("ps_says", "broken"), [(b"  777 Sl\n", False), (b"  777 Z\n", True), (b"", True)])
+def test_a_lock_is_broken_only_when_its_holder_is_gone_or_a_zombie(tmp_path: Path, ps_says: bytes, broken: bool) -> None:
     h = harness(tmp_path)
     source, target = "coop0/src0", h.placement["coop0/src0"][0]
     h.history.finish_run(h.history.start_run("backup", source, target, started=START - 60), "failure", error="x",
                          ended=START - 50)
     h.world.script(lambda node, argv, world: Result(argv, 0, b"fakehost\nexclusive fakehost@1.777-0\n", b"")
                    if node.name == target and argv[:2] == ("sh", "-c") and "lock.exclusive" in argv[2] else None)
-    h.world.script(lambda node, argv, world: Result(argv, 0, b"  777\n", b"") if argv[:1] == ("ps",) else None)
+    h.world.script(lambda node, argv, world: Result(argv, 0 if ps_says else 1, ps_says, b"") if argv[:1] == ("ps",) else None)
     h.run_until(START + 3 * HOUR)
-    assert not h.world.commands("break-lock")
+    assert bool(h.world.commands("break-lock")) is broken
+    assert bool([a for a in h.history.alerts() if a["kind"] == "stale-lock-broken"]) is broken
 
 
 def test_a_job_whose_last_run_is_still_running_in_a_live_coordinator_is_not_started_twice(tmp_path: Path) -> None:
@@ -270,6 +272,22 @@ def test_compaction_refuses_alerts_and_compacts_nothing_when_an_archive_vanished
     assert not h.world.commands("compact")
     alerts = [a for a in h.history.alerts() if a["kind"] == "compaction-refused"]
     assert len(alerts) == 1 and victim in alerts[0]["message"]
+
+
+def test_compaction_runs_borg_compact_only_when_the_coordinator_pruned_something_since_the_last_one(tmp_path: Path) -> None:
+    from mutualbackup.maintenance import compact_replica
+
+    h = harness(tmp_path, backup=lambda m, j: Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=1),
+                                                      check_every=30 * 24 * 3600))
+    h.run_until(START + 2 * DAY + 3 * HOUR)  # three backups per replica; prune removed two
+    source, target = "coop0/src0", h.placement["coop0/src0"][0]
+    args = (h.ctx, h.federation.node(source), h.federation.node(target))
+    first = compact_replica(*args, clock=h.clock.time)
+    assert first.result == "success" and first.detail["compacted"] is True and len(first.detail["pruned"]) == 2
+    again = compact_replica(*args, clock=h.clock.time)
+    assert again.result == "success" and again.detail["compacted"] is False
+    assert len(h.world.commands("compact")) == 1
+    assert h.world.repo(source, target).disk_bytes == h.world.repo(source, target).live_bytes
 
 
 def test_compaction_refuses_when_the_live_size_shrank_without_a_deletion_of_the_coordinator(tmp_path: Path) -> None:

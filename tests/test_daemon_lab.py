@@ -169,7 +169,7 @@ def run_jobs(daemon: Daemon, done: Callable[[], bool], seconds: float, what: str
 
 
 def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_recovers_when_it_returns(
-    trio: LabFederation,
+    trio: LabFederation, caplog: pytest.LogCaptureFixture,
 ) -> None:
     fed = trio
     federation = load_inventory(str(fed.inventory))
@@ -230,7 +230,8 @@ def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_rec
     assert [r.result for r in history.runs(kind="backup", source=victim_source, target=victim_host)
             if r.started >= round2] == ["success", "failure"]
     alerts = [a for a in history.alerts() if a["kind"] == "stale-lock-broken"]
-    assert alerts and alerts[0]["target"] == victim_host  # the killed borg serve's lock, certainly dead
+    notes = [r.getMessage() for r in caplog.records if r.name == "mutualbackup.recovery"]
+    assert alerts and alerts[0]["target"] == victim_host, notes  # the killed borg serve's lock, certainly dead
     # borg check is clean (with a history of its own: the host's mtimes are in real time, not shifted).
     scratch = Context(federation, History(fed.state.parent / "scratch-state"), ctx.connector)
     repo_check, archives_check = check_replica(scratch, federation.node(victim_source), federation.node(victim_host))

@@ -210,3 +210,11 @@ def test_the_inspection_script_reports_extracted_and_live_files_with_hostile_nam
     assert (live[archive_paths[-2]].kind, live[archive_paths[-2]].link) == ("l", "a b")
     assert extracted[archive_paths[-2]] == MISSING and live[archive_paths[-1]] == MISSING
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_drills_due_takes_an_aware_datetime_too(tmp_path: Path) -> None:
+    import datetime as dt
+
+    history = History(tmp_path)
+    record(history, "backup", 0, "success")
+    assert drills_due(federation(), history, dt.datetime.fromtimestamp(DAY, dt.timezone.utc)) == ["coop/web1"]

@@ -143,8 +143,6 @@ def test_compaction_after_the_coordinators_own_prune_frees_space_on_the_host(fed
     assert outcome.detail["compacted"] is True
     assert outcome.detail["freed_bytes"] > 300_000  # the two pruned archives held 400 kB of their own each
     assert sum(size for size, _ in snapshot(repo_dir(fed)).values()) < before
-    again = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))
-    assert again.result == "success" and again.detail["compacted"] is False  # nothing pruned since
 
 
 def test_compaction_refuses_after_a_hand_deletion_with_the_sources_key_and_nothing_is_lost(fed: LabFederation) -> None:

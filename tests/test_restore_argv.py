@@ -16,7 +16,7 @@ import pytest
 from mutualbackup import borg_restore as br
 from mutualbackup.model import Node
 from mutualbackup.provision import BEGIN, END, replace_block
-from mutualbackup.restore import authorised, repository_url
+from mutualbackup.restore_access import authorised, repository_url
 from mutualbackup.transport import Result
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
@@ -321,3 +321,25 @@ def test_borg_errors_are_shown_without_traceback_or_platform_report() -> None:
     )
     assert br.hint(90).startswith("data integrity error") and br.hint(255).startswith("ssh failed")
 
+
+
+# --- progress on a terminal ----------------------------------------------------------------
+
+
+def test_the_progress_line_shows_items_bytes_of_total_and_rate_and_is_rewritten_in_place() -> None:
+    import io
+
+    from mutualbackup.restore import TerminalProgress, format_progress
+
+    progress = br.ExtractProgress(files=12, bytes_done=3 * 1024**2, bytes_total=6 * 1024**2)
+    assert format_progress(progress, 2.0) == "12 item(s)  3 MiB of 6 MiB  1.5 MiB/s"
+    ticks = iter([0.0, 0.1, 0.5, 0.6, 1.0])
+    stream = io.StringIO()
+    show = TerminalProgress(stream, clock=lambda: next(ticks))
+    show(progress)  # 0.1 s after the start: too soon after the last line (at 0)
+    show(progress)  # 0.5 s: shown
+    show(progress)  # 0.6 s: too soon again
+    line = "12 item(s)  3 MiB of 6 MiB  6 MiB/s"
+    assert stream.getvalue() == "\r" + line
+    show.done()
+    assert stream.getvalue() == "\r" + line + "\r" + " " * len(line) + "\r"

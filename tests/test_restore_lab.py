@@ -97,6 +97,10 @@ def test_restore_onto_another_node_of_the_same_member_is_exact_and_leaves_no_aut
     result, replica, detail = last_restore_detail(fed)
     assert (result, replica) == ("success", summary["replica"])
     assert detail["to"] == f"coopcycle/web2:{target}" and detail["access"] == "temporary key" and detail["requested_by"]
+    with sqlite3.connect(fed.state / "history.sqlite3") as db:
+        db.execute("PRAGMA wal_checkpoint(FULL)")
+    assert not any(passphrase in p.read_bytes() for p in fed.state.iterdir() if p.is_file())
+    assert not any(passphrase in p.read_bytes() for p in Path(fed.nodes["coopcycle/web2"].dir).rglob("*") if p.is_file())
 
 
 def test_restore_onto_another_member_is_refused_without_allow_other_member(fed: LabFederation, tmp_path: Path) -> None:
