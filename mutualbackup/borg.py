@@ -82,20 +82,7 @@ def client_env(paths: SourcePaths) -> dict[str, str]:
     Nothing here is secret: the passphrase is read by borg itself from the 0600
     file through ``BORG_PASSCOMMAND``; it never crosses the coordinator.
     """
-    rsh = shlex.join(
-        [
-            "ssh",
-            "-o", "BatchMode=yes",
-            "-o", "IdentitiesOnly=yes",
-            "-i", paths.key,
-            "-o", f"UserKnownHostsFile={paths.known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", "ServerAliveInterval=10",
-            "-o", "ServerAliveCountMax=30",
-            "-o", "ConnectTimeout=20",
-        ]
-    )
+    rsh = ssh_command(paths.key, paths.known_hosts)
     env = base_env()
     env.update(
         {
@@ -105,6 +92,32 @@ def client_env(paths: SourcePaths) -> dict[str, str]:
         }
     )
     return env
+
+
+def ssh_command(key: str, known_hosts: str) -> str:
+    """``BORG_RSH``: ssh with only ``key``, only the pinned ``known_hosts``, and no config files.
+
+    ``-F /dev/null`` keeps a user's or the system's ssh_config out (ControlMaster could
+    reuse an unrestricted connection; UpdateHostKeys or KnownHostsCommand could accept
+    what a server presents). borg splits the value with shlex, ssh splits option
+    values on spaces unless double-quoted: both are handled here.
+    """
+    return shlex.join(
+        [
+            "ssh",
+            "-F", "/dev/null",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-i", key,
+            "-o", f'UserKnownHostsFile="{known_hosts}"',
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "UpdateHostKeys=no",
+            "-o", "ServerAliveInterval=10",
+            "-o", "ServerAliveCountMax=30",
+            "-o", "ConnectTimeout=20",
+        ]
+    )
 
 
 def base_env() -> dict[str, str]:
@@ -195,7 +208,7 @@ def classify_exit(code: int) -> str:
     """
     if code == 0:
         return "success"
-    if code == 1 or 100 <= code <= 127:
+    if code == 1 or 100 <= code <= 107:  # borg 1.4's warnings; 124-127 come from timeout or the shell
         return "warning"
     if code in (-1, 73, 74, 80, 81, 87):
         return "retry"
@@ -222,6 +235,9 @@ EXIT_HINTS: dict[int, str] = {
     81: "the connection to the host broke; retried later",
     83: "the host refused this repository path: re-run `mutualbackup apply`",
     87: "the connection to the host broke; retried later",
+    124: "the command timed out on the node",
+    126: "borg is not executable on the node: check the inventory's `borg:` path",
+    127: "borg was not found on the node: install borg 1.4 or fix the inventory's `borg:` path",
     255: "ssh failed: is the host up, and does its host key match the one pinned in the inventory?",
 }
 

@@ -26,7 +26,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .borg import LOCK_WAIT, archive_path, base_env
+from .borg import LOCK_WAIT, archive_path, base_env, ssh_command
 
 RESTORE_COMMENT_PREFIX = "mutualbackup-restore:"
 """Comment of a temporary restore line: ``mutualbackup-restore:SOURCE:ID``."""
@@ -221,20 +221,7 @@ def remove_temporary_dir_argv(directory: str) -> tuple[str, ...]:
 
 def delegated_env(tmp: TemporaryPaths) -> dict[str, str]:
     """Environment of borg on a destination: the temporary key, pinned hosts, passphrase on fd 3."""
-    rsh = shlex.join(
-        [
-            "ssh",
-            "-o", "BatchMode=yes",
-            "-o", "IdentitiesOnly=yes",
-            "-i", tmp.key,
-            "-o", f"UserKnownHostsFile={tmp.known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", "ServerAliveInterval=10",
-            "-o", "ServerAliveCountMax=30",
-            "-o", "ConnectTimeout=20",
-        ]
-    )
+    rsh = ssh_command(tmp.key, tmp.known_hosts)
     env = base_env()
     env.update({"BORG_RSH": rsh, "BORG_BASE_DIR": tmp.base_dir, "BORG_PASSPHRASE_FD": str(PASSPHRASE_FD)})
     return env

@@ -8,7 +8,9 @@ maintenance jobs with the capacity left. Each job runs in its own thread:
 
 - **backup**: :func:`backup.run_backup`, then (on success) :func:`maintenance.prune_replica`;
 - **maintenance**: :func:`maintenance.maintain_replica` (check, then guarded
-  compaction), every ``check_every``, only while the source's window is closed.
+  compaction), every ``check_every``, only while the source's window is closed;
+- **drill**: :func:`drill.run_drill` when :func:`drill.drills_due` says so, for a
+  source with no other job running (no backup of it starts meanwhile).
 
 Limits: a replica (source x host) runs one job at a time; a source runs one
 job at a time (its ``before:`` commands never run twice at once); a host runs
@@ -68,7 +70,7 @@ def job_timeout(estimated_seconds: float) -> float:
 
 @dataclass
 class RunningJob:
-    kind: str  # backup, maintenance
+    kind: str  # backup, maintenance, drill (target "")
     source: str
     target: str
     reason: str
@@ -94,6 +96,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         timeout_for: Callable[[float], float] = job_timeout,
         maintenance_enabled: bool = True,
+        drills_enabled: bool = True,
     ):
         self.ctx = ctx
         self.tick = tick
@@ -102,6 +105,7 @@ class Daemon:
         self.clock = clock
         self.timeout_for = timeout_for
         self.maintenance_enabled = maintenance_enabled
+        self.drills_enabled = drills_enabled
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.running: dict[tuple[str, str], RunningJob] = {}
@@ -179,10 +183,28 @@ class Daemon:
             fed, placement, states, now, tz,
             global_limit=self.global_limit, sizes=self.ctx.history.repository_sizes(), max_per_source=1,
         )
-        started = [self._start("backup", job.source, job.target, job.reason, job.estimated_seconds) for job in jobs]
+        drilling = {j.source for j in self.running.values() if j.kind == "drill"}
+        started = [self._start("backup", job.source, job.target, job.reason, job.estimated_seconds)
+                   for job in jobs if job.source not in drilling]
         if self.maintenance_enabled:
             for source, target in self._due_maintenance(now, tz, placement, summaries):
                 started.append(self._start("maintenance", source, target, "check_every", 0.0))
+        if self.drills_enabled:
+            started += self._start_drills(now)
+        return started
+
+    def _start_drills(self, now: dt.datetime) -> list[RunningJob]:
+        """Restore drills that are due (:func:`drill.drills_due`), for sources with no job running."""
+        from . import drill
+
+        busy = {j.source for j in self.running.values()}
+        started = []
+        for source in drill.drills_due(self.ctx.federation, self.ctx.history, now):
+            if len(self.running) >= self.global_limit:
+                break
+            if source not in busy and self.ctx.federation.node(source).backup is not None:
+                started.append(self._start("drill", source, "", "drill_every", 0.0))
+                busy.add(source)
         return started
 
     def _due_maintenance(
@@ -273,6 +295,11 @@ class Daemon:
     def _run_job(self, job: RunningJob, estimate: float) -> None:
         ctx = self.ctx
         try:
+            if job.kind == "drill":
+                from . import drill
+
+                drill.run_drill(ctx, ctx.federation.node(job.source), clock=self.clock)
+                return
             source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
             if self._needs_recovery(job):
                 recovery = recover_pair(ctx, source, host, clock=self.clock)
@@ -285,7 +312,8 @@ class Daemon:
             if job.kind == "backup":
                 outcome = run_backup(ctx, source, host, timeout=self.timeout_for(estimate), clock=self.clock,
                                      control=job.control)
-                if outcome.ok and not job.control.is_aborted:
+                assert source.backup is not None
+                if outcome.ok and not job.control.is_aborted and source.backup.retention.prune_flags():
                     maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
             else:
                 maintenance.maintain_replica(ctx, source, host, clock=self.clock, control=job.control)

@@ -183,6 +183,11 @@ def check_absolute_path(text: str) -> str:
 def check_home_path(text: str) -> str:
     """An absolute path or one under the login's home, written ``~/...``."""
     _refuse_shell_characters(text, "path")
+    if "%" in text or '"' in text:
+        raise ValueError(
+            f"{quote(text)} contains % or a double quote: the keys and known_hosts kept here are given to ssh,"
+            " which expands % and cannot quote a double quote; choose a plainer directory"
+        )
     if not (text.startswith("/") or (text.startswith("~/") and len(text) > 2)):
         raise ValueError(
             f"{quote(text)} is neither an absolute path nor under the home directory;"

@@ -45,34 +45,52 @@ def render_block(lines: Sequence[str]) -> list[str]:
     return [BEGIN, *lines, END] if lines else []
 
 
+class DamagedBlock(OperationFailed):
+    """The BEGIN/END markers of an authorized_keys file are not exactly one ordered pair."""
+
+
+def _block_bounds(parts: list[str]) -> tuple[int, int] | None:
+    """Indexes of the BEGIN and END lines, None when the file has no block.
+
+    Raises DamagedBlock when the markers are not exactly one ordered pair: guessing
+    could leave old forced-command lines active, or swallow a member's own keys.
+    """
+    begins = [i for i, line in enumerate(parts) if line == BEGIN]
+    ends = [i for i, line in enumerate(parts) if line == END]
+    if not begins and not ends:
+        return None
+    if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
+        return begins[0], ends[0]
+    raise DamagedBlock(
+        f"the mutualbackup block is damaged ({len(begins)} BEGIN and {len(ends)} END marker lines, "
+        "which must be exactly one pair in that order): fix the file by hand; nothing was changed"
+    )
+
+
 def replace_block(text: str, lines: Sequence[str]) -> str:
     """``text`` with its managed block replaced by ``lines`` (block added at the end when absent).
 
-    Lines outside the block are kept byte for byte. An empty ``lines`` removes the block.
+    Lines outside the block are kept byte for byte (only ``\n`` separates lines, so
+    CRLF or unusual characters survive). An empty ``lines`` removes the block.
+    Raises DamagedBlock when the markers are broken.
     """
-    existing = text.splitlines()
-    try:
-        start = existing.index(BEGIN)
-        end = existing.index(END, start)
-    except ValueError:
-        start = end = -1
+    parts = text.split("\n")
+    bounds = _block_bounds(parts)
     block = render_block(lines)
-    if start >= 0:
-        kept = existing[:start] + block + existing[end + 1 :]
-    else:
-        kept = existing + block
-    return "\n".join(kept) + ("\n" if kept else "")
+    if bounds is not None:
+        start, end = bounds
+        return "\n".join(parts[:start] + block + parts[end + 1 :])
+    if not block:
+        return text
+    prefix = text if not text or text.endswith("\n") else text + "\n"
+    return prefix + "\n".join(block) + "\n"
 
 
 def managed_lines(text: str) -> list[str]:
-    """The lines inside the managed block of an authorized_keys file."""
-    existing = text.splitlines()
-    try:
-        start = existing.index(BEGIN)
-        end = existing.index(END, start)
-    except ValueError:
-        return []
-    return existing[start + 1 : end]
+    """The lines inside the managed block of an authorized_keys file (DamagedBlock when broken)."""
+    parts = text.split("\n")
+    bounds = _block_bounds(parts)
+    return [] if bounds is None else parts[bounds[0] + 1 : bounds[1]]
 
 
 def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
@@ -128,6 +146,8 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
                     ok.append(target)
                 except MutualBackupError as exc:
                     report.failures.append(f"{source.name} → {target}: {exc}")
+                    if target in previous.get(source.name, ()):
+                        ok.append(target)  # it existed before: a host down today must not orphan it
         recorded[source.name] = tuple(ok)
         for gone in previous.get(source.name, ()):
             if gone not in targets:
@@ -160,7 +180,11 @@ def _prepare_source(
         (
             "sh",
             "-c",
-            'umask 077; [ -s "$1" ] && exit 3; head -c 48 /dev/urandom | base64 | tr -d "\\n" > "$1.tmp" && mv -f "$1.tmp" "$1"',
+            # ln creates the final name only if it is absent, so two concurrent applies can
+            # never replace a passphrase that a repository already uses.
+            'umask 077; if [ -e "$1" ]; then [ -s "$1" ] && exit 3; echo "$1 exists but is empty: remove it" >&2; exit 4; fi;'
+            ' t="$1.new.$$"; head -c 48 /dev/urandom | base64 | tr -d "\\n" > "$t"'
+            ' && { ln "$t" "$1" 2>/dev/null || { rm -f "$t"; exit 3; }; } && rm -f "$t"',
             "sh",
             paths.passphrase,
         )

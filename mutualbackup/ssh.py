@@ -40,6 +40,9 @@ TCP_USER_TIMEOUT_MS = 60_000
 REMOTE_KILL_GRACE_SECONDS = 5
 """After a remote timeout's SIGTERM, SIGKILL follows this much later."""
 
+FILE_TIMEOUT_SECONDS = 120.0
+"""home(), read_file() and write_file() give up after this long (a hung NFS home, say)."""
+
 _CHUNK = 1 << 16
 _POLL_SECONDS = 0.05
 
@@ -368,7 +371,7 @@ class SSHTransport:
     def home(self) -> str:
         """The login user's home directory on the node (asked once, then cached)."""
         if self._home is None:
-            result = self.run(["sh", "-c", 'printf %s "$HOME"'])
+            result = self.run(["sh", "-c", 'printf %s "$HOME"'], timeout=FILE_TIMEOUT_SECONDS)
             home = result.stdout.decode("utf-8", "replace")
             if not result.ok or not home.startswith("/"):
                 raise OperationFailed(
@@ -383,7 +386,7 @@ class SSHTransport:
 
         Raises OperationFailed when it exists but cannot be read.
         """
-        result = self.run(["sh", "-c", _READ_FILE_SCRIPT, "sh", path])
+        result = self.run(["sh", "-c", _READ_FILE_SCRIPT, "sh", path], timeout=FILE_TIMEOUT_SECONDS)
         if result.exit_code == _READ_FILE_MISSING:
             return None
         if not result.ok:
@@ -399,7 +402,9 @@ class SSHTransport:
         file next to the target (umask 077), chmods it, then renames it over the
         target. ``data`` travels over stdin. Raises OperationFailed on failure.
         """
-        result = self.run(["sh", "-c", _WRITE_FILE_SCRIPT, "sh", path, f"{mode:o}"], stdin=data)
+        result = self.run(
+            ["sh", "-c", _WRITE_FILE_SCRIPT, "sh", path, f"{mode:o}"], stdin=data, timeout=FILE_TIMEOUT_SECONDS
+        )
         if not result.ok:
             raise OperationFailed(
                 f"cannot write {path} on {self.node_name} (exit {result.exit_code}):\n{result.stderr_tail()}"

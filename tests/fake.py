@@ -75,13 +75,13 @@ class FakeClock:
 
     def settle(self, threads: Iterable[threading.Thread | None], timeout: float = 20.0) -> None:
         """Wait until each of ``threads`` has ended or sleeps on this clock for a future instant."""
-        threads = [t for t in threads if t is not None]
+        live = [t for t in threads if t is not None]
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 busy = [
-                    t for t in threads
-                    if t.is_alive() and not (t.ident in self.sleepers and self.sleepers[t.ident] > self._now)
+                    t for t in live
+                    if t.is_alive() and not (t.ident is not None and self.sleepers.get(t.ident, self._now) > self._now)
                 ]
             if not busy:
                 return
@@ -205,10 +205,11 @@ class FakeWorld:
         with self._lock:
             self.active[host] = self.active.get(host, 0) + 1
             self.peak[host] = max(self.peak.get(host, 0), self.active[host])
-        cut = timeout is not None and timeout < seconds
+        limit = seconds if timeout is None else min(seconds, timeout)
+        cut = limit < seconds
         try:
-            if seconds > 0:
-                self.clock.sleep_until(start + (timeout if cut else seconds))
+            if limit > 0:
+                self.clock.sleep_until(start + limit)
         finally:
             with self._lock:
                 self.active[host] -= 1
@@ -397,6 +398,7 @@ class Harness:
         self.ctx = Context(federation, self.history, self.world.connect)
         self.placement = place(federation).replicas
         self.history.set_placement(self.placement, now=start)
+        daemon_options.setdefault("drills_enabled", False)  # drills have their own tests (test_drill*.py)
         self.daemon = Daemon(self.ctx, clock=self.clock.time, **daemon_options)  # type: ignore[arg-type]
         self.steps = 0
 

@@ -66,3 +66,27 @@ def test_replacing_twice_is_idempotent() -> None:
 )
 def test_the_quota_is_twice_the_size_at_least_10_gib_at_most_the_host(size: int, capacity: int, quota: int) -> None:
     assert replica_quota(size, capacity) == quota
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"keep\n{BEGIN}\nold line\n",  # END lost
+        f"keep\n{END}\n{BEGIN}\nx\n",  # markers in the wrong order
+        f"{BEGIN}\na\n{END}\n{BEGIN}\nb\n{END}\n",  # two blocks
+    ],
+)
+def test_a_damaged_block_is_refused_rather_than_guessed(text: str) -> None:
+    from mutualbackup.provision import DamagedBlock
+
+    with pytest.raises(DamagedBlock, match="fix the file by hand"):
+        replace_block(text, ["new"])
+    with pytest.raises(DamagedBlock):
+        managed_lines(text)
+
+
+def test_lines_outside_the_block_keep_crlf_and_unusual_characters() -> None:
+    original = "ssh-ed25519 AAAA admin\r\n# note\u2028still the same line\nlast without newline"
+    updated = replace_block(original, ["managed"])
+    assert updated.startswith(original + "\n")
+    assert replace_block(updated, []) == original + "\n"

@@ -8,7 +8,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,7 @@ def test_a_due_backup_runs_borg_create_on_the_source_under_the_supervisor_then_p
 def test_the_next_backup_comes_every_day_and_prune_marks_what_retention_removed(tmp_path: Path) -> None:
     h = harness(tmp_path, backup=lambda m, j: Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=2)))
     h.run_until(START + 4 * DAY + HOUR)
-    for (source, target), repo in h.world.repos.items():
+    for repo in h.world.repos.values():
         assert len(repo.archives) == 2  # daily=2
     known = h.history.known_archives("coop0/src0", h.placement["coop0/src0"][0])
     assert len(known) == 5
@@ -347,6 +346,42 @@ def test_the_repository_check_needs_no_source_and_says_so_when_the_source_is_dow
     repo, full = check_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time)
     assert repo.ok and repo.detail["segments"] == 1
     assert not full.ok and "cannot reach coop0/src0" in full.error and "passed" in full.error
+
+
+# --- drills ------------------------------------------------------------------------------
+
+
+def test_due_drills_run_when_their_source_is_idle_and_hold_its_backups_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    from mutualbackup import drill
+
+    h = harness(tmp_path, drills_enabled=True)
+    drills: list[tuple[str, float, float]] = []
+
+    def fake_drill(ctx, source, *, clock):
+        start = clock()
+        run_id = ctx.history.start_run("drill", source.name, "", started=start)
+        h.clock.sleep_until(start + 5400)  # longer than the gap between a source's two backups
+        ctx.history.finish_run(run_id, "success", ended=clock())
+        drills.append((source.name, start, clock()))
+
+    monkeypatch.setattr(drill, "run_drill", fake_drill)
+    second = h.federation.node(h.placement["coop0/src0"][1])
+    failed_once: list[bool] = []
+
+    def fail_once(node, argv, world):  # coop0/src0's second replica fails once: its retry comes during the drill
+        if node.name == "coop0/src0" and "create" in argv and any(f"@{second.address}:" in a for a in argv) and not failed_once:
+            failed_once.append(True)
+            return Result(argv, 80, b"", b"Connection closed by remote host\n")
+        return None
+
+    h.world.script(fail_once)
+    h.run_until(START + 6 * HOUR)
+    assert failed_once
+    assert sorted(name for name, _, _ in drills) == ["coop0/src0", "coop1/src0", "coop2/src0"]
+    for name, start, end in drills:
+        creates = [(a, b) for kind, s, _t, a, b in h.world.sessions if kind == "create" and s == name]
+        assert creates and all(b <= start or a >= end for a, b in creates)  # never during its drill
+        assert min(a for a, _ in creates) < start  # due once the source has a backup
 
 
 # --- shutdown -------------------------------------------------------------------------

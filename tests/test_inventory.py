@@ -628,3 +628,11 @@ def test_bandwidths_format_for_humans_and_parse_back():
         "800 bit/s", "512 kbit/s", "100 Mbit/s", "1.5 Gbit/s",
     ]  # fmt: skip
     assert parse_bandwidth(format_bandwidth(15 * 10**8).replace(" ", "")) == 15 * 10**8
+
+
+@pytest.mark.parametrize("workdir", ["/srv/mb%h", '/srv/"mb"', "~/%d"])
+def test_a_workdir_that_ssh_would_expand_or_misquote_is_refused(workdir: str) -> None:
+    from mutualbackup.fields import check_home_path
+
+    with pytest.raises(ValueError, match="% or a double quote"):
+        check_home_path(workdir)
