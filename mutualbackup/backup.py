@@ -77,9 +77,9 @@ def run_backup(
     try:
         result = _create(ctx, source, host, run_id, started, timeout, clock, control)
         exit_code = result.exit_code
-        if control is not None and control.is_aborted:
-            raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
         verdict = borg.classify_exit(exit_code)
+        if verdict not in ("success", "warning") and control is not None and control.is_aborted:
+            raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
         if verdict not in ("success", "warning"):
             raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{result.stderr_tail()}".strip(), exit_code)
         stats = borg.parse_create_json(result.stdout)

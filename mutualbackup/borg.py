@@ -146,8 +146,14 @@ def authorized_keys_line(borg: str, repository: str, quota: int, public_key: str
     """One ``authorized_keys`` line that lets ``public_key`` reach only ``repository``, append-only.
 
     Inside ``command="…"`` OpenSSH treats only ``\\"`` specially, so double quotes of
-    the (already shell-quoted) command are escaped and nothing else.
+    the (already shell-quoted) command are escaped and nothing else. A control
+    character in any part (a newline would start another, unrestricted line) is a
+    ValueError.
     """
+    from .fields import check_line
+
+    for part in (borg, repository, public_key, comment):
+        check_line(part)
     command = serve_command(borg, repository, quota).replace('"', '\\"')
     key_type, key_data = public_key.split()[:2]
     return f'command="{command}",restrict {key_type} {key_data} {comment}'

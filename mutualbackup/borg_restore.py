@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from .borg import LOCK_WAIT, archive_path, base_env, ssh_command
+from .fields import check_line
 
 RESTORE_COMMENT_PREFIX = "mutualbackup-restore:"
 """Comment of a temporary restore line: ``mutualbackup-restore:SOURCE:ID``."""
@@ -67,8 +68,11 @@ def restore_line(borg: str, repository: str, public_key: str, source: str, resto
     Same forced command as a replica line (one repository, append-only) with the
     smallest quota borg accepts, ``restrict``, and ``expiry-time`` so that sshd
     itself refuses the key once :data:`RESTORE_LINE_LIFETIME` has passed, even if
-    the coordinator died before removing the line.
+    the coordinator died before removing the line. A control character in any part
+    (a newline would start another, unrestricted line) is a ValueError.
     """
+    for part in (borg, repository, public_key, source, restore_id):
+        check_line(part)
     created = restore_id_time(restore_id)
     if created is None:
         raise ValueError(f"not a restore id: {restore_id!r}")

@@ -6,6 +6,7 @@ The connector is the seam: the CLI gives the SSH one, unit tests give a fake.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +19,8 @@ from .placement import Placement, place
 from .transport import Transport, expand_home
 
 Connector = Callable[[Node], Transport]
+
+log = logging.getLogger("mutualbackup")
 
 
 @dataclass
@@ -37,6 +40,25 @@ class Context:
     def replicas_of(self, source: str) -> tuple[str, ...]:
         """The hosts recorded for ``source`` by the last ``apply`` (what exists in the world)."""
         return self.history.placement().get(source, ())
+
+    def replica_hosts(self, source: str) -> tuple[Node, ...]:
+        """The recorded replica hosts of ``source`` that the inventory still has as hosts.
+
+        A recorded host since removed from the inventory (or left without ``storage:``)
+        cannot be reached any more: it is skipped with a warning (on stderr, through the
+        log), so that the remaining replicas serve. Empty when none is left.
+        """
+        hosts: list[Node] = []
+        for name in self.replicas_of(source):
+            try:
+                node = self.federation.node(name)
+            except KeyError:
+                node = None
+            if node is None or not node.is_host:
+                log.warning("%s is no longer a host in the inventory: skipping its replica of %s", name, source)
+                continue
+            hosts.append(node)
+        return tuple(hosts)
 
     def connect(self, node: Node) -> Transport:
         return self.connector(node)

@@ -15,8 +15,11 @@ created with mode 0600 and never over an existing file. It stores nothing of it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -25,7 +28,9 @@ import yaml
 from . import borg, borg_restore
 from .context import Context
 from .errors import OperationFailed, UsageError
-from .model import Node
+from .fields import check_slug
+from .model import Federation, Node
+from .units import quote
 
 FORMAT = "mutualbackup-recovery 1"
 
@@ -100,34 +105,173 @@ def render(recovery: Recovery) -> str:
 
 
 def parse(text: str, where: str = "the recovery file") -> Recovery:
-    """A recovery file's content; UsageError (exit 2) saying what is wrong."""
+    """A recovery file's content; UsageError (exit 2) saying what is wrong.
+
+    Every field's type is checked; the source and host names must be ``MEMBER/NODE``
+    slugs. A message never quotes the file's text (it holds the passphrase): a YAML
+    error is reported as YAML's problem and a line number only.
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{where} is not a mutualbackup recovery file (not YAML: {exc})") from None
+        raise UsageError(f"{where} is not a mutualbackup recovery file (not YAML: {_yaml_problem(exc, text)})") from None
+    except (ValueError, RecursionError):  # an impossible date, nesting too deep for the parser
+        raise UsageError(f"{where} is not a mutualbackup recovery file (not YAML: a value cannot be read)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{where} is not a mutualbackup recovery file (no 'format: {FORMAT}')")
-    problems = [f"'{key}' is missing" for key in ("source", "passphrase", "repositories") if not data.get(key)]
-    repositories = []
-    for index, entry in enumerate(data.get("repositories") or [], 1):
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k) for k in ("host", "path", "key")):
-            problems.append(f"repository #{index} needs host, path and key")
-            continue
-        if not entry["path"].startswith("/"):
-            problems.append(f"repository #{index}: path must be absolute")
-            continue
-        repositories.append(
-            RecoveryRepository(
-                host=entry["host"], path=entry["path"], url=str(entry.get("url", "")),
-                repository_id=str(entry.get("repository_id", "")), key=entry["key"],
-            )
-        )
+    problems: list[str] = []
+    source = _name(data, "source", "'source'", problems)
+    passphrase = _text(data, "passphrase", "'passphrase'", problems)
+    federation, exported = (_text(data, key, f"'{key}'", problems, required=False) for key in ("federation", "exported"))
+    _text(data, "encryption", "'encryption'", problems, required=False)
+    entries = data.get("repositories")
+    if not entries:
+        problems.append("'repositories' is missing")
+        entries = []
+    elif not isinstance(entries, list):
+        problems.append("'repositories' must be a list of repositories")
+        entries = []
+    repositories: list[RecoveryRepository] = []
+    for index, entry in enumerate(entries, 1):
+        repository = _repository(entry, f"repository #{index}", problems)
+        if repository is not None and any(r.host == repository.host for r in repositories):
+            problems.append(f"repository #{index}: host {repository.host} appears twice")
+        elif repository is not None:
+            repositories.append(repository)
     if problems:
         raise UsageError(f"{where} is damaged: " + "; ".join(problems))
-    return Recovery(
-        source=str(data["source"]), federation=str(data.get("federation", "")), exported=str(data.get("exported", "")),
-        passphrase=str(data["passphrase"]), repositories=tuple(repositories),
-    )
+    return Recovery(source=source, federation=federation, exported=exported, passphrase=passphrase,
+                    repositories=tuple(repositories))
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """What YAML found wrong and on which line, without the file's text (never ``str(exc)``).
+
+    A problem may quote the file (an alias name, a tag): quoted fragments longer than a
+    character or two are elided, except YAML's own token names like ``'<stream end>'``.
+    """
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        character = f"#x{ord(exc.character):04x}" if isinstance(exc.character, str) else "a byte"
+        return f"a character YAML does not accept ({character}) at line {line}"
+    problem = _QUOTED.sub(_elide, str(getattr(exc, "problem", None) or "cannot be parsed"))
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" r'|"(?:[^"\\]|\\.)*"')
+"""A fragment quoted by ``repr`` in a YAML problem (single or double quotes, backslash escapes)."""
+
+
+def _elide(match: re.Match[str]) -> str:
+    """A quoted fragment kept when it is a character or two (``'\\t'``) or a YAML token (``'<stream end>'``)."""
+    inner = match.group(0)[1:-1]
+    return match.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
+
+
+def _text(data: Mapping[Any, Any], key: str, what: str, problems: list[str], *, required: bool = True) -> str:
+    """``data[key]`` as a non-empty string; a problem (never quoting the value) otherwise."""
+    value = data.get(key)
+    if value is None or value == "":
+        if required:
+            problems.append(f"{what} is missing")
+        return ""
+    if isinstance(value, (dt.date, dt.datetime)) and key == "exported":
+        return value.isoformat()
+    if not isinstance(value, str):
+        problems.append(f"{what} must be text, not {type(value).__name__}")
+        return ""
+    return value
+
+
+def _name(data: Mapping[Any, Any], key: str, what: str, problems: list[str]) -> str:
+    """``data[key]`` as a ``MEMBER/NODE`` name whose both parts follow the slug rule."""
+    value = _text(data, key, what, problems)
+    if value:
+        try:
+            split_name(value)
+        except ValueError as exc:
+            problems.append(f"{what}: {exc}")
+            return ""
+    return value
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``MEMBER/NODE`` as (member, node), each checked with the slug rule; ValueError otherwise."""
+    member, sep, node = name.partition("/")
+    if not sep:
+        raise ValueError(f"{quote(name)} is not a MEMBER/NODE name")
+    return check_slug(member), check_slug(node)
+
+
+def _repository(entry: object, what: str, problems: list[str]) -> RecoveryRepository | None:
+    """One entry of ``repositories``, or None (with problems) when it is not usable."""
+    if not isinstance(entry, dict):
+        problems.append(f"{what} needs host, path and key")
+        return None
+    if not all(entry.get(k) for k in ("host", "path", "key")):
+        problems.append(f"{what} needs host, path and key")
+        return None
+    before = len(problems)
+    host = _name(entry, "host", f"{what}: host", problems)
+    path = _text(entry, "path", f"{what}: path", problems)
+    key = _text(entry, "key", f"{what}: key", problems)
+    url = _text(entry, "url", f"{what}: url", problems, required=False)
+    repository_id = _text(entry, "repository_id", f"{what}: repository_id", problems, required=False)
+    if path and not path.startswith("/"):
+        problems.append(f"{what}: path must be absolute")
+    if len(problems) > before:
+        return None
+    return RecoveryRepository(host=host, path=path, url=url, repository_id=repository_id, key=key)
+
+
+def repository_path(source: str, host: Node) -> str:
+    """Where ``source`` (``MEMBER/NODE``, possibly gone from the inventory) keeps its repository on ``host``.
+
+    STORAGE/MEMBER/NODE with the inventory's ``storage.path`` of ``host``: the rule of
+    :func:`mutualbackup.borg.repository_path`, from the source's name alone.
+    """
+    if host.storage is None:
+        raise ValueError(f"{host.name} is not a host (no storage: section)")
+    member, node = split_name(source)
+    return posixpath.join(host.storage.path, member, node)
+
+
+def usable_hosts(recovery: Recovery, federation: Federation) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(hosts of ``recovery`` to restore from, hosts skipped because they left the inventory).
+
+    The file never chooses a path: each repository must be where the inventory puts
+    it (:func:`repository_path` of the inventory's host), and its host must be a host
+    there. UsageError (exit 2) when a path differs, when a host is a node without
+    ``storage:``, or when no host of the file is left in the inventory.
+    """
+    nodes = {node.name: node for node in federation.nodes()}
+    usable: list[str] = []
+    skipped: list[str] = []
+    for entry in recovery.repositories:
+        host = nodes.get(entry.host)
+        if host is None:
+            skipped.append(entry.host)
+            continue
+        if host.storage is None:
+            raise UsageError(
+                f"the recovery file names {entry.host} as a host of {recovery.source}, but it is not a host in the inventory "
+                "(no storage: section); refusing to use this file"
+            )
+        expected = repository_path(recovery.source, host)
+        if entry.path != expected:
+            raise UsageError(
+                f"the recovery file puts the repository of {recovery.source} on {entry.host} at {quote(entry.path, 120)}, "
+                f"but the inventory puts it at {quote(expected, 120)}; a recovery file never chooses the path, so nothing was done.\n"
+                "If the file was altered, do not use it; if the host's storage path changed, fix the inventory or export the keys again"
+            )
+        usable.append(entry.host)
+    if not usable:
+        raise UsageError(
+            f"none of the hosts in the recovery file ({', '.join(r.host for r in recovery.repositories)}) is in the inventory; "
+            "nothing was done"
+        )
+    return tuple(usable), tuple(skipped)
 
 
 def read_recovery(path: str) -> Recovery:
@@ -137,11 +281,17 @@ def read_recovery(path: str) -> Recovery:
             text = handle.read()
     except OSError as exc:
         raise UsageError(f"cannot read the recovery file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a mutualbackup recovery file (not UTF-8 text: byte {exc.start + 1})") from None
     return parse(text, path)
 
 
 def write_private(path: str, text: str) -> None:
-    """Create ``path`` with mode 0600 and ``text``; refuses to replace an existing file."""
+    """Create ``path`` with mode 0600 and ``text``; refuses to replace an existing file.
+
+    On any failure (a full disk, an interruption…) the file just created is removed:
+    a partial secret file is never left behind.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -149,13 +299,17 @@ def write_private(path: str, text: str) -> None:
     except OSError as exc:
         raise OperationFailed(f"cannot create {path}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(fd, 0o600)
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise OperationFailed(f"cannot write {path}: {exc.strerror}") from None
+            os.fsync(fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, OSError):
+            raise OperationFailed(f"cannot write {path} (nothing was kept): {exc.strerror}") from None
+        raise
 
 
 def export_keys(
@@ -167,9 +321,14 @@ def export_keys(
     recorded replica. Raises OperationFailed when the source or a replica's key
     cannot be read (nothing is written then).
     """
-    hosts = [ctx.node(name) for name in ctx.replicas_of(source.name)]
-    if not hosts:
+    if not ctx.replicas_of(source.name):
         raise OperationFailed(f"{source.name} has no provisioned replica: run `mutualbackup apply` first")
+    hosts = ctx.replica_hosts(source.name)
+    if not hosts:
+        raise OperationFailed(
+            f"none of the recorded replicas of {source.name} ({', '.join(ctx.replicas_of(source.name))}) "
+            "is a host in the inventory any more: run `mutualbackup apply` first"
+        )
     if os.path.lexists(out):
         raise UsageError(f"{out} already exists; choose another --out (a recovery file is never overwritten)")
     transport = ctx.connect(source)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -172,8 +173,11 @@ def _prepare_source(
         )
         report.changes.append(f"+ key         {source.name}")
     public_key = (transport.read_file(paths.key + ".pub") or b"").decode().strip()
-    if len(public_key.split()) < 2:
-        raise OperationFailed(f"the public key {paths.key}.pub on {source.name} is unreadable")
+    if not re.fullmatch(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}( [\x20-\x7e]*)?", public_key):
+        raise OperationFailed(
+            f"the public key {paths.key}.pub on {source.name} is not one ed25519 key on one line; "
+            "move it away and run `mutualbackup apply` again to generate a new one"
+        )
     # The passphrase is generated on the source and never read back: the shell
     # script below only sees its path as "$1".
     generated = transport.run(

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import borg, borg_restore
+from . import borg, borg_restore, keys
 from .borg_restore import ExtractProgress
 from .context import Context
 from .errors import MutualBackupError, OperationFailed, TransportError, UsageError
@@ -95,9 +95,19 @@ def choose_replica(ctx: Context, source: Node | str, requested: str | None, amon
     ``among`` replaces the recorded replicas (the hosts of a recovery file).
     """
     name = source if isinstance(source, str) else source.name
-    replicas = tuple(among) if among is not None else ctx.replicas_of(name)
-    if not replicas:
-        raise OperationFailed(f"{name} has no provisioned replica: run `mutualbackup apply` first")
+    if among is not None:
+        replicas = tuple(among)
+    else:
+        recorded = ctx.replicas_of(name)
+        if not recorded:
+            raise OperationFailed(f"{name} has no provisioned replica: run `mutualbackup apply` first")
+        replicas = tuple(host.name for host in ctx.replica_hosts(name))
+        if requested is not None and requested in recorded and requested not in replicas:
+            raise UsageError(f"{requested} is no longer a host in the inventory: choose another --replica "
+                             f"(replicas: {', '.join(replicas) or 'none'})")
+        if not replicas:
+            raise OperationFailed(f"none of the recorded replicas of {name} ({', '.join(recorded)}) is a host in the "
+                                  "inventory any more: run `mutualbackup apply`")
     if requested is not None:
         if requested not in replicas:
             raise UsageError(f"{requested} holds no replica of {name} (replicas: {', '.join(replicas)})")
@@ -147,9 +157,11 @@ def restore(
 
     ``source`` is a Node, or only its name when it is gone from the inventory
     (then ``recovery`` is required). Raises UsageError (exit 2) for a refused
-    request (another member without ``allow_other_member``, a non-empty target
-    without ``force``, a relative directory) and OperationFailed when the restore
-    fails; the history records every attempted restore, with who asked.
+    request (another member without ``allow_other_member``, or one that hosts a
+    replica of the source, see :func:`check_other_member`; a recovery file that
+    disagrees with the inventory, see :func:`mutualbackup.keys.usable_hosts`; a
+    non-empty target without ``force``; a relative directory) and OperationFailed
+    when the restore fails; the history records every attempted restore, with who asked.
     """
     source_name = source if isinstance(source, str) else source.name
     source_node = source if isinstance(source, Node) else None
@@ -161,27 +173,19 @@ def restore(
         raise UsageError(f"{source_name} is not in the inventory: restore it with --recovery FILE")
     source_member = source_name.split("/", 1)[0]
     other_member = destination.member != source_member
-    if other_member and not allow_other_member:
-        raise UsageError(
-            f"restoring {source_name} onto {destination.name} would show {source_member}'s plaintext to {destination.member}.\n"
-            f"Add --allow-other-member once {source_member} agreed; the history records it and who asked."
-        )
+    if other_member:
+        check_other_member(ctx, source_name, destination, recovery, allow_other_member)
     if recovery is not None:
-        known = {n.name for n in ctx.federation.nodes()}
-        among = [r.host for r in recovery.repositories if r.host in known]
-        if not among:
-            raise OperationFailed(
-                f"none of the hosts in the recovery file ({', '.join(r.host for r in recovery.repositories)}) is in the inventory"
-            )
+        among, skipped = keys.usable_hosts(recovery, ctx.federation)
+        for name in skipped:
+            log.warning("%s (in the recovery file) is no longer in the inventory: skipping its repository", name)
         hosts = choose_replica(ctx, source_name, replica, among)
     else:
         hosts = choose_replica(ctx, source_name, replica)
 
     def repository_path(host: Node) -> str:
-        if recovery is not None:
-            entry = recovery.repository(host.name)
-            assert entry is not None
-            return entry.path
+        if recovery is not None:  # computed from the inventory: the file's path was only compared with it
+            return keys.repository_path(source_name, host)
         assert source_node is not None
         return borg.repository_path(source_node, host)
 
@@ -206,6 +210,47 @@ def restore(
         return _restore_delegated(job, transport, source_node, force)
     finally:
         transport.close()
+
+
+def check_other_member(
+    ctx: Context, source: str, destination: Node, recovery: Recovery | None, allowed: bool
+) -> None:
+    """Refuse, or warn about, a restore onto a node of another member than the source's.
+
+    That member sees the plaintext, and its node receives the passphrase, which unlocks
+    the repository key for good. Refused outright when that member also holds (or is
+    planned to hold) a replica of the source: it would have both the ciphertext and the
+    passphrase. Otherwise refused without ``allowed`` (``--allow-other-member``), and
+    logged as a warning with it.
+    """
+    source_member = source.split("/", 1)[0]
+    holding = sorted(
+        {*ctx.replicas_of(source), *ctx.placement.replicas.get(source, ()),
+         *(r.host for r in (recovery.repositories if recovery is not None else ()))}
+    )
+    theirs = [host for host in holding if host.split("/", 1)[0] == destination.member]
+    consequence = (
+        f"{destination.member} could decrypt every archive of {source}, past and future, from now on: the passphrase "
+        "unlocks the repository key for good, and rotating the passphrase does not undo it"
+    )
+    if theirs:
+        raise UsageError(
+            f"refusing to restore {source} onto {destination.name}: {destination.member} hosts a replica of {source} "
+            f"({', '.join(theirs)}), and this restore would show it {source_member}'s plaintext and send it the "
+            f"passphrase too; holding both the encrypted repository and the passphrase, {consequence}.\n"
+            f"--allow-other-member does not lift this: restore onto a node of {source_member}, or of a member that "
+            f"holds no replica of {source}."
+        )
+    if not allowed:
+        raise UsageError(
+            f"restoring {source} onto {destination.name} would show {source_member}'s plaintext to {destination.member} "
+            f"and send it {source}'s passphrase: {consequence}.\n"
+            f"Add --allow-other-member only once {source_member} agreed; the history records it and who asked."
+        )
+    log.warning(
+        "restoring %s onto %s (--allow-other-member): %s sees the plaintext and receives the passphrase; %s",
+        source, destination.name, destination.member, consequence,
+    )
 
 
 def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | None, force: bool) -> RestoreResult:

@@ -124,7 +124,10 @@ def authorised(
     ``expiry-time`` anyway, and the next ``apply`` or restore through that host drops it.
     ``prefetched``: a connection to the host opened, and its file read, beforehand.
     """
-    line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
+    try:
+        line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
+    except ValueError as exc:  # a control character: it would start another line in authorized_keys
+        raise UsageError(f"refusing to write a restore line on {host.name}: {exc}") from None
     transport = prefetched.transport if prefetched is not None else ctx.connect(host)
     try:
         _edit_block(transport, host, lambda lines, now: borg_restore.with_restore_line(lines, line, now),

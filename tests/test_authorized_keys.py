@@ -90,3 +90,12 @@ def test_lines_outside_the_block_keep_crlf_and_unusual_characters() -> None:
     updated = replace_block(original, ["managed"])
     assert updated.startswith(original + "\n")
     assert replace_block(updated, []) == original + "\n"
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028"])
+@pytest.mark.parametrize("part", ["borg", "repository", "public_key", "comment"])
+def test_a_control_character_in_any_part_of_the_line_is_refused(part: str, char: str) -> None:
+    parts = {"borg": "/opt/borg", "repository": "/srv/mb/coop/web1", "public_key": KEY, "comment": "mutualbackup:coop/web1"}
+    parts[part] += f"{char}ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIATTACKER x"
+    with pytest.raises(ValueError):
+        authorized_keys_line(parts["borg"], parts["repository"], 20 * 1024**3, parts["public_key"], parts["comment"])

@@ -317,6 +317,7 @@ def test_kill_9_of_the_daemon_mid_backup_leaves_no_borg_behind_and_the_restarted
     os.kill(serve, signal.SIGCONT)
     # The supervisor on the source notices the lost session and stops borg (SIGINT: it keeps a checkpoint).
     wait_for(lambda: not borg_creates(fed.lab, fed.nodes[SOURCE]), 60, "the orphaned borg create to stop")
+    wait_for(lambda: not (repo / "lock.exclusive").exists(), 30, "the repository lock to be released")  # no stale lock
     history = History(fed.state)
     assert [r.result for r in history.runs(kind="backup")] == ["running"]  # what the dead daemon left
 
@@ -390,3 +391,24 @@ def test_sigterm_during_a_backup_aborts_it_cleanly_and_exits_0_within_the_grace_
     assert any(name.endswith(".checkpoint") for name in listed.stdout.split())  # SIGINT: borg kept what it had sent
     code, out, err = mb(fed, "run")  # the lock was released: the next backup works
     assert code == 0, err
+
+
+def test_a_failing_before_command_fails_the_backup_with_its_stderr_tail_and_makes_no_archive(two: LabFederation) -> None:
+    fed = two
+    members = fed.inventory / "members" / "alpha.yml"
+    original = members.read_text()
+    doc = yaml.safe_load(original)
+    doc["nodes"][0]["backup"]["before"] = ["echo \"dumping 'db'\"; echo 'pg_dump: error: connection refused' >&2; exit 3"]
+    members.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        history = History(fed.state)
+        archives_before = set(history.known_archives(SOURCE, HOST))
+        code, out, err = mb(fed, "run", SOURCE)
+    finally:
+        members.write_text(original)
+    assert code == 1
+    assert "the before: command failed with exit 3, so no backup was made" in err
+    assert "pg_dump: error: connection refused" in err
+    run = history.runs(kind="backup")[0]
+    assert run.result == "failure" and "pg_dump: error: connection refused" in run.error
+    assert set(history.known_archives(SOURCE, HOST)) == archives_before

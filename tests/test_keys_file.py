@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import stat
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mutualbackup.errors import UsageError
+from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.keys import FORMAT, Recovery, RecoveryRepository, parse, read_recovery, render, write_private
 
 KEY_ID = "e4ab17b9008f422cea378131e97051073b96449e800405fe204f6181310071cb"
@@ -74,3 +77,107 @@ def test_the_file_is_created_0600_and_never_overwritten(tmp_path: Path) -> None:
     assert read_recovery(str(path)) == sample()
     with pytest.raises(UsageError):
         read_recovery(str(tmp_path / "absent"))
+
+
+# --- damage: never the file's text, never a traceback --------------------------------------
+
+SECRET = "Zm9vYmFyU2VjcmV0UGFzcw"
+
+
+def document(passphrase_line: str = f"passphrase: {SECRET}", repositories: str = "") -> str:
+    """A recovery file whose passphrase is on line 4."""
+    repositories = repositories or f"repositories: [{{host: pica/store1, path: /srv/mb/coop/web1, key: 'BORG_KEY {KEY_ID}'}}]"
+    return f"# header\nformat: {FORMAT}\nsource: coop/web1\n{passphrase_line}\n{repositories}\n"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'passphrase: "{SECRET}\\q"',  # an unknown escape
+        f"passphrase: *{SECRET}",  # an alias: YAML's problem itself quotes it
+        f"passphrase: !!python/name:{SECRET} x",  # a tag: quoted too
+        f"passphrase: !!python/name:{SECRET}'s x",  # quoted with double quotes, then
+        f"passphrase: {SECRET}: x",  # a mapping where a value was expected
+        f"passphrase: '{SECRET}",  # unclosed quote
+    ],
+)
+def test_a_broken_passphrase_line_is_reported_by_its_line_number_never_by_its_text(line: str) -> None:
+    with pytest.raises(UsageError) as error:
+        parse(document(line), "safe.txt")
+    message = str(error.value)
+    assert SECRET not in message and SECRET[:8] not in message
+    assert "safe.txt" in message and "not YAML" in message and "line " in message
+
+
+def test_a_yaml_error_names_the_line_where_yaml_found_it() -> None:
+    with pytest.raises(UsageError) as error:
+        parse(document(f'passphrase: "{SECRET}\\q"'), "safe.txt")
+    assert "unknown escape character" in str(error.value) and "line 4" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"repositories": "repositories: 5"}, "'repositories' must be a list"),
+        ({"repositories": "repositories: {host: pica/store1}"}, "'repositories' must be a list"),
+        ({"repositories": "repositories: [5]"}, "repository #1 needs host, path and key"),
+        ({"passphrase_line": "passphrase: 12345"}, "'passphrase' must be text, not int"),
+        ({"passphrase_line": "passphrase: [a, b]"}, "'passphrase' must be text, not list"),
+        ({"repositories": "repositories: [{host: 7, path: /srv/mb/coop/web1, key: k}]"}, "repository #1: host must be text"),
+        ({"repositories": "repositories: [{host: pica/store1, path: [/srv], key: k}]"}, "repository #1: path must be text"),
+        ({"repositories": "repositories: [{host: pica/store1, path: /srv, key: {a: 1}}]"}, "repository #1: key must be text"),
+        ({"repositories": "repositories: [{host: pica/store1, path: /srv, key: k, url: [x]}]"}, "repository #1: url must be text"),
+        ({"repositories": "repositories: [{host: pica/store1, path: /srv, key: k, repository_id: 5}]"}, "repository_id must be text"),
+        ({"repositories": "repositories: [{host: pica/store1, path: /a, key: k}, {host: pica/store1, path: /a, key: k}]"},
+         "host pica/store1 appears twice"),
+        ({"repositories": "repositories: [{host: Pica/store1, path: /a, key: k}]"}, "repository #1: host: \"Pica\" is not a valid name"),
+        ({"repositories": "repositories: [{host: pica, path: /a, key: k}]"}, "is not a MEMBER/NODE name"),
+        ({"passphrase_line": "passphrase: p\nexported: 2026-13-01"}, "a value cannot be read"),
+        ({"passphrase_line": "passphrase: p\nfederation: {a: b}"}, "'federation' must be text"),
+        ({"passphrase_line": "passphrase: p\nx: " + "[" * 5000}, "not YAML"),
+    ],
+)
+def test_every_field_of_a_damaged_file_is_checked_for_its_type_without_a_traceback(change: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError) as error:
+        parse(document(**change), "safe.txt")
+    assert message in str(error.value) and "safe.txt" in str(error.value)
+    assert error.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["coop/web1\nssh-ed25519 AAAA attacker", "coop", "coop/web1/x", "../etc/passwd", "coop/Web1", "coop/", "/web1", "coop/web 1"],
+)
+def test_the_source_name_of_a_recovery_file_follows_the_slug_rules(source: str) -> None:
+    text = document().replace("source: coop/web1", f"source: {json.dumps(source)}")
+    with pytest.raises(UsageError) as error:
+        parse(text, "safe.txt")
+    assert "'source'" in str(error.value) and "\n" not in str(error.value).split("damaged: ", 1)[1]
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "safe.bin"
+    path.write_bytes(render(sample()).encode() + b"\xff\xfe\x00garbage")
+    with pytest.raises(UsageError) as error:
+        read_recovery(str(path))
+    assert str(path) in str(error.value) and "UTF-8" in str(error.value)
+
+
+# --- a secret file is complete, or absent ----------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_write_that_fails_midway_leaves_no_partial_secret_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    path = tmp_path / "recovery"
+
+    def fail(fd: int) -> None:
+        raise failure
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises((OperationFailed, KeyboardInterrupt)) as error:
+        write_private(str(path), render(sample()))
+    assert not path.exists()
+    if isinstance(failure, OSError):
+        assert error.type is OperationFailed and "No space left on device" in str(error.value)

@@ -57,6 +57,15 @@ def test_the_restore_line_confines_the_key_to_one_repository_read_mostly_and_exp
     assert rest == f',restrict,expiry-time="20260301180000Z" {KEY} mutualbackup-restore:coop/web1:{RID}'
 
 
+@pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028"])
+@pytest.mark.parametrize("part", ["borg", "repository", "public_key", "source"])
+def test_a_control_character_in_any_part_of_the_restore_line_is_refused(part: str, char: str) -> None:
+    parts = {"borg": "/opt/borg", "repository": "/srv/mb/coop/web1", "public_key": KEY, "source": "coop/web1"}
+    parts[part] += f"{char}ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIATTACKER x\n#"
+    with pytest.raises(ValueError):
+        br.restore_line(parts["borg"], parts["repository"], parts["public_key"], parts["source"], RID)
+
+
 def test_restore_lines_are_recognised_and_expire_after_their_lifetime() -> None:
     line = br.restore_line("borg", "/r", KEY, "coop/web1", RID)
     parsed = br.parse_restore_line(line)
@@ -159,7 +168,8 @@ def test_the_delegated_environment_names_files_and_an_fd_never_a_passphrase() ->
     assert env["BORG_BASE_DIR"] == "/home/x/.mutualbackup/restore-ID.abc/borg"
     rsh = shlex.split(env["BORG_RSH"])
     assert rsh[rsh.index("-i") + 1] == "/home/x/.mutualbackup/restore-ID.abc/id_ed25519"
-    assert "UserKnownHostsFile=/home/x/.mutualbackup/restore-ID.abc/known_hosts" in rsh
+    assert "UserKnownHostsFile=\"/home/x/.mutualbackup/restore-ID.abc/known_hosts\"" in rsh
+    assert rsh[rsh.index("-F") + 1] == "/dev/null"
     assert "StrictHostKeyChecking=yes" in rsh and "BatchMode=yes" in rsh
     assert env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] == "no"
 

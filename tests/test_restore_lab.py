@@ -2,7 +2,8 @@
 
 One federation for the module: coopcycle/web1 (the source) and coopcycle/web2 (a
 plain node of the same member); its two replicas live on ouvaton/mail1 and
-picasoft/store1. Tests that stop or kill a node start it again.
+picasoft/store1; libre/desk1 is a plain node of a member that holds no replica.
+Tests that stop or kill a node start it again.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[La
             "coopcycle": [node_doc("web1", backup=source(["/etc", AWKWARD_DIR])), node_doc("web2")],
             "ouvaton": [node_doc("mail1", storage=storage())],
             "picasoft": [node_doc("store1", storage=storage())],
+            "libre": [node_doc("desk1")],
         },
     )
     write_tree(federation.data_path(SOURCE, "/etc"))
@@ -105,16 +107,23 @@ def test_restore_onto_another_node_of_the_same_member_is_exact_and_leaves_no_aut
 
 def test_restore_onto_another_member_is_refused_without_allow_other_member(fed: LabFederation, tmp_path: Path) -> None:
     before = keys_snapshot(fed)
-    code, out, err = mb(fed, "restore", SOURCE, "--to", f"ouvaton/mail1:{tmp_path}/theirs")
+    code, out, err = mb(fed, "restore", SOURCE, "--to", f"libre/desk1:{tmp_path}/theirs")
     assert code == 2
-    assert "--allow-other-member" in err and "plaintext" in err
+    assert "--allow-other-member" in err and "plaintext" in err and "decrypt every archive" in err
+    assert not (tmp_path / "theirs").exists()
+    assert keys_snapshot(fed) == before
+    # picasoft hosts a replica: with the passphrase it could decrypt everything, so even the flag is refused
+    code, out, err = mb(fed, "restore", SOURCE, "--to", f"picasoft/store1:{tmp_path}/theirs", "--allow-other-member")
+    assert code == 2 and "hosts a replica" in err and "rotating the passphrase does not undo it" in err
+    code, out, err = mb(fed, "restore", SOURCE, "--to", f"ouvaton/mail1:{tmp_path}/theirs")
+    assert code == 2 and "hosts a replica" in err and "plaintext" in err
     assert not (tmp_path / "theirs").exists()
     assert keys_snapshot(fed) == before
 
 
 def test_restore_onto_another_member_with_allow_other_member_is_exact_and_recorded(fed: LabFederation, tmp_path: Path) -> None:
     target = tmp_path / "theirs"
-    code, summary = mb_json(fed, "restore", SOURCE, "--to", f"picasoft/store1:{target}", "--allow-other-member")
+    code, summary = mb_json(fed, "restore", SOURCE, "--to", f"libre/desk1:{target}", "--allow-other-member")
     assert code == 0, summary
     assert_identical(fed, target)
     result, _, detail = last_restore_detail(fed)
