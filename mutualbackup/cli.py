@@ -208,15 +208,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         ctx.node(args.replica)
     outcomes = []
     for source in sources:
-        targets = ctx.replicas_of(source.name)
+        targets = ctx.replica_hosts(source.name)
         if not targets:
             print(f"{source.name}: no provisioned replica; run `mutualbackup apply` first", file=sys.stderr)
             outcomes.append(None)
             continue
         for target in targets:
-            if args.replica and target != args.replica:
+            if args.replica and target.name != args.replica:
                 continue
-            outcome = run_backup(ctx, source, ctx.node(target))
+            outcome = run_backup(ctx, source, target)
             outcomes.append(outcome)
             if not args.json:
                 _print_outcome(outcome)
