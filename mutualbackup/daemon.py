@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Callable
 from zoneinfo import ZoneInfo
 
-from prometheus_client import start_http_server
 
 from . import maintenance, schedule
 from .backup import run_backup
@@ -48,7 +47,7 @@ from .context import Context, require_placeable, ssh_connector
 from .errors import MutualBackupError, OperationFailed
 from .history import History, PairSummary
 from .inventory import load_inventory
-from .metrics import MetricsSource, build_registry
+from .metrics import MetricsSource, start_metrics_server
 from .model import Backup, Federation
 from .recovery import recover_pair
 from .supervise import JobControl, stop_remote
@@ -423,7 +422,7 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
     address, port = federation.coordinator.metrics_address
     try:
-        server, _thread = start_http_server(port, addr=address, registry=build_registry(daemon.metrics))
+        server, _thread = start_metrics_server(address, port, daemon.metrics)
     except OSError as exc:
         raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
     log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
