@@ -206,7 +206,7 @@ class History:
     def mark_interrupted(self, *, now: float | None = None) -> list[Run]:
         """Mark runs left ``running`` by a process that no longer exists; return them."""
         stale = [
-            run for run in self.runs(result="running") if run.pid != os.getpid() and not _pid_alive(run.pid)
+            run for run in self.runs(result="running") if run.pid != os.getpid() and not pid_alive(run.pid)
         ]
         with self._tx() as db:
             for run in stale:
@@ -392,7 +392,8 @@ class History:
                 self._db.execute("ROLLBACK")
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process on this (the coordinator's) machine."""
     if not pid:
         return False
     try:

@@ -19,7 +19,6 @@ it leaves things alone and says why. :func:`judge_lock` is the pure decision.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .errors import MutualBackupError
 from .model import Node
 from .supervise import parse_pidfile, pidfile_path, stop_remote
 from .transport import Transport, expand_home
+from .history import pid_alive
 
 log = logging.getLogger("mutualbackup.recovery")
 
@@ -110,7 +110,7 @@ def _stop_leftover(ctx: Context, transport: Transport, node: Node, peer: str, re
         return
     info = parse_pidfile(data)
     owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
-    if owner is not None and owner.result == "running" and _alive(owner.pid):
+    if owner is not None and owner.result == "running" and pid_alive(owner.pid):
         recovery.busy = (
             f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} "
             f"(pid {info.pid if info else '?'})"
@@ -170,16 +170,3 @@ def _alive_on(transport: Transport, pids: set[int]) -> set[int]:
         if len(words) >= 2 and words[0].isdigit() and not words[1].startswith("Z"):
             alive.add(int(words[0]))
     return alive
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether ``pid`` is a live process on the coordinator's machine."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

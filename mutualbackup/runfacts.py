@@ -18,10 +18,11 @@ scheduler.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
+
+from .history import pid_alive
 
 # Upper bounds of the backup duration histogram, in seconds.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
@@ -115,7 +116,7 @@ class RunningRun:
 
 def read_running(query: Query) -> list[RunningRun]:
     """Runs in progress whose process is still alive (a dead one's run will only become ``interrupted``)."""
-    return [RunningRun(r["id"], r["kind"], r["target"]) for r in query(_RUNNING_SQL) if _alive(r["pid"])]
+    return [RunningRun(r["id"], r["kind"], r["target"]) for r in query(_RUNNING_SQL) if pid_alive(r["pid"])]
 
 
 def read_drills(query: Query) -> dict[str, float]:
@@ -187,15 +188,3 @@ class RunTotals:
         for pair, tally in recent.items():
             result.setdefault(pair, RunTally()).add(tally)
         return result
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
