@@ -91,7 +91,7 @@ def run_backup(
             deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
             nfiles=stats.nfiles, error=error,
         )
-        ctx.history.record_archives(source.name, host.name, [(stats.name, started)], now=ended)
+        ctx.history.record_archives(source.name, host.name, [(stats.name, started, stats.id)], now=ended)
         outcome = Outcome(source.name, host.name, verdict, exit_code, ended - started, stats.name,
                           stats.original_bytes, stats.deduplicated_bytes, error=error)
         log.info("backup  end    %s -> %s  %s  %.1fs  %s", source.name, host.name, verdict, outcome.duration, stats.name)

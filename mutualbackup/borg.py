@@ -267,6 +267,7 @@ class ArchiveStats:
     deduplicated_bytes: int
     nfiles: int
     repository_bytes: int | None
+    id: str | None = None  # borg's archive id (hex)
 
 
 def parse_create_json(stdout: bytes) -> ArchiveStats:
@@ -282,6 +283,7 @@ def parse_create_json(stdout: bytes) -> ArchiveStats:
         deduplicated_bytes=int(stats["deduplicated_size"]),
         nfiles=int(stats.get("nfiles", 0)),
         repository_bytes=int(cache["unique_csize"]) if "unique_csize" in cache else None,
+        id=str(archive["id"]) if archive.get("id") else None,
     )
 
 
@@ -464,3 +466,47 @@ def parse_lock_listing(stdout: bytes) -> tuple[str, list[LockHolder]]:
                 for host, pid, thread in roster.get(mode, []):
                     holders.append(LockHolder(str(host), int(pid), int(thread), f"roster-{mode}"))
     return hostname, holders
+
+
+_TRANSACTIONS = r"""cd -- "$1" 2>/dev/null || exit 3
+[ -f config ] && [ -d data ] || exit 4
+date -u +%s
+if [ -f transactions ]; then cat transactions; fi
+exit 0
+"""
+
+
+def transactions_argv(path: str) -> tuple[str, ...]:
+    """The host's clock, then the ``transactions`` log of the repository at ``path`` (run on the host).
+
+    borg appends ``transaction N, UTC time T`` there at every commit made through an
+    ``--append-only`` serve (every write of a source's key); nothing a key holder can
+    send removes a line. Exits like :func:`repository_facts_argv` for a missing repository.
+    """
+    return ("sh", "-c", _TRANSACTIONS, "sh", path)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    number: int
+    time: float  # epoch, by the host's clock
+
+
+def parse_transactions(stdout: bytes) -> tuple[float, list[Transaction]]:
+    """(the host's clock, transactions) from :func:`transactions_argv`; ValueError when it is not that."""
+    lines = stdout.decode("utf-8", "replace").splitlines()
+    if not lines or not lines[0].strip().isdigit():
+        raise ValueError("the transactions listing does not start with the host's clock")
+    found = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        match = _TRANSACTION_LINE.match(line.strip())
+        if match is None:
+            raise ValueError(f"unexpected line in the repository's transactions log: {line[:80]!r}")
+        when = dt.datetime.fromisoformat(match.group(2)).replace(tzinfo=dt.timezone.utc)
+        found.append(Transaction(int(match.group(1)), when.timestamp()))
+    return float(lines[0]), found
+
+
+_TRANSACTION_LINE = re.compile(r"transaction (\d+), UTC time (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\Z")

@@ -16,7 +16,7 @@ from .errors import InventoryError
 from .history import History
 from .model import Federation, Node
 from .placement import Placement, place
-from .transport import Transport, expand_home
+from .transport import Transport, resolve_path
 
 Connector = Callable[[Node], Transport]
 
@@ -64,7 +64,7 @@ class Context:
         return self.connector(node)
 
     def source_paths(self, transport: Transport, node: Node) -> SourcePaths:
-        return SourcePaths(workdir=expand_home(node.workdir, transport.home()))
+        return SourcePaths(workdir=resolve_path(node.workdir, transport))
 
     def node(self, name: str) -> Node:
         """The node called ``name``; a usage error naming the known ones otherwise."""

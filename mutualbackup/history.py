@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS archives (
     created REAL NOT NULL,           -- the archive's own time (UTC epoch)
     seen REAL NOT NULL,              -- when the coordinator first saw it
     pruned REAL,                     -- when the coordinator's prune removed it
+    archive_id TEXT,                 -- borg's archive id when first seen (NULL: not known yet)
     PRIMARY KEY (source, target, name)
 );
 CREATE TABLE IF NOT EXISTS alerts (
@@ -132,9 +133,16 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
         self._lock = threading.RLock()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to :data:`SCHEMA` (additive, idempotent)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(archives)")}
+        if "archive_id" not in columns:
+            self._db.execute("ALTER TABLE archives ADD COLUMN archive_id TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -293,14 +301,29 @@ class History:
 
     # --- archives and alerts (used by maintenance) -------------------------
 
-    def record_archives(self, source: str, target: str, archives: Sequence[tuple[str, float]], *, now: float | None = None) -> None:
-        """Remember archives (name, creation time) seen in a repository; known ones are unchanged."""
+    def record_archives(
+        self, source: str, target: str, archives: Sequence[tuple[str, float] | tuple[str, float, str | None]],
+        *, now: float | None = None,
+    ) -> None:
+        """Remember archives seen in a repository: (name, creation time[, borg archive id]).
+
+        A known archive is unchanged, except that an id is filled in where none was recorded
+        yet; a recorded id is never overwritten (a different id under the same name is a
+        replaced archive, which the compaction guard must see).
+        """
         with self._tx() as db:
-            for name, created in archives:
+            for entry in archives:
+                name, created = entry[0], entry[1]
+                archive_id = (entry[2] if len(entry) > 2 else None) or None  # type: ignore[misc]
                 db.execute(
-                    "INSERT OR IGNORE INTO archives (source, target, name, created, seen) VALUES (?, ?, ?, ?, ?)",
-                    (source, target, name, created, now or time.time()),
+                    "INSERT OR IGNORE INTO archives (source, target, name, created, seen, archive_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    (source, target, name, created, now or time.time(), archive_id),
                 )
+                if archive_id is not None:
+                    db.execute(
+                        "UPDATE archives SET archive_id = ? WHERE source = ? AND target = ? AND name = ? AND archive_id IS NULL",
+                        (archive_id, source, target, name),
+                    )
 
     def mark_pruned(self, source: str, target: str, names: Sequence[str], *, now: float | None = None) -> None:
         with self._tx() as db:
@@ -314,6 +337,11 @@ class History:
         """name -> (created, pruned) for archives the coordinator has seen in this repository."""
         rows = self._query("SELECT name, created, pruned FROM archives WHERE source = ? AND target = ?", (source, target))
         return {row["name"]: (row["created"], row["pruned"]) for row in rows}
+
+    def archive_ids(self, source: str, target: str) -> dict[str, str | None]:
+        """name -> the borg archive id first recorded under that name (None when never known)."""
+        rows = self._query("SELECT name, archive_id FROM archives WHERE source = ? AND target = ?", (source, target))
+        return {row["name"]: row["archive_id"] for row in rows}
 
     def add_alert(self, source: str, target: str, kind: str, message: str, *, now: float | None = None) -> None:
         with self._tx() as db:

@@ -14,12 +14,26 @@ Per source x replica:
   a host that lost data is noticed even when the source is down), then
   ``check`` from the source (``borg check --archives-only``); the ``check``
   run succeeds only when both did.
-- **compact** (after a successful check): the guard of SPEC promise 3 first --
-  every archive the coordinator recorded and did not prune must still be
-  listed, and the repository's live size must not have shrunk since the
-  coordinator last wrote to it. Otherwise: refuse, alert, keep everything.
-  Then ``borg compact`` on the host, only when the coordinator pruned
-  something since the last compaction; the freed volume is recorded.
+- **compact** (after a successful check): the guard of SPEC promise 3 first
+  (rules in :mod:`guard`). From the source: every archive the coordinator
+  recorded and did not prune must still be listed *under the borg archive id
+  recorded with it* (a delete + create of the same name is a replaced
+  archive), and the live size must not be below the size measured right
+  after the coordinator's last *verified* prune (one that found the archives
+  exactly as recorded; a backup's own measurement is never a baseline). On
+  the host, without a key: every line of the repository's ``transactions``
+  log (borg writes one per commit through an ``--append-only`` serve, and no
+  key holder can remove one) numbered above the last one a passed guard
+  accounted for must lie within a backup or prune run of the coordinator into
+  that repository (its clock, the host's offset measured now, 60 s of slack).
+  Otherwise: refuse, alert, keep everything. Then ``borg compact`` on the
+  host, only when the coordinator pruned something since the last
+  compaction; the freed volume is recorded.
+
+  Limits: the host-side rule tells *when* writes happened, not *what* they
+  deleted. A source that lies in ``borg list`` and deletes during the
+  coordinator's own backup or prune of it (it sees them start) is not caught;
+  nor is a write between the guard's reads and ``borg compact`` taking the lock.
 
 Every step is a run in the history (kinds ``prune``, ``repo-check``,
 ``check``, ``compact``) and a log line at its start and end. Nothing here
@@ -38,7 +52,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 from . import borg
 from .context import Context
 from .errors import MutualBackupError, TransportError
-from .history import PairSummary, Run
+from .guard import (SHRINK_TOLERANCE, WRITING_KINDS, archive_changes, baseline_bytes, checked_through,
+                    foreign_transactions, guard_problems)
+from .history import PairSummary
 from .model import Backup, Node
 from .retention import plan_prune
 from .schedule import retry_delay
@@ -52,7 +68,6 @@ PRUNE_TIMEOUT = 4 * 3600
 CHECK_TIMEOUT = 24 * 3600
 COMPACT_TIMEOUT = 12 * 3600
 WRITE_CLOCK_SKEW = 3600  # seconds of clock difference tolerated between the coordinator and a host
-SHRINK_TOLERANCE = (1024**2, 0.01)  # bytes, fraction: a smaller live size is "shrunk"
 
 
 @dataclass(frozen=True)
@@ -181,9 +196,8 @@ def prune_replica(
             paths = ctx.source_paths(transport, source)
             env = borg.client_env(paths)
             before = _list(transport, source, url, env)
-            ctx.history.record_archives(
-                source.name, host.name, [(a.name, a.time.timestamp()) for a in before if not borg.is_checkpoint(a.name)], now=clock()
-            )
+            changed = archive_changes(_recorded(ctx, source, host), {a.name: a.id for a in before})
+            ctx.history.record_archives(source.name, host.name, _entries(before), now=clock())
             plan = plan_prune([a for a in before if a.name.startswith(f"{source.slug}-")], source.backup.retention)
             _aborted(control)
             result = run_supervised(
@@ -193,18 +207,26 @@ def prune_replica(
             )
             _aborted(control)
             _borg_ok(result, "borg prune")
-            after = {a.name for a in _list(transport, source, url, env)}
-            removed = {a.name for a in before} - after
-            explained = sorted(removed & set(plan.delete))
+            size = _live_bytes(transport, source, url, env)  # before the listing that vouches for it
+            after = {a.name: a.id for a in _list(transport, source, url, env)}
+            removed = {a.name for a in before} - set(after)
+            # a replaced archive is not the one recorded: its deletion explains nothing
+            explained = sorted((removed & set(plan.delete)) - set(changed.replaced))
             unexplained = sorted(plan.explains(removed))
             ctx.history.mark_pruned(source.name, host.name, explained, now=clock())
-            size = _live_bytes(transport, source, url, env)
-        detail = {"pruned": explained, "kept": sorted(plan.keep)}
-        if unexplained:
+            changed_after = archive_changes(_recorded(ctx, source, host), after)
+        verified = not changed and not unexplained and not changed_after
+        detail = {"pruned": explained, "kept": sorted(plan.keep), "verified": verified}
+        if unexplained or changed or changed_after:
+            problems = guard_problems(changed.vanished, None, None, replaced=changed.replaced)
+            if unexplained:
+                problems.append(f"borg prune removed {len(unexplained)} archive(s) that the retention policy keeps: "
+                                f"{', '.join(unexplained)}")
+            elif changed_after and not changed:
+                problems.append(f"after the prune, archive(s) are missing or changed: {', '.join(changed_after.names)}")
             message = (
-                f"borg prune removed {len(unexplained)} archive(s) that the retention policy keeps: {', '.join(unexplained)}. "
-                f"They are not marked as pruned, so compaction of {source.name} on {host.name} will refuse until this is "
-                "explained; the data is still there (append-only)."
+                "\n".join(problems) + f"\nThey are not marked as pruned, so compaction of {source.name} on {host.name} "
+                "will refuse until this is explained; the data is still there (append-only)."
             )
             ctx.history.add_alert(source.name, host.name, "prune-unexplained", message, now=clock())
             return step.fail(message, detail=detail)
@@ -317,26 +339,35 @@ def compact_replica(
         except TransportError as exc:
             raise _Failed(f"skipped: cannot reach {source.name} to list its archives, and compaction only runs after "
                           f"that check: {exc}") from None
-        names = {a.name for a in present}
-        known = ctx.history.known_archives(source.name, host.name)
-        vanished = sorted(name for name, (_created, pruned) in known.items() if pruned is None and name not in names)
-        ctx.history.record_archives(
-            source.name, host.name, [(a.name, a.time.timestamp()) for a in present if not borg.is_checkpoint(a.name)], now=clock()
-        )
-        baseline = _baseline_bytes(ctx.history.runs(source=source.name, target=host.name, limit=50))
-        problems = guard_problems(vanished, baseline, live)
+        changed = archive_changes(_recorded(ctx, source, host), {a.name: a.id for a in present})
+        ctx.history.record_archives(source.name, host.name, _entries(present), now=clock())
+        pair_runs = ctx.history.runs(source=source.name, target=host.name)
+        baseline = baseline_bytes(pair_runs)
+        refusal = {"compacted": False, "vanished": list(changed.vanished), "replaced": list(changed.replaced),
+                   "baseline_bytes": baseline, "live_bytes": live}
+        problems = guard_problems(changed.vanished, baseline, live, replaced=changed.replaced)
         if problems:
-            message = _refusal(source, host, problems, vanished)
-            ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
-            return step.fail(message, detail={"compacted": False, "vanished": vanished, "baseline_bytes": baseline,
-                                              "live_bytes": live})
+            return _refuse(ctx, step, source, host, problems, refusal, clock)
+        known = ctx.history.known_archives(source.name, host.name)
         pruned = _pruned_since_compaction(ctx, source, host, known)
-        if not pruned and not force:
-            return step.succeed({"compacted": False, "reason": "nothing pruned since the last compaction", "live_bytes": live})
         _aborted(control)
         path = borg.repository_path(source, host)
         with _session(ctx, host, control) as transport:
             workdir = expand_home(host.workdir, transport.home())
+            asked = clock()
+            host_now, transactions = _transactions(transport, host, path)
+            offset = host_now - (asked + clock()) / 2
+            windows = [(r.started, r.ended if r.ended is not None else clock())
+                       for r in pair_runs if r.kind in WRITING_KINDS]
+            foreign = foreign_transactions(transactions, checked_through(pair_runs), windows, offset)
+            if foreign:
+                problems = guard_problems((), None, None, foreign=foreign, offset=offset)
+                refusal["foreign_transactions"] = [t.number for t in foreign]
+                return _refuse(ctx, step, source, host, problems, refusal, clock)
+            checked = max((t.number for t in transactions), default=checked_through(pair_runs))
+            if not pruned and not force:
+                return step.succeed({"compacted": False, "reason": "nothing pruned since the last compaction",
+                                     "live_bytes": live, "transactions_checked": checked})
             before = _facts(transport, host, path)
             result = run_supervised(transport, host, pidfile_path(workdir, source.name), step.run_id,
                                     borg.compact_argv(host.borg, path), env=borg.host_env(workdir),
@@ -345,31 +376,13 @@ def compact_replica(
             _borg_ok(result, f"borg compact on {host.name}")
             after = _facts(transport, host, path)
         return step.succeed({"compacted": True, "pruned": pruned, "freed_bytes": before.bytes - after.bytes,
-                             "bytes_before": before.bytes, "bytes_after": after.bytes, "live_bytes": live})
+                             "bytes_before": before.bytes, "bytes_after": after.bytes, "live_bytes": live,
+                             "transactions_checked": checked})
 
     return step.guarded(body)
 
 
-def guard_problems(vanished: Sequence[str], baseline: int | None, live: int | None) -> list[str]:
-    """What promise 3 forbids compacting over (pure): archives that vanished, a live size that shrank.
-
-    ``baseline`` is the live size measured after the coordinator's last write, ``live`` the
-    size now; a shrink beyond :data:`SHRINK_TOLERANCE` is a deletion the coordinator did not make.
-    """
-    problems = []
-    if vanished:
-        problems.append(f"{len(vanished)} archive(s) that the coordinator recorded and never pruned are gone: {', '.join(vanished)}")
-    if baseline is not None and live is not None:
-        floor = baseline - max(SHRINK_TOLERANCE[0], int(baseline * SHRINK_TOLERANCE[1]))
-        if live < floor:
-            problems.append(
-                f"the repository's live data shrank from {baseline} to {live} bytes since the coordinator last wrote to it, "
-                "without a deletion of its own"
-            )
-    return problems
-
-
-def _refusal(source: Node, host: Node, problems: Sequence[str], vanished: Sequence[str]) -> str:
+def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool = False) -> str:
     path = borg.repository_path(source, host)
     return (
         f"compaction of {source.name} on {host.name} refused; nothing was compacted, so the deleted data is still on disk.\n"
@@ -377,16 +390,38 @@ def _refusal(source: Node, host: Node, problems: Sequence[str], vanished: Sequen
         + f"\nSomeone with {source.name}'s key deleted or rewrote archives, or the repository was rolled back. "
         f"To recover: on {host.name}, with backups of {source.name} paused, roll {path} back to the last transaction "
         "before the deletion (borg documentation, \"Append-only mode\": remove the newer segments and index files), "
-        f"then run `mutualbackup verify {source.name}`. Compaction stays refused until the archives are back."
+        f"then run `mutualbackup verify {source.name}`. Compaction stays refused until the archives are back"
+        + (f"; a write in the host's log stays unexplained until its line is removed from {path}/transactions "
+           "(do that only once you know who made it, and after the rollback if it deleted anything)." if foreign else ".")
     )
 
 
-def _baseline_bytes(runs: Sequence[Run]) -> int | None:
-    """The live size measured after the coordinator's last write (backup or prune); None when unknown."""
-    for run in runs:  # newest first
-        if run.kind in ("backup", "prune") and run.succeeded:
-            return run.repository_bytes
-    return None
+def _refuse(ctx: Context, step: _Step, source: Node, host: Node, problems: Sequence[str],
+            detail: Mapping[str, object], clock: Callable[[], float]) -> StepOutcome:
+    message = _refusal(source, host, problems, foreign="foreign_transactions" in detail)
+    ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
+    return step.fail(message, detail=detail)
+
+
+def _recorded(ctx: Context, source: Node, host: Node) -> dict[str, tuple[str | None, float | None]]:
+    """name -> (recorded archive id, pruned) of the archives the coordinator recorded in this repository."""
+    ids = ctx.history.archive_ids(source.name, host.name)
+    return {name: (ids.get(name), pruned) for name, (_created, pruned) in ctx.history.known_archives(source.name, host.name).items()}
+
+
+def _entries(archives: Sequence[borg.ArchiveEntry]) -> list[tuple[str, float, str | None]]:
+    return [(a.name, a.time.timestamp(), a.id or None) for a in archives if not borg.is_checkpoint(a.name)]
+
+
+def _transactions(transport: Transport, host: Node, path: str) -> tuple[float, list[borg.Transaction]]:
+    """The host's clock and the repository's transactions log, read on the host (no key)."""
+    result = transport.run(borg.transactions_argv(path), timeout=LIST_TIMEOUT)
+    if result.exit_code in (borg.REPOSITORY_MISSING, borg.REPOSITORY_NOT_BORG):
+        _facts(transport, host, path)  # says which, with its alert
+    if not result.ok:
+        raise _Failed(f"cannot read the transactions log of {path} on {host.name} (exit {result.exit_code}): "
+                      f"{result.stderr_tail(5)}")
+    return borg.parse_transactions(result.stdout)
 
 
 def _pruned_since_compaction(ctx: Context, source: Node, host: Node, known: Mapping[str, tuple[float, float | None]]) -> list[str]:

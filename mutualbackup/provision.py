@@ -21,7 +21,7 @@ from .context import Context
 from .errors import MutualBackupError, OperationFailed
 from .model import Node
 from .placement import source_size
-from .transport import Transport, expand_home
+from .transport import Transport, resolve_path
 
 BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
 END = "# END mutualbackup"
@@ -214,7 +214,7 @@ def _prepare_host(
     report: ApplyReport,
 ) -> None:
     assert host.storage is not None
-    path = expand_home(host.authorized_keys, transport.home())
+    path = resolve_path(host.authorized_keys, transport)
     current = (transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape")
     # A source we could not reach keeps its existing line: better stale than locked out.
     reached = {f"mutualbackup:{name}" for name in public_keys}

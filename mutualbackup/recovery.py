@@ -29,7 +29,7 @@ from .context import Context
 from .errors import MutualBackupError
 from .model import Node
 from .supervise import parse_pidfile, pidfile_path, stop_remote
-from .transport import Transport, expand_home
+from .transport import Transport, resolve_path
 from .history import pid_alive
 
 log = logging.getLogger("mutualbackup.recovery")
@@ -104,7 +104,7 @@ def _session(ctx: Context, node: Node) -> Iterator[Transport]:
 
 def _stop_leftover(ctx: Context, transport: Transport, node: Node, peer: str, recovery: Recovery) -> None:
     """Stop the supervised command of ``node`` for ``peer`` unless a live coordinator process runs it."""
-    pidfile = pidfile_path(expand_home(node.workdir, transport.home()), peer)
+    pidfile = pidfile_path(resolve_path(node.workdir, transport), peer)
     data = transport.read_file(pidfile)
     if data is None:
         return
@@ -142,7 +142,7 @@ def _break_stale_lock(
     if not verdict.stale:
         recovery.notes.append(f"{host.name}: repository {path} is {verdict.reason}; not breaking the lock")
         return
-    workdir = expand_home(host.workdir, transport.home())
+    workdir = resolve_path(host.workdir, transport)
     broken = transport.run(borg.break_lock_argv(host.borg, path), env=borg.host_env(workdir), timeout=120)
     if broken.ok:
         message = f"broke a stale lock of repository {path} on {host.name}: {verdict.reason}"

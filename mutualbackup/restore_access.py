@@ -28,7 +28,7 @@ from .context import Context
 from .errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from .model import Node
 from .provision import managed_lines, replace_block
-from .transport import Result, Transport, expand_home
+from .transport import Result, Transport, resolve_path
 
 log = logging.getLogger("mutualbackup.restore")
 
@@ -59,7 +59,7 @@ class Access:
 
 def expanded(transport: Transport, path: str) -> str:
     """``path`` with ``~`` expanded on the node (asking for its home only when needed)."""
-    return expand_home(path, transport.home()) if path.startswith("~") else path
+    return resolve_path(path, transport)
 
 
 def refuse_target(code: int, node: str, directory: str, stderr: str) -> None:

@@ -87,6 +87,13 @@ def expand_home(path: str, home: str) -> str:
     return path
 
 
+def resolve_path(path: str, transport: Transport) -> str:
+    """``path`` with a leading ``~`` expanded on the node; asks the node only when needed."""
+    if path == "~" or path.startswith("~/"):
+        return expand_home(path, transport.home())
+    return path
+
+
 def command_line(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
     """The remote shell command line for ``argv``: every word quoted, never interpolated.
 

@@ -98,6 +98,16 @@ class FakeRepo:
     disk_bytes: int = 0
     last_write: float | None = None
     compactions: int = 0
+    ids: dict[str, str] = field(default_factory=dict)  # name -> borg archive id (made at create)
+    transactions: list[tuple[int, float]] = field(default_factory=list)  # the host's log: (number, time)
+
+    def commit(self, when: float) -> None:
+        """A write through the append-only key: one line in the host's transactions log."""
+        number = self.transactions[-1][0] + 1 if self.transactions else 1
+        self.transactions.append((number, when))
+
+    def archive_id(self, name: str) -> str:
+        return self.ids.get(name) or f"{abs(hash(name)):064x}"[:64]
 
     @property
     def live_bytes(self) -> int:
@@ -185,6 +195,13 @@ class FakeWorld:
                 return Result(argv, borg.REPOSITORY_MISSING, b"", b"")
             line = f"{repo.last_write or 0} {repo.disk_bytes}\n" if repo.disk_bytes else ""
             return Result(argv, 0, line.encode(), b"")
+        if argv == borg.transactions_argv(path):
+            if repo is None:
+                return Result(argv, borg.REPOSITORY_MISSING, b"", b"")
+            lines = [f"{int(self.clock.time())}"] + [
+                f"transaction {n}, UTC time {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.000000"
+                for n, t in repo.transactions]
+            return Result(argv, 0, ("\n".join(lines) + "\n").encode(), b"")
         if argv == borg.lock_listing_argv(path):
             return Result(argv, 0 if repo is not None else 3, b"fakehost\n", b"")
         raise AssertionError(f"the fake does not know the script {argv[2][:40]!r}")
@@ -227,10 +244,12 @@ class FakeWorld:
         now = self.clock.time()
         with self._lock:
             repo.archives[name] = now
+            repo.ids[name] = f"{len(self.calls):08x}{abs(hash((repo.path, name, now))):056x}"[:64]
             repo.disk_bytes += ARCHIVE_BYTES
             repo.last_write = now
+            repo.commit(now)
         out = {
-            "archive": {"name": name, "stats": {"original_size": 5 * ARCHIVE_BYTES, "compressed_size": 2 * ARCHIVE_BYTES,
+            "archive": {"name": name, "id": repo.ids[name], "stats": {"original_size": 5 * ARCHIVE_BYTES, "compressed_size": 2 * ARCHIVE_BYTES,
                                                 "deduplicated_size": ARCHIVE_BYTES, "nfiles": 42}},
             "cache": {"stats": {"unique_csize": repo.live_bytes}},
         }
@@ -239,7 +258,7 @@ class FakeWorld:
     def _borg_list(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:
         repo = self._repo(*self._locate(argv[-1]))
         archives = [
-            {"name": name, "archive": name, "id": f"{abs(hash(name)):064x}"[:64],
+            {"name": name, "archive": name, "id": repo.archive_id(name),
              "start": time.strftime("%Y-%m-%dT%H:%M:%S.000000", time.gmtime(when))}
             for name, when in sorted(repo.archives.items(), key=lambda item: item[1])
         ]
@@ -256,6 +275,7 @@ class FakeWorld:
             for name in plan.delete:
                 del repo.archives[name]
             repo.last_write = self.clock.time()
+            repo.commit(self.clock.time())
         return Result(argv, 0, b"", b"")
 
     def _borg_info(self, node: Node, argv: tuple[str, ...], timeout: float | None) -> Result:

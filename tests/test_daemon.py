@@ -302,6 +302,84 @@ def test_compaction_refuses_when_the_live_size_shrank_without_a_deletion_of_the_
     assert not h.world.commands("compact")
 
 
+def _retention_harness(tmp_path: Path) -> Harness:
+    return harness(tmp_path, backup=lambda m, j: Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=3),
+                                                         check_every=30 * 24 * 3600))
+
+
+def test_an_archive_deleted_and_recreated_under_its_name_is_refused_by_its_changed_id(tmp_path: Path) -> None:
+    from mutualbackup.maintenance import compact_replica, prune_replica
+
+    h = _retention_harness(tmp_path)
+    h.run_until(START + 2 * DAY + 3 * HOUR)
+    source, target = "coop1/src0", h.placement["coop1/src0"][0]
+    repo = h.world.repo(source, target)
+    victim = sorted(repo.archives)[0]
+    repo.ids[victim] = "f" * 64  # borg delete, then borg create --timestamp of a tiny archive with the same name
+    repo.commit(h.clock.time())
+    h.clock.advance_to(h.clock.time() + HOUR)
+    outcome = compact_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time, force=True)
+    assert outcome.result == "failure" and victim in outcome.error and "re-created under the same name" in outcome.error
+    assert outcome.detail["replaced"] == [victim]
+    assert not h.world.commands("compact")
+    assert [a["kind"] for a in h.history.alerts()] == ["compaction-refused"]
+    # the coordinator's next prune neither marks it pruned nor lends its size as a baseline
+    pruned = prune_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time)
+    assert pruned.result == "failure" and victim in pruned.error and pruned.detail["verified"] is False
+    assert h.history.known_archives(source, target)[victim][1] is None
+    assert h.history.archive_ids(source, target)[victim] != "f" * 64
+
+
+def test_a_backup_measured_after_a_deletion_never_becomes_the_volume_baseline(tmp_path: Path) -> None:
+    from mutualbackup.maintenance import compact_replica
+
+    h = _retention_harness(tmp_path)
+    h.run_until(START + 2 * DAY + 3 * HOUR)  # each backup followed by the coordinator's verified prune
+    source, target = "coop0/src0", h.placement["coop0/src0"][0]
+    repo = h.world.repo(source, target)
+    honest = repo.live_bytes
+    for name in sorted(repo.archives)[:2]:  # the attacker deletes two archives before the next backup
+        del repo.archives[name]
+    h.run_until(START + 3 * DAY + 3 * HOUR)  # a backup (measured smaller) and a prune (which finds them gone)
+    assert h.history.last_run("backup", source, target).repository_bytes < honest
+    assert h.history.last_run("prune", source, target).result == "failure"
+    outcome = compact_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time, force=True)
+    assert outcome.result == "failure" and outcome.detail["baseline_bytes"] == honest
+
+
+def test_a_write_on_the_host_outside_the_coordinators_runs_refuses_even_when_the_sources_borg_lies(tmp_path: Path) -> None:
+    from mutualbackup.maintenance import compact_replica
+
+    h = _retention_harness(tmp_path)
+    h.run_until(START + 3 * DAY + 3 * HOUR)
+    source, target = "coop2/src0", h.placement["coop2/src0"][0]
+    repo = h.world.repo(source, target)
+    honest = h.world._borg_list(h.federation.node(source), ("borg", "list", borg.repository_url(
+        h.federation.node(source), h.federation.node(target))), None)
+    h.clock.advance_to(h.clock.time() + 2 * HOUR)
+    repo.archives.clear()  # borg delete of everything, at a time the coordinator ran nothing
+    repo.commit(h.clock.time())
+    h.world.script(lambda node, argv, world: Result(argv, 0, honest.stdout, b"") if "list" in argv else None)  # lying borg
+    h.world.script(lambda node, argv, world: Result(argv, 0, b'{"cache": {"stats": {"unique_csize": 9e12}}}', b"")
+                   if "info" in argv else None)
+    h.clock.advance_to(h.clock.time() + HOUR)
+    outcome = compact_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time, force=True)
+    assert outcome.result == "failure" and "transactions log" in outcome.error and "/transactions" in outcome.error
+    assert outcome.detail["foreign_transactions"] == [repo.transactions[-1][0]]
+    assert not h.world.commands("compact")
+
+
+def test_the_host_side_check_passes_for_the_coordinators_own_writes_and_is_not_repeated(tmp_path: Path) -> None:
+    from mutualbackup.maintenance import compact_replica
+
+    h = _retention_harness(tmp_path)
+    h.run_until(START + 4 * DAY + 3 * HOUR)
+    source, target = "coop0/src0", h.placement["coop0/src0"][1]
+    first = compact_replica(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time)
+    assert first.result == "success" and first.detail["compacted"] is True
+    assert first.detail["transactions_checked"] == h.world.repo(source, target).transactions[-1][0]
+
+
 def test_a_prune_that_removes_an_archive_the_retention_keeps_raises_an_alert_and_is_not_marked(tmp_path: Path) -> None:
     from mutualbackup.maintenance import prune_replica
 

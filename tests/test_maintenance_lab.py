@@ -7,6 +7,7 @@ through the source's own key, exactly as the source's borg would.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from mutualbackup import borg, labfed
 from mutualbackup.context import Context, ssh_connector
+from mutualbackup.guard import foreign_transactions
 from mutualbackup.history import History
 from mutualbackup.inventory import load_inventory
 from mutualbackup.lab import Lab
@@ -88,14 +90,23 @@ def archives(fed: LabFederation) -> list[str]:
     return listed.stdout.split()
 
 
-def create_at(fed: LabFederation, name: str, timestamp: str) -> None:
-    """An archive called ``name`` dated ``timestamp`` (UTC), holding data no other archive has."""
+def create_at(fed: LabFederation, name: str, timestamp: str, *, by_coordinator: bool = True) -> str:
+    """An archive called ``name`` dated ``timestamp`` (UTC), holding data no other archive has; its borg id.
+
+    ``by_coordinator``: recorded as run_backup records a backup it ran (a run, and the archive with its id);
+    otherwise it is what anyone holding the source's key can do behind the coordinator's back.
+    """
     data = fed.data_path(SOURCE, "/srv/data")
-    (data / "unique.bin").write_bytes(os.urandom(400_000))
-    made = borg_as_source(fed, "create", "--timestamp", timestamp, f"{url(fed)}::{name}", str(data))
-    assert made.returncode == 0, made.stderr
+    (data / "unique.bin").write_bytes(os.urandom(400_000 if by_coordinator else 1_000))
     ctx = context(fed)
-    ctx.history.record_archives(SOURCE, HOST, [(name, time.time())])  # as run_backup records what it made
+    run_id = ctx.history.start_run("backup", SOURCE, HOST, started=time.time()) if by_coordinator else None
+    made = borg_as_source(fed, "create", "--json", "--timestamp", timestamp, f"{url(fed)}::{name}", str(data))
+    assert made.returncode == 0, made.stderr
+    archive_id = json.loads(made.stdout)["archive"]["id"]
+    if run_id is not None:
+        ctx.history.finish_run(run_id, "success", exit_code=0, ended=time.time(), archive=name)
+        ctx.history.record_archives(SOURCE, HOST, [(name, time.time(), archive_id)])
+    return archive_id
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -161,6 +172,33 @@ def test_compaction_refuses_after_a_hand_deletion_with_the_sources_key_and_nothi
     assert alerts and victim in alerts[0]["message"]
     run = ctx.history.last_run("compact", SOURCE, HOST)
     assert run.result == "failure" and victim in run.error
+
+
+def test_compaction_refuses_an_archive_deleted_and_recreated_under_its_name_and_nothing_is_lost(fed: LabFederation) -> None:
+    victim = "web-2025-03-11T10:00:00"
+    ctx = context(fed)
+    recorded = ctx.history.archive_ids(SOURCE, HOST)[victim]
+    assert recorded  # run_backup's create --json gave it
+    deleted = borg_as_source(fed, "delete", f"{url(fed)}::{victim}")
+    assert deleted.returncode == 0, deleted.stderr
+    forged = create_at(fed, victim, "2025-03-11T10:00:00", by_coordinator=False)  # tiny, same name, same date
+    assert forged != recorded and victim in archives(fed)  # the names alone say nothing happened
+    transactions = (repo_dir(fed) / "transactions").read_text()
+    on_disk = snapshot(repo_dir(fed))
+    outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST), force=True)
+    assert outcome.result == "failure"
+    assert victim in outcome.error and "re-created under the same name" in outcome.error
+    assert outcome.detail["replaced"] == [victim]
+    assert snapshot(repo_dir(fed)) == on_disk  # nothing compacted: the original archive can still be rolled back
+    assert ctx.history.archive_ids(SOURCE, HOST)[victim] == recorded  # the forged id did not replace the record
+    alerts = [a for a in ctx.history.alerts() if a["kind"] == "compaction-refused"]
+    assert victim in alerts[0]["message"]
+    # the host's own log, read without a key, puts every write of the coordinator inside one of its runs, and
+    # exactly three outside: the hand deletion of the previous test, this delete and this create
+    _, logged = borg.parse_transactions(b"0\n" + transactions.encode())
+    windows = [(r.started, r.ended) for r in ctx.history.runs(source=SOURCE, target=HOST) if r.kind in ("backup", "prune")]
+    assert len(foreign_transactions(logged, -1, windows, 0.0, slack=0.0)) == 3
+    assert len(logged) == len(DATED) + 1 + 3  # creates, the prune, and the three others
 
 
 def test_verify_checks_the_repository_on_the_host_and_the_archives_from_the_source(fed: LabFederation) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from mutualbackup.borg import LockHolder
+from mutualbackup.borg import LockHolder, Transaction, parse_transactions
 from mutualbackup.daemon import job_timeout
-from mutualbackup.history import PairSummary
+from mutualbackup.guard import archive_changes, baseline_bytes, checked_through, foreign_transactions
+from mutualbackup.history import History, PairSummary, Run
 from mutualbackup.maintenance import guard_problems, maintenance_due
 from mutualbackup.model import Backup
 from mutualbackup.recovery import judge_lock
@@ -75,3 +76,102 @@ def test_the_compaction_guard_refuses_vanished_archives_and_shrunk_repositories(
 @pytest.mark.parametrize(("estimate", "timeout"), [(0, 3600), (600, 3600), (3600, 3 * 3600 + 1800), (40 * 3600, 48 * 3600)])
 def test_a_jobs_timeout_grows_with_its_estimated_duration_within_bounds(estimate: float, timeout: float) -> None:
     assert job_timeout(estimate) == timeout
+
+
+A, B = "web-2025-01-01T00:00:00", "web-2025-01-02T00:00:00"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "listed", "vanished", "replaced"),
+    [
+        ({A: ("id-a", None)}, {A: "id-a"}, (), ()),
+        ({A: ("id-a", None)}, {}, (A,), ()),
+        ({A: ("id-a", None)}, {A: "id-evil"}, (), (A,)),  # borg delete + borg create of the same name
+        ({A: ("id-a", None)}, {A: ""}, (), (A,)),  # borg no longer vouches for the id
+        ({A: ("id-a", 5.0)}, {A: "id-evil"}, (), ()),  # pruned by the coordinator: a new archive of that name is not judged
+        ({A: (None, None)}, {A: "id-new"}, (), ()),  # recorded before ids were kept: judged by name only
+        ({A: ("id-a", None), B: ("id-b", None)}, {B: "x", "web-other": "y"}, (A,), (B,)),
+    ],
+)
+def test_an_archive_is_the_recorded_one_only_with_the_recorded_id(recorded, listed, vanished, replaced) -> None:
+    changes = archive_changes(recorded, listed)
+    assert (changes.vanished, changes.replaced) == (vanished, replaced)
+
+
+def test_the_guard_names_replaced_archives_and_foreign_transactions() -> None:
+    [problem] = guard_problems([], None, None, replaced=[A])
+    assert A in problem and "re-created under the same name" in problem
+    [problem] = guard_problems([], None, None, foreign=[Transaction(7, 1_700_000_000.0)])
+    assert "#7 at 2023-11-14 22:13:20 UTC" in problem
+
+
+WINDOWS = [(1000.0, 2000.0), (5000.0, 5600.0)]  # the coordinator's backups and prunes, its clock
+
+
+@pytest.mark.parametrize(
+    ("transactions", "since", "offset", "foreign"),
+    [
+        ([(1, 1500.0), (2, 5550.0)], -1, 0.0, []),
+        ([(1, 1500.0), (2, 3000.0)], -1, 0.0, [2]),  # a write while the coordinator ran nothing
+        ([(1, 1500.0), (2, 3000.0)], 2, 0.0, []),  # already accounted for by a passed guard
+        ([(3, 2050.0)], -1, 0.0, []),  # within the slack (60 s) after a window
+        ([(3, 2070.0)], -1, 0.0, [3]),
+        ([(4, 4500.0)], -1, 0.0, [4]),  # 500 s before the second run
+        ([(4, 4500.0)], -1, -600.0, []),  # the host's clock is 10 min behind: its 4500 is 5100 here, inside a run
+    ],
+)
+def test_a_transaction_on_the_host_must_fall_in_a_run_of_the_coordinator(transactions, since, offset, foreign) -> None:
+    found = foreign_transactions([Transaction(n, t) for n, t in transactions], since, WINDOWS, offset)
+    assert [t.number for t in found] == foreign
+
+
+def run(kind: str, result: str = "success", size: int | None = 100, detail: str | None = None, started: float = 0.0) -> Run:
+    return Run(id=1, kind=kind, source="s", target="t", started=started, ended=started, result=result, exit_code=0,
+               archive=None, original_bytes=None, compressed_bytes=None, deduplicated_bytes=None,
+               repository_bytes=size, nfiles=None, error=None, pid=None, detail=detail)
+
+
+@pytest.mark.parametrize(
+    ("runs", "baseline"),
+    [
+        ([run("backup", size=10), run("prune", size=90, detail='{"verified": true}')], 90),  # a backup's size never
+        ([run("prune", size=10, detail='{"verified": false}'), run("prune", size=90, detail='{"verified": true}')], 90),
+        ([run("prune", "failure", size=None, detail='{"verified": false}'), run("prune", size=90, detail='{"verified": true}')], 90),
+        ([run("prune", size=50, detail='{"pruned": []}')], None),  # older prunes, before verification: not a baseline
+        ([run("backup", size=10)], None),
+    ],
+)
+def test_the_volume_baseline_is_only_a_size_measured_after_a_verified_prune(runs, baseline) -> None:
+    assert baseline_bytes(runs) == baseline
+
+
+def test_a_passed_guard_remembers_the_last_transaction_it_accounted_for() -> None:
+    assert checked_through([run("compact", "failure", detail='{"transactions_checked": 9}'),
+                            run("compact", detail='{"transactions_checked": 4}')]) == 4
+    assert checked_through([run("compact", detail='{"compacted": true}')]) == -1
+
+
+def test_the_hosts_transactions_log_parses_with_the_hosts_clock() -> None:
+    now, found = parse_transactions(b"1700000000\ntransaction 3, UTC time 2023-11-14T22:13:20.123456\n"
+                                    b"transaction 5, UTC time 2023-11-14T22:13:21\n")
+    assert now == 1_700_000_000.0 and found == [Transaction(3, 1_700_000_000.123456), Transaction(5, 1_700_000_001.0)]
+    with pytest.raises(ValueError):
+        parse_transactions(b"1700000000\nsomething else\n")
+
+
+def test_an_older_history_gains_the_archive_id_column_and_keeps_its_archives(tmp_path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "history.sqlite3")
+    db.execute("CREATE TABLE archives (source TEXT NOT NULL, target TEXT NOT NULL, name TEXT NOT NULL, created REAL NOT NULL,"
+               " seen REAL NOT NULL, pruned REAL, PRIMARY KEY (source, target, name))")
+    db.execute("INSERT INTO archives VALUES ('s', 't', ?, 1.0, 2.0, NULL)", (A,))
+    db.commit()
+    db.close()
+    history = History(tmp_path)
+    History(tmp_path).close()  # a second open migrates nothing twice
+    assert history.known_archives("s", "t") == {A: (1.0, None)}
+    assert history.archive_ids("s", "t") == {A: None}
+    history.record_archives("s", "t", [(A, 1.0, "id-a"), (B, 3.0)])
+    history.record_archives("s", "t", [(A, 1.0, "id-evil")])  # a recorded id is never overwritten
+    assert history.archive_ids("s", "t") == {A: "id-a", B: None}
