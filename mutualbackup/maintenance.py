@@ -59,7 +59,7 @@ from .model import Backup, Node
 from .retention import plan_prune
 from .schedule import retry_delay
 from .supervise import JobControl, pidfile_path, run_supervised
-from .transport import Result, Transport, expand_home
+from .transport import Result, Transport, resolve_path
 
 log = logging.getLogger("mutualbackup.maintenance")
 
@@ -273,7 +273,7 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
     def body() -> StepOutcome:
         path = borg.repository_path(source, host)
         with _session(ctx, host, control) as transport:
-            workdir = expand_home(host.workdir, transport.home())
+            workdir = resolve_path(host.workdir, transport)
             facts = _facts(transport, host, path)
             result = run_supervised(
                 transport, host, pidfile_path(workdir, source.name), step.run_id,
@@ -353,7 +353,7 @@ def compact_replica(
         _aborted(control)
         path = borg.repository_path(source, host)
         with _session(ctx, host, control) as transport:
-            workdir = expand_home(host.workdir, transport.home())
+            workdir = resolve_path(host.workdir, transport)
             asked = clock()
             host_now, transactions = _transactions(transport, host, path)
             offset = host_now - (asked + clock()) / 2
