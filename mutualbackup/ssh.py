@@ -325,10 +325,14 @@ class SSHTransport:
         open_streams, timed_out, lost = 2, False, False
         try:
             while open_streams or not channel.exit_status_ready():
-                try:
-                    kind, text = events.get(timeout=_POLL_SECONDS)
-                except queue.Empty:
-                    kind, text = "", None
+                kind, text = "", None
+                if open_streams:
+                    try:
+                        kind, text = events.get(timeout=_POLL_SECONDS)
+                    except queue.Empty:
+                        pass
+                else:  # both streams closed: wake as soon as the exit status arrives
+                    channel.status_event.wait(_POLL_SECONDS)
                 if kind == "done":
                     open_streams -= 1
                 elif kind == "line" and on_stderr_line is not None:
