@@ -24,6 +24,7 @@ from .context import Context
 from .errors import MutualBackupError
 from .model import Node
 from .supervise import JobControl, pidfile_path, run_supervised
+from .recovery import source_role
 from .transport import Result
 
 log = logging.getLogger("mutualbackup.backup")
@@ -103,6 +104,10 @@ def run_backup(
     except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
         log.exception("backup of %s -> %s crashed", source.name, host.name)
         error = f"internal error: {exc!r}"
+    except BaseException as exc:  # Ctrl-C of `mutualbackup run`, SystemExit: not "running" forever
+        ctx.history.finish_run(run_id, "interrupted", exit_code=exit_code, ended=clock(),
+                               error=f"the coordinator process was stopped during this run ({type(exc).__name__})")
+        raise
     result_word = "interrupted" if control is not None and control.is_aborted else "failure"
     ended = clock()
     ctx.history.finish_run(run_id, result_word, exit_code=exit_code, error=error, ended=ended)
@@ -124,7 +129,7 @@ def _create(
         control.attach(transport)
     try:
         paths = ctx.source_paths(transport, source)
-        pidfile = pidfile_path(paths.workdir, host.name)
+        pidfile = pidfile_path(paths.workdir, source_role(host.name))
         deadline = started + timeout
         for command in source.backup.before:
             if control is not None and control.is_aborted:

@@ -295,7 +295,8 @@ class ArchiveEntry:
 
 
 def parse_list_json(stdout: bytes) -> list[ArchiveEntry]:
-    """Archives of ``borg list --json``, oldest first. borg runs with TZ=UTC."""
+    """Archives of ``borg list --json``, oldest first (a stable sort on the start time: archives
+    started in the same instant stay in borg's order, which its prune uses too). borg runs with TZ=UTC."""
     data = _load_json(stdout)
     entries = []
     for item in data.get("archives", []):
@@ -303,7 +304,7 @@ def parse_list_json(stdout: bytes) -> list[ArchiveEntry]:
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.timezone.utc)
         entries.append(ArchiveEntry(name=item.get("archive") or item["name"], time=when, id=item.get("id", "")))
-    return sorted(entries, key=lambda e: (e.time, e.name))
+    return sorted(entries, key=lambda e: e.time)
 
 
 def parse_info_repository_bytes(stdout: bytes) -> int:
@@ -414,7 +415,7 @@ def parse_repository_facts(stdout: bytes) -> RepositoryFacts:
 
 
 _LOCK_LISTING = r"""cd -- "$1" 2>/dev/null || exit 3
-uname -n
+printf '%s\n' "${BORG_HOST_ID:-$(python3 -c 'import socket, uuid; print("%s@%d" % (socket.getfqdn(), uuid.getnode()))' 2>/dev/null)}"
 for f in lock.exclusive/*; do [ -e "$f" ] && printf 'exclusive %s\n' "${f#lock.exclusive/}"; done
 if [ -f lock.roster ]; then printf 'roster '; tr -d '\n' < lock.roster; echo; fi
 exit 0
@@ -422,7 +423,11 @@ exit 0
 
 
 def lock_listing_argv(path: str) -> tuple[str, ...]:
-    """The host's name, then who holds the lock of the repository at ``path`` (run on the host)."""
+    """The host's borg host id, then who holds the lock of the repository at ``path`` (run on the host).
+
+    The id is computed as borg does (``BORG_HOST_ID``, else ``FQDN@uuid.getnode()``); an empty
+    line when it cannot be (no ``python3``): then no holder is this host's, and no lock is broken.
+    """
     return ("sh", "-c", _LOCK_LISTING, "sh", path)
 
 
@@ -440,14 +445,14 @@ class LockHolder:
 
 
 def parse_lock_listing(stdout: bytes) -> tuple[str, list[LockHolder]]:
-    """(short host name, holders) from :func:`lock_listing_argv`; ValueError on a malformed lock.
+    """(the host's borg host id, holders) from :func:`lock_listing_argv`; ValueError on a malformed lock.
 
     Lock file names are ``HOSTID.PID-THREAD`` (thread in hex), as borg writes them.
     """
     lines = stdout.decode("utf-8", "replace").splitlines()
     if not lines:
         raise ValueError("the lock listing is empty")
-    hostname = lines[0].strip().split(".", 1)[0]
+    hostname = lines[0].strip()
     holders: list[LockHolder] = []
     for line in lines[1:]:
         kind, _, rest = line.partition(" ")

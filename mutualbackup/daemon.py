@@ -7,10 +7,12 @@ last valid one stays in use), reap finished jobs, ask
 maintenance jobs with the capacity left. Each job runs in its own thread:
 
 - **backup**: :func:`backup.run_backup`, then (on success) :func:`maintenance.prune_replica`;
-- **maintenance**: :func:`maintenance.maintain_replica` (check, then guarded
-  compaction), every ``check_every``, only while the source's window is closed;
+- **maintenance**: :func:`maintenance.check_replica`, then guarded
+  :func:`maintenance.compact_replica`, every ``check_every``, only while the
+  source's window is closed and does not open within the hour;
 - **drill**: :func:`drill.run_drill` when :func:`drill.drills_due` says so, for a
-  source with no other job running (no backup of it starts meanwhile).
+  source with no other job running and whose window does not open within the
+  hour; it occupies the replica it reads from (no backup of the source starts meanwhile).
 
 Limits: a replica (source x host) runs one job at a time; a source runs one
 job at a time (its ``before:`` commands never run twice at once); a host runs
@@ -20,7 +22,10 @@ whose replica's last run failed or was interrupted first cleans up what that
 run left (:func:`recovery.recover_pair`). A job failure is recorded by the job
 and never stops the loop.
 
-SIGTERM (or SIGINT): stop starting jobs, let running ones finish for up to the
+A replica held by a live ``mutualbackup run`` is skipped (not a failure) and tried
+again after :data:`BUSY_RETRY`.
+
+SIGTERM (or SIGINT): stop starting jobs (nor a job's next step: prune, compaction), let running ones finish for up to the
 grace period, then abort what is left (SIGINT to the remote borg through a new
 connection, which keeps a checkpoint, then SIGTERM), record those runs
 ``interrupted``, and exit 0 within the grace period.
@@ -59,6 +64,9 @@ GRACE_SECONDS = 60.0
 MAINTENANCE_PER_HOST = 1
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
+FIRST_RUN_TIMEOUT = 24 * 3600.0  # a replica's first backup: no measured duration yet
+BUSY_RETRY = 300.0  # a replica held by a live `mutualbackup run` is tried again after this long
+WINDOW_MARGIN = 3600.0  # maintenance and drills do not start this close before a backup window opens
 ABORT_BUDGET = 30.0  # at most this much (and half) of the grace period is kept for aborting jobs cleanly
 
 
@@ -69,7 +77,7 @@ def job_timeout(estimated_seconds: float) -> float:
 
 @dataclass
 class RunningJob:
-    kind: str  # backup, maintenance, drill (target "")
+    kind: str  # backup, maintenance, drill (target: the replica it reads from, "" when unknown)
     source: str
     target: str
     reason: str
@@ -108,6 +116,7 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.running: dict[tuple[str, str], RunningJob] = {}
+        self._busy_until: dict[tuple[str, str], float] = {}  # replicas held by another live coordinator process
         self._lock = threading.Lock()
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement)
         self._inventory_stamp = _stamp(ctx.federation.directory)
@@ -143,9 +152,12 @@ class Daemon:
         }
 
     def job_states(self, summaries: dict[tuple[str, str], PairSummary] | None = None) -> dict[tuple[str, str], schedule.JobState]:
-        """What select_jobs needs per replica; any running job (backup or maintenance) occupies it."""
+        """What select_jobs needs per replica; any running job (backup, maintenance, or a drill reading
+        from it) occupies it, and so does a replica another live coordinator process holds."""
         if summaries is None:
             summaries = self.ctx.history.pair_summaries("backup")
+        stamp = self.clock()
+        busy = {pair for pair, until in self._busy_until.items() if until > stamp}
         states = {}
         for source, targets in self._placement().items():
             for target in targets:
@@ -156,7 +168,7 @@ class Daemon:
                     last_success=_utc(summary.last_success) if summary and summary.last_success else None,
                     last_attempt=_utc(summary.last_attempt) if summary and summary.last_attempt else None,
                     consecutive_failures=summary.failures if summary else 0,
-                    running=(source, target) in self.running,
+                    running=(source, target) in self.running or (source, target) in busy,
                 )
         return states
 
@@ -189,22 +201,43 @@ class Daemon:
             for source, target in self._due_maintenance(now, tz, placement, summaries):
                 started.append(self._start("maintenance", source, target, "check_every", 0.0))
         if self.drills_enabled:
-            started += self._start_drills(now)
-        return started
+            started += self._start_drills(now, tz)
+        return [job for job in started if job is not None]
 
-    def _start_drills(self, now: dt.datetime) -> list[RunningJob]:
-        """Restore drills that are due (:func:`drill.drills_due`), for sources with no job running."""
+    def _start_drills(self, now: dt.datetime, tz: ZoneInfo) -> list[RunningJob | None]:
+        """Restore drills that are due (:func:`drill.drills_due`), for sources with no job running whose
+        window does not open soon; a drill occupies the replica it reads from (a job on that host)."""
         from . import drill
 
         busy = {j.source for j in self.running.values()}
-        started = []
+        per_host = Counter(j.target for j in self.running.values())
+        started: list[RunningJob | None] = []
         for source in drill.drills_due(self.ctx.federation, self.ctx.history, now):
             if len(self.running) >= self.global_limit:
                 break
-            if source not in busy and self.ctx.federation.node(source).backup is not None:
-                started.append(self._start("drill", source, "", "drill_every", 0.0))
-                busy.add(source)
+            backup = self.ctx.federation.node(source).backup
+            if source in busy or backup is None or not self._clear_of_window(backup, tz, now):
+                continue
+            target = self._drill_replica(source)
+            storage = self.ctx.federation.node(target).storage if target else None
+            if storage is not None and per_host[target] >= storage.max_concurrent:
+                continue
+            job = self._start("drill", source, target, "drill_every", 0.0)
+            if job is None:
+                break
+            started.append(job)
+            busy.add(source)
+            per_host[target] += 1
         return started
+
+    def _drill_replica(self, source: str) -> str:
+        """The replica a drill of ``source`` reads from (the freshest healthy one); "" when none."""
+        from .restore import choose_replica
+
+        try:
+            return choose_replica(self.ctx, source, None)[0].name
+        except (MutualBackupError, IndexError):
+            return ""
 
     def _due_maintenance(
         self, now: dt.datetime, tz: ZoneInfo, placement: dict[str, tuple[str, ...]], backups: dict[tuple[str, str], PairSummary]
@@ -216,7 +249,7 @@ class Daemon:
         candidates = []
         for source, targets in placement.items():
             backup = fed.node(source).backup
-            if backup is None or not self._window_closed(backup, tz, now):
+            if backup is None or not self._clear_of_window(backup, tz, now):
                 continue
             for target in targets:
                 due = maintenance.maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
@@ -249,6 +282,15 @@ class Daemon:
         """Maintenance leaves the backup window to backups (a source without a window: any time)."""
         return backup.window is None or not schedule.in_window(backup, tz, now)
 
+    @classmethod
+    def _clear_of_window(cls, backup: Backup, tz: ZoneInfo, now: dt.datetime, seconds: float = WINDOW_MARGIN) -> bool:
+        """The window is closed and does not open within ``seconds`` (a job started now would crowd out backups)."""
+        if backup.window is None:
+            return True
+        if not cls._window_closed(backup, tz, now):
+            return False
+        return schedule.next_occurrence(backup.window, tz, now).start > now + dt.timedelta(seconds=seconds)
+
     def next_wakeup(self, now: dt.datetime) -> dt.datetime | None:
         """When something may become startable without a job ending (None: nothing scheduled)."""
         fed = self.ctx.federation
@@ -280,42 +322,64 @@ class Daemon:
 
     # --- jobs -------------------------------------------------------------------
 
-    def _start(self, kind: str, source: str, target: str, reason: str, estimate: float) -> RunningJob:
+    def _start(self, kind: str, source: str, target: str, reason: str, estimate: float) -> RunningJob | None:
+        """Start a job in its own thread; None (nothing started) once the daemon is stopping."""
         job = RunningJob(kind, source, target, reason)
         job.thread = threading.Thread(
             target=self._run_job, args=(job, estimate), name=f"{kind} {source}->{target}", daemon=True
         )
-        log.debug("starting %s %s -> %s (%s)", kind, source, target, reason)
-        job.thread.start()
         with self._lock:
+            if self.stop.is_set():
+                return None
+            log.debug("starting %s %s -> %s (%s)", kind, source, target, reason)
             self.running[(source, target)] = job
+            job.thread.start()
         return job
+
+    def _stopping(self, job: RunningJob) -> bool:
+        return self.stop.is_set() or job.control.is_aborted
+
+    def job_timeout_for(self, source: str, target: str, estimate: float) -> float:
+        """The backup's timeout: the estimate-based one, or three times the last successful run if longer
+        (at most :data:`MAX_JOB_TIMEOUT`); a replica never backed up gets at least :data:`FIRST_RUN_TIMEOUT`."""
+        timeout = self.timeout_for(estimate)
+        last = next((r for r in self.ctx.history.runs(kind="backup", source=source, target=target, limit=50)
+                     if r.succeeded and r.duration is not None), None)
+        if last is None:
+            return max(timeout, FIRST_RUN_TIMEOUT)
+        return max(timeout, min(MAX_JOB_TIMEOUT, 3 * (last.duration or 0.0)))
 
     def _run_job(self, job: RunningJob, estimate: float) -> None:
         ctx = self.ctx
         try:
+            if self._stopping(job):
+                log.info("%s %s -> %s not started: the daemon is stopping", job.kind, job.source, job.target)
+                return
             if job.kind == "drill":
                 from . import drill
 
-                drill.run_drill(ctx, ctx.federation.node(job.source), clock=self.clock)
+                drill.run_drill(ctx, ctx.federation.node(job.source), clock=self.clock, control=job.control)
                 return
             source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
             if self._needs_recovery(job):
                 recovery = recover_pair(ctx, source, host, clock=self.clock)
-                if recovery.busy:
-                    run_id = ctx.history.start_run("backup" if job.kind == "backup" else "check", job.source, job.target,
-                                                   started=self.clock())
-                    ctx.history.finish_run(run_id, "failure", error=f"not started: {recovery.busy}", ended=self.clock())
-                    log.warning("%s %s -> %s not started: %s", job.kind, job.source, job.target, recovery.busy)
+                if recovery.busy:  # not a failure of the replica: another live process runs its job
+                    self._busy_until[(job.source, job.target)] = self.clock() + BUSY_RETRY
+                    log.warning("%s %s -> %s not started (trying again in %.0fs): %s", job.kind, job.source,
+                                job.target, BUSY_RETRY, recovery.busy)
+                    return
+                if self._stopping(job):
                     return
             if job.kind == "backup":
-                outcome = run_backup(ctx, source, host, timeout=self.timeout_for(estimate), clock=self.clock,
-                                     control=job.control)
+                outcome = run_backup(ctx, source, host, timeout=self.job_timeout_for(job.source, job.target, estimate),
+                                     clock=self.clock, control=job.control)
                 assert source.backup is not None
-                if outcome.ok and not job.control.is_aborted and source.backup.retention.prune_flags():
+                if outcome.ok and not self._stopping(job) and source.backup.retention.prune_flags():
                     maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
-            else:
-                maintenance.maintain_replica(ctx, source, host, clock=self.clock, control=job.control)
+            else:  # maintenance: check, then (when it passed, and the daemon is not stopping) guarded compaction
+                outcomes = maintenance.check_replica(ctx, source, host, clock=self.clock, control=job.control)
+                if all(o.ok for o in outcomes) and not self._stopping(job):
+                    maintenance.compact_replica(ctx, source, host, clock=self.clock, control=job.control)
         except Exception:  # a bug in one job must not stop the daemon
             log.exception("%s job %s -> %s crashed", job.kind, job.source, job.target)
         finally:
@@ -374,9 +438,12 @@ class Daemon:
             self._join(left, deadline)
             for thread in stoppers:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        for run in self.ctx.history.interrupt_own_runs("aborted: the daemon was stopped before this run ended",
-                                                       now=self.clock()):
-            log.warning("run %d (%s %s -> %s) marked interrupted", run.id, run.kind, run.source, run.target)
+        try:
+            for run in self.ctx.history.interrupt_own_runs("aborted: the daemon was stopped before this run ended",
+                                                           now=self.clock()):
+                log.warning("run %d (%s %s -> %s) marked interrupted", run.id, run.kind, run.source, run.target)
+        except Exception:  # the exit stays clean; the next start marks what is left (history.mark_interrupted)
+            log.exception("could not mark the runs left running as interrupted")
         log.info("daemon stopped")
         return 0
 

@@ -8,7 +8,9 @@ A drill, on the source node with its own key:
    where the previous turn stopped, so successive drills exercise every path;
 3. asks borg for the sample's own item checksums (``borg list --format {sha256}``,
    which reads and authenticates that data in the repository);
-4. extracts the sample into a scratch directory under the source's workdir;
+4. extracts the sample into a scratch directory under the source's workdir
+   (the long borg commands run under :mod:`supervise`: they die with the
+   coordinator's session, and the daemon can stop them);
 5. compares the extracted files with the archive (type, permissions, size,
    sha256, symlink target) and, for files unchanged since the archive (same size
    and mtime), the live files too;
@@ -22,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -33,6 +36,7 @@ from .errors import MutualBackupError, OperationFailed
 from .history import History
 from .model import Federation, Node
 from .restore import choose_replica
+from .supervise import RUN_DIR, JobControl, run_supervised
 from .transport import Result, Transport
 
 log = logging.getLogger("mutualbackup.drill")
@@ -272,7 +276,7 @@ def parse_inspection(stdout: bytes, paths: Sequence[str]) -> tuple[dict[str, Obs
 class DrillOutcome:
     source: str
     target: str
-    result: str  # success or failure
+    result: str  # success, failure, or interrupted (aborted by the daemon)
     duration: float
     archive: str | None = None
     top_level: str | None = None  # the top-level path this drill exercised first (absolute)
@@ -291,32 +295,55 @@ class _DrillFailed(Exception):
     pass
 
 
-def run_drill(ctx: Context, source: Node, *, clock: Callable[[], float] = time.time) -> DrillOutcome:
-    """Drill ``source`` once; record the run (kind ``drill``) and return the outcome. Never raises for a failed drill."""
+def drill_pidfile(workdir: str, peer: str) -> str:
+    """The pidfile of a drill's supervised borg on the source (apart from the backups' pidfiles)."""
+    return posixpath.join(workdir, RUN_DIR, "drill-" + peer.replace("/", ".") + ".pid")
+
+
+def run_drill(
+    ctx: Context, source: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
+) -> DrillOutcome:
+    """Drill ``source`` once; record the run (kind ``drill``) and return the outcome. Never raises.
+
+    The long borg commands run supervised (they die with the session, and ``control`` lets the
+    daemon stop them); an aborted drill is recorded ``interrupted``.
+    """
     assert source.backup is not None
     started = clock()
-    number = len(ctx.history.runs(kind="drill", source=source.name))
     target = ""
     run_id: int | None = None
     try:
+        number = len(ctx.history.runs(kind="drill", source=source.name))
         transport = ctx.connect(source)
+        if control is not None:
+            control.attach(transport)
         try:
             env = borg.client_env(ctx.source_paths(transport, source))
             host, url, archive = _latest_archive(ctx, transport, source, env)
             target = host.name
             run_id = ctx.history.start_run("drill", source.name, target, started=started)
             log.info("drill start   %s on %s (%s)", source.name, target, archive)
-            outcome = _drill(ctx, transport, source, env, host, url, archive, number, started, clock)
+            outcome = _drill(ctx, transport, source, env, host, url, archive, number, started, clock, run_id, control)
         finally:
+            if control is not None:
+                control.detach(transport)
             transport.close()
-    except (MutualBackupError, _DrillFailed, ValueError) as exc:
-        error = str(exc)
-        if run_id is None:
-            run_id = ctx.history.start_run("drill", source.name, target, started=started)
+    except Exception as exc:  # a failed drill, or a bug: never leave the run "running" nor stop the daemon
+        if not isinstance(exc, (MutualBackupError, _DrillFailed, ValueError)):
+            log.exception("drill of %s crashed", source.name)
+        error = str(exc) if isinstance(exc, (MutualBackupError, _DrillFailed, ValueError)) else f"internal error: {exc!r}"
+        result = "failure"
+        if control is not None and control.is_aborted:
+            result, error = "interrupted", f"aborted: {control.reason}\n{error}"
         duration = clock() - started
-        ctx.history.finish_run(run_id, "failure", error=error, ended=started + duration)
-        log.warning("drill end     %s on %s: failure: %s", source.name, target or "-", error.splitlines()[0])
-        return DrillOutcome(source.name, target, "failure", duration, error=error)
+        try:
+            if run_id is None:
+                run_id = ctx.history.start_run("drill", source.name, target, started=started)
+            ctx.history.finish_run(run_id, result, error=error, ended=started + duration)
+        except Exception:  # the history is unavailable: the daemon's shutdown or next start marks the run
+            log.exception("could not record the drill of %s", source.name)
+        log.warning("drill end     %s on %s: %s: %s", source.name, target or "-", result, error.splitlines()[0])
+        return DrillOutcome(source.name, target, result, duration, error=error)
     ctx.history.finish_run(
         run_id, "success", ended=started + outcome.duration, archive=outcome.archive, nfiles=outcome.files,
         original_bytes=outcome.bytes,
@@ -347,15 +374,24 @@ def _borg_error(result: Result) -> str:
 
 def _drill(
     ctx: Context, transport: Transport, source: Node, env: dict[str, str], host: Node, url: str, archive: str,
-    number: int, started: float, clock: Callable[[], float],
+    number: int, started: float, clock: Callable[[], float], run_id: int, control: JobControl | None = None,
 ) -> DrillOutcome:
     assert source.backup is not None
+    pidfile = drill_pidfile(ctx.source_paths(transport, source).workdir, host.name)
+
+    def supervised(argv: Sequence[str], **options: object) -> Result:
+        """A long borg command under the supervisor (it dies with the session; the daemon can stop it)."""
+        if control is not None and control.is_aborted:
+            raise _DrillFailed(f"aborted before {argv[1] if len(argv) > 1 else argv[0]} started: {control.reason}")
+        return run_supervised(transport, source, pidfile, run_id, argv, env=env, timeout=DRILL_TIMEOUT,
+                              control=control, **options)  # type: ignore[arg-type]
+
     where = f"{archive} on {host.name}"
     damaged = (
         f"\nThe repository of {source.name} on {host.name} may be damaged: run `mutualbackup verify {source.name}`, "
         "and restore from another replica until it is repaired."
     )
-    catalogue = transport.run(borg_restore.catalogue_argv(source.borg, url, archive), env=env, timeout=DRILL_TIMEOUT)
+    catalogue = supervised(borg_restore.catalogue_argv(source.borg, url, archive))
     if catalogue.exit_code not in (0, 1):
         raise _DrillFailed(f"cannot list {where}: borg list exited {catalogue.exit_code}: "
                            f"{borg_restore.hint(catalogue.exit_code)}\n{_borg_error(catalogue)}{damaged}")
@@ -364,7 +400,7 @@ def _drill(
     if not sample:
         raise _DrillFailed(f"{where} holds no file to drill")
     paths = [entry.path for entry in sample]
-    hashed = transport.run(borg_restore.hashes_argv(source.borg, url, archive, paths), env=env, timeout=DRILL_TIMEOUT)
+    hashed = supervised(borg_restore.hashes_argv(source.borg, url, archive, paths))
     if hashed.exit_code not in (0, 1):
         raise _DrillFailed(f"borg could not read the sample's data in {where}: borg list exited {hashed.exit_code}: "
                            f"{borg_restore.hint(hashed.exit_code)}\n{_borg_error(hashed)}{damaged}")
@@ -380,14 +416,16 @@ def _drill(
     if not made.ok or not scratch.startswith("/"):
         raise OperationFailed(f"cannot create a scratch directory under {workdir} on {source.name}: {made.stderr_tail(3)}")
     try:
-        progress = borg_restore.ExtractProgress()
-        extracted = transport.run(
-            borg_restore.extract_argv(source.borg, url, archive, paths, progress=False, exact=True),
-            env=env, cwd=scratch, timeout=DRILL_TIMEOUT, on_stderr_line=progress.feed,
-        )
+        extracted = supervised(borg_restore.extract_argv(source.borg, url, archive, paths, progress=False, exact=True),
+                               cwd=scratch)
         if extracted.exit_code not in (0, 1):
+            progress = borg_restore.ExtractProgress()  # --log-json: the messages are JSON lines on stderr
+            for line in extracted.stderr.decode("utf-8", "replace").splitlines():
+                progress.feed(line)
             raise _DrillFailed(f"borg extract of the sample of {where} exited {extracted.exit_code}: "
                                f"{borg_restore.hint(extracted.exit_code)}\n{borg_restore.error_lines(progress.tail(40))}{damaged}")
+        if control is not None and control.is_aborted:
+            raise _DrillFailed(f"aborted: {control.reason}")
         inspected = transport.run(inspect_argv(scratch, paths), timeout=DRILL_TIMEOUT)
         if not inspected.ok:
             raise OperationFailed(f"cannot inspect the extracted sample on {source.name}: {inspected.stderr_tail(5)}")

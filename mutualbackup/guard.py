@@ -27,6 +27,10 @@ from .history import Run
 SHRINK_TOLERANCE = (1024**2, 0.01)  # bytes, fraction: a smaller live size is "shrunk"
 TRANSACTION_SLACK = 60.0  # seconds around a run's window: host clock drift since the commit, rounding
 WRITING_KINDS = ("backup", "prune")  # the coordinator's runs that commit into a repository
+UNCERTAIN_END_CAP = 12 * 3600.0
+"""The longest a run whose end is not known (still ``running``, or ``interrupted`` by a crash: its
+recorded end is the restart) counts as writing: 12 h, the backup job's own timeout, and thrice the
+prune's. A longer run that crashed makes the guard refuse (an alert, nothing lost), never pass."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,20 @@ def foreign_transactions(
         if not any(start - slack <= at <= end + slack for start, end in windows):
             foreign.append(transaction)
     return foreign
+
+
+def run_window(run: Run, now: float, cap: float = UNCERTAIN_END_CAP) -> tuple[float, float]:
+    """(start, end) during which ``run`` may have written into its repository (coordinator's clock).
+
+    A finished run: its recorded start and end. A run still ``running`` or one whose end is
+    uncertain (``mark_interrupted`` set ``end_uncertain``: the process died; the end recorded is
+    when the next one noticed) counts only up to ``started + cap``: a crash and a late restart
+    must not turn days of foreign writes into the coordinator's own.
+    """
+    if run.ended is not None and not _detail(run).get("end_uncertain"):
+        return run.started, run.ended
+    end = run.ended if run.ended is not None else now
+    return run.started, min(end, run.started + cap)
 
 
 def baseline_bytes(runs: Sequence[Run]) -> int | None:

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     nfiles INTEGER,
     error TEXT,
     pid INTEGER,
-    detail TEXT                      -- JSON: anything else worth keeping
+    detail TEXT,                     -- JSON: anything else worth keeping
+    owner TEXT                       -- the process that runs it: PID:START (see process_identity); NULL in old rows
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (kind, source, target, started);
 -- the few runs in progress (metrics: jobs running, and where the incremental totals stop)
@@ -100,6 +102,7 @@ class Run:
     error: str | None
     pid: int | None
     detail: str | None
+    owner: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -143,6 +146,9 @@ class History:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(archives)")}
         if "archive_id" not in columns:
             self._db.execute("ALTER TABLE archives ADD COLUMN archive_id TEXT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "owner" not in columns:
+            self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -169,8 +175,8 @@ class History:
         """Record a run as ``running`` (committed at once) and return its id."""
         with self._tx() as db:
             cursor = db.execute(
-                "INSERT INTO runs (kind, source, target, started, result, pid) VALUES (?, ?, ?, ?, 'running', ?)",
-                (kind, source, target, started if started is not None else time.time(), os.getpid()),
+                "INSERT INTO runs (kind, source, target, started, result, pid, owner) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (kind, source, target, started if started is not None else time.time(), os.getpid(), this_process()),
             )
             return int(cursor.lastrowid or 0)
 
@@ -189,12 +195,14 @@ class History:
         repository_bytes: int | None = None,
         nfiles: int | None = None,
         detail: Mapping[str, object] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record the end of a run that is still ``running``; False (nothing changed) when it no longer is
+        (e.g. the daemon's shutdown already marked it ``interrupted``)."""
         with self._tx() as db:
-            db.execute(
+            cursor = db.execute(
                 """UPDATE runs SET ended = ?, result = ?, exit_code = ?, error = ?, archive = ?,
                    original_bytes = ?, compressed_bytes = ?, deduplicated_bytes = ?,
-                   repository_bytes = ?, nfiles = ?, detail = ? WHERE id = ?""",
+                   repository_bytes = ?, nfiles = ?, detail = ? WHERE id = ? AND result = 'running'""",
                 (
                     ended if ended is not None else time.time(),
                     result,
@@ -210,17 +218,33 @@ class History:
                     run_id,
                 ),
             )
+            return cursor.rowcount > 0
+
+    def set_detail(self, run_id: int, detail: Mapping[str, object]) -> None:
+        """Record ``detail`` of a run that is still ``running`` (committed at once: it survives a crash)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET detail = ? WHERE id = ? AND result = 'running'",
+                       (json.dumps(detail, sort_keys=True), run_id))
 
     def mark_interrupted(self, *, now: float | None = None) -> list[Run]:
-        """Mark runs left ``running`` by a process that no longer exists; return them."""
-        stale = [
-            run for run in self.runs(result="running") if run.pid != os.getpid() and not pid_alive(run.pid)
-        ]
+        """Mark runs left ``running`` by a process that no longer exists; return them.
+
+        A run belongs to a live process only when its recorded identity (pid *and* start time,
+        :func:`process_identity`) is that of a live process: a container's daemon has the same pid
+        at every start, so a pid alone is not enough. Runs of this very process are left alone.
+        When a run ended cannot be known (the process died): its ``ended`` is the time of this
+        call, and its detail says ``"end_uncertain": true`` (the compaction guard does not trust
+        such an end, see :func:`guard.run_window`).
+        """
+        stale = [run for run in self.runs(result="running") if not run_owner_alive(run)]
         with self._tx() as db:
             for run in stale:
+                detail = _loads(run.detail)
+                detail["end_uncertain"] = True
                 db.execute(
-                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ? WHERE id = ? AND result = 'running'",
-                    (now or time.time(), "the coordinator stopped during this run (killed or crashed)", run.id),
+                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ?, detail = ? WHERE id = ? AND result = 'running'",
+                    (now or time.time(), "the coordinator stopped during this run (killed or crashed)",
+                     json.dumps(detail, sort_keys=True), run.id),
                 )
         return stale
 
@@ -252,10 +276,11 @@ class History:
         return Run(**dict(rows[0])) if rows else None
 
     def consecutive_failures(self, kind: str, source: str, target: str = "") -> int:
-        """Finished runs that failed since the last success (interrupted ones count)."""
+        """Finished runs that failed since the last success (interrupted ones are not attempts, as in
+        :meth:`pair_summaries`)."""
         rows = self._query(
             """SELECT COUNT(*) FROM runs WHERE kind = ? AND source = ? AND target = ?
-               AND result IN ('failure', 'interrupted')
+               AND result = 'failure'
                AND started > COALESCE((SELECT MAX(started) FROM runs WHERE kind = ? AND source = ?
                     AND target = ? AND result IN ('success', 'warning')), 0)""",
             (kind, source, target, kind, source, target),
@@ -390,7 +415,7 @@ class History:
 
     def interrupt_own_runs(self, message: str, *, now: float | None = None) -> list[Run]:
         """Mark the runs this process left ``running`` as ``interrupted`` with ``message``; return them."""
-        mine = [run for run in self.runs(result="running") if run.pid == os.getpid()]
+        mine = [run for run in self.runs(result="running") if run.owner == this_process()]
         with self._tx() as db:
             for run in mine:
                 db.execute(
@@ -418,6 +443,63 @@ class History:
                 yield lambda sql, args=(): self._db.execute(sql, args).fetchall()
             finally:
                 self._db.execute("ROLLBACK")
+
+
+def _loads(detail: str | None) -> dict:
+    try:
+        value = json.loads(detail) if detail else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat``); None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # field 22 of proc(5); fields[0] is field 3
+    except (OSError, IndexError):
+        return None
+
+
+def process_identity(pid: int) -> str | None:
+    """``PID:START`` of a live process ``pid`` (None when its start time cannot be read)."""
+    start = process_start(pid)
+    return None if start is None else f"{pid}:{start}"
+
+
+_THIS_PROCESS: tuple[int, str] | None = None
+
+
+def this_process() -> str:
+    """This process's identity, recorded with each run it starts: ``PID:START``, or ``PID:uuid``
+    where ``/proc`` cannot tell (computed again after a fork)."""
+    global _THIS_PROCESS
+    pid = os.getpid()
+    if _THIS_PROCESS is None or _THIS_PROCESS[0] != pid:
+        _THIS_PROCESS = (pid, process_identity(pid) or f"{pid}:{uuid.uuid4().hex}")
+    return _THIS_PROCESS[1]
+
+
+def run_owner_alive(run: Run) -> bool:
+    """Whether the process that started ``run`` is still alive (True for this process's own runs).
+
+    Another process with the same pid (a container's daemon is PID 1 at every start; a reused
+    pid) is not the owner: the start times differ. Old rows without ``owner`` are judged by
+    pid, except that this process's pid is not this process (it never wrote such a row).
+    """
+    mine = this_process()
+    if run.owner == mine:
+        return True
+    if run.pid is None or run.pid == os.getpid() or not pid_alive(run.pid):
+        return False
+    if run.owner is None:
+        return True
+    pid, _, start = run.owner.partition(":")
+    if start.isdigit():  # a /proc start time: compare it
+        return process_start(int(pid)) == start if pid.isdigit() else False
+    return True  # recorded without /proc (a uuid): cannot tell, so alive
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -7,7 +7,11 @@ Per source x replica:
   ``retention``, ``borg list`` after. Every archive seen is recorded in the
   history; those that disappeared *and* that :func:`retention.plan_prune`
   deletes are marked pruned by the coordinator. Any other disappearance is an
-  alert, and stays unexplained (so compaction will refuse).
+  alert, and stays unexplained (so compaction will refuse). The plan's deletions
+  are saved in the run (``plan_delete``) before ``borg prune`` starts: after a
+  failed or aborted prune the archives it removed of its plan are marked (when
+  the repository can still be listed), and after a crash the next prune marks
+  the vanished archives that the saved plan of an unfinished prune deletes.
 - **check** (every ``check_every``, and ``mutualbackup verify``):
   ``repo-check`` on the host, as its user, without any key
   (``borg check --repository-only`` and the repository's last-write time, so
@@ -26,6 +30,11 @@ Per source x replica:
   key holder can remove one) numbered above the last one a passed guard
   accounted for must lie within a backup or prune run of the coordinator into
   that repository (its clock, the host's offset measured now, 60 s of slack).
+  A run still ``running``, or ``interrupted`` by a crash (its recorded end is
+  only when the next process noticed: ``end_uncertain``), covers at most 12 h
+  from its start (:func:`guard.run_window`): a late restart never turns days of
+  foreign writes into the coordinator's; a longer crashed run makes the guard
+  refuse (an alert; nothing is lost).
   Otherwise: refuse, alert, keep everything. Then ``borg compact`` on the
   host, only when the coordinator pruned something since the last
   compaction; the freed volume is recorded.
@@ -53,9 +62,10 @@ from . import borg
 from .context import Context
 from .errors import MutualBackupError, TransportError
 from .guard import (SHRINK_TOLERANCE, WRITING_KINDS, archive_changes, baseline_bytes, checked_through,
-                    foreign_transactions, guard_problems)
+                    foreign_transactions, guard_problems, run_window)
 from .history import PairSummary
 from .model import Backup, Node
+from .recovery import host_role, source_role
 from .retention import plan_prune
 from .schedule import retry_delay
 from .supervise import JobControl, pidfile_path, run_supervised
@@ -101,9 +111,19 @@ class _Step:
         self.ctx, self.kind, self.source, self.host, self.clock, self.control = ctx, kind, source, host, clock, control
         self.started = clock()
         self.run_id = ctx.history.start_run(kind, source.name, host.name, started=self.started)
+        self.saved: dict[str, object] = {}  # detail recorded while running (see :meth:`save`), kept at the end
         log.info("%-7s start  %s -> %s", kind, source.name, host.name)
 
+    def save(self, **detail: object) -> None:
+        """Record ``detail`` now (committed: it survives a crash), and keep it in the run's final detail."""
+        self.saved.update(detail)
+        self.ctx.history.set_detail(self.run_id, self.saved)
+
+    def _detail(self, detail: Mapping[str, object] | None) -> Mapping[str, object] | None:
+        return {**self.saved, **detail} if detail and self.saved else (detail or self.saved or None)
+
     def succeed(self, detail: Mapping[str, object] | None = None, *, repository_bytes: int | None = None) -> StepOutcome:
+        detail = self._detail(detail)
         ended = self.clock()
         self.ctx.history.finish_run(self.run_id, "success", exit_code=0, ended=ended, detail=detail,
                                     repository_bytes=repository_bytes)
@@ -111,6 +131,7 @@ class _Step:
         return StepOutcome(self.kind, self.source.name, self.host.name, "success", ended - self.started, None, detail or {})
 
     def fail(self, error: str, exit_code: int | None = None, detail: Mapping[str, object] | None = None) -> StepOutcome:
+        detail = self._detail(detail)
         ended = self.clock()
         result = "interrupted" if self.control is not None and self.control.is_aborted else "failure"
         self.ctx.history.finish_run(self.run_id, result, exit_code=exit_code, error=error, ended=ended, detail=detail)
@@ -131,6 +152,10 @@ class _Step:
         except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
             log.exception("%s of %s -> %s crashed", self.kind, self.source.name, self.host.name)
             return self.fail(f"internal error: {exc!r}")
+        except BaseException as exc:  # Ctrl-C of `mutualbackup verify`: not "running" forever
+            self.ctx.history.finish_run(self.run_id, "interrupted", ended=self.clock(), detail=self._detail(None),
+                                        error=f"the coordinator process was stopped during this run ({type(exc).__name__})")
+            raise
 
 
 @contextmanager
@@ -196,17 +221,24 @@ def prune_replica(
             paths = ctx.source_paths(transport, source)
             env = borg.client_env(paths)
             before = _list(transport, source, url, env)
+            _explain_unfinished_prunes(ctx, source, host, {a.name for a in before}, clock)
             changed = archive_changes(_recorded(ctx, source, host), {a.name: a.id for a in before})
             ctx.history.record_archives(source.name, host.name, _entries(before), now=clock())
             plan = plan_prune([a for a in before if a.name.startswith(f"{source.slug}-")], source.backup.retention)
             _aborted(control)
-            result = run_supervised(
-                transport, source, pidfile_path(paths.workdir, host.name), step.run_id,
-                borg.prune_argv(source.borg, url, source.backup.retention, borg.archive_glob(source)),
-                env=env, timeout=PRUNE_TIMEOUT, control=control,
-            )
-            _aborted(control)
-            _borg_ok(result, "borg prune")
+            # committed before borg runs: a crash or an abort mid-prune leaves deletions the next prune explains
+            step.save(plan_delete=list(plan.delete))
+            try:
+                result = run_supervised(
+                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.run_id,
+                    borg.prune_argv(source.borg, url, source.backup.retention, borg.archive_glob(source)),
+                    env=env, timeout=PRUNE_TIMEOUT, control=control,
+                )
+                _aborted(control)
+                _borg_ok(result, "borg prune")
+            except Exception:  # failed or aborted (not Ctrl-C: no more borg then); the next prune explains the rest
+                _mark_partial_prune(ctx, transport, source, host, url, env, before, plan.delete, changed.replaced, clock)
+                raise
             size = _live_bytes(transport, source, url, env)  # before the listing that vouches for it
             after = {a.name: a.id for a in _list(transport, source, url, env)}
             removed = {a.name for a in before} - set(after)
@@ -235,6 +267,46 @@ def prune_replica(
     return step.guarded(body)
 
 
+def _mark_partial_prune(
+    ctx: Context, transport: Transport, source: Node, host: Node, url: str, env: Mapping[str, str],
+    before: Sequence[borg.ArchiveEntry], delete: Sequence[str], replaced: Sequence[str], clock: Callable[[], float],
+) -> None:
+    """After a failed or aborted ``borg prune``: mark pruned what it removed of its plan, when the
+    repository can still be listed (best effort: otherwise the next prune explains them)."""
+    try:
+        after = {a.name for a in _list(transport, source, url, env)}
+    except Exception as exc:  # the prune's own failure is what the run records
+        log.warning("prune   %s -> %s: cannot list the archives after a failed prune: %s", source.name, host.name, exc)
+        return
+    removed = {a.name for a in before} - after
+    ctx.history.mark_pruned(source.name, host.name, sorted((removed & set(delete)) - set(replaced)), now=clock())
+
+
+def _explain_unfinished_prunes(
+    ctx: Context, source: Node, host: Node, listed: set[str], clock: Callable[[], float]
+) -> list[str]:
+    """Mark pruned the archives recorded, never marked, no longer ``listed``, that the saved plan
+    (``plan_delete``) of a prune that did not succeed, since the last successful one, deletes:
+    that prune removed them before it crashed or failed. Returns their names."""
+    planned: set[str] = set()
+    for run in ctx.history.runs(kind="prune", source=source.name, target=host.name):  # newest first
+        if run.succeeded:
+            break
+        if run.result == "running":
+            continue
+        try:
+            planned.update(json.loads(run.detail).get("plan_delete", ()) if run.detail else ())
+        except (ValueError, AttributeError):
+            continue
+    known = ctx.history.known_archives(source.name, host.name)
+    names = sorted(name for name in planned if name in known and known[name][1] is None and name not in listed)
+    if names:
+        ctx.history.mark_pruned(source.name, host.name, names, now=clock())
+        log.info("prune   %s -> %s: %d archive(s) removed by an unfinished prune: %s", source.name, host.name,
+                 len(names), ", ".join(names))
+    return names
+
+
 # --- check ----------------------------------------------------------------------------
 
 
@@ -253,7 +325,7 @@ def check_replica(
             with _session(ctx, source, control) as transport:
                 paths = ctx.source_paths(transport, source)
                 result = run_supervised(
-                    transport, source, pidfile_path(paths.workdir, host.name), step.run_id,
+                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.run_id,
                     borg.check_argv(source.borg, url, archives_only=True),
                     env=borg.client_env(paths), timeout=CHECK_TIMEOUT, control=control,
                 )
@@ -276,7 +348,7 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
             workdir = resolve_path(host.workdir, transport)
             facts = _facts(transport, host, path)
             result = run_supervised(
-                transport, host, pidfile_path(workdir, source.name), step.run_id,
+                transport, host, pidfile_path(workdir, host_role(source.name)), step.run_id,
                 borg.check_argv(host.borg, path, repository_only=True),
                 env=borg.host_env(workdir), timeout=CHECK_TIMEOUT, control=control,
             )
@@ -357,8 +429,7 @@ def compact_replica(
             asked = clock()
             host_now, transactions = _transactions(transport, host, path)
             offset = host_now - (asked + clock()) / 2
-            windows = [(r.started, r.ended if r.ended is not None else clock())
-                       for r in pair_runs if r.kind in WRITING_KINDS]
+            windows = [run_window(r, clock()) for r in pair_runs if r.kind in WRITING_KINDS]
             foreign = foreign_transactions(transactions, checked_through(pair_runs), windows, offset)
             if foreign:
                 problems = guard_problems((), None, None, foreign=foreign, offset=offset)
@@ -369,7 +440,7 @@ def compact_replica(
                 return step.succeed({"compacted": False, "reason": "nothing pruned since the last compaction",
                                      "live_bytes": live, "transactions_checked": checked})
             before = _facts(transport, host, path)
-            result = run_supervised(transport, host, pidfile_path(workdir, source.name), step.run_id,
+            result = run_supervised(transport, host, pidfile_path(workdir, host_role(source.name)), step.run_id,
                                     borg.compact_argv(host.borg, path), env=borg.host_env(workdir),
                                     timeout=COMPACT_TIMEOUT, control=control)
             _aborted(control)

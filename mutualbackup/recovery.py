@@ -12,7 +12,7 @@ dropped: each can leave behind
 :func:`recover_pair` stops a leftover command only when the run that started
 it is not running in a live coordinator process, and breaks a repository lock
 only when it is certain that no borg holds it: every holder is a process of the
-host itself (same host name) and none of those pids is alive there. Otherwise
+host itself (the same full borg host id, ``FQDN@NODE``) and none of those pids is alive there. Otherwise
 it leaves things alone and says why. :func:`judge_lock` is the pure decision.
 """
 
@@ -22,7 +22,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 from . import borg
 from .context import Context
@@ -30,9 +30,23 @@ from .errors import MutualBackupError
 from .model import Node
 from .supervise import parse_pidfile, pidfile_path, stop_remote
 from .transport import Transport, resolve_path
-from .history import pid_alive
+from .history import run_owner_alive, this_process
 
 log = logging.getLogger("mutualbackup.recovery")
+
+
+def source_role(host: str) -> str:
+    """The pidfile name (see :func:`supervise.pidfile_path`) of a source's job into its replica on ``host``.
+
+    A node that is both a source and a host (A -> B and B -> A) runs a job per role for the same
+    peer: the role is part of the name (``run/src.MEMBER.NODE.pid``; ``.`` cannot occur in a slug).
+    """
+    return f"src/{host}"
+
+
+def host_role(source: str) -> str:
+    """The pidfile name of a host's job on the repository of ``source`` (``run/repo.MEMBER.NODE.pid``)."""
+    return f"repo/{source}"
 
 
 @dataclass(frozen=True)
@@ -42,17 +56,18 @@ class LockVerdict:
 
 
 def judge_lock(hostname: str, holders: Iterable[borg.LockHolder], alive_pids: set[int]) -> LockVerdict:
-    """Whether a repository lock on host ``hostname`` may be broken.
+    """Whether a repository lock on the host whose borg host id is ``hostname`` may be broken.
 
-    ``holders`` come from the lock files; ``alive_pids`` are those of the
-    holders' pids that are alive on the host. Stale only when there is at
-    least one holder, every holder was written on this host, and no holder's
-    pid is alive.
+    ``hostname`` is the full id borg records (``FQDN@NODE``, or ``BORG_HOST_ID``), computed on
+    the host itself: two machines may share a short name. ``holders`` come from the lock files;
+    ``alive_pids`` are those of the holders' pids that are alive on the host. Stale only when
+    there is at least one holder, every holder was written by this host (same full id), and
+    no holder's pid is alive.
     """
     holders = list(holders)
     if not holders:
         return LockVerdict(False, "not locked")
-    foreign = sorted({h.host for h in holders if h.hostname != hostname})
+    foreign = sorted({h.host for h in holders if not hostname or h.host != hostname})
     if foreign:
         return LockVerdict(False, f"locked by borg on another machine ({', '.join(foreign)}): cannot tell whether it still runs")
     live = sorted({h.pid for h in holders if h.pid in alive_pids})
@@ -68,22 +83,26 @@ class Recovery:
     busy: str | None = None  # set when another live coordinator process still runs this job
 
 
-def recover_pair(ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time) -> Recovery:
+def recover_pair(
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, active: Collection[int] = (),
+) -> Recovery:
     """Stop leftovers of dead runs of ``source`` x ``host`` and break a stale repository lock.
 
+    ``active``: ids of runs that the caller (this process) still runs; any other run of this
+    process recorded ``running`` is dead (e.g. a thread that crashed before recording its end).
     Never raises for an unreachable node or a failed command: what could not be
     done is in the notes (the job that follows will fail and be retried).
     """
     recovery = Recovery()
     try:
         with _session(ctx, source) as transport:
-            _stop_leftover(ctx, transport, source, host.name, recovery)
+            _stop_leftover(ctx, transport, source, source_role(host.name), recovery, active)
     except MutualBackupError as exc:
         recovery.notes.append(f"{source.name}: cannot look for leftover commands: {exc}")
     if not recovery.busy:
         try:
             with _session(ctx, host) as transport:
-                _stop_leftover(ctx, transport, host, source.name, recovery)
+                _stop_leftover(ctx, transport, host, host_role(source.name), recovery, active)
                 if not recovery.busy:
                     _break_stale_lock(ctx, transport, source, host, recovery, clock)
         except (MutualBackupError, ValueError) as exc:
@@ -102,15 +121,20 @@ def _session(ctx: Context, node: Node) -> Iterator[Transport]:
         transport.close()
 
 
-def _stop_leftover(ctx: Context, transport: Transport, node: Node, peer: str, recovery: Recovery) -> None:
-    """Stop the supervised command of ``node`` for ``peer`` unless a live coordinator process runs it."""
-    pidfile = pidfile_path(resolve_path(node.workdir, transport), peer)
+def _stop_leftover(
+    ctx: Context, transport: Transport, node: Node, name: str, recovery: Recovery, active: Collection[int] = (),
+) -> None:
+    """Stop the supervised command of ``node``'s pidfile ``name`` (:func:`source_role`, :func:`host_role`)
+    unless a live coordinator process runs it: another live process, or this one for a run in ``active``."""
+    pidfile = pidfile_path(resolve_path(node.workdir, transport), name)
     data = transport.read_file(pidfile)
     if data is None:
         return
     info = parse_pidfile(data)
     owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
-    if owner is not None and owner.result == "running" and pid_alive(owner.pid):
+    live = owner is not None and owner.result == "running" and run_owner_alive(owner) and (
+        owner.owner != this_process() or owner.id in active)
+    if owner is not None and live:
         recovery.busy = (
             f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} "
             f"(pid {info.pid if info else '?'})"

@@ -46,8 +46,13 @@ class PrunePlan:
 
 
 def plan_prune(archives: Sequence[ArchiveEntry], retention: Retention) -> PrunePlan:
-    """What ``borg prune`` with ``retention`` does to ``archives`` (those matching the glob)."""
-    newest_first = sorted(archives, key=lambda a: (a.time, a.name), reverse=True)
+    """What ``borg prune`` with ``retention`` does to ``archives`` (those matching the glob).
+
+    ``archives`` in ``borg list``'s order (:func:`borg.parse_list_json` keeps it): like borg,
+    a stable sort on the full-precision start time alone, so archives started in the same
+    instant stay in that order (a tie-break by name would keep another one than borg).
+    """
+    newest_first = sorted(archives, key=lambda a: a.time, reverse=True)
     checkpoints = [a for a in newest_first if is_checkpoint(a.name)]
     complete = [a for a in newest_first if not is_checkpoint(a.name)]
     keep: dict[str, str] = {}

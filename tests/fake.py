@@ -203,7 +203,7 @@ class FakeWorld:
                 for n, t in repo.transactions]
             return Result(argv, 0, ("\n".join(lines) + "\n").encode(), b"")
         if argv == borg.lock_listing_argv(path):
-            return Result(argv, 0 if repo is not None else 3, b"fakehost\n", b"")
+            return Result(argv, 0 if repo is not None else 3, b"fakehost.example@123456\n", b"")
         raise AssertionError(f"the fake does not know the script {argv[2][:40]!r}")
 
     def _locate(self, url: str) -> tuple[Node, str]:

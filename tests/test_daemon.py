@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup import borg, supervise
+from mutualbackup.history import process_identity
 from mutualbackup.metrics import build_registry
 from mutualbackup.model import Backup, Retention, Window
 from mutualbackup.schedule import retry_delay
@@ -39,7 +41,7 @@ def test_a_due_backup_runs_borg_create_on_the_source_under_the_supervisor_then_p
     assert len(creates) == 6  # 3 sources x 2 replicas
     for call in creates:
         assert call.node.startswith("coop") and "/src" in call.node  # borg runs on the source
-        assert call.pidfile.startswith("/home/fake/.mutualbackup/run/coop") and call.pidfile.endswith(".store.pid")
+        assert call.pidfile.startswith("/home/fake/.mutualbackup/run/src.coop") and call.pidfile.endswith(".store.pid")
     prunes = h.world.commands("prune")
     assert len(prunes) == 6
     assert all("--keep-daily=7" in c.argv and c.argv[c.argv.index("--glob-archives") + 1] == "src0-*" for c in prunes)
@@ -100,9 +102,13 @@ def test_a_failing_before_command_fails_the_backup_with_its_stderr_and_runs_no_b
 
 def test_a_backup_longer_than_its_timeout_is_cut_recorded_and_retried(tmp_path: Path) -> None:
     h = harness(tmp_path, timeout_for=lambda estimate: 1800.0)
+    for target in h.placement["coop2/src0"]:  # a past success of 10 min: the timeout stays 1800 s (not a first run's)
+        h.history.finish_run(h.history.start_run("backup", "coop2/src0", target, started=START - DAY), "success",
+                             ended=START - DAY + 600)
     h.world.duration = lambda source, target: 7200.0 if source == "coop2/src0" else 600.0
     h.run_until(START + 3 * HOUR)
-    runs = [r for r in h.history.runs(kind="backup", source="coop2/src0") if r.result != "running"]
+    runs = [r for r in h.history.runs(kind="backup", source="coop2/src0", target=h.placement["coop2/src0"][0])
+            if r.result != "running" and r.started >= START]
     assert len(runs) >= 3 and {r.result for r in runs} == {"failure"}
     assert all(r.exit_code == -1 and "timed out after 1800" in r.error for r in runs)
     assert all(abs((r.ended - r.started) - 1800) < 1 for r in runs)
@@ -172,10 +178,10 @@ def test_after_an_interrupted_run_a_leftover_command_is_stopped_and_a_stale_lock
     run_id = h.history.start_run("backup", source, target, started=START - 60)
     h.history.mark_interrupted()  # nothing: this process is alive
     h.history.interrupt_own_runs("the coordinator was killed", now=START - 30)
-    pidfile = supervise.pidfile_path("/home/fake/.mutualbackup", target)
+    pidfile = supervise.pidfile_path("/home/fake/.mutualbackup", f"src/{target}")
     h.world.files[(source, pidfile)] = f"4242\n{run_id}\nMon Jun  2 13:59:00 2025\n".encode()
-    stale = "fakehost@123456.999-0"
-    h.world.script(lambda node, argv, world: Result(argv, 0, f"fakehost\nexclusive {stale}\n".encode(), b"")
+    stale = "fakehost.example@123456.999-0"
+    h.world.script(lambda node, argv, world: Result(argv, 0, f"fakehost.example@123456\nexclusive {stale}\n".encode(), b"")
                    if node.name == target and argv == borg.lock_listing_argv(borg.repository_path(h.federation.node(source), host))
                    else None)
     h.run_until(START + 3 * HOUR)
@@ -194,7 +200,7 @@ def test_a_lock_is_broken_only_when_its_holder_is_gone_or_a_zombie(tmp_path: Pat
     source, target = "coop0/src0", h.placement["coop0/src0"][0]
     h.history.finish_run(h.history.start_run("backup", source, target, started=START - 60), "failure", error="x",
                          ended=START - 50)
-    h.world.script(lambda node, argv, world: Result(argv, 0, b"fakehost\nexclusive fakehost@1.777-0\n", b"")
+    h.world.script(lambda node, argv, world: Result(argv, 0, b"fakehost.example@1\nexclusive fakehost.example@1.777-0\n", b"")
                    if node.name == target and argv[:2] == ("sh", "-c") and "lock.exclusive" in argv[2] else None)
     h.world.script(lambda node, argv, world: Result(argv, 0 if ps_says else 1, ps_says, b"") if argv[:1] == ("ps",) else None)
     h.run_until(START + 3 * HOUR)
@@ -208,13 +214,15 @@ def test_a_job_whose_last_run_is_still_running_in_a_live_coordinator_is_not_star
     h.history.finish_run(h.history.start_run("backup", source, target, started=START - 120), "failure", error="x",
                          ended=START - 110)
     live_run = h.history.start_run("backup", source, target, started=START - 60)  # e.g. `mutualbackup run` in a shell
-    h.world.files[(source, supervise.pidfile_path("/home/fake/.mutualbackup", target))] = f"4242\n{live_run}\nx\n".encode()
+    other = os.getppid()  # a live process that is not this one
+    h.history._db.execute("UPDATE runs SET pid = ?, owner = ? WHERE id = ?", (other, process_identity(other), live_run))
+    h.world.files[(source, supervise.pidfile_path("/home/fake/.mutualbackup", f"src/{target}"))] = f"4242\n{live_run}\nx\n".encode()
     h.clock.advance_to(START + 600)  # the retry after the failure is due
     assert (source, target) in [(j.source, j.target) for j in h.step()]
+    assert h.daemon.job_states()[(source, target)].running  # held: counted as running, not retried at once
     h.finish()
     assert not [c for c in h.world.calls if supervise.is_stop(c.argv)]
-    refused = h.history.last_run("backup", source, target)
-    assert refused.result == "failure" and "still runs" in refused.error
+    assert [r.id for r in h.history.runs(kind="backup", source=source, target=target)] == [live_run, 1]  # skipped, no failure
 
 
 # --- maintenance ----------------------------------------------------------------------
@@ -435,7 +443,7 @@ def test_due_drills_run_when_their_source_is_idle_and_hold_its_backups_meanwhile
     h = harness(tmp_path, drills_enabled=True)
     drills: list[tuple[str, float, float]] = []
 
-    def fake_drill(ctx, source, *, clock):
+    def fake_drill(ctx, source, *, clock, control=None):
         start = clock()
         run_id = ctx.history.start_run("drill", source.name, "", started=start)
         h.clock.sleep_until(start + 5400)  # longer than the gap between a source's two backups

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
+import json
 import random
 from dataclasses import dataclass
 
@@ -114,3 +116,21 @@ def test_plan_prune_keeps_what_borgs_own_prune_keeps_on_random_histories(utc_loc
         if not retention.prune_flags():
             retention = Retention(daily=1)
         assert set(plan_prune(entries, retention).keep) == borg_prune(entries, retention), (retention, entries)
+
+
+def test_archives_started_in_the_same_instant_keep_borgs_order_as_borgs_stable_sort_does(utc_local_time) -> None:
+    same = dt.datetime(2025, 3, 10, 9, 0, 0, 123456, tzinfo=UTC)
+    for names in (("web-a", "web-b"), ("web-b", "web-a")):
+        entries = [ArchiveEntry(name, same, "") for name in names]
+        plan = plan_prune(entries, Retention(daily=1))
+        assert set(plan.keep) == {names[0]}  # the first listed, not the greatest name
+        if importlib.util.find_spec("borg") is not None:
+            assert set(plan.keep) == borg_prune(entries, Retention(daily=1))
+
+
+def test_a_listing_keeps_borgs_order_for_archives_started_in_the_same_instant() -> None:
+    from mutualbackup.borg import parse_list_json
+
+    listing = {"archives": [{"archive": name, "start": "2025-03-10T09:00:00.123456", "id": name}
+                            for name in ("web-b", "web-a")]}
+    assert [a.name for a in parse_list_json(json.dumps(listing).encode())] == ["web-b", "web-a"]

@@ -47,13 +47,17 @@ def holder(host: str, pid: int) -> LockHolder:
     [
         ([], set(), False, "not locked"),
         ([holder("store1.example@5254", 100)], set(), True, "no longer exist"),
-        ([holder("store1@5254", 100), holder("store1@5254", 101)], {101}, False, "live process(es) 101"),
-        ([holder("store1@5254", 100)], {100}, False, "live"),
+        ([holder("store1.example@5254", 100), holder("store1.example@5254", 101)], {101}, False, "live process(es) 101"),
+        ([holder("store1.example@5254", 100)], {100}, False, "live"),
         ([holder("laptop.example@99", 100)], set(), False, "another machine"),  # cannot check its pids
+        # the same short name is not the same machine: another domain, or another node id
+        ([holder("store1.other@5254", 100)], set(), False, "another machine"),
+        ([holder("store1.example@7777", 100)], set(), False, "another machine"),
+        ([holder("store1@5254", 100)], set(), False, "another machine"),
     ],
 )
 def test_a_repository_lock_is_broken_only_when_every_holder_is_a_dead_process_of_the_host(holders, alive, stale, words) -> None:
-    verdict = judge_lock("store1", holders, alive)
+    verdict = judge_lock("store1.example@5254", holders, alive)
     assert verdict.stale is stale
     assert words in verdict.reason
 
@@ -175,3 +179,7 @@ def test_an_older_history_gains_the_archive_id_column_and_keeps_its_archives(tmp
     history.record_archives("s", "t", [(A, 1.0, "id-a"), (B, 3.0)])
     history.record_archives("s", "t", [(A, 1.0, "id-evil")])  # a recorded id is never overwritten
     assert history.archive_ids("s", "t") == {A: "id-a", B: None}
+
+
+def test_a_lock_is_never_broken_when_the_hosts_own_id_is_unknown() -> None:
+    assert not judge_lock("", [holder("store1.example@5254", 100)], set()).stale
