@@ -414,8 +414,21 @@ def parse_repository_facts(stdout: bytes) -> RepositoryFacts:
     return RepositoryFacts(count, total, newest)
 
 
+# borg's own host id: its patched getfqdn (the canonical name of gethostname(), not
+# socket.getfqdn()) and uuid.getnode(), exactly as borg/platform/base.py computes it.
+_HOST_ID_PY = (
+    "import socket, uuid\n"
+    "name = socket.gethostname()\n"
+    "try:\n"
+    "    addrs = socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM, 0, socket.AI_CANONNAME)\n"
+    "except OSError:\n"
+    "    addrs = []\n"
+    "name = next((a[3] for a in addrs if a[3]), name)\n"
+    "print('%s@%d' % (name, uuid.getnode()))\n"
+)
+
 _LOCK_LISTING = r"""cd -- "$1" 2>/dev/null || exit 3
-printf '%s\n' "${BORG_HOST_ID:-$(python3 -c 'import socket, uuid; print("%s@%d" % (socket.getfqdn(), uuid.getnode()))' 2>/dev/null)}"
+printf '%s\n' "${BORG_HOST_ID:-$(python3 -c "$2" 2>/dev/null)}"
 for f in lock.exclusive/*; do [ -e "$f" ] && printf 'exclusive %s\n' "${f#lock.exclusive/}"; done
 if [ -f lock.roster ]; then printf 'roster '; tr -d '\n' < lock.roster; echo; fi
 exit 0
@@ -428,7 +441,7 @@ def lock_listing_argv(path: str) -> tuple[str, ...]:
     The id is computed as borg does (``BORG_HOST_ID``, else ``FQDN@uuid.getnode()``); an empty
     line when it cannot be (no ``python3``): then no holder is this host's, and no lock is broken.
     """
-    return ("sh", "-c", _LOCK_LISTING, "sh", path)
+    return ("sh", "-c", _LOCK_LISTING, "sh", path, _HOST_ID_PY)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -122,8 +120,10 @@ def test_the_lock_listing_script_reads_borgs_lock_files(tmp_path: Path) -> None:
     (repo / "lock.roster").write_text(json.dumps({"exclusive": [["h.example@77", 4242, 0]]}))
     result = run(borg.lock_listing_argv(str(repo)))
     hostname, holders = borg.parse_lock_listing(result.stdout)
-    if shutil.which("python3") and "BORG_HOST_ID" not in os.environ:  # borg's own id: FQDN@uuid.getnode()
-        assert hostname == f"{socket.getfqdn()}@{uuid.getnode()}"
+    if shutil.which("python3") and "BORG_HOST_ID" not in os.environ:
+        from borg.platform import hostid  # borg's own id, the one it writes into lock files
+
+        assert hostname == hostid
     assert {(h.pid, h.kind) for h in holders} == {(4242, "exclusive"), (4242, "roster-exclusive")}
     assert run(borg.lock_listing_argv(str(tmp_path / "gone"))).returncode == 3
 

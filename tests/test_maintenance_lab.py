@@ -234,12 +234,12 @@ def test_verify_fails_with_exit_1_on_a_corrupted_segment_even_with_the_source_do
 def test_a_stale_lock_of_a_dead_borg_on_the_host_is_broken_and_a_live_one_is_not(fed: LabFederation) -> None:
     ctx = context(fed)
     source, host = ctx.node(SOURCE), ctx.node(HOST)
-    hostname = os.uname().nodename
+    from borg.platform import hostid  # the host id borg itself writes into lock files here
     lock = repo_dir(fed) / "lock.exclusive"
     gone = subprocess.Popen(["true"])
     gone.wait()
     lock.mkdir()
-    (lock / f"{hostname}@12345.{os.getpid()}-0").touch()  # this test process: alive
+    (lock / f"{hostid}.{os.getpid()}-0").touch()  # this test process: alive
     try:
         kept = recover_pair(ctx, source, host)
         assert lock.exists()
@@ -247,7 +247,7 @@ def test_a_stale_lock_of_a_dead_borg_on_the_host_is_broken_and_a_live_one_is_not
     finally:
         for f in lock.iterdir():
             f.unlink()
-    (lock / f"{hostname}@12345.{gone.pid}-0").touch()  # a borg that died without unlocking
+    (lock / f"{hostid}.{gone.pid}-0").touch()  # a borg that died without unlocking
     broken = recover_pair(ctx, source, host)
     assert not lock.exists()
     assert any("broke a stale lock" in note for note in broken.notes)
