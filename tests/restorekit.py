@@ -57,6 +57,28 @@ def build(root: Path, borg: str, nodes: dict[str, list[dict[str, Any]]], **optio
     return lab, labfed.build(lab, fed_doc, members, root)
 
 
+def backed_up(root: Path, borg: str, nodes: dict[str, list[dict[str, Any]]], source_name: str,
+              **options: Any) -> Iterator[LabFederation]:
+    """A started lab federation whose ``source_name`` holds two written trees, applied and backed up once.
+
+    A generator for module fixtures: ``yield from backed_up(...)``; the lab stops afterwards.
+    """
+    import pytest
+
+    from labkit import mb
+
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("lab tests need root and /usr/sbin/sshd")
+    lab, federation = build(root, borg, nodes, **options)
+    write_tree(federation.data_path(source_name, "/etc"))
+    write_tree(federation.data_path(source_name, AWKWARD_DIR), seed=1)
+    with lab:
+        for command in ("apply", "run"):
+            code, out, err = mb(federation, command)
+            assert code == 0, out + err
+        yield federation
+
+
 def write_tree(root: Path, seed: int = 0, big: int = 300_000) -> None:
     """Files worth restoring: text, binary, empty, nested, awkward names, symlinks, modes, old mtimes."""
     root.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from mutualbackup.labfed import LabFederation
 from mutualbackup.metrics import MetricsSource, build_registry
 
 from labkit import mb, mb_json
-from restorekit import AWKWARD_DIR, build, node_doc, source, storage, write_tree
+from restorekit import backed_up, AWKWARD_DIR, node_doc, source, storage
 
 pytestmark = pytest.mark.lab
 
@@ -33,22 +33,13 @@ HOST = "picasoft/store1"
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[LabFederation]:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("lab tests need root and /usr/sbin/sshd")
-    lab, federation = build(
+    yield from backed_up(
         tmp_path_factory.mktemp("drill"),
         borg_path,
         {"coopcycle": [node_doc("web1", backup=source(["/etc", AWKWARD_DIR]))], "picasoft": [node_doc("store1", storage=storage())]},
         replicas=1,
+        source_name=SOURCE,
     )
-    write_tree(federation.data_path(SOURCE, "/etc"))
-    write_tree(federation.data_path(SOURCE, AWKWARD_DIR), seed=1)
-    with lab:
-        code, out, err = mb(federation, "apply")
-        assert code == 0, out + err
-        code, out, err = mb(federation, "run")
-        assert code == 0, out + err
-        yield federation
 
 
 def scratch_dirs(fed: LabFederation) -> list[Path]:

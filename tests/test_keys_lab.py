@@ -9,7 +9,6 @@ node, coopcycle/web9, from the recovery file alone. Tests run in order.
 from __future__ import annotations
 
 import configparser
-import os
 import shutil
 import sqlite3
 import json
@@ -25,7 +24,7 @@ from mutualbackup.labfed import LabFederation
 
 from labkit import mb, mb_json
 from restorekit import (
-    AWKWARD_DIR, build, copy_tree, node_doc, restore_lines, restored, source, storage, tree_differences, write_tree,
+    backed_up, AWKWARD_DIR, copy_tree, node_doc, restore_lines, restored, source, storage, tree_differences,
 )
 
 pytestmark = pytest.mark.lab
@@ -36,9 +35,7 @@ HOSTS = ("ouvaton/mail1", "picasoft/store1")
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[LabFederation]:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("lab tests need root and /usr/sbin/sshd")
-    lab, federation = build(
+    yield from backed_up(
         tmp_path_factory.mktemp("keys"),
         borg_path,
         {
@@ -46,15 +43,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[La
             "ouvaton": [node_doc("mail1", storage=storage())],
             "picasoft": [node_doc("store1", storage=storage())],
         },
+        source_name=SOURCE,
     )
-    write_tree(federation.data_path(SOURCE, "/etc"))
-    write_tree(federation.data_path(SOURCE, AWKWARD_DIR), seed=1)
-    with lab:
-        code, out, err = mb(federation, "apply")
-        assert code == 0, out + err
-        code, out, err = mb(federation, "run")
-        assert code == 0, out + err
-        yield federation
 
 
 @pytest.fixture(scope="module")

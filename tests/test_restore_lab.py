@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -24,8 +23,7 @@ from mutualbackup.provision import BEGIN, END
 
 from labkit import mb, mb_json
 from restorekit import (
-    AWKWARD_DIR, HOSTILE_NAMES, build, keys_snapshot, node_doc, restore_lines, restored, source, storage,
-    tree_differences, wait_for, watch_processes, write_tree,
+    backed_up, AWKWARD_DIR, HOSTILE_NAMES, keys_snapshot, node_doc, restore_lines, restored, source, storage, tree_differences, wait_for, watch_processes,
 )
 
 pytestmark = pytest.mark.lab
@@ -36,9 +34,7 @@ HOSTS = ("ouvaton/mail1", "picasoft/store1")
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[LabFederation]:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("lab tests need root and /usr/sbin/sshd")
-    lab, federation = build(
+    yield from backed_up(
         tmp_path_factory.mktemp("restore"),
         borg_path,
         {
@@ -47,15 +43,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[La
             "picasoft": [node_doc("store1", storage=storage())],
             "libre": [node_doc("desk1")],
         },
+        source_name=SOURCE,
     )
-    write_tree(federation.data_path(SOURCE, "/etc"))
-    write_tree(federation.data_path(SOURCE, AWKWARD_DIR), seed=1)
-    with lab:
-        code, out, err = mb(federation, "apply")
-        assert code == 0, out + err
-        code, out, err = mb(federation, "run")
-        assert code == 0, out + err
-        yield federation
 
 
 def originals(fed: LabFederation) -> list[Path]:
