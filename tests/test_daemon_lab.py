@@ -195,7 +195,7 @@ def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_rec
 
     # Round 2, a day later, with new data; gamma/box dies in the middle of alpha/web's backup into it.
     for node, path in DATA:
-        (fed.data_path(node, path) / "day2.bin").write_bytes(os.urandom(2_000_000))
+        (fed.data_path(node, path) / "day2.bin").write_bytes(os.urandom(16_000_000))  # a backup long enough to catch
     victim_source, victim_host = "alpha/web", "gamma/box"
     victim_repo = repository(fed, victim_source, victim_host)
     clock.shift += 24 * 3600 + 60
@@ -207,8 +207,11 @@ def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_rec
             return
         pid = serve_holding_lock(fed.lab, fed.nodes[victim_host], victim_repo)
         if pid:
-            os.kill(pid, signal.SIGSTOP)  # the backup is now certainly in the middle
-            killed.append(pid)
+            os.kill(pid, signal.SIGSTOP)  # frozen: whatever holds the lock cannot finish now
+            if not history.runs(kind="backup", source=victim_source, target=victim_host, result="running"):
+                os.kill(pid, signal.SIGCONT)  # the prune after the backup, not the backup: not this one
+                return
+            killed.append(pid)  # the backup is now certainly in the middle
             fed.lab.kill(fed.nodes[victim_host])
 
     def round2_settled() -> bool:
