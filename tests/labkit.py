@@ -58,6 +58,36 @@ def three_members(*, window: str | None = None, replicas: int = 2) -> tuple[dict
     return federation, members
 
 
+def alpha_beta(name: str, defaults: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The smallest federation: alpha/web (a source) backs up onto beta/store (a host)."""
+    federation = {
+        "federation": name,
+        "coordinator": {"ssh_key": "/nonexistent", "state": "/nonexistent", "timezone": "UTC"},
+        "defaults": {"replicas": 1, "every": "24h", **defaults},
+    }
+    members = {
+        "alpha": {"member": "alpha", "contact": "ops@alpha.example", "site": "a",
+                  "nodes": [{"name": "web", "address": "x", "user": "x", "host_key": "x",
+                             "backup": {"paths": ["/srv/data"], "estimate": "1GiB"}}]},
+        "beta": {"member": "beta", "contact": "ops@beta.example", "site": "b",
+                 "nodes": [{"name": "store", "address": "x", "user": "x", "host_key": "x",
+                            "storage": {"path": "/srv/mb", "capacity": "100GiB"}}]},
+    }
+    return federation, members
+
+
+def dequote_command(line: str) -> tuple[str, str]:
+    """(command, the rest) of a ``command="…"`` line, dequoted as OpenSSH does (only \\" is special)."""
+    assert line.startswith('command="')
+    out, i = [], len('command="')
+    while line[i] != '"':
+        if line[i] == "\\" and line[i + 1] == '"':
+            i += 1
+        out.append(line[i])
+        i += 1
+    return "".join(out), line[i + 1 :]
+
+
 def mb(inventory: LabFederation | Path | str, *args: str) -> tuple[int, str, str]:
     """Run ``mutualbackup --inventory … ARGS`` in-process; return (exit code, stdout, stderr)."""
     directory = inventory.inventory if isinstance(inventory, LabFederation) else inventory

@@ -6,6 +6,8 @@ import shlex
 
 import pytest
 
+from labkit import dequote_command
+
 from mutualbackup.borg import authorized_keys_line
 from mutualbackup.provision import BEGIN, END, managed_lines, replace_block, replica_quota
 
@@ -13,16 +15,9 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IE
 
 
 def openssh_command_option(line: str) -> str:
-    """Dequote ``command="…"`` the way OpenSSH's opt_dequote does: only \\" is special."""
-    assert line.startswith('command="')
-    out, i = [], len('command="')
-    while line[i] != '"':
-        if line[i] == "\\" and line[i + 1] == '"':
-            i += 1
-        out.append(line[i])
-        i += 1
-    assert line[i + 1 :].startswith(",restrict ")
-    return "".join(out)
+    command, rest = dequote_command(line)
+    assert rest.startswith(",restrict ")
+    return command
 
 
 @pytest.mark.parametrize(

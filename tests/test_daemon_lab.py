@@ -40,7 +40,7 @@ from mutualbackup.restore import list_archives
 from mutualbackup.schedule import jitter_seconds
 from mutualbackup.status import compute_status
 
-from labkit import mb, write_tree
+from labkit import alpha_beta, mb, write_tree
 
 pytestmark = pytest.mark.lab
 
@@ -250,20 +250,7 @@ def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_rec
 
 
 def two_members(window: str) -> tuple[dict, dict]:
-    federation = {
-        "federation": "daemon-lab",
-        "coordinator": {"ssh_key": "/nonexistent", "state": "/nonexistent", "timezone": "UTC"},
-        "defaults": {"replicas": 1, "every": "24h", "window": window, "retention": {"daily": 7}},
-    }
-    members = {
-        "alpha": {"member": "alpha", "contact": "ops@alpha.example", "site": "a",
-                  "nodes": [{"name": "web", "address": "x", "user": "x", "host_key": "x",
-                             "backup": {"paths": ["/srv/data"], "estimate": "1GiB"}}]},
-        "beta": {"member": "beta", "contact": "ops@beta.example", "site": "b",
-                 "nodes": [{"name": "store", "address": "x", "user": "x", "host_key": "x",
-                            "storage": {"path": "/srv/mb", "capacity": "100GiB"}}]},
-    }
-    return federation, members
+    return alpha_beta("daemon-lab", {"window": window, "retention": {"daily": 7}})
 
 
 @pytest.fixture(scope="module")

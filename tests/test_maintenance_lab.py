@@ -26,7 +26,7 @@ from mutualbackup.labfed import LabFederation
 from mutualbackup.maintenance import check_replica, compact_replica, prune_replica
 from mutualbackup.recovery import recover_pair
 
-from labkit import mb
+from labkit import alpha_beta, mb
 
 pytestmark = pytest.mark.lab
 
@@ -34,20 +34,7 @@ SOURCE, HOST = "alpha/web", "beta/store"
 
 
 def two_members() -> tuple[dict, dict]:
-    federation = {
-        "federation": "maintenance-lab",
-        "coordinator": {"ssh_key": "/nonexistent", "state": "/nonexistent", "timezone": "UTC"},
-        "defaults": {"replicas": 1, "every": "24h", "retention": {"daily": 2, "weekly": 2, "monthly": 2}},
-    }
-    members = {
-        "alpha": {"member": "alpha", "contact": "ops@alpha.example", "site": "a",
-                  "nodes": [{"name": "web", "address": "x", "user": "x", "host_key": "x",
-                             "backup": {"paths": ["/srv/data"], "estimate": "1GiB"}}]},
-        "beta": {"member": "beta", "contact": "ops@beta.example", "site": "b",
-                 "nodes": [{"name": "store", "address": "x", "user": "x", "host_key": "x",
-                            "storage": {"path": "/srv/mb", "capacity": "100GiB"}}]},
-    }
-    return federation, members
+    return alpha_beta("maintenance-lab", {"retention": {"daily": 2, "weekly": 2, "monthly": 2}})
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,11 @@ from mutualbackup.provision import BEGIN, END, replace_block
 from mutualbackup.restore_access import authorised, repository_url
 from mutualbackup.transport import Result
 
+from labkit import dequote_command
+
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 RID = "20260301T120000Z-abcd1234"
-
-
-def dequote_command(line: str) -> tuple[str, str]:
-    """(command, the rest) of a ``command="…"`` line, dequoted as OpenSSH does (only \\" is special)."""
-    assert line.startswith('command="')
-    out, i = [], len('command="')
-    while line[i] != '"':
-        if line[i] == "\\" and line[i + 1] == '"':
-            i += 1
-        out.append(line[i])
-        i += 1
-    return "".join(out), line[i + 1 :]
 
 
 # --- the temporary line ------------------------------------------------------------------
