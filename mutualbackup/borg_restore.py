@@ -163,29 +163,6 @@ _TARGET = (
 )
 
 
-def setup_destination_argv(
-    workdir: str, directory: str | None, force: bool, restore_id: str, comment: str, known_hosts: str
-) -> tuple[str, ...]:
-    """One round trip on the destination of a delegated restore.
-
-    Checks the target ``directory`` (created; exit 202 when not empty unless
-    ``force``; skipped when None, for a dry run), then makes ``WORKDIR/restore-ID.XXXXXX``
-    (0700; ``~`` expanded there) holding a new key pair and ``known_hosts``. Prints
-    the directory, a newline, and the public key line. The private key is made on
-    the destination and never leaves it.
-    """
-    script = "\n".join([
-        _EXPAND,
-        _TARGET,
-        "umask 077",
-        'mkdir -p -m 700 -- "$w" && d=$(mktemp -d "$w/restore-$4.XXXXXX") || exit 201',
-        'printf %s "$6" > "$d/known_hosts" && ssh-keygen -q -t ed25519 -N "" -C "$5" -f "$d/id_ed25519" </dev/null >/dev/null '
-        '|| { rm -rf -- "$d"; exit 201; }',
-        'printf "%s\\n" "$d" && exec cat -- "$d/id_ed25519.pub"',
-    ])
-    return ("sh", "-c", script, "sh", workdir, directory or "", "force" if force else "empty", restore_id, comment, known_hosts)
-
-
 def prepare_then_exec(directory: str, force: bool, argv: Sequence[str]) -> tuple[str, ...]:
     """Run ``argv`` in ``directory``, created first; exit 202 when it is not empty (unless ``force``).
 
@@ -193,6 +170,54 @@ def prepare_then_exec(directory: str, force: bool, argv: Sequence[str]) -> tuple
     """
     script = 'set -- "" "$@"; ' + _TARGET + '; d=$2; shift 3; cd -- "$d" || exit 201; exec "$@"'
     return ("sh", "-c", script, "sh", directory, "force" if force else "empty", *argv)
+
+
+BLOCK_DAMAGED = 3
+"""Exit code of :func:`add_line_argv` when the managed block's markers are not one ordered pair."""
+
+_ADD_LINE_AWK = r"""
+function stale(l,    n, f, id) {
+    n = split(l, f, " ")
+    if (index(f[n], prefix) != 1) return 0
+    id = f[n]; sub(/.*:/, "", id)
+    if (length(id) > 49 || id !~ /^[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T[0-9][0-9][0-9][0-9][0-9][0-9]Z-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]+$/) return 1
+    return substr(id, 1, 16) <= cutoff
+}
+BEGIN { line = ARGV[1]; begin = ARGV[2]; end = ARGV[3]; ARGV[1] = ARGV[2] = ARGV[3] = ""; inside = 0; n = 0 }
+$0 == begin { b++; if (e || b > 1) bad = 1; inside = 1; out[++n] = $0; next }
+$0 == end { e++; if (!b || e > 1) bad = 1; if (inside) out[++n] = line; inside = 0; out[++n] = $0; next }
+inside && ($0 == line || stale($0)) { next }
+{ out[++n] = $0 }
+END {
+    if (bad || b != e) exit 3
+    if (!b) { out[++n] = begin; out[++n] = line; out[++n] = end }
+    for (i = 1; i <= n; i++) print out[i]
+}
+"""
+
+
+def add_line_argv(path: str, line: str, begin: str, end: str, now: dt.datetime) -> tuple[str, ...]:
+    """Add ``line`` at the end of the managed block of the file at ``path``, in one round trip.
+
+    The same edit as :func:`with_restore_line` through :func:`mutualbackup.provision.replace_block`,
+    done on the host: restore lines past their lifetime at ``now`` are dropped from
+    the block, the block is appended when the file has none (the file is created
+    when missing), every line outside the block stays. The file is replaced
+    atomically (temporary file, mode 0600, rename). Exit :data:`BLOCK_DAMAGED`,
+    changing nothing, when the markers are not exactly one ordered pair.
+    """
+    cutoff = f"{(now - RESTORE_LINE_LIFETIME).astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    script = "\n".join([
+        _EXPAND,
+        "umask 077",
+        'd=$(dirname -- "$w") && { [ -d "$d" ] || mkdir -p -m 700 -- "$d"; } || exit 1',
+        'if [ -e "$w" ]; then src=$w; else src=/dev/null; fi',
+        't=$(mktemp "$d/.mutualbackup-tmp.XXXXXX") || exit 1',
+        'LC_ALL=C awk -v prefix="$6" -v cutoff="$7" "$2" "$3" "$4" "$5" "$src" > "$t"; rc=$?',
+        'if [ "$rc" -ne 0 ]; then rm -f -- "$t"; exit "$rc"; fi',
+        'chmod 600 "$t" && exec mv -f -- "$t" "$w"',
+    ])
+    return ("sh", "-c", script, "sh", path, _ADD_LINE_AWK, line, begin, end, RESTORE_COMMENT_PREFIX, cutoff)
 
 
 def remove_line_argv(path: str, line: str) -> tuple[str, ...]:
@@ -223,21 +248,61 @@ def remove_temporary_dir_argv(directory: str) -> tuple[str, ...]:
     return ("sh", "-c", script, "sh", directory)
 
 
+TEMPORARY_REMOVED = b"mutualbackup: temporary directory removed\n"
+"""What :func:`delegated_argv` prints last on stdout once its temporary directory is gone."""
+
+UNREACHABLE = (255, 80, 81, 87)
+"""borg exit codes meaning the repository's host could not be reached (or the
+connection to it broke): a restore may try the next replica."""
+
+_DELEGATED = "\n".join([
+    'd=$1 k=$2 t=$3 f=$4 p=$5; shift 5',
+    "umask 077",
+    'if [ -n "$t" ]; then mkdir -p -- "$t" || exit 201; '
+    'if [ "$f" != force ] && [ -n "$(ls -A -- "$t")" ]; then exit 202; fi; fi',
+    'mkdir -p -m 700 -- "${d%/*}" && rm -rf -- "$d" && mkdir -m 700 -- "$d" || exit 201',
+    'IFS= read -r key || { rm -rf -- "$d"; exit 201; }',
+    'printf "%s\\n" "$key" | base64 -d > "$d/id_ed25519" && printf %s "$k" > "$d/known_hosts" '
+    '|| { rm -rf -- "$d"; exit 201; }',
+    "key=",
+    'if [ "$p" = fd3 ]; then exec 3<&0 </dev/null; fi',
+    'if [ -n "$t" ]; then cd -- "$t" || { rm -rf -- "$d"; exit 201; }; fi',
+    '"$@"; rc=$?',
+    'exec 3<&-',
+    'rm -rf -- "$d" && printf "%s\\n" "' + TEMPORARY_REMOVED.decode().rstrip("\n") + '"',
+    'exit $rc',
+])
+
+
+def delegated_argv(
+    tmp: TemporaryPaths, known_hosts: str, argv: Sequence[str], *, target: tuple[str, bool] | None = None,
+    passphrase_on_fd3: bool = True,
+) -> tuple[str, ...]:
+    """Run borg's ``argv`` on a restore's destination with a temporary key, in one round trip.
+
+    What the command reads on stdin: first one line, the private key (base64 of
+    its OpenSSH file), written into the new 0700 directory ``tmp`` with the
+    pinned ``known_hosts``; then the rest, which borg reads as fd 3 (the
+    passphrase; with ``passphrase_on_fd3``) or as its own stdin (``borg key
+    import -``). With ``target`` = (directory, force) the directory is checked
+    first (created; exit 202 when not empty unless forced) and borg runs there.
+    ``tmp`` is removed when borg ends, and :data:`TEMPORARY_REMOVED` printed last
+    on stdout then; it stays only when the command itself is killed. Exit 201:
+    a directory could not be made.
+    """
+    directory, force = target if target is not None else ("", False)
+    return (
+        "sh", "-c", _DELEGATED, "sh", tmp.directory, known_hosts, directory, "force" if force else "empty",
+        "fd3" if passphrase_on_fd3 else "stdin", *argv,
+    )
+
+
 def delegated_env(tmp: TemporaryPaths) -> dict[str, str]:
     """Environment of borg on a destination: the temporary key, pinned hosts, passphrase on fd 3."""
     rsh = ssh_command(tmp.key, tmp.known_hosts)
     env = base_env()
     env.update({"BORG_RSH": rsh, "BORG_BASE_DIR": tmp.base_dir, "BORG_PASSPHRASE_FD": str(PASSPHRASE_FD)})
     return env
-
-
-def with_passphrase_on_fd3(argv: Sequence[str]) -> tuple[str, ...]:
-    """Run ``argv`` with what the transport sends on stdin moved to fd 3, and stdin from /dev/null.
-
-    Borg reads the passphrase from fd 3 (``BORG_PASSPHRASE_FD``) until end of file;
-    a prompt it might still show reads /dev/null and aborts instead of hanging.
-    """
-    return ("sh", "-c", 'exec 3<&0 </dev/null; exec "$@"', "sh", *argv)
 
 
 # --- argv ---------------------------------------------------------------------------
@@ -412,6 +477,7 @@ class ExtractProgress:
     listed: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)  # borg's own log lines (warnings, errors), and non-JSON lines
     keep_listed: bool = False
+    opened: bool = False  # borg reported on the archive: its connection to the repository is up
 
     def feed(self, line: str) -> bool:
         """Take one stderr line; True when it changed the progress (files or bytes)."""
@@ -427,11 +493,13 @@ class ExtractProgress:
             return False
         kind = event.get("type")
         if kind == "log_message" and event.get("name") == "borg.output.list":
+            self.opened = True
             self.files += 1
             if self.keep_listed:
                 self.listed.append(str(event.get("message", "")))
             return True
         if kind == "progress_percent":
+            self.opened = True
             if event.get("total"):
                 self.bytes_total = int(event["total"])
             if event.get("current") is not None:

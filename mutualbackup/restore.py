@@ -10,11 +10,13 @@ host or the coordinator. Two ways to reach the repository:
   the destination* in a 0700 temporary directory; the host accepts it through a
   temporary restricted line in its managed ``authorized_keys`` block
   (``mutualbackup-restore:SOURCE:ID``, one repository, append-only, a 10M quota,
-  sshd ``expiry-time``), removed when the restore ends, failed or not. The
-  passphrase is read from the source's 0600 file (or from the recovery file the
-  operator holds) into the coordinator's memory and written to borg's fd 3
-  through the SSH channel's stdin: never in argv, an environment value, a log,
-  the history or a file of the coordinator (:mod:`mutualbackup.restore_access`).
+  sshd ``expiry-time``), withdrawn as soon as borg has connected to the host
+  (sshd reads the file only at login), and in any case when the restore ends,
+  failed or not. The passphrase is read from the source's 0600 file (or from
+  the recovery file the operator holds) into the coordinator's memory and
+  written to borg's fd 3 through the SSH channel's stdin: never in argv, an
+  environment value, a log, the history or a file of the coordinator
+  (:mod:`mutualbackup.restore_access`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from .errors import MutualBackupError, OperationFailed, TransportError, UsageErr
 from .keys import Recovery
 from .model import Node
 from .restore_access import (
-    Access, Prefetched, authorised, expanded, read_source_passphrase, refuse_target, remove_temporary,
-    repository_url, setup_destination,
+    Access, Delegated, EarlyGrant, Grant, authorised, expanded, new_restore_key, read_source_passphrase,
+    refuse_target, remove_temporary, repository_url,
 )
 from .status import FAILING_AFTER
 from .transport import Transport
@@ -44,8 +46,7 @@ from .transport import Transport
 log = logging.getLogger("mutualbackup.restore")
 
 RESTORE_TIMEOUT = 24 * 3600
-UNREACHABLE = (255, 80, 81, 87)
-"""borg exit codes meaning the repository's host could not be reached (or the connection to it broke)."""
+UNREACHABLE = borg_restore.UNREACHABLE
 REPO_KEY_MISSING = 44
 """borg's RepoKeyNotFoundError: the repository's own key is gone (``--recovery`` imports the exported one)."""
 
@@ -254,46 +255,55 @@ def check_other_member(
 
 
 def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | None, force: bool) -> RestoreResult:
-    """The temporary-key restore, with its round trips overlapped where they can be.
+    """The temporary-key restore, with one round trip before borg extract starts.
 
-    While the destination checks its target and makes the temporary key, the
-    passphrase is read (from the source) and the first replica's authorized_keys
-    too; at the end, the line is withdrawn while the temporary directory is removed.
+    A key pair is made in memory; then, all at once, the first replica's host
+    accepts its public half, the passphrase is read from the source, and the
+    destination is connected to (its workdir found). borg extract then runs
+    with the private key and the passphrase on its stdin, checks the target and
+    removes its temporary directory in the same round trip. The host's line is
+    withdrawn in the background as soon as borg reports on the archive (its
+    connection is up): when all goes well, nothing is left to do once borg ends.
     """
     restore_id = borg_restore.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
-        prefetched = Prefetched(job.ctx, job.hosts[0], pool)
-        setup = pool.submit(
-            setup_destination, transport, job.destination, None if job.dry_run else job.directory, force,
-            job.source, restore_id, job.hosts,
-        )
+    key = new_restore_key(borg_restore.restore_comment(job.source, restore_id))
+    with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
+        first = job.hosts[0]
+        early = EarlyGrant(pool, first, authorised(
+            job.ctx, first, job.source, job.repository_path(first), key.public_key, restore_id
+        ))
+        cleanup.callback(early.close)
+        workdir = pool.submit(_connected_workdir, transport, job.destination)
         secret = pool.submit(read_source_passphrase, job.ctx, source_node) if job.recovery is None and source_node else None
-        wait([f for f in (setup, secret, prefetched.future) if f is not None])
-        try:
-            tmp, public_key = setup.result()
-        except BaseException:
-            prefetched.transport.close()
-            raise
-        try:
-            if secret is not None:
-                passphrase = secret.result()
-            else:
-                assert job.recovery is not None
-                passphrase = job.recovery.passphrase.encode("utf-8")
+        wait([f for f in (workdir, secret, early.future) if f is not None])
+        if secret is not None:
+            passphrase = secret.result()
+        else:
+            assert job.recovery is not None
+            passphrase = job.recovery.passphrase.encode("utf-8")
+        delegated = Delegated.under(workdir.result(), restore_id, job.hosts, key)
 
-            def grant(host: Node, path: str) -> contextlib.AbstractContextManager[None]:
-                early = prefetched if host is prefetched.host and prefetched.future.exception() is None else None
-                if early is None and host is prefetched.host:
-                    prefetched.transport.close()
-                return authorised(job.ctx, host, job.source, path, public_key, restore_id, early)
+        def grant(host: Node, path: str) -> contextlib.AbstractContextManager[Grant]:
+            if host is first:
+                return early.take()
+            return authorised(job.ctx, host, job.source, path, key.public_key, restore_id)
 
-            access = Access(env=borg_restore.delegated_env(tmp), passphrase=passphrase, grant=grant, name="temporary key")
+        access = Access(env=borg_restore.delegated_env(delegated.tmp), passphrase=passphrase, grant=grant,
+                        name="temporary key", prepare=None if job.dry_run else (job.directory, force),
+                        delegated=delegated)
+        try:
             return job.run(transport, access)
         finally:
             revoked = pool.submit(job.release)
-            remove_temporary(transport, job.destination, tmp)
+            if delegated.left_behind:
+                remove_temporary(transport, job.destination, delegated.tmp)
             revoked.result()
-            prefetched.transport.close()
+
+
+def _connected_workdir(transport: Transport, destination: Node) -> str:
+    """The destination's workdir, ``~`` expanded; the connection is opened either way."""
+    transport.connect()
+    return expanded(transport, destination.workdir)
 
 
 class _HostUnusable(Exception):
@@ -345,7 +355,7 @@ class _Job:
                 url = repository_url(host, path)
                 with contextlib.ExitStack() as stack:
                     try:
-                        stack.enter_context(access.grant(host, path))
+                        grant = stack.enter_context(access.grant(host, path))
                     except TransportError as exc:
                         errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
                         continue
@@ -356,7 +366,7 @@ class _Job:
                             errors.append(error)
                             continue
                     try:
-                        result = self._extract(transport, access, host, url, chosen)
+                        result = self._extract(transport, access, host, url, chosen, grant)
                     except _HostUnusable as exc:
                         errors.append(str(exc))
                         continue
@@ -382,6 +392,9 @@ class _Job:
         """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
         argv = borg.list_argv(self.destination.borg, url)
         result = access.run(transport, argv, timeout=600)
+        if result.exit_code == borg_restore.TARGET_UNUSABLE and access.delegated is not None:
+            raise OperationFailed(f"cannot create a temporary directory under {access.delegated.tmp.directory} "
+                                  f"on {self.destination.name}: {result.stderr_tail(3)}")
         if result.exit_code == REPO_KEY_MISSING and self.recovery is not None:
             self._import_key(transport, access, host, url)
             result = access.run(transport, argv, timeout=600)
@@ -403,35 +416,35 @@ class _Job:
         entry = self.recovery.repository(host.name)
         assert entry is not None
         log.warning("the repository of %s on %s has lost its key: importing the one from the recovery file", self.source, host.name)
-        env = {k: v for k, v in access.env.items() if k != "BORG_PASSPHRASE_FD"}
-        result = transport.run(
-            borg_restore.key_import_argv(self.destination.borg, url), env=env, stdin=entry.key.encode(), timeout=600
-        )
+        result = access.run(transport, borg_restore.key_import_argv(self.destination.borg, url), payload=entry.key.encode(),
+                            timeout=600)
         if result.exit_code not in (0, 1):
             raise OperationFailed(
                 f"the repository on {host.name} has no key and `borg key import` failed (exit {result.exit_code}): "
                 f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}"
             )
 
-    def _extract(self, transport: Transport, access: Access, host: Node, url: str, archive: str) -> RestoreResult:
+    def _extract(
+        self, transport: Transport, access: Access, host: Node, url: str, archive: str, grant: Grant | None
+    ) -> RestoreResult:
         progress = ExtractProgress(keep_listed=self.dry_run)
 
         def feed(line: str) -> None:
             if self.on_line is not None:
                 self.on_line(line)
-            if progress.feed(line) and self.on_progress is not None:
+            changed = progress.feed(line)
+            if grant is not None and progress.opened:
+                grant.withdraw_soon()  # borg is connected: the line has done its work
+            if changed and self.on_progress is not None:
                 self.on_progress(progress)
 
         argv = borg_restore.extract_argv(self.destination.borg, url, archive, self.paths, dry_run=self.dry_run)
-        if access.prepare is not None:
-            argv, cwd = borg_restore.prepare_then_exec(access.prepare[0], access.prepare[1], argv), None
-        else:
-            cwd = "/" if self.dry_run else self.directory
+        cwd = None if access.prepare is not None else "/" if self.dry_run else self.directory
         started = time.time()
         run_id = self.ctx.history.start_run("restore", self.source, host.name, started=started)
         log.info("restore start %s from %s into %s:%s (%s)", self.source, host.name, self.destination.name, self.directory, access.name)
         try:
-            result = access.run(transport, argv, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed)
+            result = access.run(transport, argv, in_target=True, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed)
             refuse_target(result.exit_code, self.destination.name, self.directory, progress.tail(3))
         except MutualBackupError as exc:
             self.ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=self.detail)

@@ -2,32 +2,44 @@
 
 For a restore onto any node but the source itself (see :mod:`mutualbackup.restore`):
 
-- on the destination, one round trip checks the target directory and makes a
-  0700 temporary directory holding a new key pair (made there; the private half
-  never leaves it) and the pinned host keys (:func:`setup_destination`);
-- on the replica's host, a temporary restricted line for that key inside the
-  managed block of ``authorized_keys`` (:func:`authorised`), withdrawn whatever
-  happens, in one round trip;
+- a new ed25519 key pair, made in the coordinator's memory (:func:`new_restore_key`);
+- on the replica's host, a temporary restricted line for its public half inside
+  the managed block of ``authorized_keys`` (:func:`authorised`), withdrawn as
+  soon as borg has connected (sshd reads the file only at login) and in any
+  case when the restore ends;
 - the passphrase, read from the source's 0600 file into memory only
-  (:func:`read_source_passphrase`), is written by :class:`Access` to the SSH
-  channel's stdin, which borg reads as fd 3.
+  (:func:`read_source_passphrase`);
+- on the destination, each borg command is one self-contained round trip
+  (:func:`mutualbackup.borg_restore.delegated_argv`): the private key and then
+  the passphrase travel on the SSH channel's stdin into a 0700 temporary
+  directory and borg's fd 3, and the directory is removed when borg ends.
+
+The key, the passphrase, the host's line and the destination's connection are
+all made at the same time, so that borg extract starts after one round trip.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import posixpath
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import borg, borg_restore
 from .borg_restore import TemporaryPaths
 from .context import Context
 from .errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from .model import Node
-from .provision import managed_lines, replace_block
+from .provision import BEGIN, END, DamagedBlock
 from .transport import Result, Transport, resolve_path
 
 log = logging.getLogger("mutualbackup.restore")
@@ -39,22 +51,81 @@ def repository_url(host: Node, path: str) -> str:
     return f"ssh://{host.user}@{address}:{host.port}{path}"
 
 
+@dataclass(frozen=True)
+class RestoreKey:
+    """A temporary key pair: the private half only in memory here, and in the destination's 0700 directory."""
+
+    private_line: bytes = field(repr=False)  # base64 of the OpenSSH private key file, one line
+    public_key: str  # "ssh-ed25519 BASE64 COMMENT"
+
+
+def new_restore_key(comment: str) -> RestoreKey:
+    """A new ed25519 key pair for one restore, never written on the coordinator's disk."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return RestoreKey(base64.b64encode(private), f"{public.decode('ascii')} {comment}")
+
+
+@dataclass
+class Delegated:
+    """What a destination needs to run borg with a temporary key (see :func:`borg_restore.delegated_argv`)."""
+
+    tmp: TemporaryPaths
+    known_hosts: str
+    key: RestoreKey
+    left_behind: bool = False  # a command was cut off before removing ``tmp``
+
+    @staticmethod
+    def under(workdir: str, restore_id: str, hosts: Sequence[Node], key: RestoreKey) -> "Delegated":
+        known_hosts = "".join(borg.known_hosts_line(h) + "\n" for h in hosts)
+        return Delegated(TemporaryPaths(posixpath.join(workdir, f"restore-{restore_id}.tmp")), known_hosts, key)
+
+
 @dataclass
 class Access:
-    """How borg runs on the destination: environment, the passphrase pipe, the host grant, the target check."""
+    """How borg runs on the destination: environment, passphrase, temporary key, the host grant, the target check."""
 
     env: Mapping[str, str]
     passphrase: bytes | None = field(default=None, repr=False)  # sent on stdin, read by borg from fd 3
-    grant: Callable[[Node, str], contextlib.AbstractContextManager[None]] = lambda host, path: contextlib.nullcontext()
+    grant: Callable[[Node, str], contextlib.AbstractContextManager[Grant | None]] = (
+        lambda host, path: contextlib.nullcontext()
+    )
     name: str = "source key"
     prepare: tuple[str, bool] | None = None  # (directory, force): checked in the extract's own round trip
+    delegated: Delegated | None = None
 
-    def run(self, transport: Transport, argv: Sequence[str], **kwargs: object) -> Result:
-        if self.passphrase is None:
-            return transport.run(argv, env=self.env, **kwargs)  # type: ignore[arg-type]
-        return transport.run(
-            borg_restore.with_passphrase_on_fd3(argv), env=self.env, stdin=self.passphrase, **kwargs  # type: ignore[arg-type]
+    def run(
+        self, transport: Transport, argv: Sequence[str], *, in_target: bool = False, payload: bytes | None = None,
+        **kwargs: object,
+    ) -> Result:
+        """Run borg's ``argv`` on the destination.
+
+        ``in_target``: check the target (``prepare``) and run there, in the same
+        round trip. ``payload``: what borg reads on its stdin (then no passphrase
+        on fd 3), for ``borg key import -``.
+        """
+        target = self.prepare if in_target else None
+        if self.delegated is None:
+            if target is not None:
+                argv = borg_restore.prepare_then_exec(target[0], target[1], argv)
+            return transport.run(argv, env=self.env, stdin=payload, **kwargs)  # type: ignore[arg-type]
+        delegated = self.delegated
+        env = dict(self.env)
+        if payload is not None:
+            env.pop("BORG_PASSPHRASE_FD", None)
+        wrapped = borg_restore.delegated_argv(
+            delegated.tmp, delegated.known_hosts, argv, target=target, passphrase_on_fd3=payload is None
         )
+        stdin = delegated.key.private_line + b"\n" + (payload if payload is not None else (self.passphrase or b""))
+        delegated.left_behind = True
+        result = transport.run(wrapped, env=env, stdin=stdin, **kwargs)  # type: ignore[arg-type]
+        if result.stdout.endswith(borg_restore.TEMPORARY_REMOVED):
+            delegated.left_behind = False
+            result = Result(result.argv, result.exit_code, result.stdout[: -len(borg_restore.TEMPORARY_REMOVED)], result.stderr)
+        return result
 
 
 def expanded(transport: Transport, path: str) -> str:
@@ -68,31 +139,6 @@ def refuse_target(code: int, node: str, directory: str, stderr: str) -> None:
         raise UsageError(f"{node}:{directory} is not empty; restore into a new directory, or add --force to write over it")
     if code == borg_restore.TARGET_UNUSABLE:
         raise OperationFailed(f"cannot create {directory} (or a temporary directory) on {node}: {stderr}")
-
-
-def setup_destination(
-    transport: Transport, destination: Node, directory: str | None, force: bool, source: str, restore_id: str,
-    hosts: Sequence[Node],
-) -> tuple[TemporaryPaths, str]:
-    """Check the target, make the temporary key and pinned known_hosts on the destination (one round trip).
-
-    Returns the temporary directory and the public key line.
-    """
-    known_hosts = "".join(borg.known_hosts_line(h) + "\n" for h in hosts)
-    made = transport.run(
-        borg_restore.setup_destination_argv(
-            destination.workdir, directory, force, restore_id, borg_restore.restore_comment(source, restore_id), known_hosts
-        ),
-        timeout=120,
-    )
-    refuse_target(made.exit_code, destination.name, directory or "", made.stderr_tail(3))
-    lines = made.stdout.decode("utf-8", "replace").splitlines()
-    if not made.ok or len(lines) != 2 or not lines[0].startswith("/") or len(lines[1].split()) < 2:
-        raise OperationFailed(
-            f"cannot create a temporary key on {destination.name} under {destination.workdir} (exit {made.exit_code}): "
-            f"{made.stderr_tail(5)}"
-        )
-    return TemporaryPaths(lines[0]), lines[1]
 
 
 def remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPaths) -> None:
@@ -110,77 +156,134 @@ def remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPath
     )
 
 
+class Grant:
+    """A temporary restore line on a host, withdrawn exactly once.
+
+    sshd reads ``authorized_keys`` only when a key logs in: once borg's connection
+    to the host is up, the line has done its work. :meth:`withdraw_soon` withdraws
+    it then, in the background, while the extract goes on; :meth:`close` (at the
+    end of :func:`authorised`) withdraws it if that has not happened yet and waits
+    for the withdrawal either way.
+    """
+
+    def __init__(self, withdraw: Callable[[], None]) -> None:
+        self._withdraw = withdraw
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._started = False
+
+    @property
+    def withdrawing(self) -> bool:
+        return self._started
+
+    def withdraw_soon(self) -> None:
+        """Start withdrawing the line in a background thread (no-op after the first call)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._thread = threading.Thread(target=self._withdraw, name="withdraw-restore-line", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Withdraw now unless already started; wait until the withdrawal has ended."""
+        with self._lock:
+            run_here = not self._started
+            self._started = True
+        if run_here:
+            self._withdraw()
+        elif self._thread is not None:
+            self._thread.join()
+
+
 @contextlib.contextmanager
 def authorised(
     ctx: Context, host: Node, source: str, repository: str, public_key: str, restore_id: str,
-    prefetched: "Prefetched | None" = None,
-) -> Iterator[None]:
+) -> Iterator[Grant]:
     """A temporary restore line for ``public_key`` on ``host`` while the block runs.
 
-    Added to (and removed from) the managed block of the host's authorized_keys,
-    whatever happens in the block; stale restore lines found there are dropped at
-    the same time. Raises TransportError when the host cannot be reached (nothing
-    was changed then). A failed removal is logged: sshd refuses the line after its
+    Added to the managed block of the host's authorized_keys (stale restore lines
+    found there are dropped at the same time) and withdrawn when the block ends,
+    whatever happens in it, or earlier through the yielded :class:`Grant`.
+    Raises TransportError when the host cannot be reached (nothing was changed
+    then). A failed withdrawal is logged: sshd refuses the line after its
     ``expiry-time`` anyway, and the next ``apply`` or restore through that host drops it.
-    ``prefetched``: a connection to the host opened, and its file read, beforehand.
     """
     try:
         line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
     except ValueError as exc:  # a control character: it would start another line in authorized_keys
         raise UsageError(f"refusing to write a restore line on {host.name}: {exc}") from None
-    transport = prefetched.transport if prefetched is not None else ctx.connect(host)
-    try:
-        _edit_block(transport, host, lambda lines, now: borg_restore.with_restore_line(lines, line, now),
-                    current=prefetched.result() if prefetched is not None else None)
-        log.info("temporary restore line for %s added on %s (%s)", source, host.name, restore_id)
+    transport = ctx.connect(host)
+
+    def withdraw() -> None:
         try:
-            yield
+            removed = transport.run(borg_restore.remove_line_argv(host.authorized_keys, line), timeout=60)
+            if not removed.ok:
+                raise OperationFailed(f"exit {removed.exit_code}: {removed.stderr_tail(3)}")
+            log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
+        except MutualBackupError as exc:
+            log.error(
+                "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
+                "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
+                borg_restore.restore_comment(source, restore_id), host.name, exc, host.name,
+            )
+
+    try:
+        added = transport.run(
+            borg_restore.add_line_argv(host.authorized_keys, line, BEGIN, END, dt.datetime.now(dt.timezone.utc)), timeout=60
+        )
+        if added.exit_code == borg_restore.BLOCK_DAMAGED:
+            raise DamagedBlock(
+                f"cannot authorise the restore on {host.name}: the mutualbackup block of {host.authorized_keys} is "
+                "damaged (its BEGIN and END marker lines must be exactly one pair in that order): fix the file by "
+                "hand; nothing was changed"
+            )
+        if not added.ok:
+            raise OperationFailed(
+                f"cannot add the temporary restore line to {host.authorized_keys} on {host.name} "
+                f"(exit {added.exit_code}): {added.stderr_tail(3)}"
+            )
+        log.info("temporary restore line for %s added on %s (%s)", source, host.name, restore_id)
+        grant = Grant(withdraw)
+        try:
+            yield grant
         finally:
-            try:
-                removed = transport.run(borg_restore.remove_line_argv(host.authorized_keys, line), timeout=60)
-                if not removed.ok:
-                    raise OperationFailed(f"exit {removed.exit_code}: {removed.stderr_tail(3)}")
-                log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
-            except MutualBackupError as exc:
-                log.error(
-                    "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
-                    "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
-                    borg_restore.restore_comment(source, restore_id), host.name, exc, host.name,
-                )
+            grant.close()
     finally:
         transport.close()
 
 
-def _edit_block(
-    transport: Transport, host: Node, change: Callable[[list[str], dt.datetime], list[str]],
-    current: tuple[str, bytes | None] | None = None,
-) -> None:
-    """Read-modify-write of the managed block of ``host``'s authorized_keys (written atomically).
+class EarlyGrant:
+    """:func:`authorised` for the first replica, entered in the background while the rest is prepared.
 
-    ``current``: (path, content) read a moment ago, to save a round trip.
+    :meth:`take` hands it to the restore (an error the background entry met is
+    raised there); :meth:`close` exits it if the restore never took it.
     """
-    path, data = current if current is not None else _read_authorized_keys(transport, host)
-    text = (data or b"").decode("utf-8", errors="surrogateescape")
-    wanted = replace_block(text, change(managed_lines(text), dt.datetime.now(dt.timezone.utc)))
-    if wanted != text:
-        transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
 
-
-def _read_authorized_keys(transport: Transport, host: Node) -> tuple[str, bytes | None]:
-    path = expanded(transport, host.authorized_keys)
-    return path, transport.read_file(path)
-
-
-class Prefetched:
-    """A connection to a replica's host, opened and its authorized_keys read in the background."""
-
-    def __init__(self, ctx: Context, host: Node, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, host: Node, manager: contextlib.AbstractContextManager[Grant]) -> None:
         self.host = host
-        self.transport = ctx.connect(host)
-        self.future = pool.submit(_read_authorized_keys, self.transport, host)
+        self._manager = manager
+        self._taken = False
+        self.future: Future[Grant] = pool.submit(manager.__enter__)
 
-    def result(self) -> tuple[str, bytes | None]:
-        return self.future.result()
+    @contextlib.contextmanager
+    def take(self) -> Iterator[Grant]:
+        self._taken = True
+        grant = self.future.result()  # raises what entering raised: nothing to exit then
+        try:
+            yield grant
+        except BaseException:
+            if not self._manager.__exit__(*sys.exc_info()):
+                raise
+        else:
+            self._manager.__exit__(None, None, None)
+
+    def close(self) -> None:
+        if self._taken:
+            return
+        self._taken = True
+        if self.future.exception() is None:
+            self._manager.__exit__(None, None, None)
 
 
 def read_source_passphrase(ctx: Context, source: Node) -> bytes:

@@ -370,6 +370,10 @@ class SSHTransport:
             err += "\n".join(notes).encode() + b"\n"
         return Result(argv=argv, exit_code=code, stdout=b"".join(stdout), stderr=err)
 
+    def connect(self) -> None:
+        """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`run`."""
+        self._transport()
+
     # -- files --------------------------------------------------------------
 
     def home(self) -> str:

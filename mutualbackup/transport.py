@@ -58,6 +58,10 @@ class Transport(Protocol):
         """
         ...
 
+    def connect(self) -> None:
+        """Open the connection now rather than at the first command (raises like :meth:`run`)."""
+        ...
+
     def home(self) -> str:
         """The login user's home directory on the node (to expand ``~/``)."""
         ...

@@ -328,6 +328,10 @@ class FakeTransport:
             self.world.calls.append(Call(self.node.name, inner, start, self.world.clock.time(), result.exit_code, pidfile, timeout))
         return Result(tuple(argv), result.exit_code, result.stdout, result.stderr)
 
+    def connect(self) -> None:
+        if self.node.name in self.world.unreachable:
+            raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+
     def home(self) -> str:
         return HOME
 

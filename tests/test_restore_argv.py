@@ -77,6 +77,53 @@ def test_adding_a_restore_line_keeps_other_lines_and_drops_stale_ones() -> None:
     assert br.with_restore_line([replica, old, other], mine, NOW) == [replica, other, mine]
 
 
+ADD_CASES = {
+    "no file": None,
+    "empty": "",
+    "no block, no final newline": "ssh-ed25519 AAAA admin@laptop",
+    "block with replica, stale and live restore lines": "\n".join([
+        "# the member's admin", "ssh-ed25519 AAAA admin@laptop", BEGIN,
+        f'command="borg serve",restrict {KEY} mutualbackup:coop/web1',
+        br.restore_line("borg", "/r", KEY, "coop/web1", "20260101T000000Z-dead"),  # stale
+        br.restore_line("borg", "/r", KEY, "coop/web1", "20260301T060000Z-beef"),  # exactly at the lifetime: stale
+        br.restore_line("borg", "/r", KEY, "coop/web1", "20260301T115900Z-cafe"),  # live
+        f"{KEY} mutualbackup-restore:coop/web1:garbage",  # unreadable id: stale
+        END, "ssh-rsa BBBB after\r", "",
+    ]),
+    "mine already there": f"{BEGIN}\n{br.restore_line('borg', '/srv/it s', KEY, 'coop/web1', RID)}\n{END}\n",
+    "a restore line outside the block stays": f"{KEY} mutualbackup-restore:coop/web1:20200101T000000Z-dead\n{BEGIN}\n{END}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADD_CASES))
+def test_adding_a_line_on_the_host_is_the_same_edit_as_the_coordinators(tmp_path: Path, case: str) -> None:
+    from mutualbackup.provision import managed_lines
+
+    text = ADD_CASES[case]
+    path = tmp_path / "ssh dir" / "authorized_keys"
+    if text is not None:
+        path.parent.mkdir()
+        path.write_bytes(text.encode())
+    mine = br.restore_line("borg", "/srv/it s", KEY, "coop/web1", RID)
+    done = subprocess.run(br.add_line_argv(str(path), mine, BEGIN, END, NOW), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    before = text or ""
+    expected = replace_block(before, br.with_restore_line(managed_lines(before), mine, NOW))
+    if not expected.endswith("\n"):
+        expected += "\n"  # awk ends the last line
+    assert path.read_bytes().decode() == expected
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("text", [f"{BEGIN}\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\n{END}\n{BEGIN}\n{END}\n", f"x\n{END}\n"])
+def test_adding_a_line_to_a_damaged_block_changes_nothing(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "authorized_keys"
+    path.write_text(text)
+    done = subprocess.run(br.add_line_argv(str(path), "ssh-ed25519 AAAA x", BEGIN, END, NOW), capture_output=True)
+    assert done.returncode == br.BLOCK_DAMAGED
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["authorized_keys"]
+
+
 def test_removing_a_line_takes_exactly_that_line_in_one_round_trip(tmp_path: Path) -> None:
     line = br.restore_line("borg", "/srv/it's here", KEY, "coop/web1", RID)
     path = tmp_path / ".ssh" / "authorized_keys"
@@ -103,6 +150,9 @@ class LocalHost:
         done = subprocess.run(list(argv), input=stdin or b"", capture_output=True, cwd=cwd,
                               env=dict(os.environ, HOME=str(self.home_dir), **(env or {})))
         return Result(tuple(argv), done.returncode, done.stdout, done.stderr)
+
+    def connect(self) -> None:
+        pass
 
     def home(self) -> str:
         return str(self.home_dir)
@@ -164,35 +214,91 @@ def test_the_delegated_environment_names_files_and_an_fd_never_a_passphrase() ->
     assert env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] == "no"
 
 
-def test_the_passphrase_goes_to_fd_3_and_stdin_becomes_dev_null() -> None:
-    argv = br.with_passphrase_on_fd3(["prog", "--flag", "$(x)"])
-    assert argv == ("sh", "-c", 'exec 3<&0 </dev/null; exec "$@"', "sh", "prog", "--flag", "$(x)")
-    probe = "import os,sys; print(os.read(3, 100).decode(), repr(sys.stdin.read()), sys.argv[1:])"
-    done = subprocess.run(
-        br.with_passphrase_on_fd3([sys.executable, "-c", probe, "$(x)", "-n"]), input=b"s3cret pass", capture_output=True
-    )
+PROBE = """
+import os, sys
+d = sys.argv[1]
+key = open(os.path.join(d, "id_ed25519"), "rb").read()
+mode = oct(os.stat(d).st_mode & 0o777), oct(os.stat(os.path.join(d, "id_ed25519")).st_mode & 0o777)
+fd3 = os.read(3, 100).decode() if sys.argv[2] == "fd3" else None
+print(repr((key.decode(), open(os.path.join(d, "known_hosts")).read(), mode, fd3, sys.stdin.read(), os.getcwd(), sys.argv[3:])))
+sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+"""
+
+
+def delegated_run(tmp: br.TemporaryPaths, stdin: bytes, *, target: tuple[str, bool] | None = None, fd3: bool = True,
+                  exit_code: int = 0) -> subprocess.CompletedProcess[bytes]:
+    argv = br.delegated_argv(tmp, "[h]:2 ssh-ed25519 AAAA\n", [sys.executable, "-c", PROBE, tmp.directory,
+                             "fd3" if fd3 else "stdin", "$(x)", "-n"], target=target, passphrase_on_fd3=fd3)
+    return subprocess.run(argv, input=stdin, capture_output=True, env=dict(os.environ, PROBE_EXIT=str(exit_code)))
+
+
+def test_a_delegated_command_gets_the_key_then_the_passphrase_on_stdin_and_leaves_nothing(tmp_path: Path) -> None:
+    import base64
+
+    private = b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+    tmp = br.TemporaryPaths(str(tmp_path / "work dir" / f"restore-{RID}.tmp"))
+    done = delegated_run(tmp, base64.b64encode(private) + b"\n" + b"s3cret pass\nline 2")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.decode() == "s3cret pass '' ['$(x)', '-n']\n"
+    assert done.stdout.endswith(br.TEMPORARY_REMOVED)
+    shown = eval(done.stdout[: -len(br.TEMPORARY_REMOVED)].decode())  # noqa: S307 - our own probe's repr
+    assert shown[0] == private.decode() and shown[1] == "[h]:2 ssh-ed25519 AAAA\n"
+    assert shown[2] == ("0o700", "0o600")
+    assert shown[3] == "s3cret pass\nline 2" and shown[4] == ""  # the passphrase on fd 3, stdin empty
+    assert shown[6] == ["$(x)", "-n"]  # words stay words
+    assert not Path(tmp.directory).exists() and (tmp_path / "work dir").is_dir()
 
 
-def test_one_round_trip_checks_the_target_and_makes_a_private_key_directory(tmp_path: Path) -> None:
-    home, target = tmp_path / "home", tmp_path / "target dir"
-    home.mkdir()
-    argv = br.setup_destination_argv("~/work dir", str(target), False, RID, "mutualbackup-restore:coop/web1:" + RID, "[h]:2 ssh-ed25519 AAAA\n")
-    env = dict(os.environ, HOME=str(home))
-    made = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=env)
-    assert made.returncode == 0, made.stderr
-    directory, public = made.stdout.decode().splitlines()
-    assert Path(directory).parent == home / "work dir" and Path(directory).name.startswith(f"restore-{RID}.")
-    assert (Path(directory).stat().st_mode & 0o777) == 0o700 and target.is_dir()
-    assert public.split()[2] == "mutualbackup-restore:coop/web1:" + RID
-    assert (Path(directory) / "id_ed25519.pub").read_text().strip() == public
-    assert (Path(directory) / "known_hosts").read_text() == "[h]:2 ssh-ed25519 AAAA\n"
+def test_a_delegated_command_passes_borgs_exit_code_and_still_removes_its_directory(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    for code in (1, 2, 255):
+        done = delegated_run(tmp, b"a2V5\npass", exit_code=code)
+        assert done.returncode == code and done.stdout.endswith(br.TEMPORARY_REMOVED)
+        assert not Path(tmp.directory).exists()
+
+
+def test_a_delegated_key_import_reads_its_payload_on_stdin(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    done = delegated_run(tmp, b"a2V5\nBORG_KEY 1234\nkey text\n", fd3=False)
+    assert done.returncode == 0, done.stderr
+    shown = eval(done.stdout[: -len(br.TEMPORARY_REMOVED)].decode())  # noqa: S307
+    assert shown[0] == "key" and shown[4] == "BORG_KEY 1234\nkey text\n"
+
+
+def test_a_delegated_extract_checks_its_target_first_and_runs_there(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / "wd" / f"restore-{RID}.tmp"))
+    target = tmp_path / "target dir"
+    done = delegated_run(tmp, b"a2V5\np", target=(str(target), False))
+    assert done.returncode == 0, done.stderr
+    assert eval(done.stdout[: -len(br.TEMPORARY_REMOVED)].decode())[5] == str(target)  # noqa: S307
     (target / "precious").write_text("keep")
-    refused = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=env)
-    assert refused.returncode == br.TARGET_NOT_EMPTY and len(list((home / "work dir").iterdir())) == 1
-    forced = br.setup_destination_argv("~/work dir", str(target), True, RID, "c", "")
-    assert subprocess.run(forced, capture_output=True, stdin=subprocess.DEVNULL, env=env).returncode == 0
+    refused = delegated_run(tmp, b"a2V5\np", target=(str(target), False))
+    assert refused.returncode == br.TARGET_NOT_EMPTY and refused.stdout == b""
+    assert list((tmp_path / "wd").iterdir()) == []  # refused before the key was written
+    assert delegated_run(tmp, b"a2V5\np", target=(str(target), True)).returncode == 0
+    assert (target / "precious").read_text() == "keep"
+
+
+def test_a_delegated_command_without_a_key_line_fails_before_borg_runs(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    done = delegated_run(tmp, b"")
+    assert done.returncode == br.TARGET_UNUSABLE and done.stdout == b""
+    assert not Path(tmp.directory).exists()
+
+
+def test_restore_keys_are_made_in_memory_and_are_valid_openssh_keys(tmp_path: Path) -> None:
+    import base64
+
+    from mutualbackup.restore_access import new_restore_key
+
+    key = new_restore_key("mutualbackup-restore:coop/web1:" + RID)
+    assert "BEGIN OPENSSH PRIVATE KEY" not in repr(key)
+    private = tmp_path / "k"
+    private.write_bytes(base64.b64decode(key.private_line))
+    private.chmod(0o600)
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, check=True).stdout.decode()
+    assert derived.split()[:2] == key.public_key.split()[:2]
+    assert key.public_key.split()[2] == "mutualbackup-restore:coop/web1:" + RID
+    assert new_restore_key("c").public_key != new_restore_key("c").public_key
 
 
 def test_a_restore_onto_the_source_checks_its_target_in_the_same_round_trip(tmp_path: Path) -> None:
