@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from . import borg
 from .context import Context
 from .errors import MutualBackupError, TransportError
-from .guard import (SHRINK_TOLERANCE, WRITING_KINDS, archive_changes, baseline_bytes, checked_through,
+from .guard import (WRITING_KINDS, archive_changes, baseline_bytes, checked_through,
                     foreign_transactions, guard_problems, run_window)
 from .history import PairSummary
 from .model import Backup, Node

@@ -7,7 +7,6 @@ from the inventory alone: apply, run, status, restore.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import threading

@@ -4,6 +4,7 @@ shell snippets do what they say)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shlex
@@ -449,3 +450,51 @@ def test_the_progress_line_shows_items_bytes_of_total_and_rate_and_is_rewritten_
     assert stream.getvalue() == "\r" + line
     show.done()
     assert stream.getvalue() == "\r" + line + "\r" + " " * len(line) + "\r"
+
+
+# --- the temporary line is withdrawn as soon as borg is connected ----------------------------
+
+
+class ExtractingNode:
+    """A destination whose borg extract reports on the archive, then runs until the line is withdrawn."""
+
+    node_name = "coop/web2"
+
+    def __init__(self, withdrawn: "threading.Event") -> None:
+        self.withdrawn = withdrawn
+        self.withdrawn_while_running = False
+        self.lines: list[str] = []
+
+    def run(self, argv, *, env=None, stdin=None, cwd=None, timeout=None, on_stderr_line=None):  # noqa: ANN001, ANN201
+        assert on_stderr_line is not None
+        on_stderr_line('{"type": "progress_message", "message": "Remote: starting"}')
+        assert not self.withdrawn.wait(0.2), "withdrawn before borg reported on the archive"
+        on_stderr_line('{"type": "progress_percent", "current": 0, "total": 10, "finished": false}')
+        self.withdrawn_while_running = self.withdrawn.wait(10)  # borg goes on extracting meanwhile
+        on_stderr_line('{"type": "log_message", "name": "borg.output.list", "levelname": "INFO", "message": "x"}')
+        return Result(tuple(argv), 0, b"", b"")
+
+
+def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from mutualbackup.history import History
+    from mutualbackup.restore import _Job
+    from mutualbackup.restore_access import Access, Grant
+
+    withdrawn = threading.Event()
+    grant = Grant(withdrawn.set)
+    node = Node(member="coop", slug="web2", address="127.0.0.1", port=22, user="root", host_key=KEY)
+    host = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
+    history = History(tmp_path)
+    job = _Job(SimpleNamespace(history=history), "coop/web1", node, "/restore", [host], lambda h: "/srv/mb/coop/web1",  # type: ignore[arg-type]
+               "archive-1", (), False, {}, None, None, None)
+    destination = ExtractingNode(withdrawn)
+    access = Access(env={}, grant=lambda h, p: contextlib.nullcontext(grant), name="temporary key")
+    result = job.run(destination, access)  # type: ignore[arg-type]
+    assert destination.withdrawn_while_running
+    assert result.result == "success" and result.files == 1
+    job.release()
+    grant.close()  # joins the withdrawal; a second close withdraws nothing more
+    assert withdrawn.is_set()

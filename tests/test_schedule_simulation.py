@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from zoneinfo import ZoneInfo
 
