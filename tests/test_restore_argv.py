@@ -9,6 +9,7 @@ import datetime as dt
 import os
 import shlex
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -460,7 +461,7 @@ class ExtractingNode:
 
     node_name = "coop/web2"
 
-    def __init__(self, withdrawn: "threading.Event") -> None:
+    def __init__(self, withdrawn: threading.Event) -> None:
         self.withdrawn = withdrawn
         self.withdrawn_while_running = False
         self.lines: list[str] = []
@@ -476,7 +477,6 @@ class ExtractingNode:
 
 
 def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> None:
-    import threading
     from types import SimpleNamespace
 
     from mutualbackup.history import History
