@@ -2,8 +2,10 @@
 
 Builds a small lab federation (coopcycle/web1, the source; coopcycle/web2, another
 node; picasoft/store1, the replica host), backs up SIZE MiB of incompressible data
-plus a few hundred small files, then, REPEAT times and in turns (so that caches and
-the neighbours' load affect each alike):
+plus a few hundred small files, then, REPEAT rounds, each running the three ways
+below once in a rotating order (so that caches, the disk's write-back and the
+neighbours' load affect each alike). Before each timed run the previous target is
+removed and the page cache written back (``sync``): only the restore is timed.
 
 - ``bare``: ``borg extract`` of the archive, run as the source would (its key, its
   pinned known_hosts, its passphrase file), into an empty directory;
@@ -11,10 +13,11 @@ the neighbours' load affect each alike):
   (the CLI's ``main``, in this process: everything but the interpreter start);
 - ``other node``: the same onto coopcycle/web2 (temporary key and authorisation).
 
-Prints the median times and the ratios to ``bare`` (goal: ≤ 1.05). Needs root and
-/usr/sbin/sshd, like the lab. Usage::
+Prints the median times, the ratios of the medians to ``bare`` (goal: ≤ 1.05) and
+the median of each round's own ratio (a paired measure, less sensitive to a slow
+moment of the machine). Needs root and /usr/sbin/sshd, like the lab. Usage::
 
-    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 3] [--json]
+    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 7] [--json]
 """
 
 from __future__ import annotations
@@ -126,29 +129,31 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
         scratch = root / "targets"
         counter = iter(range(10**6))
 
-        def fresh() -> Path:
-            return scratch / f"t{next(counter)}"
-
-        def through_cli(destination: str) -> Callable[[], None]:
-            def restore() -> None:
-                target = fresh()
+        def through_cli(destination: str) -> Callable[[Path], None]:
+            def restore(target: Path) -> None:
                 code, out, err = cli(fed.inventory, "restore", SOURCE, "--to", f"{destination}:{target}", "--archive", archive)
                 if code != 0:
                     raise SystemExit(f"mutualbackup restore failed:\n{out}{err}")
-                shutil.rmtree(target)
             return restore
 
-        def bare() -> None:
-            target = fresh()
+        def bare(target: Path) -> None:
             bare_extract(fed, url, target)
-            shutil.rmtree(target)
 
-        ways: dict[str, Callable[[], None]] = {"bare": bare, "source": through_cli(SOURCE), "other node": through_cli(OTHER)}
-        bare()  # warm-up: page cache, borg's security directory
+        ways: dict[str, Callable[[Path], None]] = {"bare": bare, "source": through_cli(SOURCE), "other node": through_cli(OTHER)}
+        names = list(ways)
+
+        def timed_once(name: str) -> float:
+            target = scratch / f"t{next(counter)}"
+            os.sync()
+            seconds = timed(lambda: ways[name](target))
+            shutil.rmtree(target)
+            return seconds
+
+        timed_once("bare")  # warm-up: page cache, borg's security directory
         times: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(repeat):
-            for name, action in ways.items():
-                times[name].append(timed(action))
+        for round_ in range(repeat):
+            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                times[name].append(timed_once(name))
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "bytes": written,
@@ -157,6 +162,8 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
         "median_seconds": {name: round(v, 3) for name, v in medians.items()},
         "ratio_source": round(medians["source"] / medians["bare"], 3),
         "ratio_other_node": round(medians["other node"] / medians["bare"], 3),
+        "paired_ratio_source": round(statistics.median(s / b for s, b in zip(times["source"], times["bare"])), 3),
+        "paired_ratio_other_node": round(statistics.median(o / b for o, b in zip(times["other node"], times["bare"])), 3),
         "goal": GOAL,
     }
 
@@ -168,9 +175,9 @@ def report(result: dict[str, Any]) -> str:
         f"restore of {mib:.0f} MiB, median of {result['repeat']} run(s) each:",
         f"  bare borg extract                       {m['bare']:7.2f} s  ({mib / m['bare']:.0f} MiB/s)",
         f"  mutualbackup restore onto the source    {m['source']:7.2f} s  ratio {result['ratio_source']:.3f}"
-        f"  (+{m['source'] - m['bare']:.2f} s)",
+        f"  (+{m['source'] - m['bare']:.2f} s; paired {result['paired_ratio_source']:.3f})",
         f"  mutualbackup restore onto another node  {m['other node']:7.2f} s  ratio {result['ratio_other_node']:.3f}"
-        f"  (+{m['other node'] - m['bare']:.2f} s)",
+        f"  (+{m['other node'] - m['bare']:.2f} s; paired {result['paired_ratio_other_node']:.3f})",
         f"  goal: ratio ≤ {result['goal']}",
     ])
 
@@ -178,7 +185,7 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--root", type=Path, help="work directory (default: a new temporary one, removed afterwards)")
     parser.add_argument("--borg", default=shutil.which("borg") or str(Path(sys.executable).with_name("borg")))
     parser.add_argument("--json", action="store_true")

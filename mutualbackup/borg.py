@@ -102,7 +102,12 @@ def ssh_command(key: str, known_hosts: str) -> str:
     what a server presents). borg splits the value with shlex, ssh splits option
     values on spaces unless double-quoted: both are handled here.
     """
-    return shlex.join(
+    return shlex.join(ssh_words(key, known_hosts))
+
+
+def ssh_words(key: str, known_hosts: str) -> list[str]:
+    """The words of :func:`ssh_command`."""
+    return (
         [
             "ssh",
             "-F", "/dev/null",

@@ -26,7 +26,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .borg import LOCK_WAIT, archive_path, base_env, ssh_command
+from .borg import LOCK_WAIT, archive_path, base_env, ssh_words
 from .fields import check_line
 
 RESTORE_COMMENT_PREFIX = "mutualbackup-restore:"
@@ -150,6 +150,10 @@ class TemporaryPaths:
     def base_dir(self) -> str:
         return posixpath.join(self.directory, "borg")
 
+    @property
+    def gate(self) -> str:
+        return posixpath.join(self.directory, "gate")
+
 
 TARGET_UNUSABLE = 201
 """Exit code of the scripts below when the target or temporary directory cannot be created."""
@@ -256,7 +260,7 @@ UNREACHABLE = (255, 80, 81, 87)
 connection to it broke): a restore may try the next replica."""
 
 _DELEGATED = "\n".join([
-    'd=$1 k=$2 t=$3 f=$4 p=$5; shift 5',
+    'd=$1 k=$2 t=$3 f=$4 p=$5 g=$6 gp=; shift 6',
     "umask 077",
     'if [ -n "$t" ]; then mkdir -p -- "$t" || exit 201; '
     'if [ "$f" != force ] && [ -n "$(ls -A -- "$t")" ]; then exit 202; fi; fi',
@@ -265,43 +269,74 @@ _DELEGATED = "\n".join([
     'printf "%s\\n" "$key" | base64 -d > "$d/id_ed25519" && printf %s "$k" > "$d/known_hosts" '
     '|| { rm -rf -- "$d"; exit 201; }',
     "key=",
+    # the gate: the next line of stdin ("go", or anything else to refuse), handed to ssh through a FIFO
+    'if [ "$g" = gate ]; then',
+    '  mkfifo -m 600 "$d/gate" || { rm -rf -- "$d"; exit 201; }',
+    '  exec 4<&0',
+    '  { if IFS= read -r go <&4; then printf "%s\\n" "$go"; else echo closed; fi > "$d/gate"; } &',
+    '  gp=$!',
+    '  exec 4<&-',
+    'fi',
     'if [ "$p" = fd3 ]; then exec 3<&0 </dev/null; fi',
     'if [ -n "$t" ]; then cd -- "$t" || { rm -rf -- "$d"; exit 201; }; fi',
     '"$@"; rc=$?',
     'exec 3<&-',
+    'if [ -n "$gp" ]; then kill "$gp" 2>/dev/null; fi',
     'rm -rf -- "$d" && printf "%s\\n" "' + TEMPORARY_REMOVED.decode().rstrip("\n") + '"',
     'exit $rc',
 ])
 
+_GATED_SSH = (
+    'IFS= read -r go < "$0" && [ "$go" = go ] && exec "$@"; '
+    'echo "mutualbackup: the restore was not authorised on the repository host" >&2; exit 255'
+)
+
+def gated_command(gate: str, words: Sequence[str]) -> list[str]:
+    """``words`` run once the FIFO ``gate`` says ``go``; exit 255 (as ssh does when it cannot connect) otherwise."""
+    return ["sh", "-c", _GATED_SSH, gate, *words]
+
+
+GATE_OPEN = b"go\n"
+"""The stdin line of a gated :func:`delegated_argv` letting borg's ssh connect."""
+GATE_REFUSED = b"no\n"
+
 
 def delegated_argv(
     tmp: TemporaryPaths, known_hosts: str, argv: Sequence[str], *, target: tuple[str, bool] | None = None,
-    passphrase_on_fd3: bool = True,
+    passphrase_on_fd3: bool = True, gated: bool = False,
 ) -> tuple[str, ...]:
     """Run borg's ``argv`` on a restore's destination with a temporary key, in one round trip.
 
     What the command reads on stdin: first one line, the private key (base64 of
     its OpenSSH file), written into the new 0700 directory ``tmp`` with the
-    pinned ``known_hosts``; then the rest, which borg reads as fd 3 (the
-    passphrase; with ``passphrase_on_fd3``) or as its own stdin (``borg key
-    import -``). With ``target`` = (directory, force) the directory is checked
-    first (created; exit 202 when not empty unless forced) and borg runs there.
-    ``tmp`` is removed when borg ends, and :data:`TEMPORARY_REMOVED` printed last
-    on stdout then; it stays only when the command itself is killed. Exit 201:
-    a directory could not be made.
+    pinned ``known_hosts``; with ``gated``, then a line :data:`GATE_OPEN` that
+    lets borg's ssh connect (see :func:`delegated_env`: borg starts at once and
+    its ssh waits for it, so the host's line can be written meanwhile; any
+    other line, or the end of stdin, makes ssh fail); then the rest, which borg
+    reads as fd 3 (the passphrase; with ``passphrase_on_fd3``) or as its own
+    stdin (``borg key import -``). With ``target`` = (directory, force) the
+    directory is checked first (created; exit 202 when not empty unless forced)
+    and borg runs there. ``tmp`` is removed when borg ends, and
+    :data:`TEMPORARY_REMOVED` printed last on stdout then; it stays only when
+    the command itself is killed. Exit 201: a directory could not be made.
     """
     directory, force = target if target is not None else ("", False)
     return (
         "sh", "-c", _DELEGATED, "sh", tmp.directory, known_hosts, directory, "force" if force else "empty",
-        "fd3" if passphrase_on_fd3 else "stdin", *argv,
+        "fd3" if passphrase_on_fd3 else "stdin", "gate" if gated else "open", *argv,
     )
 
 
-def delegated_env(tmp: TemporaryPaths) -> dict[str, str]:
-    """Environment of borg on a destination: the temporary key, pinned hosts, passphrase on fd 3."""
-    rsh = ssh_command(tmp.key, tmp.known_hosts)
+def delegated_env(tmp: TemporaryPaths, *, gated: bool = False) -> dict[str, str]:
+    """Environment of borg on a destination: the temporary key, pinned hosts, passphrase on fd 3.
+
+    With ``gated``, borg's ssh first waits for the gate of :func:`delegated_argv`.
+    """
+    words = ssh_words(tmp.key, tmp.known_hosts)
+    if gated:
+        words = gated_command(tmp.gate, words)
     env = base_env()
-    env.update({"BORG_RSH": rsh, "BORG_BASE_DIR": tmp.base_dir, "BORG_PASSPHRASE_FD": str(PASSPHRASE_FD)})
+    env.update({"BORG_RSH": shlex.join(words), "BORG_BASE_DIR": tmp.base_dir, "BORG_PASSPHRASE_FD": str(PASSPHRASE_FD)})
     return env
 
 

@@ -26,7 +26,7 @@ import datetime as dt
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -37,8 +37,8 @@ from .errors import MutualBackupError, OperationFailed, TransportError, UsageErr
 from .keys import Recovery
 from .model import Node
 from .restore_access import (
-    Access, Delegated, EarlyGrant, Grant, authorised, expanded, new_restore_key, read_source_passphrase,
-    refuse_target, remove_temporary, repository_url,
+    Access, Delegated, EarlyGrant, GateClosed, HostGrant, authorised, expanded, new_restore_key,
+    read_source_passphrase, refuse_target, remove_temporary, repository_url,
 )
 from .status import FAILING_AFTER
 from .transport import Transport
@@ -255,13 +255,14 @@ def check_other_member(
 
 
 def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | None, force: bool) -> RestoreResult:
-    """The temporary-key restore, with one round trip before borg extract starts.
+    """The temporary-key restore: borg extract starts as soon as the destination is connected.
 
     A key pair is made in memory; then, all at once, the first replica's host
-    accepts its public half, the passphrase is read from the source, and the
-    destination is connected to (its workdir found). borg extract then runs
-    with the private key and the passphrase on its stdin, checks the target and
-    removes its temporary directory in the same round trip. The host's line is
+    accepts its public half, the passphrase is read from the source, and borg
+    extract starts on the destination with the private key on its stdin; its
+    ssh waits (the gate of :func:`borg_restore.delegated_argv`) until the host's
+    line is in and the passphrase has followed on stdin. The same round trip
+    checks the target and removes the temporary directory. The host's line is
     withdrawn in the background as soon as borg reports on the archive (its
     connection is up): when all goes well, nothing is left to do once borg ends.
     """
@@ -274,23 +275,22 @@ def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | No
         ))
         cleanup.callback(early.close)
         workdir = pool.submit(_connected_workdir, transport, job.destination)
-        secret = pool.submit(read_source_passphrase, job.ctx, source_node) if job.recovery is None and source_node else None
-        wait([f for f in (workdir, secret, early.future) if f is not None])
-        if secret is not None:
-            passphrase = secret.result()
+        if job.recovery is None and source_node is not None:
+            secret = pool.submit(read_source_passphrase, job.ctx, source_node)
+            passphrase: Callable[[], bytes] = secret.result
         else:
             assert job.recovery is not None
-            passphrase = job.recovery.passphrase.encode("utf-8")
+            known = job.recovery.passphrase.encode("utf-8")
+            passphrase = lambda: known  # noqa: E731
         delegated = Delegated.under(workdir.result(), restore_id, job.hosts, key)
 
-        def grant(host: Node, path: str) -> contextlib.AbstractContextManager[Grant]:
+        def grant(host: Node, path: str) -> contextlib.AbstractContextManager[HostGrant]:
             if host is first:
                 return early.take()
             return authorised(job.ctx, host, job.source, path, key.public_key, restore_id)
 
-        access = Access(env=borg_restore.delegated_env(delegated.tmp), passphrase=passphrase, grant=grant,
-                        name="temporary key", prepare=None if job.dry_run else (job.directory, force),
-                        delegated=delegated)
+        access = Access(env={}, passphrase=passphrase, grant=grant, name="temporary key",
+                        prepare=None if job.dry_run else (job.directory, force), delegated=delegated)
         try:
             return job.run(transport, access)
         finally:
@@ -359,17 +359,26 @@ class _Job:
                     except TransportError as exc:
                         errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
                         continue
-                    chosen = self.archive
-                    if self.archive is None or self.recovery is not None:
-                        chosen, error = self._pick_archive(transport, access, host, url)
-                        if chosen is None:
-                            errors.append(error)
-                            continue
                     try:
+                        chosen = self.archive
+                        if self.archive is None or self.recovery is not None:
+                            chosen, error = self._pick_archive(transport, access, host, url, grant)
+                            if chosen is None:
+                                errors.append(error)
+                                continue
                         result = self._extract(transport, access, host, url, chosen, grant)
                     except _HostUnusable as exc:
                         errors.append(str(exc))
                         continue
+                    except GateClosed as exc:
+                        if isinstance(exc.cause, TransportError):
+                            errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc.cause}")
+                            continue
+                        if isinstance(exc.cause, UsageError):
+                            raise exc.cause from None
+                        if not exc.recorded:
+                            self._record_failure(host.name, str(exc.cause))
+                        raise _RecordedFailure(str(exc.cause)) from None
                     self.held.enter_context(stack.pop_all())  # withdrawn by release(), or below
                     return result
         except (_RecordedFailure, UsageError):
@@ -388,16 +397,18 @@ class _Job:
         run_id = self.ctx.history.start_run("restore", self.source, target)
         self.ctx.history.finish_run(run_id, "failure", error=error, detail=self.detail, **fields)  # type: ignore[arg-type]
 
-    def _pick_archive(self, transport: Transport, access: Access, host: Node, url: str) -> tuple[str | None, str]:
+    def _pick_archive(
+        self, transport: Transport, access: Access, host: Node, url: str, grant: HostGrant | None
+    ) -> tuple[str | None, str]:
         """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
         argv = borg.list_argv(self.destination.borg, url)
-        result = access.run(transport, argv, timeout=600)
+        result = access.run(transport, argv, timeout=600, grant=grant)
         if result.exit_code == borg_restore.TARGET_UNUSABLE and access.delegated is not None:
             raise OperationFailed(f"cannot create a temporary directory under {access.delegated.tmp.directory} "
                                   f"on {self.destination.name}: {result.stderr_tail(3)}")
         if result.exit_code == REPO_KEY_MISSING and self.recovery is not None:
-            self._import_key(transport, access, host, url)
-            result = access.run(transport, argv, timeout=600)
+            self._import_key(transport, access, host, url, grant)
+            result = access.run(transport, argv, timeout=600, grant=grant)
         if result.exit_code not in (0, 1):
             return None, (f"{host.name}: borg list exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
                           f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}")
@@ -410,14 +421,14 @@ class _Job:
             raise UsageError(f"no archive {self.archive!r} of {self.source} on {host.name}; see `mutualbackup archives {self.source}`")
         return self.archive, ""
 
-    def _import_key(self, transport: Transport, access: Access, host: Node, url: str) -> None:
+    def _import_key(self, transport: Transport, access: Access, host: Node, url: str, grant: HostGrant | None) -> None:
         """Put the exported key back into a repository whose own key is missing."""
         assert self.recovery is not None
         entry = self.recovery.repository(host.name)
         assert entry is not None
         log.warning("the repository of %s on %s has lost its key: importing the one from the recovery file", self.source, host.name)
         result = access.run(transport, borg_restore.key_import_argv(self.destination.borg, url), payload=entry.key.encode(),
-                            timeout=600)
+                            timeout=600, grant=grant)
         if result.exit_code not in (0, 1):
             raise OperationFailed(
                 f"the repository on {host.name} has no key and `borg key import` failed (exit {result.exit_code}): "
@@ -425,7 +436,7 @@ class _Job:
             )
 
     def _extract(
-        self, transport: Transport, access: Access, host: Node, url: str, archive: str, grant: Grant | None
+        self, transport: Transport, access: Access, host: Node, url: str, archive: str, grant: HostGrant | None
     ) -> RestoreResult:
         progress = ExtractProgress(keep_listed=self.dry_run)
 
@@ -444,8 +455,13 @@ class _Job:
         run_id = self.ctx.history.start_run("restore", self.source, host.name, started=started)
         log.info("restore start %s from %s into %s:%s (%s)", self.source, host.name, self.destination.name, self.directory, access.name)
         try:
-            result = access.run(transport, argv, in_target=True, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed)
+            result = access.run(transport, argv, in_target=True, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed,
+                                grant=grant)
             refuse_target(result.exit_code, self.destination.name, self.directory, progress.tail(3))
+        except GateClosed as exc:
+            self.ctx.history.finish_run(run_id, "failure", error=str(exc.cause), archive=archive, detail=self.detail)
+            exc.recorded = True
+            raise
         except MutualBackupError as exc:
             self.ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=self.detail)
             if isinstance(exc, UsageError):

@@ -25,7 +25,6 @@ import contextlib
 import datetime as dt
 import logging
 import posixpath
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,13 +83,26 @@ class Delegated:
         return Delegated(TemporaryPaths(posixpath.join(workdir, f"restore-{restore_id}.tmp")), known_hosts, key)
 
 
+class GateClosed(Exception):
+    """borg's ssh was not let through: the host's line, or the passphrase, could not be had.
+
+    ``cause`` says why (a TransportError when the host could not be reached);
+    ``recorded`` once the history has the failed run.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.recorded = False
+
+
 @dataclass
 class Access:
     """How borg runs on the destination: environment, passphrase, temporary key, the host grant, the target check."""
 
-    env: Mapping[str, str]
-    passphrase: bytes | None = field(default=None, repr=False)  # sent on stdin, read by borg from fd 3
-    grant: Callable[[Node, str], contextlib.AbstractContextManager[Grant | None]] = (
+    env: Mapping[str, str]  # with the source's key (a delegated access makes its own)
+    passphrase: Callable[[], bytes] | None = field(default=None, repr=False)  # may wait for it, or raise
+    grant: Callable[[Node, str], contextlib.AbstractContextManager[HostGrant | None]] = (
         lambda host, path: contextlib.nullcontext()
     )
     name: str = "source key"
@@ -99,13 +111,16 @@ class Access:
 
     def run(
         self, transport: Transport, argv: Sequence[str], *, in_target: bool = False, payload: bytes | None = None,
-        **kwargs: object,
+        grant: HostGrant | None = None, **kwargs: object,
     ) -> Result:
         """Run borg's ``argv`` on the destination.
 
         ``in_target``: check the target (``prepare``) and run there, in the same
         round trip. ``payload``: what borg reads on its stdin (then no passphrase
-        on fd 3), for ``borg key import -``.
+        on fd 3), for ``borg key import -``. With a temporary key, borg starts at
+        once and its ssh waits until ``grant`` is in place on the host and the
+        passphrase is known (:func:`borg_restore.delegated_argv`'s gate): raises
+        GateClosed when either failed.
         """
         target = self.prepare if in_target else None
         if self.delegated is None:
@@ -113,18 +128,39 @@ class Access:
                 argv = borg_restore.prepare_then_exec(target[0], target[1], argv)
             return transport.run(argv, env=self.env, stdin=payload, **kwargs)  # type: ignore[arg-type]
         delegated = self.delegated
-        env = dict(self.env)
+        gated = payload is None
+        if not gated and grant is not None:
+            grant.wait()
+        env = borg_restore.delegated_env(delegated.tmp, gated=gated)
         if payload is not None:
             env.pop("BORG_PASSPHRASE_FD", None)
+        refused: list[BaseException] = []
+
+        def stdin() -> Iterator[bytes]:
+            yield delegated.key.private_line + b"\n"
+            if payload is not None:
+                yield payload
+                return
+            try:
+                if grant is not None:
+                    grant.wait()
+                secret = self.passphrase() if self.passphrase is not None else b""
+            except BaseException as exc:  # noqa: BLE001 - told to the caller below
+                refused.append(exc)
+                yield borg_restore.GATE_REFUSED
+                return
+            yield borg_restore.GATE_OPEN + secret
+
         wrapped = borg_restore.delegated_argv(
-            delegated.tmp, delegated.known_hosts, argv, target=target, passphrase_on_fd3=payload is None
+            delegated.tmp, delegated.known_hosts, argv, target=target, passphrase_on_fd3=gated, gated=gated
         )
-        stdin = delegated.key.private_line + b"\n" + (payload if payload is not None else (self.passphrase or b""))
         delegated.left_behind = True
-        result = transport.run(wrapped, env=env, stdin=stdin, **kwargs)  # type: ignore[arg-type]
+        result = transport.run(wrapped, env=env, stdin=stdin(), **kwargs)  # type: ignore[arg-type]
         if result.stdout.endswith(borg_restore.TEMPORARY_REMOVED):
             delegated.left_behind = False
             result = Result(result.argv, result.exit_code, result.stdout[: -len(borg_restore.TEMPORARY_REMOVED)], result.stderr)
+        if refused:
+            raise GateClosed(refused[0])
         return result
 
 
@@ -175,6 +211,9 @@ class Grant:
     @property
     def withdrawing(self) -> bool:
         return self._started
+
+    def wait(self) -> None:
+        """The line is in place already (see :class:`PendingGrant`)."""
 
     def withdraw_soon(self) -> None:
         """Start withdrawing the line in a background thread (no-op after the first call)."""
@@ -253,11 +292,29 @@ def authorised(
         transport.close()
 
 
+class PendingGrant:
+    """A :class:`Grant` still being made in the background: :meth:`wait` until it is (or raise why not)."""
+
+    def __init__(self, future: Future[Grant]) -> None:
+        self.future = future
+
+    def wait(self) -> None:
+        self.future.result()
+
+    def withdraw_soon(self) -> None:
+        if self.future.done() and self.future.exception() is None:
+            self.future.result().withdraw_soon()
+
+
+HostGrant = Grant | PendingGrant
+
+
 class EarlyGrant:
     """:func:`authorised` for the first replica, entered in the background while the rest is prepared.
 
-    :meth:`take` hands it to the restore (an error the background entry met is
-    raised there); :meth:`close` exits it if the restore never took it.
+    :meth:`take` hands it over at once, as a :class:`PendingGrant`, and withdraws
+    it when the restore is done with it; :meth:`close` withdraws it if the
+    restore never took it.
     """
 
     def __init__(self, pool: ThreadPoolExecutor, host: Node, manager: contextlib.AbstractContextManager[Grant]) -> None:
@@ -267,16 +324,13 @@ class EarlyGrant:
         self.future: Future[Grant] = pool.submit(manager.__enter__)
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[Grant]:
+    def take(self) -> Iterator[PendingGrant]:
         self._taken = True
-        grant = self.future.result()  # raises what entering raised: nothing to exit then
         try:
-            yield grant
-        except BaseException:
-            if not self._manager.__exit__(*sys.exc_info()):
-                raise
-        else:
-            self._manager.__exit__(None, None, None)
+            yield PendingGrant(self.future)
+        finally:
+            if self.future.exception() is None:  # waits until it was made; nothing to undo if that failed
+                self._manager.__exit__(None, None, None)
 
     def close(self) -> None:
         if self._taken:

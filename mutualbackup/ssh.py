@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import paramiko
 
@@ -247,7 +247,7 @@ class SSHTransport:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
@@ -300,11 +300,12 @@ class SSHTransport:
             finally:
                 events.put(("done", None))
 
-        def write_stdin(data: bytes) -> None:
+        def write_stdin(data: bytes | Iterable[bytes]) -> None:
             try:
-                channel.sendall(data)
+                for chunk in (data,) if isinstance(data, bytes) else data:
+                    channel.sendall(chunk)
                 channel.shutdown_write()
-            except OSError:  # the command exited without reading everything
+            except (OSError, EOFError, paramiko.SSHException):  # the command exited without reading everything
                 pass
 
         started = time.monotonic()

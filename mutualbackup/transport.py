@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Transport(Protocol):
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
@@ -51,7 +51,9 @@ class Transport(Protocol):
         """Run ``argv`` on the node and wait for it.
 
         ``env`` values are not secret (they may show in ``ps`` on the node).
-        stdin is closed after ``stdin`` is sent (closed at once when None).
+        stdin is closed after ``stdin`` is sent (closed at once when None); an
+        iterable is sent chunk by chunk as it yields them (it may block meanwhile:
+        the command runs already).
         ``timeout`` (seconds) kills the remote command and returns exit code -1.
         Raises TransportError when the node cannot be reached or its host key is
         not the pinned one; a command that fails is a Result, not an exception.
@@ -111,3 +113,10 @@ def command_line(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd:
     if cwd is not None:
         line = f"cd {shlex.quote(cwd)} && {line}"
     return line
+
+
+def stdin_bytes(stdin: bytes | Iterable[bytes] | None) -> bytes:
+    """All of a :meth:`Transport.run` ``stdin`` at once (for transports that cannot stream)."""
+    if stdin is None:
+        return b""
+    return stdin if isinstance(stdin, bytes) else b"".join(stdin)

@@ -32,7 +32,7 @@ from mutualbackup import borg, supervise
 from mutualbackup.errors import TransportError
 from mutualbackup.model import Backup, Federation, Node, Retention
 from mutualbackup.retention import plan_prune
-from mutualbackup.transport import Result
+from mutualbackup.transport import Result, stdin_bytes
 
 HOME = "/home/fake"
 ARCHIVE_BYTES = 100_000_000  # live bytes each fake archive adds
@@ -314,13 +314,14 @@ class FakeTransport:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
     ) -> Result:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+        stdin_bytes(stdin)  # read it all, as the command would
         inner, pidfile, _run_id = supervise.unwrap(argv)
         start = self.world.clock.time()
         result = self.world.answer(self.node, inner, timeout)

@@ -19,7 +19,7 @@ from mutualbackup import borg_restore as br
 from mutualbackup.model import Node
 from mutualbackup.provision import BEGIN, END, replace_block
 from mutualbackup.restore_access import authorised, repository_url
-from mutualbackup.transport import Result
+from mutualbackup.transport import Result, stdin_bytes
 
 from labkit import dequote_command
 
@@ -149,7 +149,7 @@ class LocalHost:
         self.closed = False
 
     def run(self, argv, *, env=None, stdin=None, cwd=None, timeout=None, on_stderr_line=None):  # noqa: ANN001, ANN201
-        done = subprocess.run(list(argv), input=stdin or b"", capture_output=True, cwd=cwd,
+        done = subprocess.run(list(argv), input=stdin_bytes(stdin), capture_output=True, cwd=cwd,
                               env=dict(os.environ, HOME=str(self.home_dir), **(env or {})))
         return Result(tuple(argv), done.returncode, done.stdout, done.stderr)
 
@@ -498,3 +498,68 @@ def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> 
     job.release()
     grant.close()  # joins the withdrawal; a second close withdraws nothing more
     assert withdrawn.is_set()
+
+
+# --- the gate: borg starts at once, its ssh waits for the host's line and the passphrase ------------
+
+
+GATED_PROBE = """
+import os, shlex, subprocess, sys
+rsh = shlex.split(os.environ["BORG_RSH"])
+connected = subprocess.run(rsh, capture_output=True, text=True)  # as borg runs its ssh
+secret = os.read(3, 100).decode() if connected.returncode == 0 else ""
+print(repr((connected.returncode, connected.stdout, connected.stderr, secret)))
+sys.exit(connected.returncode)
+"""
+
+
+def gated_run(tmp: br.TemporaryPaths, stdin: bytes, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, BORG_RSH=shlex.join(br.gated_command(tmp.gate, ["echo", "connected"])))
+    argv = br.delegated_argv(tmp, "", [sys.executable, "-c", GATED_PROBE], gated=True)
+    return subprocess.run(argv, input=stdin, capture_output=True, env=env, timeout=timeout)
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_the_gate_lets_ssh_connect_on_go_then_borg_reads_the_passphrase(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    done = gated_run(tmp, b"a2V5\n" + br.GATE_OPEN + b"s3cret")
+    assert done.returncode == 0, done.stderr
+    assert eval(done.stdout[: -len(br.TEMPORARY_REMOVED)].decode()) == (0, "connected\n", "", "s3cret")  # noqa: S307
+    assert not Path(tmp.directory).exists() and processes_naming(tmp.directory) == []
+
+
+@pytest.mark.parametrize("stdin", [b"a2V5\n" + br.GATE_REFUSED + b"s3cret", b"a2V5\n"], ids=["refused", "stdin closed"])
+def test_a_closed_gate_makes_ssh_fail_as_unreachable_and_leaves_nothing(tmp_path: Path, stdin: bytes) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    done = gated_run(tmp, stdin)
+    shown = eval(done.stdout[: -len(br.TEMPORARY_REMOVED)].decode())  # noqa: S307
+    assert done.returncode == 255 and shown[0] == 255 and shown[1] == "" and shown[3] == ""
+    assert "not authorised" in shown[2]
+    assert not Path(tmp.directory).exists() and processes_naming(tmp.directory) == []
+
+
+def test_a_command_that_never_connects_leaves_no_process_waiting_at_the_gate(tmp_path: Path) -> None:
+    tmp = br.TemporaryPaths(str(tmp_path / f"restore-{RID}.tmp"))
+    argv = br.delegated_argv(tmp, "", ["sh", "-c", "exit 2"], gated=True)
+    for stdin in (b"a2V5\n", b"a2V5\n" + br.GATE_OPEN + b"s3cret"):
+        done = subprocess.run(argv, input=stdin, capture_output=True, timeout=20)
+        assert done.returncode == 2 and done.stdout == br.TEMPORARY_REMOVED
+        assert not Path(tmp.directory).exists() and processes_naming(tmp.directory) == []
+
+
+def test_the_gated_borg_rsh_keeps_every_ssh_option() -> None:
+    tmp = br.TemporaryPaths("/home/x/.mutualbackup/restore-ID.tmp")
+    words = shlex.split(br.delegated_env(tmp, gated=True)["BORG_RSH"])
+    assert words[:2] == ["sh", "-c"] and words[3] == tmp.gate
+    assert words[4:] == shlex.split(br.delegated_env(tmp)["BORG_RSH"])

@@ -170,6 +170,21 @@ def test_with_the_preferred_replica_host_down_the_restore_uses_the_other(fed: La
     assert restore_lines(fed) == []
 
 
+def test_with_the_source_down_a_restore_elsewhere_says_to_use_the_recovery_file(fed: LabFederation, tmp_path: Path) -> None:
+    web1 = fed.nodes[SOURCE]
+    fed.lab.stop(web1)
+    try:
+        code, out, err = mb(fed, "restore", SOURCE, "--to", f"coopcycle/web2:{tmp_path}/no-passphrase")
+    finally:
+        fed.lab.start(web1)
+    assert code == 1, out + err
+    assert "passphrase" in err and "--recovery FILE" in err and "Traceback" not in err
+    assert restore_lines(fed) == [] and temporary_dirs(fed, "coopcycle/web2") == []
+    result, _, detail = last_restore_detail(fed)
+    assert result == "failure" and detail["to"] == f"coopcycle/web2:{tmp_path}/no-passphrase"
+    assert not (tmp_path / "no-passphrase").exists() or not any((tmp_path / "no-passphrase").iterdir())
+
+
 def test_a_restore_cut_off_by_the_destination_dying_leaves_no_temporary_line(fed: LabFederation, tmp_path: Path) -> None:
     web2 = fed.nodes["coopcycle/web2"]
     killed = threading.Event()
