@@ -84,6 +84,14 @@ def test_nodes_start_on_distinct_ports_and_answer_ssh(lab: Lab) -> None:
             assert transport.run(["sh", "-c", 'command -v borg']).stdout.decode().strip() == lab.borg
 
 
+def test_commands_on_a_node_see_the_labs_path_not_the_machines_shell_setup(lab: Lab) -> None:
+    node = lab.add_node("coop", "web1")
+    lab.start(node)
+    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
+        path = transport.run(["sh", "-c", 'printf %s "$PATH"']).stdout.decode()
+    assert path == f"{Path(lab.borg).parent}:/usr/local/bin:/usr/bin:/bin"  # ~/.bashrc added nothing
+
+
 def test_inventory_fields_describe_how_to_reach_the_node(lab: Lab) -> None:
     node = lab.add_node("coop", "web1")
     fields = node.inventory_fields()
