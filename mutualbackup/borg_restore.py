@@ -200,6 +200,35 @@ END {
 """
 
 
+_LINE_FUNCTIONS = "\n".join([
+    _EXPAND,
+    "umask 077",
+    "add() {",
+    '  d=$(dirname -- "$w") && { [ -d "$d" ] || mkdir -p -m 700 -- "$d"; } || return 1',
+    '  if [ -e "$w" ]; then src=$w; else src=/dev/null; fi',
+    '  t=$(mktemp "$d/.mutualbackup-tmp.XXXXXX") || return 1',
+    '  LC_ALL=C awk -v prefix="$6" -v cutoff="$7" "$2" "$3" "$4" "$5" "$src" > "$t"; rc=$?',
+    '  if [ "$rc" -ne 0 ]; then rm -f -- "$t"; return "$rc"; fi',
+    '  chmod 600 "$t" && mv -f -- "$t" "$w"',
+    "}",
+    "remove() {",
+    '  [ -e "$w" ] && grep -qxF -e "$3" -- "$w" || return 0',
+    '  t=$(mktemp "$(dirname -- "$w")/.mutualbackup-tmp.XXXXXX") || return 1',
+    '  grep -vxF -e "$3" -- "$w" > "$t"; rc=$?',
+    '  if [ "$rc" -gt 1 ]; then rm -f -- "$t"; return "$rc"; fi',
+    '  chmod 600 "$t" && mv -f -- "$t" "$w"',
+    "}",
+])
+
+LINE_ADDED = "mutualbackup: restore line added"
+"""What :func:`grant_session_argv` prints on stderr once its line is in place."""
+
+
+def _line_args(path: str, line: str, begin: str, end: str, now: dt.datetime) -> tuple[str, ...]:
+    cutoff = f"{(now - RESTORE_LINE_LIFETIME).astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    return (path, _ADD_LINE_AWK, line, begin, end, RESTORE_COMMENT_PREFIX, cutoff)
+
+
 def add_line_argv(path: str, line: str, begin: str, end: str, now: dt.datetime) -> tuple[str, ...]:
     """Add ``line`` at the end of the managed block of the file at ``path``, in one round trip.
 
@@ -210,18 +239,7 @@ def add_line_argv(path: str, line: str, begin: str, end: str, now: dt.datetime) 
     atomically (temporary file, mode 0600, rename). Exit :data:`BLOCK_DAMAGED`,
     changing nothing, when the markers are not exactly one ordered pair.
     """
-    cutoff = f"{(now - RESTORE_LINE_LIFETIME).astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    script = "\n".join([
-        _EXPAND,
-        "umask 077",
-        'd=$(dirname -- "$w") && { [ -d "$d" ] || mkdir -p -m 700 -- "$d"; } || exit 1',
-        'if [ -e "$w" ]; then src=$w; else src=/dev/null; fi',
-        't=$(mktemp "$d/.mutualbackup-tmp.XXXXXX") || exit 1',
-        'LC_ALL=C awk -v prefix="$6" -v cutoff="$7" "$2" "$3" "$4" "$5" "$src" > "$t"; rc=$?',
-        'if [ "$rc" -ne 0 ]; then rm -f -- "$t"; exit "$rc"; fi',
-        'chmod 600 "$t" && exec mv -f -- "$t" "$w"',
-    ])
-    return ("sh", "-c", script, "sh", path, _ADD_LINE_AWK, line, begin, end, RESTORE_COMMENT_PREFIX, cutoff)
+    return ("sh", "-c", _LINE_FUNCTIONS + '\nadd "$@"', "sh", *_line_args(path, line, begin, end, now))
 
 
 def remove_line_argv(path: str, line: str) -> tuple[str, ...]:
@@ -230,15 +248,29 @@ def remove_line_argv(path: str, line: str) -> tuple[str, ...]:
     Every other byte stays; the file is replaced atomically (temporary file, then
     rename) and only when the line is present.
     """
+    return ("sh", "-c", _LINE_FUNCTIONS + '\nremove "$@"', "sh", path, "", line)
+
+
+def grant_session_argv(path: str, line: str, begin: str, end: str, now: dt.datetime) -> tuple[str, ...]:
+    """Add ``line`` (as :func:`add_line_argv`), hold it while the session lasts, then remove it.
+
+    Prints :data:`LINE_ADDED` on stderr once the line is in place, then waits for
+    a line on stdin or its end: the coordinator's word, or its connection
+    dropping (even a coordinator killed mid-restore leaves no line behind), or
+    a TERM/HUP/INT (the remote ``timeout``). Then removes the line (as
+    :func:`remove_line_argv`) and exits with that removal's status.
+    """
     script = "\n".join([
-        _EXPAND,
-        '[ -e "$w" ] && grep -qxF -e "$2" -- "$w" || exit 0',
-        't=$(mktemp "$(dirname -- "$w")/.mutualbackup-tmp.XXXXXX") || exit 1',
-        'grep -vxF -e "$2" -- "$w" > "$t"; rc=$?',
-        'if [ "$rc" -gt 1 ]; then rm -f -- "$t"; exit "$rc"; fi',
-        'chmod 600 "$t" && exec mv -f -- "$t" "$w"',
+        _LINE_FUNCTIONS,
+        "trap '' PIPE",
+        'add "$@" || exit $?',
+        "trap 'remove \"$@\"; exit $?' TERM HUP INT",
+        f'echo "{LINE_ADDED}" >&2',
+        "IFS= read -r done",
+        "trap - TERM HUP INT",
+        'remove "$@"',
     ])
-    return ("sh", "-c", script, "sh", path, line)
+    return ("sh", "-c", script, "sh", *_line_args(path, line, begin, end, now))
 
 
 def read_passphrase_argv(workdir: str) -> tuple[str, ...]:

@@ -193,46 +193,93 @@ def remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPath
 
 
 class Grant:
-    """A temporary restore line on a host, withdrawn exactly once.
+    """A temporary restore line on a host, held there by one SSH session (:func:`borg_restore.grant_session_argv`).
 
-    sshd reads ``authorized_keys`` only when a key logs in: once borg's connection
-    to the host is up, the line has done its work. :meth:`withdraw_soon` withdraws
-    it then, in the background, while the extract goes on; :meth:`close` (at the
-    end of :func:`authorised`) withdraws it if that has not happened yet and waits
-    for the withdrawal either way.
+    The session adds the line, says so, and removes it when told to, when the
+    coordinator's connection drops, or when the remote ``timeout`` ends it: the
+    host cleans up even after a coordinator killed mid-restore. sshd reads
+    ``authorized_keys`` only when a key logs in, so once borg is connected the
+    line has done its work: :meth:`withdraw_soon` tells the session then, while
+    the extract goes on; :meth:`close` tells it if that has not happened yet and
+    waits for the session to end.
     """
 
-    def __init__(self, withdraw: Callable[[], None]) -> None:
-        self._withdraw = withdraw
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._started = False
+    def __init__(self, transport: Transport, host: Node, source: str, restore_id: str, line: str) -> None:
+        self._transport = transport
+        self._host = host
+        self._comment = borg_restore.restore_comment(source, restore_id)
+        self._argv = borg_restore.grant_session_argv(
+            host.authorized_keys, line, BEGIN, END, dt.datetime.now(dt.timezone.utc)
+        )
+        self._added = False
+        self._settled = threading.Event()  # added, or the session ended without adding it
+        self._release = threading.Event()
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hold, name="restore-line", daemon=True)
 
-    @property
-    def withdrawing(self) -> bool:
-        return self._started
+    def start(self) -> None:
+        self._thread.start()
+
+    def _hold(self) -> None:
+        def stdin() -> Iterator[bytes]:
+            self._release.wait()
+            yield b"withdraw\n"
+
+        def heard(text: str) -> None:
+            if text == borg_restore.LINE_ADDED:
+                self._added = True
+                self._settled.set()
+
+        try:
+            self._result = self._transport.run(
+                self._argv, stdin=stdin(), on_stderr_line=heard, timeout=borg_restore.RESTORE_LINE_LIFETIME.total_seconds()
+            )
+        except BaseException as exc:  # noqa: BLE001 - raised by wait()
+            self._error = exc
+        finally:
+            self._settled.set()
 
     def wait(self) -> None:
-        """The line is in place already (see :class:`PendingGrant`)."""
+        """Until the line is in place; raises TransportError, DamagedBlock or OperationFailed when it cannot be."""
+        self._settled.wait()
+        if self._added:
+            return
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        host = self._host
+        if self._result.exit_code == borg_restore.BLOCK_DAMAGED:
+            raise DamagedBlock(
+                f"cannot authorise the restore on {host.name}: the mutualbackup block of {host.authorized_keys} is "
+                "damaged (its BEGIN and END marker lines must be exactly one pair in that order): fix the file by "
+                "hand; nothing was changed"
+            )
+        raise OperationFailed(
+            f"cannot add the temporary restore line to {host.authorized_keys} on {host.name} "
+            f"(exit {self._result.exit_code}): {self._result.stderr_tail(3)}"
+        )
 
     def withdraw_soon(self) -> None:
-        """Start withdrawing the line in a background thread (no-op after the first call)."""
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
-            self._thread = threading.Thread(target=self._withdraw, name="withdraw-restore-line", daemon=True)
-            self._thread.start()
+        """Tell the session to remove the line now (it goes on in the background)."""
+        self._release.set()
 
     def close(self) -> None:
-        """Withdraw now unless already started; wait until the withdrawal has ended."""
-        with self._lock:
-            run_here = not self._started
-            self._started = True
-        if run_here:
-            self._withdraw()
-        elif self._thread is not None:
-            self._thread.join()
+        """Withdraw the line unless already told; wait until the session has ended; log the outcome."""
+        self._release.set()
+        self._thread.join()
+        if not self._added:
+            return
+        result = self._result
+        if result is not None and result.ok:
+            log.info("temporary restore line %s removed from %s", self._comment, self._host.name)
+            return
+        problem = str(self._error) if result is None else f"exit {result.exit_code}: {result.stderr_tail(3)}"
+        log.error(
+            "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
+            "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
+            self._comment, self._host.name, problem, self._host.name,
+        )
 
 
 @contextlib.contextmanager
@@ -244,47 +291,22 @@ def authorised(
     Added to the managed block of the host's authorized_keys (stale restore lines
     found there are dropped at the same time) and withdrawn when the block ends,
     whatever happens in it, or earlier through the yielded :class:`Grant`.
-    Raises TransportError when the host cannot be reached (nothing was changed
-    then). A failed withdrawal is logged: sshd refuses the line after its
-    ``expiry-time`` anyway, and the next ``apply`` or restore through that host drops it.
+    Raises TransportError when the host cannot be reached, DamagedBlock when its
+    block is damaged (nothing was changed then). A failed withdrawal is logged:
+    sshd refuses the line after its ``expiry-time`` anyway, and the next
+    ``apply`` or restore through that host drops it.
     """
     try:
         line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
     except ValueError as exc:  # a control character: it would start another line in authorized_keys
         raise UsageError(f"refusing to write a restore line on {host.name}: {exc}") from None
     transport = ctx.connect(host)
-
-    def withdraw() -> None:
-        try:
-            removed = transport.run(borg_restore.remove_line_argv(host.authorized_keys, line), timeout=60)
-            if not removed.ok:
-                raise OperationFailed(f"exit {removed.exit_code}: {removed.stderr_tail(3)}")
-            log.info("temporary restore line for %s removed from %s (%s)", source, host.name, restore_id)
-        except MutualBackupError as exc:
-            log.error(
-                "could not remove the temporary restore line %s from %s (%s): sshd refuses it after its "
-                "expiry-time, and the next `mutualbackup apply` or restore through %s removes it",
-                borg_restore.restore_comment(source, restore_id), host.name, exc, host.name,
-            )
-
     try:
-        added = transport.run(
-            borg_restore.add_line_argv(host.authorized_keys, line, BEGIN, END, dt.datetime.now(dt.timezone.utc)), timeout=60
-        )
-        if added.exit_code == borg_restore.BLOCK_DAMAGED:
-            raise DamagedBlock(
-                f"cannot authorise the restore on {host.name}: the mutualbackup block of {host.authorized_keys} is "
-                "damaged (its BEGIN and END marker lines must be exactly one pair in that order): fix the file by "
-                "hand; nothing was changed"
-            )
-        if not added.ok:
-            raise OperationFailed(
-                f"cannot add the temporary restore line to {host.authorized_keys} on {host.name} "
-                f"(exit {added.exit_code}): {added.stderr_tail(3)}"
-            )
-        log.info("temporary restore line for %s added on %s (%s)", source, host.name, restore_id)
-        grant = Grant(withdraw)
+        grant = Grant(transport, host, source, restore_id, line)
+        grant.start()
         try:
+            grant.wait()
+            log.info("temporary restore line %s added on %s", borg_restore.restore_comment(source, restore_id), host.name)
             yield grant
         finally:
             grant.close()

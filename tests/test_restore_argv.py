@@ -19,7 +19,7 @@ from mutualbackup import borg_restore as br
 from mutualbackup.model import Node
 from mutualbackup.provision import BEGIN, END, replace_block
 from mutualbackup.restore_access import authorised, repository_url
-from mutualbackup.transport import Result, stdin_bytes
+from mutualbackup.transport import Result
 
 from labkit import dequote_command
 
@@ -149,9 +149,35 @@ class LocalHost:
         self.closed = False
 
     def run(self, argv, *, env=None, stdin=None, cwd=None, timeout=None, on_stderr_line=None):  # noqa: ANN001, ANN201
-        done = subprocess.run(list(argv), input=stdin_bytes(stdin), capture_output=True, cwd=cwd,
-                              env=dict(os.environ, HOME=str(self.home_dir), **(env or {})))
-        return Result(tuple(argv), done.returncode, done.stdout, done.stderr)
+        """Like the SSH transport: stdin streamed as it comes, stderr lines reported as they come."""
+        process = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=cwd, env=dict(os.environ, HOME=str(self.home_dir), **(env or {})))
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+
+        def feed() -> None:
+            try:
+                for chunk in (stdin,) if isinstance(stdin, bytes) else (stdin or ()):
+                    process.stdin.write(chunk)
+                    process.stdin.flush()
+            except BrokenPipeError:
+                pass
+            finally:
+                try:
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass
+
+        threading.Thread(target=feed, daemon=True).start()
+        out: list[bytes] = []
+        reader = threading.Thread(target=lambda: out.append(process.stdout.read()), daemon=True)
+        reader.start()
+        err = b""
+        for raw in process.stderr:
+            err += raw
+            if on_stderr_line is not None:
+                on_stderr_line(raw.decode().rstrip("\n"))
+        reader.join()
+        return Result(tuple(argv), process.wait(), out[0], err)
 
     def connect(self) -> None:
         pass
@@ -481,10 +507,10 @@ def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> 
 
     from mutualbackup.history import History
     from mutualbackup.restore import _Job
-    from mutualbackup.restore_access import Access, Grant
+    from mutualbackup.restore_access import Access
 
     withdrawn = threading.Event()
-    grant = Grant(withdrawn.set)
+    grant = SimpleNamespace(wait=lambda: None, withdraw_soon=withdrawn.set)
     node = Node(member="coop", slug="web2", address="127.0.0.1", port=22, user="root", host_key=KEY)
     host = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
     history = History(tmp_path)
@@ -496,8 +522,6 @@ def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> 
     assert destination.withdrawn_while_running
     assert result.result == "success" and result.files == 1
     job.release()
-    grant.close()  # joins the withdrawal; a second close withdraws nothing more
-    assert withdrawn.is_set()
 
 
 # --- the gate: borg starts at once, its ssh waits for the host's line and the passphrase ------------
@@ -563,3 +587,62 @@ def test_the_gated_borg_rsh_keeps_every_ssh_option() -> None:
     words = shlex.split(br.delegated_env(tmp, gated=True)["BORG_RSH"])
     assert words[:2] == ["sh", "-c"] and words[3] == tmp.gate
     assert words[4:] == shlex.split(br.delegated_env(tmp)["BORG_RSH"])
+
+
+# --- the host's session holding the line -----------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["stdin closes", "TERM", "HUP"])
+def test_the_hosts_session_removes_its_line_however_it_ends(tmp_path: Path, ending: str) -> None:
+    import signal
+
+    path = tmp_path / "authorized_keys"
+    outside = "ssh-ed25519 AAAA admin@laptop\n"
+    path.write_text(replace_block(outside, ["replica line"]))
+    mine = br.restore_line("borg", "/r", KEY, "coop/web1", RID)
+    session = subprocess.Popen(br.grant_session_argv(str(path), mine, BEGIN, END, NOW),
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert session.stdin is not None and session.stderr is not None
+    assert session.stderr.readline().decode().strip() == br.LINE_ADDED
+    assert path.read_text() == replace_block(outside, ["replica line", mine])
+    if ending == "stdin closes":  # the coordinator said so, or its connection dropped
+        session.stdin.close()
+    else:
+        session.send_signal(getattr(signal, "SIG" + ending))
+    assert session.wait(timeout=10) == 0
+    assert path.read_text() == replace_block(outside, ["replica line"])
+
+
+def test_a_grant_holds_the_line_until_withdrawn_then_the_session_ends(tmp_path: Path) -> None:
+    from mutualbackup.restore_access import authorised
+
+    path = tmp_path / ".ssh" / "authorized_keys"
+    path.parent.mkdir()
+    path.write_text(replace_block("", ["replica line"]))
+    host = LocalHost(tmp_path)
+    node = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
+    restore_id = br.new_restore_id(dt.datetime.now(dt.timezone.utc), "abcd")
+    with authorised(FakeContext(host), node, "coop/web1", "/srv/mb/coop/web1", KEY, restore_id) as grant:  # type: ignore[arg-type]
+        assert f"mutualbackup-restore:coop/web1:{restore_id}" in path.read_text()
+        grant.withdraw_soon()
+        for _ in range(200):
+            if "mutualbackup-restore" not in path.read_text():
+                break
+            threading.Event().wait(0.02)
+        assert "mutualbackup-restore" not in path.read_text()  # gone while the block still runs
+    assert path.read_text() == replace_block("", ["replica line"]) and host.closed
+
+
+def test_a_grant_on_a_damaged_block_raises_and_changes_nothing(tmp_path: Path) -> None:
+    from mutualbackup.provision import DamagedBlock
+    from mutualbackup.restore_access import authorised
+
+    path = tmp_path / ".ssh" / "authorized_keys"
+    path.parent.mkdir()
+    path.write_text(f"{BEGIN}\nx\n")
+    node = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
+    restore_id = br.new_restore_id(dt.datetime.now(dt.timezone.utc), "abcd")
+    with pytest.raises(DamagedBlock, match="damaged"):
+        with authorised(FakeContext(LocalHost(tmp_path)), node, "coop/web1", "/r", KEY, restore_id):  # type: ignore[arg-type]
+            pass
+    assert path.read_text() == f"{BEGIN}\nx\n"

@@ -208,6 +208,35 @@ def test_a_restore_cut_off_by_the_destination_dying_leaves_no_temporary_line(fed
         fed.lab.start(web2)
 
 
+def test_when_the_coordinators_connection_drops_the_host_removes_the_line_itself(fed: LabFederation) -> None:
+    from mutualbackup.borg_restore import LINE_ADDED, grant_session_argv
+    from mutualbackup.ssh import SSHTransport
+
+    host = fed.nodes["picasoft/store1"]
+    now = dt.datetime.now(dt.timezone.utc)
+    line = restore_line("borg", "/srv/x", fed.lab.coordinator_public_key, SOURCE, new_restore_id(now, "d0d0"))
+    transport = SSHTransport(host.as_node(), str(fed.lab.coordinator_key))
+    added = threading.Event()
+    never = threading.Event()
+
+    def hold() -> None:
+        def stdin() -> Iterator[bytes]:
+            never.wait()  # the coordinator never says "withdraw": it dies
+            yield b""
+
+        transport.run(grant_session_argv(str(host.authorized_keys), line, BEGIN, END, now), stdin=stdin(),
+                      on_stderr_line=lambda text: added.set() if text == LINE_ADDED else None, timeout=600)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert added.wait(30)
+    assert line in Path(host.authorized_keys).read_text()
+    transport.close()  # the connection drops, as when the coordinator is killed
+    wait_for(lambda: line not in Path(host.authorized_keys).read_text(), seconds=30)
+    never.set()
+    assert restore_lines(fed) == []
+
+
 def test_apply_drops_expired_restore_lines_and_keeps_fresh_ones(fed: LabFederation) -> None:
     path = Path(fed.nodes["picasoft/store1"].authorized_keys)
     original = path.read_text()
