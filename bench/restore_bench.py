@@ -11,13 +11,15 @@ removed and the page cache written back (``sync``): only the restore is timed.
   pinned known_hosts, its passphrase file), into an empty directory;
 - ``source``: ``mutualbackup restore SOURCE --to SOURCE:DIR --archive NAME``
   (the CLI's ``main``, in this process: everything but the interpreter start);
-- ``other node``: the same onto coopcycle/web2 (temporary key and authorisation).
+- ``other node``: the same onto coopcycle/web2 (temporary key and authorisation);
+- ``bare over ssh``, for context: the bare extract started on the source by the
+  ``ssh`` command an operator would type on the coordinator.
 
 Prints the median times, the ratios of the medians to ``bare`` (goal: ≤ 1.05) and
 the median of each round's own ratio (a paired measure, less sensitive to a slow
 moment of the machine). Needs root and /usr/sbin/sshd, like the lab. Usage::
 
-    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 7] [--json]
+    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 9] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -91,20 +94,36 @@ def write_data(directory: Path, size_mb: int) -> int:
     return total
 
 
-def bare_extract(fed: labfed.LabFederation, url: str, target: Path) -> None:
+def bare_env(fed: labfed.LabFederation) -> dict[str, str]:
+    """borg's environment as the source has it: its key, pinned known_hosts, passphrase file."""
     work = Path(fed.nodes[SOURCE].workdir)
-    env = dict(os.environ)
-    env.update(
-        BORG_RSH=f"ssh -o BatchMode=yes -o IdentitiesOnly=yes -i {work}/id_ed25519 -o UserKnownHostsFile={work}/known_hosts "
+    return {
+        "BORG_RSH": f"ssh -o BatchMode=yes -o IdentitiesOnly=yes -i {work}/id_ed25519 -o UserKnownHostsFile={work}/known_hosts "
         "-o StrictHostKeyChecking=yes",
-        BORG_PASSCOMMAND=f"cat {work}/passphrase",
-        BORG_BASE_DIR=str(work / "borg"),
-        BORG_EXIT_CODES="modern",
-        LANG="C.UTF-8",
-    )
+        "BORG_PASSCOMMAND": f"cat {work}/passphrase",
+        "BORG_BASE_DIR": str(work / "borg"),
+        "BORG_EXIT_CODES": "modern",
+        "LANG": "C.UTF-8",
+    }
+
+
+def bare_extract(fed: labfed.LabFederation, url: str, target: Path) -> None:
     target.mkdir(parents=True)
-    subprocess.run([fed.lab.borg, "extract", url], cwd=target, env=env, check=True, stdin=subprocess.DEVNULL,
-                   capture_output=True)
+    subprocess.run([fed.lab.borg, "extract", url], cwd=target, env={**os.environ, **bare_env(fed)}, check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def bare_extract_over_ssh(fed: labfed.LabFederation, url: str, target: Path, known_hosts: Path) -> None:
+    """What an operator would type on the coordinator: ``ssh NODE 'cd DIR && borg extract …'``."""
+    node = fed.nodes[SOURCE]
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in bare_env(fed).items())
+    command = f"mkdir -p {shlex.quote(str(target))} && cd {shlex.quote(str(target))} && env {env} {shlex.quote(fed.lab.borg)} extract {shlex.quote(url)}"
+    subprocess.run(
+        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(fed.lab.coordinator_key),
+         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-p", str(node.port),
+         "root@127.0.0.1", command],
+        check=True, stdin=subprocess.DEVNULL, capture_output=True,
+    )
 
 
 def timed(action: Callable[[], None]) -> float:
@@ -136,10 +155,16 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
                     raise SystemExit(f"mutualbackup restore failed:\n{out}{err}")
             return restore
 
-        def bare(target: Path) -> None:
-            bare_extract(fed, url, target)
+        known_hosts = root / "operator_known_hosts"
+        source_node = fed.nodes[SOURCE]
+        known_hosts.write_text(f"[127.0.0.1]:{source_node.port} {source_node.host_key}\n")
 
-        ways: dict[str, Callable[[Path], None]] = {"bare": bare, "source": through_cli(SOURCE), "other node": through_cli(OTHER)}
+        ways: dict[str, Callable[[Path], None]] = {
+            "bare": lambda target: bare_extract(fed, url, target),
+            "bare over ssh": lambda target: bare_extract_over_ssh(fed, url, target, known_hosts),
+            "source": through_cli(SOURCE),
+            "other node": through_cli(OTHER),
+        }
         names = list(ways)
 
         def timed_once(name: str) -> float:
@@ -164,6 +189,7 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
         "ratio_other_node": round(medians["other node"] / medians["bare"], 3),
         "paired_ratio_source": round(statistics.median(s / b for s, b in zip(times["source"], times["bare"])), 3),
         "paired_ratio_other_node": round(statistics.median(o / b for o, b in zip(times["other node"], times["bare"])), 3),
+        "ratio_source_to_bare_over_ssh": round(medians["source"] / medians["bare over ssh"], 3),
         "goal": GOAL,
     }
 
@@ -174,6 +200,7 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join([
         f"restore of {mib:.0f} MiB, median of {result['repeat']} run(s) each:",
         f"  bare borg extract                       {m['bare']:7.2f} s  ({mib / m['bare']:.0f} MiB/s)",
+        f"  bare borg extract started over ssh      {m['bare over ssh']:7.2f} s  (an operator's `ssh NODE borg extract`)",
         f"  mutualbackup restore onto the source    {m['source']:7.2f} s  ratio {result['ratio_source']:.3f}"
         f"  (+{m['source'] - m['bare']:.2f} s; paired {result['paired_ratio_source']:.3f})",
         f"  mutualbackup restore onto another node  {m['other node']:7.2f} s  ratio {result['ratio_other_node']:.3f}"
@@ -185,7 +212,7 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--root", type=Path, help="work directory (default: a new temporary one, removed afterwards)")
     parser.add_argument("--borg", default=shutil.which("borg") or str(Path(sys.executable).with_name("borg")))
     parser.add_argument("--json", action="store_true")
