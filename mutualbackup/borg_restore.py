@@ -8,12 +8,12 @@ Two ways borg reaches a repository for a restore:
 - *as the source*: on the source node itself, with its own key and its 0600
   passphrase file (:func:`mutualbackup.borg.client_env`);
 - *delegated*: on any other node (or on a rebuilt source), with a temporary key
-  generated on that node in a temporary directory (:class:`TemporaryPaths`), which
-  the replica's host accepts through a temporary restricted line
-  (:func:`restore_line`), and the passphrase read by borg from file descriptor 3,
-  a pipe fed from the coordinator's memory (:func:`with_passphrase_on_fd3`). The
-  passphrase is never in argv, in an environment value, or on a disk of the
-  coordinator.
+  made in the coordinator's memory and sent on the SSH channel's stdin into a 0700
+  temporary directory of that node (:class:`TemporaryPaths`), which the replica's
+  host accepts through a temporary restricted line (:func:`restore_line`, held by
+  :func:`grant_session_argv`), and the passphrase read by borg from file
+  descriptor 3, the rest of that stdin (:func:`delegated_argv`). Neither is ever in
+  argv, in an environment value, or on a disk of the coordinator.
 """
 
 from __future__ import annotations
@@ -92,7 +92,10 @@ def restore_id_time(restore_id: str) -> dt.datetime | None:
     match = _ID.match(restore_id)
     if match is None:
         return None
-    return dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    try:
+        return dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:  # digits that are no date (month 13...): not one of ours
+        return None
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ TARGET_NOT_EMPTY = 202
 _EXPAND = 'case "$1" in "~") w=$HOME ;; "~/"*) w=$HOME/${1#"~/"} ;; *) w=$1 ;; esac'
 _TARGET = (
     'if [ -n "$2" ]; then mkdir -p -- "$2" || exit 201; '
-    'if [ "$3" != force ] && [ -n "$(ls -A -- "$2")" ]; then exit 202; fi; fi'
+    'if [ "$3" != force ]; then l=$(ls -A -- "$2") || exit 201; [ -z "$l" ] || exit 202; fi; fi'
 )
 
 
@@ -212,10 +215,13 @@ _LINE_FUNCTIONS = "\n".join([
     '  chmod 600 "$t" && mv -f -- "$t" "$w"',
     "}",
     "remove() {",
-    '  [ -e "$w" ] && grep -qxF -e "$3" -- "$w" || return 0',
+    '  [ -e "$w" ] || return 0',
     '  t=$(mktemp "$(dirname -- "$w")/.mutualbackup-tmp.XXXXXX") || return 1',
-    '  grep -vxF -e "$3" -- "$w" > "$t"; rc=$?',
-    '  if [ "$rc" -gt 1 ]; then rm -f -- "$t"; return "$rc"; fi',
+    # awk in the C locale: every other byte kept, whatever the file holds (grep -v would
+    # print "binary file matches" instead of a line that is not UTF-8, or of a file with a NUL)
+    '  LC_ALL=C awk \'BEGIN { line = ARGV[1]; ARGV[1] = "" } $0 == line { found = 1; next } { print } '
+    'END { exit found ? 0 : 10 }\' "$3" "$w" > "$t"; rc=$?',
+    '  if [ "$rc" -ne 0 ]; then rm -f -- "$t"; [ "$rc" -eq 10 ] && return 0; return "$rc"; fi',
     '  chmod 600 "$t" && mv -f -- "$t" "$w"',
     "}",
 ])
@@ -256,8 +262,10 @@ def grant_session_argv(path: str, line: str, begin: str, end: str, now: dt.datet
 
     Prints :data:`LINE_ADDED` on stderr once the line is in place, then waits for
     a line on stdin or its end: the coordinator's word, or its connection
-    dropping (even a coordinator killed mid-restore leaves no line behind), or
-    a TERM/HUP/INT (the remote ``timeout``). Then removes the line (as
+    closing (a coordinator killed mid-restore: at once when its process dies, when
+    TCP gives up if its machine lost power), or a TERM/HUP/INT (the remote
+    ``timeout``, after :data:`RESTORE_LINE_LIFETIME`, when sshd's ``expiry-time``
+    has made the line useless anyway). Then removes the line (as
     :func:`remove_line_argv`) and exits with that removal's status.
     """
     script = "\n".join([
@@ -295,7 +303,8 @@ _DELEGATED = "\n".join([
     'd=$1 k=$2 t=$3 f=$4 p=$5 g=$6 gp=; shift 6',
     "umask 077",
     'if [ -n "$t" ]; then mkdir -p -- "$t" || exit 201; '
-    'if [ "$f" != force ] && [ -n "$(ls -A -- "$t")" ]; then exit 202; fi; fi',
+    'if [ "$f" != force ]; then l=$(ls -A -- "$t") || exit 201; [ -z "$l" ] || exit 202; fi; '
+    'cd -- "$t" || exit 201; fi',
     'mkdir -p -m 700 -- "${d%/*}" && rm -rf -- "$d" && mkdir -m 700 -- "$d" || exit 201',
     'IFS= read -r key || { rm -rf -- "$d"; exit 201; }',
     'printf "%s\\n" "$key" | base64 -d > "$d/id_ed25519" && printf %s "$k" > "$d/known_hosts" '
@@ -310,7 +319,6 @@ _DELEGATED = "\n".join([
     '  exec 4<&-',
     'fi',
     'if [ "$p" = fd3 ]; then exec 3<&0 </dev/null; fi',
-    'if [ -n "$t" ]; then cd -- "$t" || { rm -rf -- "$d"; exit 201; }; fi',
     '"$@"; rc=$?',
     'exec 3<&-',
     'if [ -n "$gp" ]; then kill "$gp" 2>/dev/null; fi',

@@ -6,17 +6,18 @@ host or the coordinator. Two ways to reach the repository:
 
 - **source key**: the destination is the source itself, with its own key and
   0600 passphrase file (the lines ``apply`` wrote already accept it);
-- **temporary key** (any other node, or ``--recovery``): a key pair generated *on
-  the destination* in a 0700 temporary directory; the host accepts it through a
+- **temporary key** (any other node, or ``--recovery``): a key pair made in the
+  coordinator's memory, whose private half goes over the SSH channel's stdin into a
+  0700 temporary directory of the destination; the host accepts it through a
   temporary restricted line in its managed ``authorized_keys`` block
   (``mutualbackup-restore:SOURCE:ID``, one repository, append-only, a 10M quota,
-  sshd ``expiry-time``), withdrawn as soon as borg has connected to the host
-  (sshd reads the file only at login), and in any case when the restore ends,
-  failed or not. The passphrase is read from the source's 0600 file (or from
-  the recovery file the operator holds) into the coordinator's memory and
-  written to borg's fd 3 through the SSH channel's stdin: never in argv, an
-  environment value, a log, the history or a file of the coordinator
-  (:mod:`mutualbackup.restore_access`).
+  sshd ``expiry-time``), held by one SSH session on the host and withdrawn as soon
+  as borg has connected to the host (sshd reads the file only at login), and in any
+  case when the restore ends, failed or not, or when that session drops. The
+  passphrase is read from the source's 0600 file (or from the recovery file the
+  operator holds) into the coordinator's memory and written to borg's fd 3
+  through the same stdin: never in argv, an environment value, a log, the history
+  or a file of the coordinator (:mod:`mutualbackup.restore_access`).
 """
 
 from __future__ import annotations
@@ -356,8 +357,8 @@ class _Job:
                 with contextlib.ExitStack() as stack:
                     try:
                         grant = stack.enter_context(access.grant(host, path))
-                    except TransportError as exc:
-                        errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc}")
+                    except (TransportError, OperationFailed) as exc:
+                        errors.append(self._skip(host, exc))
                         continue
                     try:
                         chosen = self.archive
@@ -371,8 +372,8 @@ class _Job:
                         errors.append(str(exc))
                         continue
                     except GateClosed as exc:
-                        if isinstance(exc.cause, TransportError):
-                            errors.append(f"{host.name}: cannot be reached to authorise the restore: {exc.cause}")
+                        if exc.from_grant and isinstance(exc.cause, (TransportError, OperationFailed)):
+                            errors.append(self._skip(host, exc.cause))
                             continue
                         if isinstance(exc.cause, UsageError):
                             raise exc.cause from None
@@ -392,6 +393,15 @@ class _Job:
         message = f"no replica of {self.source} could be used:\n" + "\n".join(errors)
         self._record_failure("", message)
         raise OperationFailed(message)
+
+    def _skip(self, host: Node, error: BaseException) -> str:
+        """Why ``host``'s replica is passed over (the host's line could not be had there); logged as a warning."""
+        if isinstance(error, TransportError):
+            why = f"{host.name}: cannot be reached to authorise the restore: {error}"
+        else:
+            why = f"{host.name}: cannot authorise the restore there (nothing was changed on it): {error}"
+        log.warning("%s", why)
+        return why
 
     def _record_failure(self, target: str, error: str, **fields: object) -> None:
         run_id = self.ctx.history.start_run("restore", self.source, target)

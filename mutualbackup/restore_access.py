@@ -87,12 +87,14 @@ class GateClosed(Exception):
     """borg's ssh was not let through: the host's line, or the passphrase, could not be had.
 
     ``cause`` says why (a TransportError when the host could not be reached);
+    ``from_grant`` when the host's line could not be had (else the passphrase);
     ``recorded`` once the history has the failed run.
     """
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, *, from_grant: bool) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.from_grant = from_grant
         self.recorded = False
 
 
@@ -134,7 +136,7 @@ class Access:
         env = borg_restore.delegated_env(delegated.tmp, gated=gated)
         if payload is not None:
             env.pop("BORG_PASSPHRASE_FD", None)
-        refused: list[BaseException] = []
+        refused: list[GateClosed] = []
 
         def stdin() -> Iterator[bytes]:
             yield delegated.key.private_line + b"\n"
@@ -144,9 +146,14 @@ class Access:
             try:
                 if grant is not None:
                     grant.wait()
+            except BaseException as exc:  # noqa: BLE001 - told to the caller below
+                refused.append(GateClosed(exc, from_grant=True))
+                yield borg_restore.GATE_REFUSED
+                return
+            try:
                 secret = self.passphrase() if self.passphrase is not None else b""
             except BaseException as exc:  # noqa: BLE001 - told to the caller below
-                refused.append(exc)
+                refused.append(GateClosed(exc, from_grant=False))
                 yield borg_restore.GATE_REFUSED
                 return
             yield borg_restore.GATE_OPEN + secret
@@ -159,8 +166,8 @@ class Access:
         if result.stdout.endswith(borg_restore.TEMPORARY_REMOVED):
             delegated.left_behind = False
             result = Result(result.argv, result.exit_code, result.stdout[: -len(borg_restore.TEMPORARY_REMOVED)], result.stderr)
-        if refused:
-            raise GateClosed(refused[0])
+        if refused and result.exit_code not in (borg_restore.TARGET_UNUSABLE, borg_restore.TARGET_NOT_EMPTY):
+            raise refused[0]  # the target's own verdict, when there is one, says more
         return result
 
 

@@ -646,3 +646,19 @@ def test_a_grant_on_a_damaged_block_raises_and_changes_nothing(tmp_path: Path) -
         with authorised(FakeContext(LocalHost(tmp_path)), node, "coop/web1", "/r", KEY, restore_id):  # type: ignore[arg-type]
             pass
     assert path.read_text() == f"{BEGIN}\nx\n"
+
+
+def test_removing_a_line_keeps_every_other_byte_even_in_a_file_grep_calls_binary(tmp_path: Path) -> None:
+    line = br.restore_line("borg", "/r", KEY, "coop/web1", RID)
+    path = tmp_path / "authorized_keys"
+    others = b"ssh-ed25519 AAAA ren\xe9@laptop\n", b"ssh-ed25519 BBBB odd\x00byte\n", b"ssh-rsa CCCC crlf\r\n"
+    path.write_bytes(others[0] + BEGIN.encode() + b"\n" + line.encode() + b"\n" + END.encode() + b"\n" + others[1] + others[2])
+    for env in (dict(os.environ, LC_ALL="C.UTF-8"), dict(os.environ, LC_ALL="C")):
+        assert subprocess.run(br.remove_line_argv(str(path), line), env=env).returncode == 0
+        assert path.read_bytes() == others[0] + f"{BEGIN}\n{END}\n".encode() + others[1] + others[2]
+
+
+def test_a_restore_id_with_digits_that_are_no_date_is_not_ours_and_stale() -> None:
+    line = f"{KEY} mutualbackup-restore:coop/web1:20241399T250000Z-abcd"
+    assert br.restore_id_time("20241399T250000Z-abcd") is None
+    assert br.is_stale_restore_line(line, NOW)
