@@ -8,8 +8,9 @@ import filecmp
 import io
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mutualbackup.cli import main
 from mutualbackup.labfed import LabFederation
@@ -143,3 +144,14 @@ def same_tree(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> list[str]:
             if pa.is_file() and not filecmp.cmp(pa, pb, shallow=False):
                 problems.append(f"content differs {rel / name}")
     return problems
+
+
+def wait_for(condition: Callable[[], Any], seconds: float = 10.0, what: str = "the condition", step: float = 0.02) -> Any:
+    """Poll ``condition`` every ``step`` seconds until it returns something truthy (returned); fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")

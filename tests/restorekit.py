@@ -188,12 +188,3 @@ def watch_processes() -> Iterator[list[bytes]]:
         stop.set()
         thread.join()
 
-
-def wait_for(condition, seconds: float = 60.0, step: float = 0.005):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {seconds}s")

@@ -40,19 +40,10 @@ from mutualbackup.restore import list_archives
 from mutualbackup.schedule import jitter_seconds
 from mutualbackup.status import compute_status
 
-from labkit import alpha_beta, mb, write_tree
+from labkit import alpha_beta, mb, wait_for, write_tree
 
 pytestmark = pytest.mark.lab
 
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")
 
 
 def cmdline(pid: int) -> list[str]:

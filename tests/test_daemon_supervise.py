@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mutualbackup import supervise
 from mutualbackup.transport import Result
+
+from labkit import wait_for
 
 PY_WAITS_FOR_SIGINT = (sys.executable, "-c",
                        "import signal, sys, time\n"
@@ -17,15 +18,6 @@ PY_WAITS_FOR_SIGINT = (sys.executable, "-c",
                        "print('started', flush=True)\n"
                        "time.sleep(120)\n")
 
-
-def wait_for(condition, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def alive(pid: int) -> bool:
@@ -51,7 +43,7 @@ def test_the_pidfile_names_the_command_its_run_and_its_start_time(tmp_path: Path
     proc = subprocess.Popen(list(supervise.supervised_argv(str(pidfile), 99, PY_WAITS_FOR_SIGINT)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()))
+        info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()), 20)
         assert info.run_id == 99 and alive(info.pid) and info.started
         assert Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")[0] == sys.executable.encode()
         assert oct(pidfile.parent.stat().st_mode & 0o777) == "0o700"
@@ -64,7 +56,7 @@ def test_when_the_session_is_gone_the_wrapper_stops_the_command_with_sigint(tmp_
     pidfile = tmp_path / "peer.pid"
     argv = supervise.supervised_argv(str(pidfile), 1, PY_WAITS_FOR_SIGINT, heartbeat=1, grace=5)
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()))
+    info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()), 20)
     assert proc.stdout.readline() == b"started\n"
     proc.stderr.close()  # what sshd does when the coordinator's connection dies
     proc.stdout.close()
@@ -78,7 +70,7 @@ def test_the_stop_script_escalates_to_sigterm_for_a_command_that_ignores_sigint(
     ignores_int = (sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(120)\n")
     proc = subprocess.Popen(list(supervise.supervised_argv(str(pidfile), 1, ignores_int)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()))
+    info = wait_for(lambda: pidfile.exists() and supervise.parse_pidfile(pidfile.read_bytes()), 20)
     stopped = subprocess.run(list(supervise.stop_argv(str(pidfile), 1, 5)), capture_output=True, timeout=30)
     assert stopped.returncode == 0
     assert stopped.stdout.strip() == b"stopped by SIGTERM"

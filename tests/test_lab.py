@@ -16,6 +16,8 @@ from mutualbackup.errors import TransportError
 from mutualbackup.lab import Lab, LabError, LabNode, is_alive
 from mutualbackup.ssh import SSHTransport
 
+from labkit import wait_for
+
 pytestmark = pytest.mark.lab
 
 
@@ -50,15 +52,6 @@ def command_name(pid: int) -> str | None:
     except FileNotFoundError:
         return None
 
-
-def wait_for(condition, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"condition not met within {seconds}s")
 
 
 def busy_tree(lab: Lab, node: LabNode, pool: concurrent.futures.Executor) -> tuple[concurrent.futures.Future, dict[int, int]]:

@@ -21,9 +21,9 @@ from mutualbackup.borg_restore import RESTORE_LINE_LIFETIME, new_restore_id, res
 from mutualbackup.labfed import LabFederation
 from mutualbackup.provision import BEGIN, END
 
-from labkit import mb, mb_json
+from labkit import mb, mb_json, wait_for
 from restorekit import (
-    backed_up, AWKWARD_DIR, HOSTILE_NAMES, keys_snapshot, node_doc, restore_lines, restored, source, storage, tree_differences, wait_for, watch_processes,
+    backed_up, AWKWARD_DIR, HOSTILE_NAMES, keys_snapshot, node_doc, restore_lines, restored, source, storage, tree_differences, watch_processes,
 )
 
 pytestmark = pytest.mark.lab
@@ -190,7 +190,7 @@ def test_a_restore_cut_off_by_the_destination_dying_leaves_no_temporary_line(fed
     killed = threading.Event()
 
     def kill_when_authorised() -> None:
-        wait_for(lambda: restore_lines(fed), seconds=60)
+        wait_for(lambda: restore_lines(fed), seconds=60, step=0.005)
         fed.lab.kill(web2)
         killed.set()
 

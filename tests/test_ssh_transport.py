@@ -12,13 +12,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
 from mutualbackup.lab import Lab, LabNode
 from mutualbackup.ssh import SSHTransport
+
+from labkit import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -37,16 +39,6 @@ def transport(lab: Lab, node: LabNode) -> Iterator[SSHTransport]:
     with SSHTransport(node.as_node(), str(lab.coordinator_key)) as opened:
         yield opened
 
-
-def wait_for(condition: Callable[[], object], seconds: float = 10.0) -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"condition not met within {seconds}s")
 
 
 def commands_of(lab: Lab, node: LabNode, name: str) -> list[int]:
