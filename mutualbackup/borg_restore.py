@@ -128,7 +128,10 @@ def live_restore_lines(lines: Iterable[str], now: dt.datetime) -> list[str]:
 
 
 def with_restore_line(lines: Sequence[str], new: str, now: dt.datetime) -> list[str]:
-    """Managed lines with ``new`` added and stale restore lines dropped."""
+    """Managed lines with ``new`` added and stale restore lines dropped.
+
+    The reference for the host's own edit (:func:`add_line_argv`), which tests compare with it.
+    """
     return [line for line in lines if not is_stale_restore_line(line, now) and line != new] + [new]
 
 

@@ -271,9 +271,7 @@ def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | No
     key = new_restore_key(borg_restore.restore_comment(job.source, restore_id))
     with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
         first = job.hosts[0]
-        early = EarlyGrant(pool, first, authorised(
-            job.ctx, first, job.source, job.repository_path(first), key.public_key, restore_id
-        ))
+        early = EarlyGrant(pool, authorised(job.ctx, first, job.source, job.repository_path(first), key.public_key, restore_id))
         cleanup.callback(early.close)
         workdir = pool.submit(_connected_workdir, transport, job.destination)
         if job.recovery is None and source_node is not None:

@@ -346,8 +346,7 @@ class EarlyGrant:
     restore never took it.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor, host: Node, manager: contextlib.AbstractContextManager[Grant]) -> None:
-        self.host = host
+    def __init__(self, pool: ThreadPoolExecutor, manager: contextlib.AbstractContextManager[Grant]) -> None:
         self._manager = manager
         self._taken = False
         self.future: Future[Grant] = pool.submit(manager.__enter__)
