@@ -97,12 +97,62 @@ def _handle_channel_request(channel: paramiko.Channel, message: paramiko.Message
 
 
 class _PinnedTransport(paramiko.Transport):
-    """paramiko's Transport, understanding ``exit-signal``."""
+    """paramiko's Transport, understanding ``exit-signal``, and acknowledging promptly.
+
+    After authentication OpenSSH's sshd sends a ``hostkeys-00@openssh.com`` global
+    request that wants no reply, then (as a separate small packet) the
+    confirmation of our session channel. With Nagle's algorithm on the server's
+    socket, that confirmation waits until the first packet is acknowledged, and
+    our kernel delays a bare acknowledgement by up to 40 ms: every new
+    connection paid that once more before its first command. Answering every
+    reply-less global request with an ``SSH_MSG_IGNORE`` (RFC 4253 §11.2: to be
+    ignored by the peer) carries the acknowledgement at once.
+    """
 
     _channel_handler_table = {
         **paramiko.Transport._channel_handler_table,
         paramiko.common.MSG_CHANNEL_REQUEST: _handle_channel_request,
     }
+
+    def _parse_global_request(self, m: paramiko.Message) -> None:
+        start = m.packet.tell()
+        try:
+            m.get_text()
+            wants_reply = m.get_boolean()
+        except Exception:  # a malformed request: paramiko deals with it
+            wants_reply = True
+        m.packet.seek(start)
+        super()._parse_global_request(m)  # type: ignore[misc]
+        if not wants_reply:  # paramiko's own reply acknowledges the others
+            self._send_message(ignore_message())  # type: ignore[attr-defined]
+
+
+def ignore_message() -> paramiko.Message:
+    """An empty ``SSH_MSG_IGNORE``: a packet the peer discards, sent to carry a TCP acknowledgement."""
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_IGNORE)
+    message.add_string(b"")
+    return message
+
+
+def open_socket(address: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``address:port`` for SSH, with ``TCP_NODELAY`` (and ``TCP_USER_TIMEOUT``).
+
+    paramiko's own socket keeps Nagle's algorithm: a small packet written while an
+    earlier one is unacknowledged then waits for the peer's delayed acknowledgement
+    (up to 40 ms), several times per key exchange and authentication, and once per
+    command's round trip. Every message of ours is a complete request, so nothing
+    is gained by holding it back. Raises OSError as :func:`socket.create_connection`.
+    """
+    sock = socket.create_connection((address, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class SSHTransport:
@@ -172,6 +222,20 @@ class SSHTransport:
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         timeout = self.connect_timeout
         try:
+            sock = open_socket(node.address, node.port, timeout)
+        except ConnectionRefusedError as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
+            ) from error
+        except socket.timeout as error:
+            raise TransportError(f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s") from error
+        except socket.gaierror as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
+            ) from error
+        except OSError as error:
+            raise TransportError(f"cannot connect to {node.name} ({where}): {error.strerror or error}") from error
+        try:
             client.connect(
                 node.address,
                 port=node.port,
@@ -184,6 +248,7 @@ class SSHTransport:
                 auth_timeout=timeout,
                 channel_timeout=timeout,
                 transport_factory=_PinnedTransport,
+                sock=sock,
             )
         except paramiko.BadHostKeyException as error:
             client.close()
@@ -200,31 +265,21 @@ class SSHTransport:
                 f"cannot log in to {node.name} ({where}) as {node.user}: the node refused the "
                 f"coordinator key {self.key_file} ({error}); check its authorized_keys"
             ) from error
-        except paramiko.ssh_exception.NoValidConnectionsError as error:
-            client.close()
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
-            ) from error
         except socket.timeout as error:
             client.close()
+            sock.close()
             raise TransportError(
                 f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s"
             ) from error
-        except socket.gaierror as error:
-            client.close()
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
-            ) from error
         except (paramiko.SSHException, OSError, EOFError) as error:
             client.close()
+            sock.close()
             raise TransportError(
                 f"cannot connect to {node.name} ({where}): {error or type(error).__name__}"
             ) from error
         live = client.get_transport()
         assert live is not None
         live.set_keepalive(KEEPALIVE_SECONDS)
-        if hasattr(socket, "TCP_USER_TIMEOUT") and isinstance(live.sock, socket.socket):
-            live.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
         return client
 
     def _open_channel(self) -> tuple[paramiko.Transport, paramiko.Channel]:

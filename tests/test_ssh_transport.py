@@ -176,6 +176,15 @@ def test_one_connection_is_reused_for_many_commands(node: LabNode, transport: SS
     assert node.sshd_log.read_text().count("Accepted publickey") == 1
 
 
+def test_the_live_connection_sends_small_packets_at_once(transport: SSHTransport) -> None:
+    assert transport.run(["true"]).ok
+    assert transport._client is not None
+    live = transport._client.get_transport()
+    assert live is not None
+    assert live.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert live.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+
+
 def test_concurrent_commands_share_one_transport(transport: SSHTransport) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: transport.run(["sh", "-c", 'sleep 0.3; echo "$1"', "sh", str(i)]), range(8)))
