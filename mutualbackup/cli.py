@@ -8,6 +8,7 @@ invalid nothing runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -301,14 +302,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.source} is not in the inventory; to restore a node that is gone, "
                          "use --recovery FILE (made by `mutualbackup keys export`)")
     progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
-    try:
+    with progress.beside_logs() if progress is not None else contextlib.nullcontext():
         result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
                          replica=args.replica, dry_run=args.dry_run, force=args.force,
                          allow_other_member=args.allow_other_member, recovery=recovery,
                          requested_by=requested_by(), on_progress=progress)
-    finally:
-        if progress is not None:
-            progress.done()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -26,10 +26,11 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from . import borg, borg_restore, keys
 from .borg_restore import ExtractProgress
@@ -538,7 +539,12 @@ def format_progress(progress: ExtractProgress, seconds: float) -> str:
 
 
 class TerminalProgress:
-    """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses."""
+    """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses.
+
+    Log lines written meanwhile to the same terminal go above it: inside
+    :meth:`beside_logs`, a log handler writing to ``stream`` erases the progress
+    line first and draws it again after (log lines come from other threads too).
+    """
 
     def __init__(self, stream, clock: Callable[[], float] = time.monotonic) -> None:  # noqa: ANN001
         self.stream = stream
@@ -546,20 +552,73 @@ class TerminalProgress:
         self.started = clock()
         self.shown = 0.0
         self.width = 0
+        self.text = ""
+        self.lock = threading.RLock()
 
     def __call__(self, progress: ExtractProgress) -> None:
         now = self.clock()
         if now - self.shown < 0.2:
             return
         self.shown = now
-        self._write(format_progress(progress, now - self.started))
+        with self.lock:
+            self._write(format_progress(progress, now - self.started))
 
     def _write(self, text: str) -> None:
         self.stream.write("\r" + text.ljust(self.width))
         self.width = len(text)
+        self.text = text
         self.stream.flush()
 
-    def done(self) -> None:
+    def _erase(self) -> None:
         if self.width:
             self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
+            self.width = 0
+
+    def write_above(self, text: str) -> None:
+        """Write ``text`` (whole lines) where the progress line is, then draw the progress line again."""
+        with self.lock:
+            self._erase()
+            self.stream.write(text)
+            if self.text and text.endswith("\n"):
+                self._write(self.text)
+            else:
+                self.stream.flush()
+
+    @contextlib.contextmanager
+    def beside_logs(self, logger: logging.Logger | None = None) -> Iterator["TerminalProgress"]:
+        """While inside, ``logger``'s handlers (default: the root's) that write to ``stream`` write above the line.
+
+        On leaving, the handlers get their stream back and the progress line is erased.
+        """
+        above = _Above(self)
+        swapped: list[tuple[logging.StreamHandler, object]] = []
+        for handler in (logger or logging.getLogger()).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
+                swapped.append((handler, handler.setStream(above)))  # type: ignore[arg-type]
+        try:
+            yield self
+        finally:
+            for handler, stream in swapped:
+                handler.setStream(stream)  # type: ignore[arg-type]
+            self.done()
+
+    def done(self) -> None:
+        with self.lock:
+            if self.width:
+                self._erase()
+                self.stream.flush()
+            self.text = ""
+
+
+class _Above:
+    """The stream a log handler writes to while a progress line is shown: see :meth:`TerminalProgress.write_above`."""
+
+    def __init__(self, progress: TerminalProgress) -> None:
+        self.progress = progress
+
+    def write(self, text: str) -> int:
+        self.progress.write_above(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.progress.stream.flush()

@@ -479,6 +479,33 @@ def test_the_progress_line_shows_items_bytes_of_total_and_rate_and_is_rewritten_
     assert stream.getvalue() == "\r" + line + "\r" + " " * len(line) + "\r"
 
 
+def test_a_log_line_goes_above_the_progress_line_which_is_drawn_again_under_it() -> None:
+    import io
+    import logging
+
+    from mutualbackup.restore import TerminalProgress
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test-progress-beside-logs")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        ticks = iter([0.0, 1.0])
+        show = TerminalProgress(stream, clock=lambda: next(ticks))
+        with show.beside_logs(logger):
+            show(br.ExtractProgress(files=3, bytes_done=1024**2))  # at 1.0 s: shown
+            logger.warning("restore end")
+        line = "3 item(s)  1 MiB  1 MiB/s"
+        blank = "\r" + " " * len(line) + "\r"
+        assert stream.getvalue() == "\r" + line + blank + "restore end\n" + "\r" + line + blank
+        assert handler.stream is stream  # given back on leaving
+        logger.warning("after")
+        assert stream.getvalue().endswith(blank + "after\n")
+    finally:
+        logger.removeHandler(handler)
+
+
 # --- the temporary line is withdrawn as soon as borg is connected ----------------------------
 
 
