@@ -232,7 +232,9 @@ EXIT_HINTS: dict[int, str] = {
     13: "the repository does not exist: run `mutualbackup apply`",
     14: "the host's disk is full: free space there or move the replica",
     15: "the repository does not exist: run `mutualbackup apply`",
-    20: "the storage quota of this replica is exhausted: raise the estimate and re-run `mutualbackup apply`",
+    20: ("the storage quota of this replica is exhausted, and nothing of this run was kept (earlier archives are "
+         "intact): raise the source's `estimate` (the quota is twice the larger of it and the measured size, at "
+         "least 10 GiB, at most the host's `capacity`) and run `mutualbackup apply`"),
     50: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
     51: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
     52: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",

@@ -20,7 +20,6 @@ from . import borg, borg_restore
 from .context import Context
 from .errors import MutualBackupError, OperationFailed
 from .model import Node
-from .placement import source_size
 from .transport import Transport, resolve_path
 
 BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
@@ -40,6 +39,17 @@ class ApplyReport:
 def replica_quota(size: int, capacity: int) -> int:
     """The storage quota of one replica: twice its size (room to grow), at least 10 GiB, at most the host."""
     return min(capacity, max(MIN_QUOTA, QUOTA_FACTOR * size))
+
+
+def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
+    """The size a replica's quota is made for: the larger of the measured size (``sizes``) and ``estimate``.
+
+    Unlike placement (measured size, else estimate), the estimate still counts once
+    a size was measured: a member who expects the source to grow raises its
+    estimate, and the next ``apply`` gives every replica room for it.
+    """
+    assert source.backup is not None
+    return max(sizes.get(source.name, 0), source.backup.estimate or 0)
 
 
 def render_block(lines: Sequence[str]) -> list[str]:
@@ -119,7 +129,7 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
                 continue
             source = ctx.federation.node(source_name)
             assert host.storage is not None
-            quota = replica_quota(source_size(source, sizes), host.storage.capacity)
+            quota = replica_quota(quota_size(source, sizes), host.storage.capacity)
             lines.append(
                 borg.authorized_keys_line(
                     host.borg, borg.repository_path(source, host), quota, public_keys[source_name], f"mutualbackup:{source_name}"

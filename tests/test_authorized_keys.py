@@ -9,7 +9,7 @@ import pytest
 from labkit import dequote_command
 
 from mutualbackup.borg import authorized_keys_line
-from mutualbackup.provision import BEGIN, END, managed_lines, replace_block, replica_quota
+from mutualbackup.provision import BEGIN, END, managed_lines, quota_size, replace_block, replica_quota
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
 
@@ -61,6 +61,25 @@ def test_replacing_twice_is_idempotent() -> None:
 )
 def test_the_quota_is_twice_the_size_at_least_10_gib_at_most_the_host(size: int, capacity: int, quota: int) -> None:
     assert replica_quota(size, capacity) == quota
+
+
+@pytest.mark.parametrize(
+    "measured, estimate, size",
+    [(None, 5 * 1024**3, 5 * 1024**3), (3 * 1024**3, 5 * 1024**3, 5 * 1024**3), (8 * 1024**3, 5 * 1024**3, 8 * 1024**3),
+     (None, None, 0), (2 * 1024**3, None, 2 * 1024**3)],
+)
+def test_the_quota_follows_the_larger_of_the_measured_size_and_the_estimate(
+    measured: int | None, estimate: int | None, size: int
+) -> None:
+    from mutualbackup.model import Backup, Node, Retention
+
+    backup = Backup(paths=("/srv",), exclude=(), estimate=estimate, replicas=1, every=86400, window=None, rpo=93600,
+                    retention=Retention(daily=7), compression="lz4", check_every=604800, drill_every=2592000, before=())
+    source = Node(member="alpha", slug="web", address="192.0.2.1", port=22, user="mb", host_key="ssh-ed25519 AAAA",
+                  workdir="~/.mutualbackup", authorized_keys="~/.ssh/authorized_keys", borg="borg", backup=backup,
+                  storage=None, site="a", where=None)
+    sizes = {} if measured is None else {"alpha/web": measured}
+    assert quota_size(source, sizes) == size
 
 
 @pytest.mark.parametrize(
