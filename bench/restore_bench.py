@@ -34,11 +34,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from benchkit import add_lab_arguments, run_lab_bench
 from mutualbackup import labfed
 from mutualbackup.cli import main as mutualbackup_main
 from mutualbackup.lab import Lab
@@ -213,18 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--root", type=Path, help="work directory (default: a new temporary one, removed afterwards)")
-    parser.add_argument("--borg", default=shutil.which("borg") or str(Path(sys.executable).with_name("borg")))
-    parser.add_argument("--json", action="store_true")
+    add_lab_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        print("the bench needs root and /usr/sbin/sshd (it runs a lab federation)", file=sys.stderr)
-        return 2
-    with contextlib.ExitStack() as stack:
-        root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="restore-bench-")))
-        result = run(args.size_mb, args.repeat, root, args.borg)
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+    return run_lab_bench(args, "restore-bench-", lambda root: run(args.size_mb, args.repeat, root, args.borg), report)
 
 
 if __name__ == "__main__":

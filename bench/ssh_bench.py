@@ -18,20 +18,16 @@ paramiko / mutualbackup. Needs root and /usr/sbin/sshd, like the lab. Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import paramiko
 
+from benchkit import add_lab_arguments, run_lab_bench
 from mutualbackup.lab import Lab, LabNode
 from mutualbackup.ssh import SSHTransport, parse_host_key
 
@@ -131,7 +127,7 @@ def report(result: dict[str, Any]) -> str:
     m = result["median_ms"]
     return "\n".join([
         f"one SSH command to a lab node on 127.0.0.1, median of {result['repeat']} run(s) each:",
-        f"                              paramiko as it comes   mutualbackup   ratio",
+        "                              paramiko as it comes   mutualbackup   ratio",
         f"  connect + true + close      {m['paramiko']:11.1f} ms   {m['mutualbackup']:9.1f} ms   "
         f"{result['ratio_connect_and_command']:5.2f}",
         f"  true on a kept connection   {m['paramiko, kept connection']:11.1f} ms   "
@@ -143,18 +139,9 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--root", type=Path, help="work directory (default: a new temporary one, removed afterwards)")
-    parser.add_argument("--borg", default=shutil.which("borg") or str(Path(sys.executable).with_name("borg")))
-    parser.add_argument("--json", action="store_true")
+    add_lab_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        print("the bench needs root and /usr/sbin/sshd (it runs a lab node)", file=sys.stderr)
-        return 2
-    with contextlib.ExitStack() as stack:
-        root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ssh-bench-")))
-        result = run(args.repeat, root, args.borg)
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+    return run_lab_bench(args, "ssh-bench-", lambda root: run(args.repeat, root, args.borg), report)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import importlib.util
 import io
 import json
 import os
+import sys
 import time
+from types import ModuleType
 from pathlib import Path
 from typing import Any, Callable
+
+import pytest
 
 from mutualbackup.cli import main
 from mutualbackup.labfed import LabFederation
@@ -155,3 +160,19 @@ def wait_for(condition: Callable[[], Any], seconds: float = 10.0, what: str = "t
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """The bench script ``bench/NAME.py`` as a module (skips the test where a lab cannot run)."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("the bench needs root and /usr/sbin/sshd")
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # for bench/benchkit.py
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
