@@ -226,15 +226,25 @@ def classify_exit(code: int) -> str:
     return "error"
 
 
+MIN_QUOTA = 10 * 1024**3
+"""The smallest storage quota of a replica line (see :func:`mutualbackup.provision.replica_quota`)."""
+QUOTA_FACTOR = 2
+"""A replica's quota is this many times its size (room to grow)."""
+CHECKPOINT_MINUTES = 30
+"""borg create's default ``--checkpoint-interval`` (1800 s), which the coordinator keeps."""
+
+
 EXIT_HINTS: dict[int, str] = {
     -1: "the connection was lost or the command timed out; the next attempt resumes (nothing stored is sent twice)",
     2: "borg reported an error; see its message above",
     13: "the repository does not exist: run `mutualbackup apply`",
     14: "the host's disk is full: free space there or move the replica",
     15: "the repository does not exist: run `mutualbackup apply`",
-    20: ("the storage quota of this replica is exhausted, and nothing of this run was kept (earlier archives are "
-         "intact): raise the source's `estimate` (the quota is twice the larger of it and the measured size, at "
-         "least 10 GiB, at most the host's `capacity`) and run `mutualbackup apply`"),
+    20: (f"the storage quota of this replica is exhausted: what this run wrote was not committed (a `.checkpoint` "
+         f"archive may remain from a backup that ran over {CHECKPOINT_MINUTES} minutes) and earlier archives are intact. "
+         f"Raise the source's `estimate` (the quota is {QUOTA_FACTOR} times the larger of it and the measured size, "
+         f"at least {MIN_QUOTA // 1024**3} GiB) and run `mutualbackup apply`; when the quota is already the host's "
+         f"whole `capacity`, raise that or move the replica"),
     50: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
     51: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",
     52: "the passphrase does not open this repository: check WORKDIR/passphrase on the source",

@@ -25,8 +25,8 @@ from .transport import Transport, resolve_path
 BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
 END = "# END mutualbackup"
 
-MIN_QUOTA = 10 * 1024**3
-QUOTA_FACTOR = 2
+MIN_QUOTA = borg.MIN_QUOTA
+QUOTA_FACTOR = borg.QUOTA_FACTOR
 
 
 @dataclass

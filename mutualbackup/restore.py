@@ -598,9 +598,10 @@ class TerminalProgress:
         try:
             yield self
         finally:
-            for handler, stream in swapped:
-                handler.setStream(stream)  # type: ignore[arg-type]
-            self.done()
+            with self.lock:  # a log line from another thread waits: it must not land on an erased line's end
+                self.done()
+                for handler, stream in swapped:
+                    handler.setStream(stream)  # type: ignore[arg-type]
 
     def done(self) -> None:
         with self.lock:
@@ -622,3 +623,6 @@ class _Above:
 
     def flush(self) -> None:
         self.progress.stream.flush()
+
+    def __getattr__(self, name: str) -> object:  # isatty, encoding, fileno...: the terminal's
+        return getattr(self.progress.stream, name)

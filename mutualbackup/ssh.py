@@ -277,6 +277,10 @@ class SSHTransport:
             raise TransportError(
                 f"cannot connect to {node.name} ({where}): {error or type(error).__name__}"
             ) from error
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
         live = client.get_transport()
         assert live is not None
         live.set_keepalive(KEEPALIVE_SECONDS)

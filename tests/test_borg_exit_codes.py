@@ -25,5 +25,11 @@ def test_exit_codes_are_classified_as_borg_documents_them(code: int, verdict: st
 def test_hints_tell_the_operator_what_to_do_next() -> None:
     assert "not found" in exit_hint(127)
     assert "quota" in exit_hint(20)
+    from mutualbackup.borg import MIN_QUOTA, QUOTA_FACTOR
+    from mutualbackup.provision import replica_quota
+
+    assert f"{QUOTA_FACTOR} times" in exit_hint(20) and f"at least {MIN_QUOTA // 1024**3} GiB" in exit_hint(20)
+    assert replica_quota(0, 10**15) == MIN_QUOTA and replica_quota(MIN_QUOTA, 10**15) == QUOTA_FACTOR * MIN_QUOTA
+    assert ".checkpoint" in exit_hint(20) and "capacity" in exit_hint(20)
     assert "signal 15" in exit_hint(143)
     assert "apply" in exit_hint(13)

@@ -496,6 +496,7 @@ def test_a_log_line_goes_above_the_progress_line_which_is_drawn_again_under_it()
         with show.beside_logs(logger):
             show(br.ExtractProgress(files=3, bytes_done=1024**2))  # at 1.0 s: shown
             logger.warning("restore end")
+            assert handler.stream.isatty() is False  # the terminal's own answers pass through
         line = "3 item(s)  1 MiB  1 MiB/s"
         blank = "\r" + " " * len(line) + "\r"
         assert stream.getvalue() == "\r" + line + blank + "restore end\n" + "\r" + line + blank

@@ -25,6 +25,7 @@ def transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_PinnedTranspor
         yield transport, sent
     finally:
         transport.close()
+        ours.close()
         theirs.close()
 
 
@@ -44,6 +45,12 @@ def test_a_global_request_that_wants_no_reply_is_answered_with_an_ignore_message
     opened, sent = transport
     opened._parse_global_request(global_request("hostkeys-00@openssh.com", wants_reply=False))
     assert kinds(sent) == [paramiko.common.MSG_IGNORE]
+
+
+def test_paramiko_dispatches_global_requests_to_our_handler(transport) -> None:  # noqa: ANN001
+    opened, _ = transport
+    handler = opened._handler_table[paramiko.common.MSG_GLOBAL_REQUEST]
+    assert handler.__func__ is _PinnedTransport._parse_global_request
 
 
 def test_a_global_request_that_wants_a_reply_gets_only_paramikos_refusal(transport) -> None:  # noqa: ANN001
