@@ -25,10 +25,6 @@ from .transport import Transport, resolve_path
 BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
 END = "# END mutualbackup"
 
-MIN_QUOTA = borg.MIN_QUOTA
-QUOTA_FACTOR = borg.QUOTA_FACTOR
-
-
 @dataclass
 class ApplyReport:
     changes: list[str] = field(default_factory=list)
@@ -38,7 +34,7 @@ class ApplyReport:
 
 def replica_quota(size: int, capacity: int) -> int:
     """The storage quota of one replica: twice its size (room to grow), at least 10 GiB, at most the host."""
-    return min(capacity, max(MIN_QUOTA, QUOTA_FACTOR * size))
+    return min(capacity, max(borg.MIN_QUOTA, borg.QUOTA_FACTOR * size))
 
 
 def quota_size(source: Node, sizes: Mapping[str, int]) -> int:

@@ -588,7 +588,7 @@ class TerminalProgress:
     def beside_logs(self, logger: logging.Logger | None = None) -> Iterator["TerminalProgress"]:
         """While inside, ``logger``'s handlers (default: the root's) that write to ``stream`` write above the line.
 
-        On leaving, the handlers get their stream back and the progress line is erased.
+        On leaving, the progress line is erased, then the handlers get their stream back.
         """
         above = _Above(self)
         swapped: list[tuple[logging.StreamHandler, object]] = []

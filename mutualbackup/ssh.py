@@ -222,36 +222,29 @@ class SSHTransport:
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         timeout = self.connect_timeout
         try:
-            sock = open_socket(node.address, node.port, timeout)
-        except ConnectionRefusedError as error:
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
-            ) from error
-        except socket.timeout as error:
-            raise TransportError(f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s") from error
-        except socket.gaierror as error:
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
-            ) from error
-        except OSError as error:
-            raise TransportError(f"cannot connect to {node.name} ({where}): {error.strerror or error}") from error
-        try:
-            client.connect(
-                node.address,
-                port=node.port,
-                username=node.user,
-                pkey=pkey,
-                look_for_keys=False,
-                allow_agent=False,
-                timeout=timeout,
-                banner_timeout=timeout,
-                auth_timeout=timeout,
-                channel_timeout=timeout,
-                transport_factory=_PinnedTransport,
-                sock=sock,
-            )
+            sock: socket.socket | None = None
+            try:
+                sock = open_socket(node.address, node.port, timeout)
+                client.connect(
+                    node.address,
+                    port=node.port,
+                    username=node.user,
+                    pkey=pkey,
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=timeout,
+                    banner_timeout=timeout,
+                    auth_timeout=timeout,
+                    channel_timeout=timeout,
+                    transport_factory=_PinnedTransport,
+                    sock=sock,
+                )
+            except BaseException:
+                client.close()
+                if sock is not None:
+                    sock.close()
+                raise
         except paramiko.BadHostKeyException as error:
-            client.close()
             raise HostKeyMismatch(
                 f"{node.name} ({where}) presented host key {error.key.get_name()} "
                 f"{error.key.fingerprint}, but the inventory pins "
@@ -260,27 +253,25 @@ class SSHTransport:
                 f"key out of band and update host_key in the inventory; nothing was sent."
             ) from error
         except paramiko.AuthenticationException as error:
-            client.close()
             raise TransportError(
                 f"cannot log in to {node.name} ({where}) as {node.user}: the node refused the "
                 f"coordinator key {self.key_file} ({error}); check its authorized_keys"
             ) from error
+        except ConnectionRefusedError as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
+            ) from error
         except socket.timeout as error:
-            client.close()
-            sock.close()
             raise TransportError(
                 f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s"
             ) from error
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            client.close()
-            sock.close()
+        except socket.gaierror as error:
             raise TransportError(
-                f"cannot connect to {node.name} ({where}): {error or type(error).__name__}"
+                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
             ) from error
-        except BaseException:
-            client.close()
-            sock.close()
-            raise
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            why = getattr(error, "strerror", None) or error or type(error).__name__
+            raise TransportError(f"cannot connect to {node.name} ({where}): {why}") from error
         live = client.get_transport()
         assert live is not None
         live.set_keepalive(KEEPALIVE_SECONDS)

@@ -73,11 +73,8 @@ def test_the_quota_follows_the_larger_of_the_measured_size_and_the_estimate(
 ) -> None:
     from mutualbackup.model import Backup, Node, Retention
 
-    backup = Backup(paths=("/srv",), exclude=(), estimate=estimate, replicas=1, every=86400, window=None, rpo=93600,
-                    retention=Retention(daily=7), compression="lz4", check_every=604800, drill_every=2592000, before=())
-    source = Node(member="alpha", slug="web", address="192.0.2.1", port=22, user="mb", host_key="ssh-ed25519 AAAA",
-                  workdir="~/.mutualbackup", authorized_keys="~/.ssh/authorized_keys", borg="borg", backup=backup,
-                  storage=None, site="a", where=None)
+    backup = Backup(paths=("/srv",), estimate=estimate, retention=Retention(daily=7))
+    source = Node(member="alpha", slug="web", address="web.example", port=22, user="mb", host_key=KEY, backup=backup)
     sizes = {} if measured is None else {"alpha/web": measured}
     assert quota_size(source, sizes) == size
 
