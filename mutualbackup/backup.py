@@ -30,6 +30,8 @@ from .transport import Result
 log = logging.getLogger("mutualbackup.backup")
 
 BACKUP_TIMEOUT = 12 * 3600
+UNREADABLE_SHOWN = 10
+"""How many paths of the files borg could not read a backup run records (all are counted)."""
 
 
 @dataclass(frozen=True)
@@ -79,18 +81,20 @@ def run_backup(
         result = _create(ctx, source, host, run_id, started, timeout, clock, control)
         exit_code = result.exit_code
         verdict = borg.classify_exit(exit_code)
+        said = borg.parse_log(result.stderr)
         if verdict not in ("success", "warning") and control is not None and control.is_aborted:
             raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
         if verdict not in ("success", "warning"):
-            raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{result.stderr_tail()}".strip(), exit_code)
+            raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{said.tail()}".strip(), exit_code)
         stats = borg.parse_create_json(result.stdout)
         ended = clock()
-        error = result.stderr_tail() if verdict == "warning" else None
+        error = said.tail() if verdict == "warning" else None
         ctx.history.finish_run(
             run_id, verdict, exit_code=exit_code, ended=ended, archive=stats.name,
             original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
             deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
             nfiles=stats.nfiles, error=error,
+            detail={"unreadable_files": len(said.unreadable), "unreadable_paths": list(said.unreadable[:UNREADABLE_SHOWN])},
         )
         ctx.history.record_archives(source.name, host.name, [(stats.name, started, stats.id)], now=ended)
         outcome = Outcome(source.name, host.name, verdict, exit_code, ended - started, stats.name,

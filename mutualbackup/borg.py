@@ -174,7 +174,9 @@ def init_argv(borg: str, url: str) -> tuple[str, ...]:
 
 
 def create_argv(borg: str, url: str, archive: str, backup: Backup) -> tuple[str, ...]:
-    argv: list[str] = [borg, "create", "--json", "--lock-wait", str(LOCK_WAIT), "--compression", backup.compression]
+    argv: list[str] = [
+        borg, "create", "--json", "--log-json", "--lock-wait", str(LOCK_WAIT), "--compression", backup.compression,
+    ]
     for pattern in backup.exclude:
         argv += ["--exclude", pattern]
     argv.append(f"{url}::{archive}")
@@ -322,6 +324,47 @@ def parse_list_json(stdout: bytes) -> list[ArchiveEntry]:
             when = when.replace(tzinfo=dt.timezone.utc)
         entries.append(ArchiveEntry(name=item.get("archive") or item["name"], time=when, id=item.get("id", "")))
     return sorted(entries, key=lambda e: e.time)
+
+
+@dataclass(frozen=True)
+class BorgLog:
+    """What borg said on stderr with ``--log-json``: its messages as plain lines, and the files it skipped."""
+
+    messages: tuple[str, ...]
+    unreadable: tuple[str, ...]  # paths of files borg could not read (a warning: the archive lacks them)
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.messages[-lines:])
+
+
+UNREADABLE_PREFIX = "Backup"
+"""borg 1.4's ``msgid`` of a file it could not read starts so (BackupPermissionError, BackupOSError...)."""
+
+
+def parse_log(stderr: bytes) -> BorgLog:
+    """The JSON lines of ``--log-json`` as plain messages (``LEVEL: text``; non-JSON lines kept as they are).
+
+    A warning whose ``msgid`` starts with :data:`UNREADABLE_PREFIX` names a file borg skipped
+    (``PATH: open: [Errno 13] Permission denied``): its path is collected in ``unreadable``.
+    """
+    messages: list[str] = []
+    unreadable: list[str] = []
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict) or event.get("type") != "log_message":
+            if not isinstance(event, dict):
+                messages.append(line)
+            continue
+        level, text = str(event.get("levelname", "")), str(event.get("message", ""))
+        messages.append(f"{level}: {text}" if level not in ("", "INFO") else text)
+        if level == "WARNING" and str(event.get("msgid", "")).startswith(UNREADABLE_PREFIX):
+            unreadable.append(text.split(": ", 1)[0])
+    return BorgLog(tuple(messages), tuple(unreadable))
 
 
 def parse_info_repository_bytes(stdout: bytes) -> int:

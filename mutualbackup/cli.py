@@ -249,23 +249,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
     else:
-        ws = max((len(r.source) for r in rows), default=6)
-        wt = max((len(r.target) for r in rows), default=6)
-        for r in rows:
-            age = format_duration(r.age_seconds) + " ago" if r.age_seconds is not None else "-"
-            print(f"{r.source:<{ws}}  {r.target:<{wt}}  {r.state:<7}  {age}")
-            if r.last_error and r.state != "ok":
-                print(f"    last error: {r.last_error.splitlines()[0]}")
-        drills = {r.source: r for r in rows}
-        if drills:
-            print()
-        for r in drills.values():
-            when = format_duration(now - r.last_drill_success) + " ago" if r.last_drill_success else "never"
-            print(f"{r.source:<{ws}}  drill  {r.drill_state:<7}  last success {when}")
-            if r.drill_error:
-                print(f"    drill error: {r.drill_error.splitlines()[0]}")
+        print_status(rows, now)
     failed_drill = any(r.drill_state == "failed" for r in rows)
     return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill else 1
+
+
+def print_status(rows, now: float) -> None:  # noqa: ANN001
+    """The human form of ``status``: one line per source × replica, then one per source's drill."""
+    ws = max((len(r.source) for r in rows), default=6)
+    wt = max((len(r.target) for r in rows), default=6)
+    for r in rows:
+        age = format_duration(r.age_seconds) + " ago" if r.age_seconds is not None else "-"
+        print(f"{r.source:<{ws}}  {r.target:<{wt}}  {r.state:<7}  {age}")
+        if r.last_error and r.state != "ok":
+            print(f"    last error: {r.last_error.splitlines()[0]}")
+        if r.unreadable_files:
+            more = ", …" if r.unreadable_files > len(r.unreadable_paths) else ""
+            print(f"    warning: {r.unreadable_files} file(s) could not be read and are not in the archive: "
+                  f"{', '.join(r.unreadable_paths)}{more}")
+    drills = {r.source: r for r in rows}
+    if drills:
+        print()
+    for r in drills.values():
+        when = format_duration(now - r.last_drill_success) + " ago" if r.last_drill_success else "never"
+        print(f"{r.source:<{ws}}  drill  {r.drill_state:<7}  last success {when}")
+        if r.drill_error:
+            print(f"    drill error: {r.drill_error.splitlines()[0]}")
 
 
 def cmd_archives(args: argparse.Namespace) -> int:

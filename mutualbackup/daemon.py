@@ -118,7 +118,8 @@ class Daemon:
         self.running: dict[tuple[str, str], RunningJob] = {}
         self._busy_until: dict[tuple[str, str], float] = {}  # replicas held by another live coordinator process
         self._lock = threading.Lock()
-        self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement)
+        self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement,
+                                     unplaceable=len(ctx.placement.problems))
         self._inventory_stamp = _stamp(ctx.federation.directory)
 
     # --- inventory ------------------------------------------------------------
@@ -139,6 +140,7 @@ class Daemon:
         log.info("inventory reloaded")
         self.ctx = candidate
         self.metrics.federation = federation
+        self.metrics.unplaceable = len(candidate.placement.problems)
         self.metrics.inventory_valid = True
 
     # --- scheduling -----------------------------------------------------------

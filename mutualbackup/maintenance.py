@@ -471,7 +471,7 @@ def _refuse(ctx: Context, step: _Step, source: Node, host: Node, problems: Seque
             detail: Mapping[str, object], clock: Callable[[], float]) -> StepOutcome:
     message = _refusal(source, host, problems, foreign="foreign_transactions" in detail)
     ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
-    return step.fail(message, detail=detail)
+    return step.fail(message, detail={**detail, "refused": True})
 
 
 def _recorded(ctx: Context, source: Node, host: Node) -> dict[str, tuple[str | None, float | None]]:

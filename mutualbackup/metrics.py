@@ -76,6 +76,8 @@ class MetricsSource:
     placement: Callable[[], Mapping[str, Sequence[str]]]
     inventory_valid: bool = True
     clock: Callable[[], float] = field(default=time.time)
+    unplaceable: int = 0  # sources the current inventory cannot place (the daemon sets it at each load)
+    moves_in_progress: int = 0  # replicas being moved (make before break)
 
 
 def replica_healthy(facts: ReplicaFacts, rpo: float, now: float) -> bool:
@@ -140,13 +142,11 @@ class FederationMetrics:
             tallies = self.totals.read(query, (r.id for r in running if r.kind == "backup"))
             drills = read_drills(query)
         member_of = {node.name: node.member for node in fed.nodes()}
-        valid = Family("mutualbackup_inventory_valid", "gauge", "1 when the inventory the daemon uses is valid, else 0")
-        valid.add((), 1 if src.inventory_valid else 0)
         return [
             *_replica_families(pairs, member_of, facts, tallies),
             *_source_families(fed, placement, facts, drills, now),
             *_storage_families(fed, placement, facts, running),
-            valid,
+            *_federation_families(src),
         ]
 
 
@@ -172,6 +172,11 @@ def _replica_families(
     repo_size = Family("mutualbackup_repository_size_bytes", "gauge", "Last measured size of the replica's repository", _FOUR)
     check = Family("mutualbackup_last_check_success_timestamp_seconds", "gauge",
                    "Start time of the replica's last successful borg check", _TWO)
+    unreadable = Family("mutualbackup_backup_unreadable_files", "gauge",
+                        "Files the replica's last successful backup could not read (they are not in the archive)", _TWO)
+    blocked = Family("mutualbackup_compaction_blocked", "gauge",
+                     "1 when the latest compaction of the replica was refused by the guard (deletions it cannot explain)",
+                     _TWO)
     empty, no_runs = ReplicaFacts(), RunTally()
     for pair in pairs:
         source, target = pair
@@ -193,7 +198,11 @@ def _replica_families(
             repo_size.add(four, fact.repository_bytes)
         if fact.last_check_success is not None:
             check.add(pair, fact.last_check_success)
-    return [last_success, last_attempt, runs_total, duration, original, compressed, dedup, repo_size, check]
+        if fact.unreadable_files is not None:
+            unreadable.add(pair, fact.unreadable_files)
+        blocked.add(pair, 1 if fact.compaction_blocked else 0)
+    return [last_success, last_attempt, runs_total, duration, original, compressed, dedup, repo_size, check,
+            unreadable, blocked]
 
 
 def _source_families(
@@ -230,13 +239,21 @@ def _storage_families(
                   ("host", "member"))
     jobs = Family("mutualbackup_jobs_running", "gauge", "Jobs (backups, checks, drills...) running on the host now",
                   ("host",))
+    contact = Family("mutualbackup_host_last_contact_timestamp_seconds", "gauge",
+                     "Start time of the latest backup or repository check that reached the host", ("host", "member"))
     per_host: dict[str, int] = {}
     for run in running:
         per_host[run.target] = per_host.get(run.target, 0) + 1
+    reached: dict[str, float] = {}
+    for (_source, target), fact in facts.items():
+        if fact.last_contact is not None:
+            reached[target] = max(reached.get(target, 0.0), fact.last_contact)
     for host in ledger.hosts:
         capacity.add((host.host, host.member), host.capacity_bytes)
         used.add((host.host, host.member), host.used_bytes)
         jobs.add((host.host,), per_host.get(host.host, 0))
+        if host.host in reached:
+            contact.add((host.host, host.member), reached[host.host])
     lent = Family("mutualbackup_member_lent_bytes", "gauge", "Bytes of other members' repositories on the member's hosts",
                   ("member",))
     consumed = Family("mutualbackup_member_consumed_bytes", "gauge",
@@ -244,7 +261,19 @@ def _storage_families(
     for member in ledger.members:
         lent.add((member.member,), member.lent_bytes)
         consumed.add((member.member,), member.consumed_bytes)
-    return [capacity, used, lent, consumed, jobs]
+    return [capacity, used, lent, consumed, jobs, contact]
+
+
+def _federation_families(src: MetricsSource) -> list[Family]:
+    valid = Family("mutualbackup_inventory_valid", "gauge", "1 when the inventory the daemon uses is valid, else 0")
+    valid.add((), 1 if src.inventory_valid else 0)
+    unplaceable = Family("mutualbackup_sources_unplaceable", "gauge",
+                         "Sources the inventory cannot give all their replicas (they keep the ones they have)")
+    unplaceable.add((), src.unplaceable)
+    moves = Family("mutualbackup_replica_moves_in_progress", "gauge",
+                   "Replicas being moved to another host (the old one is kept until the new one is healthy)")
+    moves.add((), src.moves_in_progress)
+    return [valid, unplaceable, moves]
 
 
 # --- serving ------------------------------------------------------------------------

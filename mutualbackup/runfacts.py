@@ -42,6 +42,8 @@ _LATEST = {
     "measured_prune": ("prune", f"AND {_OK} AND repository_bytes IS NOT NULL"),
     "checked": ("check", f"AND {_OK}"),
     "repo_check": ("repo-check", f"AND {_FINISHED}"),
+    "repo_check_ok": ("repo-check", f"AND {_OK}"),
+    "compact": ("compact", f"AND {_FINISHED}"),
 }
 _LATEST_SQL = (
     "WITH pairs(source, target) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))\n"
@@ -53,7 +55,8 @@ _LATEST_SQL = (
     )
     + "\nFROM pairs p"
 )
-_RUNS_BY_ID_SQL = """SELECT id, started, result, original_bytes, compressed_bytes, deduplicated_bytes, repository_bytes
+_RUNS_BY_ID_SQL = """SELECT id, started, result, original_bytes, compressed_bytes, deduplicated_bytes, repository_bytes,
+                     json_extract(detail, '$.unreadable_files') AS unreadable, json_extract(detail, '$.refused') AS refused
                      FROM runs WHERE id IN (SELECT value FROM json_each(?))"""
 # A range of ids (the unary + keeps SQLite on the rowid range rather than the kind index).
 _TALLY_SQL = (
@@ -77,6 +80,9 @@ class ReplicaFacts:
     last_check_success: float | None = None
     repository_bytes: int | None = None
     archive: tuple[int, int, int] | None = None  # original, compressed, deduplicated
+    unreadable_files: int | None = None  # files the last successful backup could not read (None: no success yet)
+    compaction_blocked: bool = False  # the latest compaction was refused by the guard (SPEC promise 3)
+    last_contact: float | None = None  # start of the latest run that reached the host (a backup or a repository check)
 
 
 def read_replica_facts(query: Query, pairs: Sequence[Pair]) -> dict[Pair, ReplicaFacts]:
@@ -88,8 +94,9 @@ def read_replica_facts(query: Query, pairs: Sequence[Pair]) -> dict[Pair, Replic
     runs = {row["id"]: row for row in query(_RUNS_BY_ID_SQL, (json.dumps(sorted(ids)),))} if ids else {}
     facts = {}
     for row in latest:
-        attempt, finished, success, checked, repo_check = (
-            runs.get(row[c]) for c in ("attempt", "finished", "success", "checked", "repo_check"))
+        attempt, finished, success, checked, repo_check, repo_check_ok, compact = (
+            runs.get(row[c]) for c in ("attempt", "finished", "success", "checked", "repo_check", "repo_check_ok",
+                                       "compact"))
         measured = [runs[row[c]] for c in ("measured_backup", "measured_prune") if row[c] is not None]
         newest_measure = max(measured, key=lambda r: (r["started"], r["id"]), default=None)
         facts[(row["source"], row["target"])] = ReplicaFacts(
@@ -103,6 +110,9 @@ def read_replica_facts(query: Query, pairs: Sequence[Pair]) -> dict[Pair, Replic
             repository_bytes=newest_measure["repository_bytes"] if newest_measure else None,
             archive=(success["original_bytes"], success["compressed_bytes"] or 0, success["deduplicated_bytes"] or 0)
             if success is not None and success["original_bytes"] is not None else None,
+            unreadable_files=int(success["unreadable"] or 0) if success is not None else None,
+            compaction_blocked=compact is not None and compact["result"] == "failure" and bool(compact["refused"]),
+            last_contact=max((r["started"] for r in (success, repo_check_ok) if r is not None), default=None),
         )
     return facts
 

@@ -11,11 +11,12 @@ Each row also carries its source's restore drill (:func:`drill_state`): ``ok``,
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from .history import History
+from .history import History, Run
 from .model import Federation
 
 FAILING_AFTER = 2
@@ -38,6 +39,9 @@ class ReplicaStatus:
     last_drill_success: float | None = None
     drill_target: str | None = None
     drill_error: str | None = None
+    # Files the last successful backup could not read (borg's warning): how many, and the first paths.
+    unreadable_files: int = 0
+    unreadable_paths: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -108,6 +112,7 @@ def compute_status(
             last = history.last_run("backup", source.name, target)
             failures = history.consecutive_failures("backup", source.name, target)
             error = last.error if last is not None and not last.succeeded else None
+            skipped = _detail(success).get("unreadable_paths") or ()
             rows.append(
                 ReplicaStatus(
                     source=source.name,
@@ -124,6 +129,17 @@ def compute_status(
                     last_drill_success=drill.last_success,
                     drill_target=drill.target,
                     drill_error=drill.error,
+                    unreadable_files=int(_detail(success).get("unreadable_files") or 0),
+                    unreadable_paths=tuple(str(p) for p in skipped),
                 )
             )
     return rows
+
+
+def _detail(run: Run | None) -> dict:
+    """The JSON detail of ``run`` as a dict ({} when there is none or it does not parse)."""
+    try:
+        value = json.loads(run.detail) if run is not None and run.detail else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

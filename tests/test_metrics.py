@@ -64,13 +64,13 @@ PLACEMENT = {"a/web": ("b/st", "c/st"), "b/app": ("c/st", "d/st")}
 
 def record(history: History, kind: str, source: str, target: str, started: float, result: str, *,
            seconds: float = 60.0, size: int | None = None, archive: tuple[int, int, int] | None = None,
-           error: str | None = None, name: str | None = None) -> int:
+           error: str | None = None, name: str | None = None, detail: dict | None = None) -> int:
     """One run in the history; ``result`` "running" leaves it running (by this live process)."""
     run_id = history.start_run(kind, source, target, started=started)
     if result != "running":
         o, c, d = archive or (None, None, None)
         history.finish_run(run_id, result, ended=started + seconds, repository_bytes=size, original_bytes=o,
-                           compressed_bytes=c, deduplicated_bytes=d, error=error, archive=name)
+                           compressed_bytes=c, deduplicated_bytes=d, error=error, archive=name, detail=detail)
     return run_id
 
 
@@ -118,6 +118,7 @@ def full_history(history: History) -> None:
     record(history, "drill", "a/web", "b/st", NOW - 2 * HOUR, "success")
     record(history, "backup", "b/app", "c/st", NOW - 1 * HOUR, "success", size=GiB, archive=(3, 2, 1))
     record(history, "backup", "b/app", "d/st", NOW - 60, "running")
+    record(history, "compact", "a/web", "b/st", NOW - 3 * HOUR + 120, "failure", detail={"refused": True})
 
 
 # --------------------------------------------------------------------------- the contract
@@ -248,6 +249,51 @@ def test_storage_and_ledger_metrics_are_the_ledger_numbers(history: History):
         assert value(text, "mutualbackup_member_consumed_bytes", member=m.member) == m.consumed_bytes
     for h in ledger.hosts:
         assert value(text, "mutualbackup_storage_used_bytes", host=h.host, member=h.member) == h.used_bytes
+
+
+def test_unreadable_files_are_those_of_the_last_successful_backup(history: History):
+    record(history, "backup", "a/web", "b/st", NOW - 9 * HOUR, "warning", detail={"unreadable_files": 3})
+    record(history, "backup", "a/web", "b/st", NOW - 5 * HOUR, "warning", detail={"unreadable_files": 2})
+    record(history, "backup", "a/web", "b/st", NOW - 4 * HOUR, "failure")
+    record(history, "backup", "a/web", "c/st", NOW - 5 * HOUR, "success")
+    text = render_text(metrics_of(history).families()).decode()
+    assert value(text, "mutualbackup_backup_unreadable_files", source="a/web", target="b/st") == 2
+    assert value(text, "mutualbackup_backup_unreadable_files", source="a/web", target="c/st") == 0
+    assert value(text, "mutualbackup_backup_unreadable_files", source="b/app", target="c/st") is None
+
+
+@pytest.mark.parametrize("compactions, blocked", [
+    pytest.param([], 0, id="never compacted"),
+    pytest.param([("failure", {"refused": True})], 1, id="the guard refused"),
+    pytest.param([("failure", {"refused": True}), ("success", {"compacted": True})], 0, id="refused, then allowed"),
+    pytest.param([("failure", None)], 0, id="a compaction that failed for another reason (host down)"),
+    pytest.param([("success", None), ("failure", {"refused": True}), ("interrupted", None)], 1,
+                 id="an interrupted run is not a verdict"),
+])
+def test_compaction_blocked_is_the_verdict_of_the_latest_compaction(history: History, compactions, blocked):
+    for index, (result, detail) in enumerate(compactions):
+        record(history, "compact", "a/web", "b/st", NOW - 10 * HOUR + index * HOUR, result, detail=detail)
+    text = render_text(metrics_of(history).families()).decode()
+    assert value(text, "mutualbackup_compaction_blocked", source="a/web", target="b/st") == blocked
+    assert value(text, "mutualbackup_compaction_blocked", source="a/web", target="c/st") == 0
+
+
+def test_a_host_was_last_contacted_by_its_latest_successful_backup_or_repository_check(history: History):
+    record(history, "backup", "a/web", "c/st", NOW - 9 * HOUR, "success")
+    record(history, "repo-check", "b/app", "c/st", NOW - 7 * HOUR, "success")
+    record(history, "backup", "b/app", "c/st", NOW - 6 * HOUR, "failure")
+    record(history, "backup", "b/app", "d/st", NOW - 8 * HOUR, "failure")
+    text = render_text(metrics_of(history).families()).decode()
+    assert value(text, "mutualbackup_host_last_contact_timestamp_seconds", host="c/st", member="c") == NOW - 7 * HOUR
+    assert value(text, "mutualbackup_host_last_contact_timestamp_seconds", host="d/st", member="d") is None
+
+
+def test_unplaceable_sources_and_moves_are_what_the_daemon_says(history: History):
+    metrics = metrics_of(history)
+    metrics.source.unplaceable, metrics.source.moves_in_progress = 3, 1
+    text = render_text(metrics.families()).decode()
+    assert value(text, "mutualbackup_sources_unplaceable") == 3
+    assert value(text, "mutualbackup_replica_moves_in_progress") == 1
 
 
 def test_jobs_running_counts_runs_of_live_processes_on_each_host(history: History):

@@ -51,6 +51,11 @@ SPEC_METRICS: dict[str, tuple[str, ...]] = {
     "mutualbackup_member_consumed_bytes": ("member",),
     "mutualbackup_jobs_running": ("host",),
     "mutualbackup_inventory_valid": (),
+    "mutualbackup_backup_unreadable_files": ("source", "target"),
+    "mutualbackup_compaction_blocked": ("source", "target"),
+    "mutualbackup_host_last_contact_timestamp_seconds": ("host", "member"),
+    "mutualbackup_sources_unplaceable": (),
+    "mutualbackup_replica_moves_in_progress": (),
 }
 # Labels Prometheus adds to every scraped series, and its own `up` series.
 TARGET_LABELS = ("job", "instance")
