@@ -29,6 +29,7 @@ import random
 import sqlite3
 import statistics
 import sys
+from pathlib import Path
 import tempfile
 import time
 import urllib.request
@@ -36,10 +37,11 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client import start_http_server
 
-from mutualbackup.history import History
-from mutualbackup.labfed import free_port
-from mutualbackup.metrics import MetricsSource, build_registry, start_metrics_server
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node, Storage
+from mutualbackup.state.history import History
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
+from lab.federation import free_port
+from mutualbackup.report.metrics import MetricsSource, build_registry, start_metrics_server
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage
 
 DAY = 86400.0
 GiB = 1024**3
@@ -149,7 +151,7 @@ PROMETHEUS_HEADERS = {
     "Accept-Encoding": "gzip",
 }
 SERVERS = {
-    # the daemon's own server (mutualbackup.metrics.start_metrics_server)
+    # the daemon's own server (mutualbackup.report.metrics.start_metrics_server)
     "start_metrics_server": lambda port, source: start_metrics_server("127.0.0.1", port, source),
     # prometheus_client's server around the same collector
     "prometheus_client": lambda port, source: start_http_server(port, addr="127.0.0.1", registry=build_registry(source)),

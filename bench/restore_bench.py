@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchkit import add_lab_arguments, run_lab_bench
-from mutualbackup import labfed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
+from lab import federation as labfed
 from mutualbackup.cli import main as mutualbackup_main
-from mutualbackup.lab import Lab
+from lab.nodes import Lab
 
 GOAL = 1.05
 SOURCE = "coopcycle/web1"

@@ -5,7 +5,7 @@ once, in a rotating order:
 
 - ``paramiko``: ``paramiko.SSHClient`` with its own socket (Nagle's algorithm on),
   connect, run ``true``, wait for its exit status, close;
-- ``mutualbackup``: :class:`mutualbackup.ssh.SSHTransport`, the same four steps;
+- ``mutualbackup``: :class:`mutualbackup.remote.ssh.SSHTransport`, the same four steps;
 - ``openssh``, for context: ``ssh -F /dev/null … true``, as an operator would type it;
 
 and, on a connection kept open, one more ``true`` through each of the first two
@@ -28,8 +28,9 @@ from typing import Any, Callable
 import paramiko
 
 from benchkit import add_lab_arguments, run_lab_bench
-from mutualbackup.lab import Lab, LabNode
-from mutualbackup.ssh import SSHTransport, parse_host_key
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
+from lab.nodes import Lab, LabNode
+from mutualbackup.remote.ssh import SSHTransport, parse_host_key
 
 
 def plain_client(node: LabNode, key: Path) -> paramiko.SSHClient:

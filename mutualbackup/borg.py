@@ -1,7 +1,7 @@
 """Borg command lines as argv tuples, borg's environment, exit codes and JSON output.
 
 Pure: nothing here starts a process. Every function returns what a
-:class:`~mutualbackup.transport.Transport` will run, so tests assert the exact argv.
+:class:`~mutualbackup.remote.transport.Transport` will run, so tests assert the exact argv.
 
 Where things live on a source node (``WORKDIR`` is the node's ``workdir``, expanded):
 
@@ -22,7 +22,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .model import Backup, Node, Retention
+from mutualbackup.inventory.model import Backup, Node, Retention
 
 KEY_FILE = "id_ed25519"
 PASSPHRASE_FILE = "passphrase"
@@ -155,7 +155,7 @@ def authorized_keys_line(borg: str, repository: str, quota: int, public_key: str
     character in any part (a newline would start another, unrestricted line) is a
     ValueError.
     """
-    from .fields import check_line
+    from mutualbackup.inventory.value_checks import check_line
 
     for part in (borg, repository, public_key, comment):
         check_line(part)
@@ -229,7 +229,7 @@ def classify_exit(code: int) -> str:
 
 
 MIN_QUOTA = 10 * 1024**3
-"""The smallest storage quota of a replica line (see :func:`mutualbackup.provision.replica_quota`)."""
+"""The smallest storage quota of a replica line (see :func:`mutualbackup.jobs.provision.replica_quota`)."""
 QUOTA_FACTOR = 2
 """A replica's quota is this many times its size (room to grow)."""
 CHECKPOINT_MINUTES = 30

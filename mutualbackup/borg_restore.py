@@ -26,8 +26,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .borg import LOCK_WAIT, archive_path, base_env, ssh_words
-from .fields import check_line
+from mutualbackup.borg import LOCK_WAIT, archive_path, base_env, ssh_words
+from mutualbackup.inventory.value_checks import check_line
 
 RESTORE_COMMENT_PREFIX = "mutualbackup-restore:"
 """Comment of a temporary restore line: ``mutualbackup-restore:SOURCE:ID``."""
@@ -241,7 +241,7 @@ def _line_args(path: str, line: str, begin: str, end: str, now: dt.datetime) -> 
 def add_line_argv(path: str, line: str, begin: str, end: str, now: dt.datetime) -> tuple[str, ...]:
     """Add ``line`` at the end of the managed block of the file at ``path``, in one round trip.
 
-    The same edit as :func:`with_restore_line` through :func:`mutualbackup.provision.replace_block`,
+    The same edit as :func:`with_restore_line` through :func:`mutualbackup.jobs.provision.replace_block`,
     done on the host: restore lines past their lifetime at ``now`` are dropped from
     the block, the block is appended when the file has none (the file is created
     when missing), every line outside the block stays. The file is replaced
@@ -622,7 +622,7 @@ EXTRA_HINTS: dict[int, str] = {
 
 def hint(code: int) -> str:
     """What borg's exit ``code`` means for a restore or a drill (falls back to borg.exit_hint)."""
-    from .borg import exit_hint
+    from mutualbackup.borg import exit_hint
 
     return EXTRA_HINTS.get(code) or exit_hint(code)
 

@@ -16,14 +16,14 @@ import sys
 import time
 from typing import Sequence
 
-from . import __version__
-from .context import Context, require_placeable, ssh_connector
-from .errors import InventoryError, MutualBackupError, UsageError
-from .history import History
-from .inventory import load_inventory
-from .model import Federation
-from .placement import diff, place
-from .units import format_duration, format_size
+from mutualbackup import __version__
+from mutualbackup.context import Context, require_placeable, ssh_connector
+from mutualbackup.errors import InventoryError, MutualBackupError, UsageError
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from mutualbackup.inventory.model import Federation
+from mutualbackup.plan.placement import diff, place
+from mutualbackup.inventory.units import format_duration, format_size
 
 log = logging.getLogger("mutualbackup")
 
@@ -185,7 +185,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .provision import apply
+    from mutualbackup.jobs.provision import apply
 
     ctx = open_context(args)
     report = apply(ctx)
@@ -201,7 +201,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .backup import run_backup
+    from mutualbackup.jobs.backup import run_backup
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
@@ -241,7 +241,7 @@ def _print_outcome(o) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import compute_status
+    from mutualbackup.report.status import compute_status
 
     ctx = open_context(args)
     now = time.time()
@@ -278,7 +278,7 @@ def print_status(rows, now: float) -> None:  # noqa: ANN001
 
 
 def cmd_archives(args: argparse.Namespace) -> int:
-    from .restore import list_archives
+    from mutualbackup.restore.extract import list_archives
 
     ctx = open_context(args)
     source = ctx.source(args.source)
@@ -294,8 +294,8 @@ def cmd_archives(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .keys import read_recovery
-    from .restore import TerminalProgress, requested_by, restore
+    from mutualbackup.restore.recovery_file import read_recovery
+    from mutualbackup.restore.extract import TerminalProgress, requested_by, restore
 
     node_name, sep, directory = args.to.partition(":")
     if not sep or not node_name or not directory:
@@ -335,7 +335,7 @@ def format_progress_summary(result) -> str:  # noqa: ANN001
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    from .drill import run_drill
+    from mutualbackup.jobs.drill import run_drill
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
@@ -354,7 +354,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .keys import WARNING, export_keys, summary
+    from mutualbackup.restore.recovery_file import WARNING, export_keys, summary
 
     ctx = open_context(args)
     source = ctx.source(args.source)
@@ -368,14 +368,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from .daemon import run_daemon
+    from mutualbackup.daemon import run_daemon
 
     federation = load(args)
     return run_daemon(args, federation)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .maintenance import print_verify, verify
+    from mutualbackup.jobs.maintenance import print_verify, verify
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
@@ -383,7 +383,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from .metrics import read_ledger
+    from mutualbackup.report.metrics import read_ledger
 
     ctx = open_context(args)
     ledger = read_ledger(ctx.history, ctx.federation)

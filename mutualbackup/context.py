@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .borg import SourcePaths
-from .errors import InventoryError
-from .history import History
-from .model import Federation, Node
-from .placement import Placement, place
-from .transport import Transport, resolve_path
+from mutualbackup.borg import SourcePaths
+from mutualbackup.errors import InventoryError
+from mutualbackup.state.history import History
+from mutualbackup.inventory.model import Federation, Node
+from mutualbackup.plan.placement import Placement, place
+from mutualbackup.remote.transport import Transport, resolve_path
 
 Connector = Callable[[Node], Transport]
 
@@ -68,7 +68,7 @@ class Context:
 
     def node(self, name: str) -> Node:
         """The node called ``name``; a usage error naming the known ones otherwise."""
-        from .errors import UsageError
+        from mutualbackup.errors import UsageError
 
         try:
             return self.federation.node(name)
@@ -77,7 +77,7 @@ class Context:
             raise UsageError(f"no node {name!r} in the inventory (known: {known})") from None
 
     def source(self, name: str) -> Node:
-        from .errors import UsageError
+        from mutualbackup.errors import UsageError
 
         node = self.node(name)
         if not node.is_source:
@@ -93,7 +93,7 @@ def require_placeable(federation: Federation, placement: Placement) -> None:
 
 def ssh_connector(federation: Federation) -> Connector:
     """Connector that opens pinned-key SSH sessions with the coordinator's own key."""
-    from .ssh import SSHTransport
+    from mutualbackup.remote.ssh import SSHTransport
 
     key = os.path.expanduser(federation.coordinator.ssh_key)
 

@@ -19,7 +19,7 @@ job at a time (its ``before:`` commands never run twice at once); a host runs
 at most ``storage.max_concurrent`` jobs and at most one maintenance job; the
 daemon runs at most ``global_limit`` jobs. A job over a limit waits. A job
 whose replica's last run failed or was interrupted first cleans up what that
-run left (:func:`recovery.recover_pair`). A job failure is recorded by the job
+run left (:func:`recovery.clean_up_pair`). A job failure is recorded by the job
 and never stops the loop.
 
 A replica held by a live ``mutualbackup run`` is skipped (not a failure) and tried
@@ -46,16 +46,17 @@ from typing import Callable
 from zoneinfo import ZoneInfo
 
 
-from . import maintenance, schedule
-from .backup import run_backup
-from .context import Context, require_placeable, ssh_connector
-from .errors import MutualBackupError, OperationFailed
-from .history import History, PairSummary
-from .inventory import load_inventory
-from .metrics import MetricsSource, start_metrics_server
-from .model import Backup, Federation
-from .recovery import recover_pair
-from .supervise import JobControl, stop_remote
+from mutualbackup.jobs import maintenance
+from mutualbackup.plan import schedule
+from mutualbackup.jobs.backup import run_backup
+from mutualbackup.context import Context, require_placeable, ssh_connector
+from mutualbackup.errors import MutualBackupError, OperationFailed
+from mutualbackup.state.history import History, PairSummary
+from mutualbackup.inventory.load import load_inventory
+from mutualbackup.report.metrics import MetricsSource, start_metrics_server
+from mutualbackup.inventory.model import Backup, Federation
+from mutualbackup.jobs.crash_cleanup import clean_up_pair
+from mutualbackup.remote.supervision import JobControl, stop_remote
 
 log = logging.getLogger("mutualbackup.daemon")
 
@@ -209,7 +210,7 @@ class Daemon:
     def _start_drills(self, now: dt.datetime, tz: ZoneInfo) -> list[RunningJob | None]:
         """Restore drills that are due (:func:`drill.drills_due`), for sources with no job running whose
         window does not open soon; a drill occupies the replica it reads from (a job on that host)."""
-        from . import drill
+        from mutualbackup.jobs import drill
 
         busy = {j.source for j in self.running.values()}
         per_host = Counter(j.target for j in self.running.values())
@@ -234,7 +235,7 @@ class Daemon:
 
     def _drill_replica(self, source: str) -> str:
         """The replica a drill of ``source`` reads from (the freshest healthy one); "" when none."""
-        from .restore import choose_replica
+        from mutualbackup.restore.extract import choose_replica
 
         try:
             return choose_replica(self.ctx, source, None)[0].name
@@ -358,17 +359,17 @@ class Daemon:
                 log.info("%s %s -> %s not started: the daemon is stopping", job.kind, job.source, job.target)
                 return
             if job.kind == "drill":
-                from . import drill
+                from mutualbackup.jobs import drill
 
                 drill.run_drill(ctx, ctx.federation.node(job.source), clock=self.clock, control=job.control)
                 return
             source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
             if self._needs_recovery(job):
-                recovery = recover_pair(ctx, source, host, clock=self.clock)
-                if recovery.busy:  # not a failure of the replica: another live process runs its job
+                cleanup = clean_up_pair(ctx, source, host, clock=self.clock)
+                if cleanup.busy:  # not a failure of the replica: another live process runs its job
                     self._busy_until[(job.source, job.target)] = self.clock() + BUSY_RETRY
                     log.warning("%s %s -> %s not started (trying again in %.0fs): %s", job.kind, job.source,
-                                job.target, BUSY_RETRY, recovery.busy)
+                                job.target, BUSY_RETRY, cleanup.busy)
                     return
                 if self._stopping(job):
                     return

@@ -1,6 +1,6 @@
 """Shared fixtures. Add new ones here; keep each fixture's scope as narrow as it can be.
 
-``lab`` gives a test its own real sshd nodes on 127.0.0.1 (see mutualbackup.lab);
+``lab`` gives a test its own real sshd nodes on 127.0.0.1 (see lab.nodes);
 tests that use it are end-to-end and need root and /usr/sbin/sshd.
 """
 
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from mutualbackup.lab import Lab
+from lab.nodes import Lab
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,10 @@
 
 :class:`FakeWorld` plays every node of a federation. Its :meth:`FakeWorld.connect`
 is a Context connector: it returns a :class:`FakeTransport`, which implements
-:class:`mutualbackup.transport.Transport`. Commands are matched by argv, never
+:class:`mutualbackup.remote.transport.Transport`. Commands are matched by argv, never
 by a shell line:
 
-- the :mod:`mutualbackup.supervise` wrapper is unwrapped (the pidfile is noted);
+- the :mod:`mutualbackup.remote.supervision` wrapper is unwrapped (the pidfile is noted);
 - scripted rules (:meth:`FakeWorld.script`) are asked first, in order; the first
   that returns a Result answers (a rule may also sleep on the fake clock);
 - otherwise borg create / list / prune / info / check / compact / break-lock and
@@ -28,11 +28,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from mutualbackup import borg, supervise
+from mutualbackup import borg
+from mutualbackup.remote import supervision
 from mutualbackup.errors import TransportError
-from mutualbackup.model import Backup, Federation, Node, Retention
-from mutualbackup.retention import plan_prune
-from mutualbackup.transport import Result, stdin_bytes
+from mutualbackup.inventory.model import Backup, Federation, Node, Retention
+from mutualbackup.plan.retention import plan_prune
+from mutualbackup.remote.transport import Result, stdin_bytes
 
 HOME = "/home/fake"
 ARCHIVE_BYTES = 100_000_000  # live bytes each fake archive adds
@@ -175,7 +176,7 @@ class FakeWorld:
             result = rule(node, argv, self)
             if result is not None:
                 return result
-        if supervise.is_stop(argv):
+        if supervision.is_stop(argv):
             return Result(argv, 0, b"not running\n", b"")
         if argv[:1] == ("ps",):
             return Result(argv, 1, b"", b"")
@@ -301,7 +302,7 @@ class FakeWorld:
 
 
 class FakeTransport:
-    """A :class:`mutualbackup.transport.Transport` onto one node of a :class:`FakeWorld`."""
+    """A :class:`mutualbackup.remote.transport.Transport` onto one node of a :class:`FakeWorld`."""
 
     def __init__(self, node: Node, world: FakeWorld):
         self.node = node
@@ -322,7 +323,7 @@ class FakeTransport:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
         stdin_bytes(stdin)  # read it all, as the command would
-        inner, pidfile, _run_id = supervise.unwrap(argv)
+        inner, pidfile, _run_id = supervision.unwrap(argv)
         start = self.world.clock.time()
         result = self.world.answer(self.node, inner, timeout)
         with self.world._lock:
@@ -379,7 +380,7 @@ def make_federation(
 ) -> Federation:
     """``members`` members ``coopM``, each lending one host ``coopM/store`` and owning
     ``sources_per_member`` sources ``coopM/srcJ``; ``backup(m, j)`` gives each source's section."""
-    from mutualbackup.model import Coordinator, Member, Storage
+    from mutualbackup.inventory.model import Coordinator, Member, Storage
 
     def default_backup(m: int, j: int) -> Backup:
         return Backup(paths=("/etc", "/srv"), estimate=GIB, retention=Retention(daily=7))
@@ -412,8 +413,8 @@ class Harness:
 
         from mutualbackup.context import Context
         from mutualbackup.daemon import Daemon
-        from mutualbackup.history import History
-        from mutualbackup.placement import place
+        from mutualbackup.state.history import History
+        from mutualbackup.plan.placement import place
 
         self._dt = dt
         self.federation = federation

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 from mutualbackup.cli import main
-from mutualbackup.labfed import LabFederation
+from lab.federation import LabFederation
 
 AWKWARD_PATH = "/srv/it's \"here\" now"
 

@@ -9,7 +9,7 @@ import pytest
 from labkit import dequote_command
 
 from mutualbackup.borg import authorized_keys_line
-from mutualbackup.provision import BEGIN, END, managed_lines, quota_size, replace_block, replica_quota
+from mutualbackup.jobs.provision import BEGIN, END, managed_lines, quota_size, replace_block, replica_quota
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
 
@@ -71,7 +71,7 @@ def test_the_quota_is_twice_the_size_at_least_10_gib_at_most_the_host(size: int,
 def test_the_quota_follows_the_larger_of_the_measured_size_and_the_estimate(
     measured: int | None, estimate: int | None, size: int
 ) -> None:
-    from mutualbackup.model import Backup, Node, Retention
+    from mutualbackup.inventory.model import Backup, Node, Retention
 
     backup = Backup(paths=("/srv",), estimate=estimate, retention=Retention(daily=7))
     source = Node(member="alpha", slug="web", address="web.example", port=22, user="mb", host_key=KEY, backup=backup)
@@ -88,7 +88,7 @@ def test_the_quota_follows_the_larger_of_the_measured_size_and_the_estimate(
     ],
 )
 def test_a_damaged_block_is_refused_rather_than_guessed(text: str) -> None:
-    from mutualbackup.provision import DamagedBlock
+    from mutualbackup.jobs.provision import DamagedBlock
 
     with pytest.raises(DamagedBlock, match="fix the file by hand"):
         replace_block(text, ["new"])

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 from mutualbackup import borg
-from mutualbackup.backup import run_backup
-from mutualbackup.metrics import FederationMetrics, MetricsSource
-from mutualbackup.exposition import render_text
-from mutualbackup.status import compute_status
-from mutualbackup.transport import Result
+from mutualbackup.jobs.backup import run_backup
+from mutualbackup.report.metrics import FederationMetrics, MetricsSource
+from mutualbackup.report.prometheus_text import render_text
+from mutualbackup.report.status import compute_status
+from mutualbackup.remote.transport import Result
 
 from fake import Harness, make_federation
 

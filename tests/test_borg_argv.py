@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup import borg
-from mutualbackup.model import Node, Retention
+from mutualbackup.inventory.model import Node, Retention
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 URL = "ssh://mb@192.0.2.7:2222/srv/mb/coop/web1"

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup import borg, supervise
-from mutualbackup.history import process_identity
-from mutualbackup.metrics import build_registry
-from mutualbackup.model import Backup, Retention, Window
-from mutualbackup.schedule import retry_delay
-from mutualbackup.status import compute_status
-from mutualbackup.transport import Result
+from mutualbackup import borg
+from mutualbackup.remote import supervision
+from mutualbackup.state.history import process_identity
+from mutualbackup.report.metrics import build_registry
+from mutualbackup.inventory.model import Backup, Retention, Window
+from mutualbackup.plan.schedule import retry_delay
+from mutualbackup.report.status import compute_status
+from mutualbackup.remote.transport import Result
 
 from fake import GIB, Harness, failing, make_federation
 
@@ -159,7 +160,7 @@ def test_the_jobs_log_one_line_at_start_and_one_at_end_with_result_and_duration(
     h = harness(tmp_path)
     with caplog.at_level(logging.INFO, logger="mutualbackup"):
         h.run_until(START + 3 * HOUR)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mutualbackup.backup"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mutualbackup.jobs.backup"]
     starts = [line for line in lines if " start " in line]
     ends = [line for line in lines if " end " in line]
     assert len(starts) == len(ends) == 6
@@ -178,14 +179,14 @@ def test_after_an_interrupted_run_a_leftover_command_is_stopped_and_a_stale_lock
     run_id = h.history.start_run("backup", source, target, started=START - 60)
     h.history.mark_interrupted()  # nothing: this process is alive
     h.history.interrupt_own_runs("the coordinator was killed", now=START - 30)
-    pidfile = supervise.pidfile_path("/home/fake/.mutualbackup", f"src/{target}")
+    pidfile = supervision.pidfile_path("/home/fake/.mutualbackup", f"src/{target}")
     h.world.files[(source, pidfile)] = f"4242\n{run_id}\nMon Jun  2 13:59:00 2025\n".encode()
     stale = "fakehost.example@123456.999-0"
     h.world.script(lambda node, argv, world: Result(argv, 0, f"fakehost.example@123456\nexclusive {stale}\n".encode(), b"")
                    if node.name == target and argv == borg.lock_listing_argv(borg.repository_path(h.federation.node(source), host))
                    else None)
     h.run_until(START + 3 * HOUR)
-    stops = [c for c in h.world.calls if supervise.is_stop(c.argv)]
+    stops = [c for c in h.world.calls if supervision.is_stop(c.argv)]
     assert [(c.node, c.argv[4]) for c in stops if c.node == source] == [(source, pidfile)]
     breaks = h.world.commands("break-lock")
     assert [(c.node, c.argv[-1]) for c in breaks] == [(target, "/srv/mutualbackup/coop0/src0")]
@@ -216,12 +217,12 @@ def test_a_job_whose_last_run_is_still_running_in_a_live_coordinator_is_not_star
     live_run = h.history.start_run("backup", source, target, started=START - 60)  # e.g. `mutualbackup run` in a shell
     other = os.getppid()  # a live process that is not this one
     h.history._db.execute("UPDATE runs SET pid = ?, owner = ? WHERE id = ?", (other, process_identity(other), live_run))
-    h.world.files[(source, supervise.pidfile_path("/home/fake/.mutualbackup", f"src/{target}"))] = f"4242\n{live_run}\nx\n".encode()
+    h.world.files[(source, supervision.pidfile_path("/home/fake/.mutualbackup", f"src/{target}"))] = f"4242\n{live_run}\nx\n".encode()
     h.clock.advance_to(START + 600)  # the retry after the failure is due
     assert (source, target) in [(j.source, j.target) for j in h.step()]
     assert h.daemon.job_states()[(source, target)].running  # held: counted as running, not retried at once
     h.finish()
-    assert not [c for c in h.world.calls if supervise.is_stop(c.argv)]
+    assert not [c for c in h.world.calls if supervision.is_stop(c.argv)]
     assert [r.id for r in h.history.runs(kind="backup", source=source, target=target)] == [live_run, 1]  # skipped, no failure
 
 
@@ -264,7 +265,7 @@ def _scrape(h: Harness) -> str:
 
 
 def test_compaction_refuses_alerts_and_compacts_nothing_when_an_archive_vanished(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = harness(tmp_path, backup=lambda m, j: Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=2),
                                                       check_every=30 * 24 * 3600))
@@ -282,7 +283,7 @@ def test_compaction_refuses_alerts_and_compacts_nothing_when_an_archive_vanished
 
 
 def test_compaction_runs_borg_compact_only_when_the_coordinator_pruned_something_since_the_last_one(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = harness(tmp_path, backup=lambda m, j: Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=1),
                                                       check_every=30 * 24 * 3600))
@@ -298,7 +299,7 @@ def test_compaction_runs_borg_compact_only_when_the_coordinator_pruned_something
 
 
 def test_compaction_refuses_when_the_live_size_shrank_without_a_deletion_of_the_coordinator(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = harness(tmp_path)
     h.run_until(START + 3 * HOUR)
@@ -316,7 +317,7 @@ def _retention_harness(tmp_path: Path) -> Harness:
 
 
 def test_an_archive_deleted_and_recreated_under_its_name_is_refused_by_its_changed_id(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica, prune_replica
+    from mutualbackup.jobs.maintenance import compact_replica, prune_replica
 
     h = _retention_harness(tmp_path)
     h.run_until(START + 2 * DAY + 3 * HOUR)
@@ -339,7 +340,7 @@ def test_an_archive_deleted_and_recreated_under_its_name_is_refused_by_its_chang
 
 
 def test_a_backup_measured_after_a_deletion_never_becomes_the_volume_baseline(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = _retention_harness(tmp_path)
     h.run_until(START + 2 * DAY + 3 * HOUR)  # each backup followed by the coordinator's verified prune
@@ -356,7 +357,7 @@ def test_a_backup_measured_after_a_deletion_never_becomes_the_volume_baseline(tm
 
 
 def test_a_write_on_the_host_outside_the_coordinators_runs_refuses_even_when_the_sources_borg_lies(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = _retention_harness(tmp_path)
     h.run_until(START + 3 * DAY + 3 * HOUR)
@@ -378,7 +379,7 @@ def test_a_write_on_the_host_outside_the_coordinators_runs_refuses_even_when_the
 
 
 def test_the_host_side_check_passes_for_the_coordinators_own_writes_and_is_not_repeated(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import compact_replica
+    from mutualbackup.jobs.maintenance import compact_replica
 
     h = _retention_harness(tmp_path)
     h.run_until(START + 4 * DAY + 3 * HOUR)
@@ -389,7 +390,7 @@ def test_the_host_side_check_passes_for_the_coordinators_own_writes_and_is_not_r
 
 
 def test_a_prune_that_removes_an_archive_the_retention_keeps_raises_an_alert_and_is_not_marked(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import prune_replica
+    from mutualbackup.jobs.maintenance import prune_replica
 
     h = harness(tmp_path)
     h.run_until(START + 2 * DAY)
@@ -411,7 +412,7 @@ def test_a_prune_that_removes_an_archive_the_retention_keeps_raises_an_alert_and
 
 
 def test_a_host_whose_repository_was_written_before_the_last_backup_fails_its_check(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import check_replica
+    from mutualbackup.jobs.maintenance import check_replica
 
     h = harness(tmp_path)
     h.run_until(START + 2 * DAY)
@@ -423,7 +424,7 @@ def test_a_host_whose_repository_was_written_before_the_last_backup_fails_its_ch
 
 
 def test_the_repository_check_needs_no_source_and_says_so_when_the_source_is_down(tmp_path: Path) -> None:
-    from mutualbackup.maintenance import check_replica
+    from mutualbackup.jobs.maintenance import check_replica
 
     h = harness(tmp_path)
     h.run_until(START + 3 * HOUR)
@@ -438,7 +439,7 @@ def test_the_repository_check_needs_no_source_and_says_so_when_the_source_is_dow
 
 
 def test_due_drills_run_when_their_source_is_idle_and_hold_its_backups_meanwhile(tmp_path: Path, monkeypatch) -> None:
-    from mutualbackup import drill
+    from mutualbackup.jobs import drill
 
     h = harness(tmp_path, drills_enabled=True)
     drills: list[tuple[str, float, float]] = []
@@ -485,7 +486,7 @@ def test_sigterm_lets_short_jobs_finish_and_aborts_long_ones_through_a_new_conne
         return None
 
     def stop(node, argv, world):
-        if supervise.is_stop(argv):
+        if supervision.is_stop(argv):
             release.set()
             return Result(argv, 0, b"stopped by SIGINT\n", b"")
         return None
@@ -500,7 +501,7 @@ def test_sigterm_lets_short_jobs_finish_and_aborts_long_ones_through_a_new_conne
     began = time.monotonic()
     assert h.daemon.shutdown() == 0
     assert time.monotonic() - began < 3.0
-    stopped = [c for c in h.world.calls if supervise.is_stop(c.argv)]
+    stopped = [c for c in h.world.calls if supervision.is_stop(c.argv)]
     assert [c.node for c in stopped] == ["coop0/src0"]
     run = h.history.runs(kind="backup", source="coop0/src0")[0]
     assert run.result == "interrupted" and "aborted" in run.error

@@ -28,17 +28,18 @@ from typing import Callable, Iterator
 import pytest
 import yaml
 
-from mutualbackup import borg, labfed
+from mutualbackup import borg
+from lab import federation as labfed
 from mutualbackup.context import Context, ssh_connector
 from mutualbackup.daemon import Daemon
-from mutualbackup.history import History
-from mutualbackup.inventory import load_inventory
-from mutualbackup.lab import Lab, LabNode
-from mutualbackup.labfed import LabFederation
-from mutualbackup.maintenance import check_replica
-from mutualbackup.restore import list_archives
-from mutualbackup.schedule import jitter_seconds
-from mutualbackup.status import compute_status
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from lab.nodes import Lab, LabNode
+from lab.federation import LabFederation
+from mutualbackup.jobs.maintenance import check_replica
+from mutualbackup.restore.extract import list_archives
+from mutualbackup.plan.schedule import jitter_seconds
+from mutualbackup.report.status import compute_status
 
 from labkit import alpha_beta, mb, wait_for, write_tree
 
@@ -224,7 +225,7 @@ def test_two_rounds_where_a_host_dies_mid_backup_fail_only_its_replica_which_rec
     assert [r.result for r in history.runs(kind="backup", source=victim_source, target=victim_host)
             if r.started >= round2] == ["success", "failure"]
     alerts = [a for a in history.alerts() if a["kind"] == "stale-lock-broken"]
-    notes = [r.getMessage() for r in caplog.records if r.name == "mutualbackup.recovery"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "mutualbackup.jobs.crash_cleanup"]
     assert alerts and alerts[0]["target"] == victim_host, notes  # the killed borg serve's lock, certainly dead
     # borg check is clean (with a history of its own: the host's mtimes are in real time, not shifted).
     scratch = Context(federation, History(fed.state.parent / "scratch-state"), ctx.connector)

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from mutualbackup import borg_restore, schedule, supervise
+from mutualbackup import borg_restore
+from mutualbackup.plan import schedule
+from mutualbackup.remote import supervision
 from mutualbackup.daemon import FIRST_RUN_TIMEOUT, Daemon
-from mutualbackup.model import Backup, Retention, Window
-from mutualbackup.transport import Result
+from mutualbackup.inventory.model import Backup, Retention, Window
+from mutualbackup.remote.transport import Result
 
 from fake import GIB, Harness, make_federation
 
@@ -43,7 +45,7 @@ def blocking(*words: str, on: str = "coop0/src0") -> tuple[threading.Event, thre
             entered.set()
             release.wait(30)
             return Result(argv, 130, b"", b"Got Ctrl-C / SIGINT.\n")
-        if supervise.is_stop(argv):
+        if supervision.is_stop(argv):
             release.set()
             return Result(argv, 0, b"stopped by SIGINT\n", b"")
         return None
@@ -69,7 +71,7 @@ def test_a_drills_borg_runs_supervised_and_sigterm_stops_it_and_records_the_dril
     assert time.monotonic() - began < 3.0
     listing = h.world.commands(borg_restore.CATALOGUE_FORMAT)
     assert listing and all(c.pidfile and "/run/drill-" in c.pidfile for c in listing)
-    assert [c.node for c in h.world.calls if supervise.is_stop(c.argv)] == ["coop0/src0"]
+    assert [c.node for c in h.world.calls if supervision.is_stop(c.argv)] == ["coop0/src0"]
     drill = h.history.runs(kind="drill", source="coop0/src0")[0]
     assert drill.result == "interrupted" and "aborted" in drill.error
     assert not h.history.runs(result="running")

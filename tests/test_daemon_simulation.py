@@ -25,10 +25,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from mutualbackup.model import Backup, Retention, Window
-from mutualbackup.schedule import retry_delay
-from mutualbackup.status import compute_status
-from mutualbackup.transport import Result
+from mutualbackup.inventory.model import Backup, Retention, Window
+from mutualbackup.plan.schedule import retry_delay
+from mutualbackup.report.status import compute_status
+from mutualbackup.remote.transport import Result
 
 from fake import GIB, Harness, make_federation
 

@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from mutualbackup.context import Context
-from mutualbackup.drill import drills_due
-from mutualbackup.history import History
-from mutualbackup.inventory import load_inventory
-from mutualbackup.labfed import LabFederation
-from mutualbackup.metrics import MetricsSource, build_registry
+from mutualbackup.jobs.drill import drills_due
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from lab.federation import LabFederation
+from mutualbackup.report.metrics import MetricsSource, build_registry
 
 from labkit import mb, mb_json
 from restorekit import backed_up, AWKWARD_DIR, node_doc, source, storage

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.borg_restore import Entry, Item
-from mutualbackup.drill import (
+from mutualbackup.jobs.drill import (
     MISSING, Observation, choose_sample, drills_due, inspect_argv, parse_inspection, top_level_paths, verify_sample,
 )
-from mutualbackup.history import History
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node
-from mutualbackup.status import drill_state, source_drill
+from mutualbackup.state.history import History
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node
+from mutualbackup.report.status import drill_state, source_drill
 
 DAY = 86400.0
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"

@@ -17,10 +17,10 @@ from typing import Iterator
 
 import pytest
 
-from mutualbackup import labfed
-from mutualbackup.lab import Lab
-from mutualbackup.labfed import LabFederation
-from mutualbackup.provision import BEGIN, END
+from lab import federation as labfed
+from lab.nodes import Lab
+from lab.federation import LabFederation
+from mutualbackup.jobs.provision import BEGIN, END
 
 from labkit import AWKWARD_PATH, mb, mb_json, same_tree, three_members, write_tree
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.errors import InventoryError
-from mutualbackup.inventory import load_inventory
-from mutualbackup.model import Window
-from mutualbackup.units import (
+from mutualbackup.inventory.load import load_inventory
+from mutualbackup.inventory.model import Window
+from mutualbackup.inventory.units import (
     format_bandwidth,
     format_duration,
     format_size,
@@ -632,7 +632,7 @@ def test_bandwidths_format_for_humans_and_parse_back():
 
 @pytest.mark.parametrize("workdir", ["/srv/mb%h", '/srv/"mb"', "~/%d"])
 def test_a_workdir_that_ssh_would_expand_or_misquote_is_refused(workdir: str) -> None:
-    from mutualbackup.fields import check_home_path
+    from mutualbackup.inventory.value_checks import check_home_path
 
     with pytest.raises(ValueError, match="% or a double quote"):
         check_home_path(workdir)

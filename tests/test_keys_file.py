@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from mutualbackup.errors import OperationFailed, UsageError
-from mutualbackup.keys import FORMAT, Recovery, RecoveryRepository, parse, read_recovery, render, write_private
+from mutualbackup.restore.recovery_file import FORMAT, RecoveryFile, RecoveryRepository, parse, read_recovery, render, write_private
 
 KEY_ID = "e4ab17b9008f422cea378131e97051073b96449e800405fe204f6181310071cb"
 
 
-def sample(passphrase: str = "Zm9vYmFy+/=") -> Recovery:
-    return Recovery(
+def sample(passphrase: str = "Zm9vYmFy+/=") -> RecoveryFile:
+    return RecoveryFile(
         source="coop/web1",
         federation="fed",
         exported="2026-03-01T12:00:00Z",

@@ -19,8 +19,8 @@ from typing import Iterator
 import pytest
 import yaml
 
-from mutualbackup.keys import read_recovery
-from mutualbackup.labfed import LabFederation
+from mutualbackup.restore.recovery_file import read_recovery
+from lab.federation import LabFederation
 
 from labkit import mb, mb_json
 from restorekit import (

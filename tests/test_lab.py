@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.errors import TransportError
-from mutualbackup.lab import Lab, LabError, LabNode, is_alive
-from mutualbackup.ssh import SSHTransport
+from lab.nodes import Lab, LabError, LabNode, is_alive
+from mutualbackup.remote.ssh import SSHTransport
 
 from labkit import wait_for
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup.exposition import render_text
-from mutualbackup.history import History
-from mutualbackup.inventory import load_inventory
-from mutualbackup.ledger import HostUsage, MemberLedger, compute_ledger
-from mutualbackup.metrics import FederationMetrics, MetricsSource
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node, Storage
-from mutualbackup.placement import place
+from mutualbackup.report.prometheus_text import render_text
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from mutualbackup.report.ledger import HostUsage, MemberLedger, compute_ledger
+from mutualbackup.report.metrics import FederationMetrics, MetricsSource
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage
+from mutualbackup.plan.placement import place
 
 from labkit import mb, mb_json
 from test_metrics import samples

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup import supervise
-from mutualbackup.backup import run_backup
-from mutualbackup.guard import UNCERTAIN_END_CAP, run_window
-from mutualbackup.history import History, Run, process_identity, run_owner_alive
-from mutualbackup.maintenance import check_replica, prune_replica
-from mutualbackup.model import Backup, Retention
-from mutualbackup.recovery import host_role, recover_pair, source_role
-from mutualbackup.transport import Result
+from mutualbackup.remote import supervision
+from mutualbackup.jobs.backup import run_backup
+from mutualbackup.plan.compaction_rules import UNCERTAIN_END_CAP, run_window
+from mutualbackup.state.history import History, Run, process_identity, run_owner_alive
+from mutualbackup.jobs.maintenance import check_replica, prune_replica
+from mutualbackup.inventory.model import Backup, Retention
+from mutualbackup.jobs.crash_cleanup import host_role, clean_up_pair, source_role
+from mutualbackup.remote.transport import Result
 
 from fake import GIB, Harness, make_federation
 
@@ -90,21 +90,21 @@ def test_recovery_stops_the_command_of_a_run_of_this_process_unless_the_caller_s
     h = harness(tmp_path)
     source, target = "coop0/src0", h.placement["coop0/src0"][0]
     run_id = h.history.start_run("backup", source, target, started=START - 60)  # a thread that died
-    pidfile = supervise.pidfile_path("/home/fake/.mutualbackup", source_role(target))
+    pidfile = supervision.pidfile_path("/home/fake/.mutualbackup", source_role(target))
     h.world.files[(source, pidfile)] = f"4242\n{run_id}\nx\n".encode()
     nodes = h.federation.node(source), h.federation.node(target)
-    assert recover_pair(h.ctx, *nodes, clock=h.clock.time, active={run_id}).busy
-    assert not [c for c in h.world.calls if supervise.is_stop(c.argv)]
-    assert recover_pair(h.ctx, *nodes, clock=h.clock.time).busy is None
-    assert [c.argv[4] for c in h.world.calls if supervise.is_stop(c.argv)] == [pidfile]
+    assert clean_up_pair(h.ctx, *nodes, clock=h.clock.time, active={run_id}).busy
+    assert not [c for c in h.world.calls if supervision.is_stop(c.argv)]
+    assert clean_up_pair(h.ctx, *nodes, clock=h.clock.time).busy is None
+    assert [c.argv[4] for c in h.world.calls if supervision.is_stop(c.argv)] == [pidfile]
 
 
 # --- 4. one pidfile per role ------------------------------------------------------------------
 
 
 def test_a_node_that_is_source_and_host_of_the_same_peer_has_one_pidfile_per_role(tmp_path: Path) -> None:
-    assert supervise.pidfile_path("/w", source_role("coop-a/web-1")) == "/w/run/src.coop-a.web-1.pid"
-    assert supervise.pidfile_path("/w", host_role("coop-a/web-1")) == "/w/run/repo.coop-a.web-1.pid"
+    assert supervision.pidfile_path("/w", source_role("coop-a/web-1")) == "/w/run/src.coop-a.web-1.pid"
+    assert supervision.pidfile_path("/w", host_role("coop-a/web-1")) == "/w/run/repo.coop-a.web-1.pid"
     h = harness(tmp_path)
     h.run_until(START + 3 * HOUR)
     prunes = h.world.commands("prune")
@@ -224,7 +224,7 @@ def test_a_maintenance_step_stopped_by_ctrl_c_is_recorded_interrupted(tmp_path: 
 
 
 def test_status_does_not_call_a_replica_failing_for_interrupted_runs(tmp_path: Path) -> None:
-    from mutualbackup.status import compute_status
+    from mutualbackup.report.status import compute_status
 
     h = harness(tmp_path)
     h.run_until(START + 3 * HOUR)

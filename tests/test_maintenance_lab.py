@@ -16,15 +16,16 @@ from typing import Iterator
 
 import pytest
 
-from mutualbackup import borg, labfed
+from mutualbackup import borg
+from lab import federation as labfed
 from mutualbackup.context import Context, ssh_connector
-from mutualbackup.guard import foreign_transactions
-from mutualbackup.history import History
-from mutualbackup.inventory import load_inventory
-from mutualbackup.lab import Lab
-from mutualbackup.labfed import LabFederation
-from mutualbackup.maintenance import check_replica, compact_replica, prune_replica
-from mutualbackup.recovery import recover_pair
+from mutualbackup.plan.compaction_rules import foreign_transactions
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from lab.nodes import Lab
+from lab.federation import LabFederation
+from mutualbackup.jobs.maintenance import check_replica, compact_replica, prune_replica
+from mutualbackup.jobs.crash_cleanup import clean_up_pair
 
 from labkit import alpha_beta, mb
 
@@ -228,14 +229,14 @@ def test_a_stale_lock_of_a_dead_borg_on_the_host_is_broken_and_a_live_one_is_not
     lock.mkdir()
     (lock / f"{hostid}.{os.getpid()}-0").touch()  # this test process: alive
     try:
-        kept = recover_pair(ctx, source, host)
+        kept = clean_up_pair(ctx, source, host)
         assert lock.exists()
         assert any("live process" in note for note in kept.notes)
     finally:
         for f in lock.iterdir():
             f.unlink()
     (lock / f"{hostid}.{gone.pid}-0").touch()  # a borg that died without unlocking
-    broken = recover_pair(ctx, source, host)
+    broken = clean_up_pair(ctx, source, host)
     assert not lock.exists()
     assert any("broke a stale lock" in note for note in broken.notes)
     assert [a["kind"] for a in ctx.history.alerts()][:1] == ["stale-lock-broken"]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from mutualbackup.borg import ArchiveEntry
-from mutualbackup.model import Retention
-from mutualbackup.retention import plan_prune
+from mutualbackup.inventory.model import Retention
+from mutualbackup.plan.retention import plan_prune
 
 UTC = dt.timezone.utc
 

@@ -7,11 +7,11 @@ import pytest
 
 from mutualbackup.borg import LockHolder, Transaction, parse_transactions
 from mutualbackup.daemon import job_timeout
-from mutualbackup.guard import archive_changes, baseline_bytes, checked_through, foreign_transactions
-from mutualbackup.history import History, PairSummary, Run
-from mutualbackup.maintenance import guard_problems, maintenance_due
-from mutualbackup.model import Backup
-from mutualbackup.recovery import judge_lock
+from mutualbackup.plan.compaction_rules import archive_changes, baseline_bytes, checked_through, foreign_transactions
+from mutualbackup.state.history import History, PairSummary, Run
+from mutualbackup.jobs.maintenance import guard_problems, maintenance_due
+from mutualbackup.inventory.model import Backup
+from mutualbackup.jobs.crash_cleanup import judge_lock
 
 DAY = 86400.0
 WEEKLY = Backup(paths=("/etc",), check_every=7 * 86400)

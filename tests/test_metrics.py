@@ -18,16 +18,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mutualbackup.exposition import Family, render_text
-from mutualbackup.history import History
-from mutualbackup.inventory import load_inventory
-from mutualbackup.labfed import free_port
-from mutualbackup.ledger import compute_ledger
-from mutualbackup.metrics import (
+from mutualbackup.report.prometheus_text import Family, render_text
+from mutualbackup.state.history import History
+from mutualbackup.inventory.load import load_inventory
+from lab.federation import free_port
+from mutualbackup.report.ledger import compute_ledger
+from mutualbackup.report.metrics import (
     FederationMetrics, MetricsSource, ReplicaFacts, build_registry, read_ledger, replica_healthy, start_metrics_server,
 )
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node, Storage
-from mutualbackup.runfacts import DURATION_BUCKETS, RunTotals, read_replica_facts, read_running
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage
+from mutualbackup.state.metrics_queries import DURATION_BUCKETS, RunTotals, read_replica_facts, read_running
 
 from tests.test_monitoring_rules import SPEC, SPEC_METRICS
 
@@ -403,22 +403,22 @@ def test_a_run_left_running_by_a_dead_process_does_not_hold_the_totals_back(hist
 
 
 def test_summing_the_runs_after_the_settled_ones_reads_only_that_range_of_ids(history: History):
-    from mutualbackup import runfacts
+    from mutualbackup.state import metrics_queries
 
     with history.snapshot() as query:
-        plan = [row[-1] for row in query("EXPLAIN QUERY PLAN " + runfacts._TALLY_SQL, (0, 1))]
+        plan = [row[-1] for row in query("EXPLAIN QUERY PLAN " + metrics_queries._TALLY_SQL, (0, 1))]
     assert plan[0].startswith("SEARCH runs USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"), plan
 
 
 def test_latest_facts_use_one_index_look_up_per_fact(history: History):
     full_history(history)
-    from mutualbackup import runfacts
+    from mutualbackup.state import metrics_queries
 
     with history.snapshot() as query:
-        plan = [row[-1] for row in query("EXPLAIN QUERY PLAN " + runfacts._LATEST_SQL, ("[]",))]
+        plan = [row[-1] for row in query("EXPLAIN QUERY PLAN " + metrics_queries._LATEST_SQL, ("[]",))]
         facts = read_replica_facts(query, [("a/web", "b/st")])
     searches = [line for line in plan if line.startswith("SEARCH runs")]
-    assert len(searches) == len(runfacts._LATEST) and all("runs_by_job" in line for line in searches), plan
+    assert len(searches) == len(metrics_queries._LATEST) and all("runs_by_job" in line for line in searches), plan
     assert not any("TEMP B-TREE" in line for line in plan), plan
     assert facts[("a/web", "b/st")].repository_bytes == 4 * GiB
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup.exposition import render_text
-from mutualbackup.history import History
-from mutualbackup.labfed import free_port
-from mutualbackup.metrics import MetricsSource, start_metrics_server
+from mutualbackup.report.prometheus_text import render_text
+from mutualbackup.state.history import History
+from lab.federation import free_port
+from mutualbackup.report.metrics import MetricsSource, start_metrics_server
 
 from test_metrics import FED, NOW, PLACEMENT, full_history, metrics_of, samples
 from test_prometheus_e2e import PROMETHEUS, World, poll, query, ready, start_prometheus, stop

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node, Storage, Where
-from mutualbackup.placement import diff, place
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Where
+from mutualbackup.plan.placement import diff, place
 
 GiB = 1024**3
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup.lab import Lab
+from lab.nodes import Lab
 
 PLAYBOOK = Path(__file__).parent.parent / "playbooks" / "join.yml"
 

@@ -26,10 +26,10 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from mutualbackup import labfed
-from mutualbackup.inventory import load_inventory
-from mutualbackup.lab import Lab
-from mutualbackup.labfed import LabFederation, free_port
+from lab import federation as labfed
+from mutualbackup.inventory.load import load_inventory
+from lab.nodes import Lab
+from lab.federation import LabFederation, free_port
 
 from labkit import AWKWARD_PATH, mb, three_members
 from tests.promql import dashboard_queries, dashboard_variables, rule_expressions

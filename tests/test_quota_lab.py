@@ -14,9 +14,9 @@ from typing import Iterator
 import pytest
 import yaml
 
-from mutualbackup import labfed
-from mutualbackup.lab import Lab
-from mutualbackup.labfed import LabFederation
+from lab import federation as labfed
+from lab.nodes import Lab
+from lab.federation import LabFederation
 
 from labkit import alpha_beta, mb, mb_json, same_tree, write_tree
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from mutualbackup import borg_restore as br
-from mutualbackup.model import Node
-from mutualbackup.provision import BEGIN, END, replace_block
-from mutualbackup.restore_access import authorised, repository_url
-from mutualbackup.transport import Result
+from mutualbackup.inventory.model import Node
+from mutualbackup.jobs.provision import BEGIN, END, replace_block
+from mutualbackup.restore.temporary_key import authorised, repository_url
+from mutualbackup.remote.transport import Result
 
 from labkit import dequote_command
 
@@ -99,7 +99,7 @@ ADD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ADD_CASES))
 def test_adding_a_line_on_the_host_is_the_same_edit_as_the_coordinators(tmp_path: Path, case: str) -> None:
-    from mutualbackup.provision import managed_lines
+    from mutualbackup.jobs.provision import managed_lines
 
     text = ADD_CASES[case]
     path = tmp_path / "ssh dir" / "authorized_keys"
@@ -316,7 +316,7 @@ def test_a_delegated_command_without_a_key_line_fails_before_borg_runs(tmp_path:
 def test_restore_keys_are_made_in_memory_and_are_valid_openssh_keys(tmp_path: Path) -> None:
     import base64
 
-    from mutualbackup.restore_access import new_restore_key
+    from mutualbackup.restore.temporary_key import new_restore_key
 
     key = new_restore_key("mutualbackup-restore:coop/web1:" + RID)
     assert "BEGIN OPENSSH PRIVATE KEY" not in repr(key)
@@ -463,7 +463,7 @@ def test_borg_errors_are_shown_without_traceback_or_platform_report() -> None:
 def test_the_progress_line_shows_items_bytes_of_total_and_rate_and_is_rewritten_in_place() -> None:
     import io
 
-    from mutualbackup.restore import TerminalProgress, format_progress
+    from mutualbackup.restore.extract import TerminalProgress, format_progress
 
     progress = br.ExtractProgress(files=12, bytes_done=3 * 1024**2, bytes_total=6 * 1024**2)
     assert format_progress(progress, 2.0) == "12 item(s)  3 MiB of 6 MiB  1.5 MiB/s"
@@ -483,7 +483,7 @@ def test_a_log_line_goes_above_the_progress_line_which_is_drawn_again_under_it()
     import io
     import logging
 
-    from mutualbackup.restore import TerminalProgress
+    from mutualbackup.restore.extract import TerminalProgress
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -533,9 +533,9 @@ class ExtractingNode:
 def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from mutualbackup.history import History
-    from mutualbackup.restore import _Job
-    from mutualbackup.restore_access import Access
+    from mutualbackup.state.history import History
+    from mutualbackup.restore.extract import _Job
+    from mutualbackup.restore.temporary_key import Access
 
     withdrawn = threading.Event()
     grant = SimpleNamespace(wait=lambda: None, withdraw_soon=withdrawn.set)
@@ -642,7 +642,7 @@ def test_the_hosts_session_removes_its_line_however_it_ends(tmp_path: Path, endi
 
 
 def test_a_grant_holds_the_line_until_withdrawn_then_the_session_ends(tmp_path: Path) -> None:
-    from mutualbackup.restore_access import authorised
+    from mutualbackup.restore.temporary_key import authorised
 
     path = tmp_path / ".ssh" / "authorized_keys"
     path.parent.mkdir()
@@ -662,8 +662,8 @@ def test_a_grant_holds_the_line_until_withdrawn_then_the_session_ends(tmp_path: 
 
 
 def test_a_grant_on_a_damaged_block_raises_and_changes_nothing(tmp_path: Path) -> None:
-    from mutualbackup.provision import DamagedBlock
-    from mutualbackup.restore_access import authorised
+    from mutualbackup.jobs.provision import DamagedBlock
+    from mutualbackup.restore.temporary_key import authorised
 
     path = tmp_path / ".ssh" / "authorized_keys"
     path.parent.mkdir()

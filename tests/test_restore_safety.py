@@ -14,15 +14,16 @@ from typing import Sequence
 import pytest
 
 from fake import FakeClock, FakeWorld, make_federation
-from mutualbackup import borg, keys
+from mutualbackup import borg
+from mutualbackup.restore import recovery_file
 from mutualbackup.cli import main
 from mutualbackup.context import Context
 from mutualbackup.errors import OperationFailed, UsageError
-from mutualbackup.history import History
-from mutualbackup.keys import FORMAT, Recovery, RecoveryRepository, export_keys, read_recovery
-from mutualbackup.model import Federation, Node
-from mutualbackup.restore import choose_replica, list_archives, restore
-from mutualbackup.transport import Result
+from mutualbackup.state.history import History
+from mutualbackup.restore.recovery_file import FORMAT, RecoveryFile, RecoveryRepository, export_keys, read_recovery
+from mutualbackup.inventory.model import Federation, Node
+from mutualbackup.restore.extract import choose_replica, list_archives, restore
+from mutualbackup.remote.transport import Result
 
 SOURCE = "coop0/src0"
 REPLICAS = ("coop1/store", "coop2/store")
@@ -58,9 +59,9 @@ def context(tmp_path: Path, federation: Federation | None = None, connector=None
     return ctx
 
 
-def recovery(paths: dict[str, str] | None = None, source: str = SOURCE) -> Recovery:
+def recovery(paths: dict[str, str] | None = None, source: str = SOURCE) -> RecoveryFile:
     paths = paths if paths is not None else {h: f"/srv/mutualbackup/{source}" for h in REPLICAS}
-    return Recovery(
+    return RecoveryFile(
         source=source, federation="fake-federation", exported="2026-03-01T12:00:00Z", passphrase="s3cret",
         repositories=tuple(RecoveryRepository(h, p, "", KEY_ID, f"BORG_KEY {KEY_ID}\n") for h, p in paths.items()),
     )
@@ -103,8 +104,8 @@ def test_a_recovery_file_naming_a_node_that_is_not_a_host_is_refused(tmp_path: P
 def test_with_a_recovery_file_the_repository_path_is_computed_from_the_inventory(tmp_path: Path) -> None:
     ctx = context(tmp_path)
     source, host = ctx.node(SOURCE), ctx.node("coop1/store")
-    assert keys.repository_path(SOURCE, host) == borg.repository_path(source, host) == "/srv/mutualbackup/coop0/src0"
-    assert keys.usable_hosts(recovery(), ctx.federation) == (REPLICAS, ())
+    assert recovery_file.repository_path(SOURCE, host) == borg.repository_path(source, host) == "/srv/mutualbackup/coop0/src0"
+    assert recovery_file.usable_hosts(recovery(), ctx.federation) == (REPLICAS, ())
     with pytest.raises(Reached):  # every check passed: the restore goes on, to the destination first
         restore(ctx, SOURCE, ctx.node("coop0/store"), "/restore", recovery=recovery())
     assert ctx.reached == ["coop0/store"]
@@ -112,7 +113,7 @@ def test_with_a_recovery_file_the_repository_path_is_computed_from_the_inventory
 
 def test_a_recovery_host_gone_from_the_inventory_is_skipped_and_none_left_is_refused(tmp_path: Path) -> None:
     ctx = context(tmp_path, without(make_federation(4), "coop1/store"))
-    assert keys.usable_hosts(recovery(), ctx.federation) == (("coop2/store",), ("coop1/store",))
+    assert recovery_file.usable_hosts(recovery(), ctx.federation) == (("coop2/store",), ("coop1/store",))
     gone = context(tmp_path, without(make_federation(4), *REPLICAS))
     with pytest.raises(UsageError) as error:
         restore(gone, SOURCE, gone.node("coop0/store"), "/restore", recovery=recovery())

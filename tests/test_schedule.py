@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from mutualbackup.model import Backup, Coordinator, Federation, Member, Node, Storage, Window
-from mutualbackup.schedule import (
+from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Window
+from mutualbackup.plan.schedule import (
     Job,
     JobState,
     estimate_seconds,

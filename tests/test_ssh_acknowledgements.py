@@ -12,7 +12,7 @@ from typing import Iterator
 import paramiko
 import pytest
 
-from mutualbackup.ssh import _PinnedTransport, ignore_message, open_socket
+from mutualbackup.remote.ssh import _PinnedTransport, ignore_message, open_socket
 
 
 @pytest.fixture

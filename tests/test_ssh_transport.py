@@ -17,8 +17,8 @@ from typing import Iterator
 import pytest
 
 from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
-from mutualbackup.lab import Lab, LabNode
-from mutualbackup.ssh import SSHTransport
+from lab.nodes import Lab, LabNode
+from mutualbackup.remote.ssh import SSHTransport
 
 from labkit import wait_for
 

@@ -1,0 +1,168 @@
+"""One backup job: a source's ``borg create`` into one replica, recorded in the history.
+
+The coordinator connects to the *source* and runs borg there; borg reaches the
+host over SSH with the source's own key (the forced command on the host confines
+it to its repository). The ``before:`` commands and borg run under the
+:mod:`supervise` wrapper: they die with the coordinator's session, and the
+daemon can stop them (SIGINT: borg keeps a checkpoint) when it shuts down.
+
+The job never raises for a failed backup: it records the failure and returns
+it, so that one failure never stops other jobs or the daemon. A job aborted by
+the daemon is recorded ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from mutualbackup import borg
+from mutualbackup.context import Context
+from mutualbackup.errors import MutualBackupError
+from mutualbackup.inventory.model import Node
+from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
+from mutualbackup.jobs.crash_cleanup import source_role
+from mutualbackup.remote.transport import Result
+
+log = logging.getLogger("mutualbackup.jobs.backup")
+
+BACKUP_TIMEOUT = 12 * 3600
+UNREADABLE_SHOWN = 10
+"""How many paths of the files borg could not read a backup run records (all are counted)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    source: str
+    target: str
+    result: str  # success, warning, failure, interrupted
+    exit_code: int | None
+    duration: float
+    archive: str | None = None
+    original_bytes: int | None = None
+    deduplicated_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("success", "warning")
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_backup(
+    ctx: Context,
+    source: Node,
+    host: Node,
+    *,
+    timeout: float = BACKUP_TIMEOUT,
+    clock: Callable[[], float] = time.time,
+    control: JobControl | None = None,
+) -> Outcome:
+    """Back ``source`` up into its repository on ``host``; record and return the outcome.
+
+    ``timeout`` bounds the whole job (``before:`` commands and borg); ``clock``
+    gives the times recorded (and the archive name); ``control`` lets the daemon
+    abort the job. Never raises for a failed backup.
+    """
+    assert source.backup is not None
+    started = clock()
+    run_id = ctx.history.start_run("backup", source.name, host.name, started=started)
+    log.info("backup  start  %s -> %s", source.name, host.name)
+    exit_code: int | None = None
+    try:
+        result = _create(ctx, source, host, run_id, started, timeout, clock, control)
+        exit_code = result.exit_code
+        verdict = borg.classify_exit(exit_code)
+        said = borg.parse_log(result.stderr)
+        if verdict not in ("success", "warning") and control is not None and control.is_aborted:
+            raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
+        if verdict not in ("success", "warning"):
+            raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{said.tail()}".strip(), exit_code)
+        stats = borg.parse_create_json(result.stdout)
+        ended = clock()
+        error = said.tail() if verdict == "warning" else None
+        ctx.history.finish_run(
+            run_id, verdict, exit_code=exit_code, ended=ended, archive=stats.name,
+            original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
+            deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
+            nfiles=stats.nfiles, error=error,
+            detail={"unreadable_files": len(said.unreadable), "unreadable_paths": list(said.unreadable[:UNREADABLE_SHOWN])},
+        )
+        ctx.history.record_archives(source.name, host.name, [(stats.name, started, stats.id)], now=ended)
+        outcome = Outcome(source.name, host.name, verdict, exit_code, ended - started, stats.name,
+                          stats.original_bytes, stats.deduplicated_bytes, error=error)
+        log.info("backup  end    %s -> %s  %s  %.1fs  %s", source.name, host.name, verdict, outcome.duration, stats.name)
+        return outcome
+    except _Failed as exc:
+        error, exit_code = str(exc), exc.exit_code
+    except (MutualBackupError, ValueError) as exc:
+        error = str(exc)
+    except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
+        log.exception("backup of %s -> %s crashed", source.name, host.name)
+        error = f"internal error: {exc!r}"
+    except BaseException as exc:  # Ctrl-C of `mutualbackup run`, SystemExit: not "running" forever
+        ctx.history.finish_run(run_id, "interrupted", exit_code=exit_code, ended=clock(),
+                               error=f"the coordinator process was stopped during this run ({type(exc).__name__})")
+        raise
+    result_word = "interrupted" if control is not None and control.is_aborted else "failure"
+    ended = clock()
+    ctx.history.finish_run(run_id, result_word, exit_code=exit_code, error=error, ended=ended)
+    if result_word == "failure" and exit_code is not None and borg.classify_exit(exit_code) == "error":
+        _alert_once(ctx, source, host, exit_code, error, ended)
+    log.warning("backup  end    %s -> %s  %s  %.1fs: %s", source.name, host.name, result_word, ended - started,
+                error.splitlines()[0] if error else "")
+    return Outcome(source.name, host.name, result_word, exit_code, ended - started, error=error)
+
+
+def _create(
+    ctx: Context, source: Node, host: Node, run_id: int, started: float, timeout: float,
+    clock: Callable[[], float], control: JobControl | None,
+) -> Result:
+    """Run the ``before:`` commands, then ``borg create``; the Result of borg create."""
+    assert source.backup is not None
+    transport = ctx.connect(source)
+    if control is not None:
+        control.attach(transport)
+    try:
+        paths = ctx.source_paths(transport, source)
+        pidfile = pidfile_path(paths.workdir, source_role(host.name))
+        deadline = started + timeout
+        for command in source.backup.before:
+            if control is not None and control.is_aborted:
+                raise _Failed(f"aborted before the before: command ran: {control.reason}")
+            result = run_supervised(transport, source, pidfile, run_id, ("sh", "-c", command),
+                                    timeout=max(1.0, deadline - clock()), control=control)
+            if not result.ok:
+                raise _Failed(
+                    f"the before: command failed with exit {result.exit_code}, so no backup was made.\n"
+                    f"command: {command}\n{result.stderr_tail()}".strip(),
+                    result.exit_code,
+                )
+        if control is not None and control.is_aborted:
+            raise _Failed(f"aborted before borg started: {control.reason}")
+        archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
+        url = borg.repository_url(source, host)
+        return run_supervised(
+            transport, source, pidfile, run_id, borg.create_argv(source.borg, url, archive, source.backup),
+            env=borg.client_env(paths), timeout=max(1.0, deadline - clock()), control=control,
+        )
+    finally:
+        if control is not None:
+            control.detach(transport)
+        transport.close()
+
+
+def _alert_once(ctx: Context, source: Node, host: Node, exit_code: int, error: str, now: float) -> None:
+    """An alert for an error that retrying will not fix (disk full, quota, passphrase...), once per streak."""
+    previous = ctx.history.runs(kind="backup", source=source.name, target=host.name, limit=2)[1:]
+    if previous and previous[0].result == "failure" and previous[0].exit_code == exit_code:
+        return
+    ctx.history.add_alert(source.name, host.name, "backup-error", error.splitlines()[0] if error else f"exit {exit_code}", now=now)

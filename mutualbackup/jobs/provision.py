@@ -1,0 +1,279 @@
+"""``mutualbackup apply``: make the world match the plan, idempotently.
+
+For each source: its own SSH key and passphrase, generated *on the source* (the
+passphrase never leaves it), and a known_hosts file pinning its replica hosts.
+For each host: one forced-command line per replica inside a managed block of its
+``authorized_keys`` (every other line untouched), and the parent directory of
+the repositories. Then ``borg init`` of each new repository, run from the source.
+A second run finds everything in place and changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from mutualbackup import borg, borg_restore
+from mutualbackup.context import Context
+from mutualbackup.errors import MutualBackupError, OperationFailed
+from mutualbackup.inventory.model import Node
+from mutualbackup.remote.transport import Transport, resolve_path
+
+BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
+END = "# END mutualbackup"
+
+@dataclass
+class ApplyReport:
+    changes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def replica_quota(size: int, capacity: int) -> int:
+    """The storage quota of one replica: twice its size (room to grow), at least 10 GiB, at most the host."""
+    return min(capacity, max(borg.MIN_QUOTA, borg.QUOTA_FACTOR * size))
+
+
+def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
+    """The size a replica's quota is made for: the larger of the measured size (``sizes``) and ``estimate``.
+
+    Unlike placement (measured size, else estimate), the estimate still counts once
+    a size was measured: a member who expects the source to grow raises its
+    estimate, and the next ``apply`` gives every replica room for it.
+    """
+    assert source.backup is not None
+    return max(sizes.get(source.name, 0), source.backup.estimate or 0)
+
+
+def render_block(lines: Sequence[str]) -> list[str]:
+    return [BEGIN, *lines, END] if lines else []
+
+
+class DamagedBlock(OperationFailed):
+    """The BEGIN/END markers of an authorized_keys file are not exactly one ordered pair."""
+
+
+def _block_bounds(parts: list[str]) -> tuple[int, int] | None:
+    """Indexes of the BEGIN and END lines, None when the file has no block.
+
+    Raises DamagedBlock when the markers are not exactly one ordered pair: guessing
+    could leave old forced-command lines active, or swallow a member's own keys.
+    """
+    begins = [i for i, line in enumerate(parts) if line == BEGIN]
+    ends = [i for i, line in enumerate(parts) if line == END]
+    if not begins and not ends:
+        return None
+    if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
+        return begins[0], ends[0]
+    raise DamagedBlock(
+        f"the mutualbackup block is damaged ({len(begins)} BEGIN and {len(ends)} END marker lines, "
+        "which must be exactly one pair in that order): fix the file by hand; nothing was changed"
+    )
+
+
+def replace_block(text: str, lines: Sequence[str]) -> str:
+    """``text`` with its managed block replaced by ``lines`` (block added at the end when absent).
+
+    Lines outside the block are kept byte for byte (only ``\n`` separates lines, so
+    CRLF or unusual characters survive). An empty ``lines`` removes the block.
+    Raises DamagedBlock when the markers are broken.
+    """
+    parts = text.split("\n")
+    bounds = _block_bounds(parts)
+    block = render_block(lines)
+    if bounds is not None:
+        start, end = bounds
+        return "\n".join(parts[:start] + block + parts[end + 1 :])
+    if not block:
+        return text
+    prefix = text if not text or text.endswith("\n") else text + "\n"
+    return prefix + "\n".join(block) + "\n"
+
+
+def managed_lines(text: str) -> list[str]:
+    """The lines inside the managed block of an authorized_keys file (DamagedBlock when broken)."""
+    parts = text.split("\n")
+    bounds = _block_bounds(parts)
+    return [] if bounds is None else parts[bounds[0] + 1 : bounds[1]]
+
+
+def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
+    """Provision every source and host of the placement. Failures are collected, not raised."""
+    report = ApplyReport()
+    placement = ctx.placement
+    previous = ctx.history.placement()
+    sizes = ctx.history.repository_sizes()
+    public_keys: dict[str, str] = {}
+    paths: dict[str, borg.SourcePaths] = {}
+
+    for source in ctx.federation.sources():
+        try:
+            with _closing(ctx.connect(source)) as transport:
+                public_keys[source.name], paths[source.name] = _prepare_source(
+                    ctx, transport, source, placement.replicas.get(source.name, ()), report
+                )
+        except MutualBackupError as exc:
+            report.failures.append(f"{source.name}: {exc}")
+
+    for host in ctx.federation.hosts():
+        lines = []
+        for source_name, targets in sorted(placement.replicas.items()):
+            if host.name not in targets or source_name not in public_keys:
+                continue
+            source = ctx.federation.node(source_name)
+            assert host.storage is not None
+            quota = replica_quota(quota_size(source, sizes), host.storage.capacity)
+            lines.append(
+                borg.authorized_keys_line(
+                    host.borg, borg.repository_path(source, host), quota, public_keys[source_name], f"mutualbackup:{source_name}"
+                )
+            )
+        # Keep the lines of sources we could not reach this time, rather than lock them out.
+        try:
+            with _closing(ctx.connect(host)) as transport:
+                _prepare_host(ctx, transport, host, lines, public_keys, report)
+        except MutualBackupError as exc:
+            report.failures.append(f"{host.name}: {exc}")
+
+    recorded: dict[str, tuple[str, ...]] = {}
+    for source in ctx.federation.sources():
+        targets = placement.replicas.get(source.name, ())
+        if source.name not in paths:
+            recorded[source.name] = tuple(previous.get(source.name, ()))
+            continue
+        ok: list[str] = []
+        with _closing(ctx.connect(source)) as transport:
+            for target in targets:
+                host = ctx.federation.node(target)
+                try:
+                    _init_repository(transport, source, host, paths[source.name], report)
+                    ok.append(target)
+                except MutualBackupError as exc:
+                    report.failures.append(f"{source.name} → {target}: {exc}")
+                    if target in previous.get(source.name, ()):
+                        ok.append(target)  # it existed before: a host down today must not orphan it
+        recorded[source.name] = tuple(ok)
+        for gone in previous.get(source.name, ()):
+            if gone not in targets:
+                report.notes.append(
+                    f"{source.name} no longer has a replica on {gone}: its repository there is kept; "
+                    "delete it by hand once you are sure"
+                )
+    ctx.history.set_placement(recorded)
+    return report
+
+
+def _prepare_source(
+    ctx: Context, transport: Transport, source: Node, targets: Sequence[str], report: ApplyReport
+) -> tuple[str, borg.SourcePaths]:
+    paths = ctx.source_paths(transport, source)
+    _check(transport, ("mkdir", "-p", "-m", "700", "--", paths.workdir), f"cannot create {paths.workdir}")
+    if transport.read_file(paths.key + ".pub") is None:
+        _check(
+            transport,
+            ("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"mutualbackup:{source.name}", "-f", paths.key),
+            "cannot generate the source's SSH key",
+        )
+        report.changes.append(f"+ key         {source.name}")
+    public_key = (transport.read_file(paths.key + ".pub") or b"").decode().strip()
+    if not re.fullmatch(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}( [\x20-\x7e]*)?", public_key):
+        raise OperationFailed(
+            f"the public key {paths.key}.pub on {source.name} is not one ed25519 key on one line; "
+            "move it away and run `mutualbackup apply` again to generate a new one"
+        )
+    # The passphrase is generated on the source and never read back: the shell
+    # script below only sees its path as "$1".
+    generated = transport.run(
+        (
+            "sh",
+            "-c",
+            # ln creates the final name only if it is absent, so two concurrent applies can
+            # never replace a passphrase that a repository already uses.
+            'umask 077; if [ -e "$1" ]; then [ -s "$1" ] && exit 3; echo "$1 exists but is empty: remove it" >&2; exit 4; fi;'
+            ' t="$1.new.$$"; head -c 48 /dev/urandom | base64 | tr -d "\\n" > "$t"'
+            ' && { ln "$t" "$1" 2>/dev/null || { rm -f "$t"; exit 3; }; } && rm -f "$t"',
+            "sh",
+            paths.passphrase,
+        )
+    )
+    if generated.exit_code == 0:
+        report.changes.append(f"+ passphrase  {source.name} (on the source only, mode 0600)")
+    elif generated.exit_code != 3:
+        raise OperationFailed(f"cannot create the passphrase file on {source.name}: {generated.stderr_tail()}")
+    hosts = [ctx.federation.node(t) for t in targets]
+    known = "".join(borg.known_hosts_line(h) + "\n" for h in sorted(hosts, key=lambda h: h.name)).encode()
+    if transport.read_file(paths.known_hosts) != known:
+        transport.write_file(paths.known_hosts, known, 0o600)
+        report.changes.append(f"~ known_hosts {source.name} ({len(hosts)} pinned host key(s))")
+    return public_key, paths
+
+
+def _prepare_host(
+    ctx: Context,
+    transport: Transport,
+    host: Node,
+    lines: list[str],
+    public_keys: Mapping[str, str],
+    report: ApplyReport,
+) -> None:
+    assert host.storage is not None
+    path = resolve_path(host.authorized_keys, transport)
+    current = (transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape")
+    # A source we could not reach keeps its existing line: better stale than locked out.
+    reached = {f"mutualbackup:{name}" for name in public_keys}
+    for line in managed_lines(current):
+        comment = line.rsplit(" ", 1)[-1]
+        if comment not in reached and comment.startswith("mutualbackup:") and comment[13:] in ctx.placement.replicas:
+            if host.name in ctx.placement.replicas[comment[13:]]:
+                lines.append(line)
+    lines.sort(key=lambda line: line.rsplit(" ", 1)[-1])
+    # Temporary restore lines (restore.py) stay while a restore may still use them; expired ones go.
+    restoring = borg_restore.live_restore_lines(managed_lines(current), dt.datetime.now(dt.timezone.utc))
+    wanted = replace_block(current, lines + restoring)
+    if wanted != current:
+        transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
+        report.changes.append(f"~ authorized_keys {host.name} ({len(lines)} replica line(s))")
+    for member in sorted({line.rsplit(" ", 1)[-1][13:].split("/")[0] for line in lines}):
+        _check(
+            transport,
+            ("mkdir", "-p", "-m", "700", "--", posixpath.join(host.storage.path, member)),
+            f"cannot create the storage directory on {host.name}",
+        )
+
+
+def _init_repository(transport: Transport, source: Node, host: Node, paths: borg.SourcePaths, report: ApplyReport) -> None:
+    url = borg.repository_url(source, host)
+    listed = transport.run(borg.list_argv(source.borg, url) + ("--short",), env=borg.client_env(paths), timeout=120)
+    if listed.exit_code in (0, 1):
+        return
+    if listed.exit_code not in (13, 15, 2):
+        raise OperationFailed(
+            f"cannot open the repository on {host.name} (borg exit {listed.exit_code}: {borg.exit_hint(listed.exit_code)})\n"
+            f"{listed.stderr_tail()}"
+        )
+    result = transport.run(borg.init_argv(source.borg, url), env=borg.client_env(paths), timeout=300)
+    if result.exit_code not in (0, 1):
+        raise OperationFailed(
+            f"borg init of {url} failed (exit {result.exit_code}: {borg.exit_hint(result.exit_code)})\n{result.stderr_tail()}"
+        )
+    report.changes.append(f"+ repository  {source.name} → {host.name}")
+
+
+def _check(transport: Transport, argv: Sequence[str], what: str) -> None:
+    result = transport.run(argv, timeout=60)
+    if not result.ok:
+        raise OperationFailed(f"{what} on {transport.node_name}: {result.stderr_tail()}")
+
+
+class _closing:
+    def __init__(self, transport: Transport):
+        self.transport = transport
+
+    def __enter__(self) -> Transport:
+        return self.transport
+
+    def __exit__(self, *exc: object) -> None:
+        self.transport.close()

@@ -1,0 +1,473 @@
+"""The SSH implementation of :class:`mutualbackup.remote.transport.Transport` (paramiko).
+
+One :class:`SSHTransport` talks to one node. It connects on first use, keeps the
+connection for later calls (reconnecting once if it was lost in between) and
+closes it in :meth:`SSHTransport.close`. The node's host key is pinned by the
+inventory: it is the only key ever accepted, no ``known_hosts`` file is read or
+written, and a different key is a refused connection (:class:`HostKeyMismatch`).
+
+Commands are argv tuples; :func:`mutualbackup.remote.transport.command_line` is the only
+place they become a remote command line. Timeouts are enforced on both ends: the
+remote command runs under coreutils ``timeout`` (closing an SSH channel does not
+signal a command that has no terminal), and the local side stops waiting at the
+deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import queue
+import shlex
+import signal
+import socket
+import threading
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import paramiko
+
+from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
+from mutualbackup.inventory.model import Node
+from mutualbackup.remote.transport import Result, command_line
+
+KEEPALIVE_SECONDS = 10
+"""Interval of SSH keepalive messages on an idle connection."""
+
+TCP_USER_TIMEOUT_MS = 60_000
+"""Linux: drop the connection when sent data (keepalives) stays unacknowledged this long."""
+
+REMOTE_KILL_GRACE_SECONDS = 5
+"""After a remote timeout's SIGTERM, SIGKILL follows this much later."""
+
+FILE_TIMEOUT_SECONDS = 120.0
+"""home(), read_file() and write_file() give up after this long (a hung NFS home, say)."""
+
+_CHUNK = 1 << 16
+_POLL_SECONDS = 0.05
+
+_READ_FILE_SCRIPT = 'if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 3; fi; exec cat -- "$1"'
+_READ_FILE_MISSING = 3
+
+_WRITE_FILE_SCRIPT = """set -e
+umask 077
+case "$1" in /*) ;; *) set -- "./$1" "$2" ;; esac
+dir=$(dirname -- "$1")
+[ -d "$dir" ] || mkdir -p -m 700 -- "$dir"
+tmp=$(mktemp "$dir/.mutualbackup-tmp.XXXXXX")
+trap 'rm -f -- "$tmp"' EXIT
+cat > "$tmp"
+chmod -- "$2" "$tmp"
+mv -f -- "$tmp" "$1"
+trap - EXIT
+"""
+
+
+def parse_host_key(host_key: str) -> paramiko.PKey:
+    """A pinned ``"TYPE BASE64"`` host key as a paramiko key; ValueError when it does not parse."""
+    parts = host_key.split()
+    if len(parts) < 2:
+        raise ValueError(f"expected 'TYPE BASE64', got {host_key!r}")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        return paramiko.PKey.from_type_string(parts[0], blob)
+    except (binascii.Error, paramiko.SSHException, ValueError) as error:
+        raise ValueError(f"cannot parse host key {parts[0]} {parts[1][:16]}…: {error}") from error
+
+
+def _handle_channel_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
+    """Record ``exit-signal`` as 128 + N, like a shell; leave every other request to paramiko.
+
+    paramiko ignores ``exit-signal``, so a remote command killed by a signal would
+    otherwise look like a lost connection (exit status -1).
+    """
+    start = message.packet.tell()
+    try:
+        if message.get_text() == "exit-signal":
+            message.get_boolean()
+            name = message.get_text()
+            number = getattr(signal, "SIG" + name, None)
+            channel.exit_status = 128 + int(number) if number is not None else 255
+            channel.status_event.set()
+            return
+    except Exception:  # a malformed request: let paramiko deal with it
+        pass
+    message.packet.seek(start)
+    paramiko.Channel._handle_request(channel, message)
+
+
+class _PinnedTransport(paramiko.Transport):
+    """paramiko's Transport, understanding ``exit-signal``, and acknowledging promptly.
+
+    After authentication OpenSSH's sshd sends a ``hostkeys-00@openssh.com`` global
+    request that wants no reply, then (as a separate small packet) the
+    confirmation of our session channel. With Nagle's algorithm on the server's
+    socket, that confirmation waits until the first packet is acknowledged, and
+    our kernel delays a bare acknowledgement by up to 40 ms: every new
+    connection paid that once more before its first command. Answering every
+    reply-less global request with an ``SSH_MSG_IGNORE`` (RFC 4253 §11.2: to be
+    ignored by the peer) carries the acknowledgement at once.
+    """
+
+    _channel_handler_table = {
+        **paramiko.Transport._channel_handler_table,
+        paramiko.common.MSG_CHANNEL_REQUEST: _handle_channel_request,
+    }
+
+    def _parse_global_request(self, m: paramiko.Message) -> None:
+        start = m.packet.tell()
+        try:
+            m.get_text()
+            wants_reply = m.get_boolean()
+        except Exception:  # a malformed request: paramiko deals with it
+            wants_reply = True
+        m.packet.seek(start)
+        super()._parse_global_request(m)  # type: ignore[misc]
+        if not wants_reply:  # paramiko's own reply acknowledges the others
+            self._send_message(ignore_message())  # type: ignore[attr-defined]
+
+
+def ignore_message() -> paramiko.Message:
+    """An empty ``SSH_MSG_IGNORE``: a packet the peer discards, sent to carry a TCP acknowledgement."""
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_IGNORE)
+    message.add_string(b"")
+    return message
+
+
+def open_socket(address: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``address:port`` for SSH, with ``TCP_NODELAY`` (and ``TCP_USER_TIMEOUT``).
+
+    paramiko's own socket keeps Nagle's algorithm: a small packet written while an
+    earlier one is unacknowledged then waits for the peer's delayed acknowledgement
+    (up to 40 ms), several times per key exchange and authentication, and once per
+    command's round trip. Every message of ours is a complete request, so nothing
+    is gained by holding it back. Raises OSError as :func:`socket.create_connection`.
+    """
+    sock = socket.create_connection((address, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class SSHTransport:
+    """Runs commands and moves small files on one node over SSH, host key pinned.
+
+    ``key_file`` is the coordinator's private key (OpenSSH format); it is the only
+    credential offered (no agent, no ``~/.ssh`` keys). Usable as a context manager.
+    Thread-safe: several threads may call :meth:`run` at once (one channel each).
+    """
+
+    def __init__(self, node: Node, key_file: str, *, connect_timeout: float = 10.0) -> None:
+        self.node = node
+        self.node_name = node.name
+        self.key_file = key_file
+        self.connect_timeout = connect_timeout
+        self._where = f"{node.address}:{node.port}"
+        try:
+            self._pinned = parse_host_key(node.host_key)
+        except ValueError as error:
+            raise TransportError(f"{node.name}: the pinned host_key does not parse ({error})") from error
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+        self._home: str | None = None
+
+    def __enter__(self) -> SSHTransport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection, if any; the next call reconnects."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- connection ---------------------------------------------------------
+
+    def _transport(self) -> paramiko.Transport:
+        """The live paramiko transport, connecting (or reconnecting) when needed."""
+        with self._lock:
+            if self._client is not None:
+                live = self._client.get_transport()
+                if live is not None and live.is_active():
+                    return live
+                self._client.close()
+                self._client = None
+            self._client = self._connect()
+            live = self._client.get_transport()
+            assert live is not None
+            return live
+
+    def _connect(self) -> paramiko.SSHClient:
+        """Open an authenticated connection; raises TransportError or HostKeyMismatch."""
+        node, where = self.node, self._where
+        try:
+            pkey = paramiko.PKey.from_path(self.key_file)
+        except (OSError, paramiko.SSHException, ValueError) as error:
+            raise TransportError(f"cannot read the coordinator key {self.key_file}: {error}") from error
+        client = paramiko.SSHClient()
+        # Never load system or user known_hosts: the pinned key is the only one.
+        # paramiko looks it up under this name and, finding it, offers its type
+        # first in the key exchange, so the server presents that key type.
+        name = node.address if node.port == 22 else f"[{node.address}]:{node.port}"
+        client.get_host_keys().add(name, self._pinned.get_name(), self._pinned)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        timeout = self.connect_timeout
+        try:
+            sock: socket.socket | None = None
+            try:
+                sock = open_socket(node.address, node.port, timeout)
+                client.connect(
+                    node.address,
+                    port=node.port,
+                    username=node.user,
+                    pkey=pkey,
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=timeout,
+                    banner_timeout=timeout,
+                    auth_timeout=timeout,
+                    channel_timeout=timeout,
+                    transport_factory=_PinnedTransport,
+                    sock=sock,
+                )
+            except BaseException:
+                client.close()
+                if sock is not None:
+                    sock.close()
+                raise
+        except paramiko.BadHostKeyException as error:
+            raise HostKeyMismatch(
+                f"{node.name} ({where}) presented host key {error.key.get_name()} "
+                f"{error.key.fingerprint}, but the inventory pins "
+                f"{error.expected_key.get_name()} {error.expected_key.fingerprint}. "
+                f"The connection was refused: if {node.name} was reinstalled, verify the new "
+                f"key out of band and update host_key in the inventory; nothing was sent."
+            ) from error
+        except paramiko.AuthenticationException as error:
+            raise TransportError(
+                f"cannot log in to {node.name} ({where}) as {node.user}: the node refused the "
+                f"coordinator key {self.key_file} ({error}); check its authorized_keys"
+            ) from error
+        except ConnectionRefusedError as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
+            ) from error
+        except socket.timeout as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s"
+            ) from error
+        except socket.gaierror as error:
+            raise TransportError(
+                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
+            ) from error
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            why = getattr(error, "strerror", None) or error or type(error).__name__
+            raise TransportError(f"cannot connect to {node.name} ({where}): {why}") from error
+        live = client.get_transport()
+        assert live is not None
+        live.set_keepalive(KEEPALIVE_SECONDS)
+        return client
+
+    def _open_channel(self) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """A new session channel; reconnects once if the kept connection died meanwhile."""
+        for attempt in (1, 2):
+            live = self._transport()
+            try:
+                return live, live.open_session(timeout=self.connect_timeout)
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                if attempt == 2 or live.is_active():
+                    raise TransportError(
+                        f"cannot open a session on {self.node_name} ({self._where}): {error}"
+                    ) from error
+        raise AssertionError("unreachable")
+
+    # -- commands -----------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_stderr_line: Callable[[str], None] | None = None,
+    ) -> Result:
+        """Run ``argv`` on the node and wait for it; see :meth:`Transport.run`.
+
+        Returns a Result with the remote exit status (128 + N when killed by signal N),
+        or -1 when ``timeout`` expired or the connection was lost (stderr then ends
+        with a line saying which). ``on_stderr_line`` is called in this thread for
+        each stderr line, without its line ending, as lines arrive.
+        Raises TransportError when the node cannot be reached, HostKeyMismatch when
+        its host key is not the pinned one.
+        """
+        argv = tuple(argv)
+        words: tuple[str, ...] = argv
+        if timeout is not None:
+            # Closing the channel does not signal a command without a terminal
+            # (nor can a root session receive SSH "signal" requests): the node's
+            # own timeout ends it; it starts later, so the local deadline is first.
+            # (A zero duration would mean "no limit" to timeout: clamp it.)
+            remote = f"{max(timeout, 0.001):.3f}"
+            words = ("timeout", "-k", str(REMOTE_KILL_GRACE_SECONDS), "--", remote, *argv)
+        line = command_line(words, env, cwd)
+        live, channel = self._open_channel()
+        events: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        stdout: list[bytes] = []
+        stderr: list[bytes] = []
+
+        def read_stdout() -> None:
+            try:
+                while data := channel.recv(_CHUNK):
+                    stdout.append(data)
+            finally:
+                events.put(("done", None))
+
+        def read_stderr() -> None:
+            pending = bytearray()  # the incomplete last line
+            try:
+                while data := channel.recv_stderr(_CHUNK):
+                    stderr.append(data)
+                    searched = len(pending)
+                    pending += data
+                    cut = pending.rfind(b"\n", searched)
+                    if cut >= 0:
+                        for raw in bytes(pending[:cut]).split(b"\n"):
+                            events.put(("line", raw.rstrip(b"\r").decode("utf-8", "replace")))
+                        del pending[: cut + 1]
+                if pending:
+                    events.put(("line", pending.rstrip(b"\r").decode("utf-8", "replace")))
+            finally:
+                events.put(("done", None))
+
+        def write_stdin(data: bytes | Iterable[bytes]) -> None:
+            try:
+                for chunk in (data,) if isinstance(data, bytes) else data:
+                    channel.sendall(chunk)
+                channel.shutdown_write()
+            except (OSError, EOFError, paramiko.SSHException):  # the command exited without reading everything
+                pass
+
+        started = time.monotonic()
+        try:
+            channel.exec_command(line)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            channel.close()
+            raise TransportError(f"cannot start a command on {self.node_name} ({self._where}): {error}") from error
+        readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
+        for thread in readers:
+            thread.start()
+        if stdin is None:
+            channel.shutdown_write()
+        else:
+            threading.Thread(target=write_stdin, args=(stdin,), daemon=True).start()
+
+        deadline = None if timeout is None else started + timeout
+        open_streams, timed_out, lost = 2, False, False
+        try:
+            while open_streams or not channel.exit_status_ready():
+                kind, text = "", None
+                if open_streams:
+                    try:
+                        kind, text = events.get(timeout=_POLL_SECONDS)
+                    except queue.Empty:
+                        pass
+                else:  # both streams closed: wake as soon as the exit status arrives
+                    channel.status_event.wait(_POLL_SECONDS)
+                if kind == "done":
+                    open_streams -= 1
+                elif kind == "line" and on_stderr_line is not None:
+                    on_stderr_line(text or "")
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                if not live.is_active():
+                    lost = True
+                    break
+        finally:
+            channel.close()
+            for thread in readers:
+                thread.join(timeout=5)
+        while on_stderr_line is not None and not events.empty():
+            kind, text = events.get()
+            if kind == "line":
+                on_stderr_line(text or "")
+
+        code = channel.exit_status
+        notes: list[str] = []
+        if timed_out:
+            code = -1
+            notes.append(f"mutualbackup: {self.node_name}: timed out after {timeout:g}s")
+        elif code < 0:
+            code = -1
+            if lost or not live.is_active():
+                notes.append(f"mutualbackup: connection to {self.node_name} ({self._where}) lost")
+            else:
+                notes.append(f"mutualbackup: {self.node_name}: the command ended without an exit status")
+        err = b"".join(stderr)
+        if notes:
+            if err and not err.endswith(b"\n"):
+                err += b"\n"
+            err += "\n".join(notes).encode() + b"\n"
+        return Result(argv=argv, exit_code=code, stdout=b"".join(stdout), stderr=err)
+
+    def connect(self) -> None:
+        """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`run`."""
+        self._transport()
+
+    # -- files --------------------------------------------------------------
+
+    def home(self) -> str:
+        """The login user's home directory on the node (asked once, then cached)."""
+        if self._home is None:
+            result = self.run(["sh", "-c", 'printf %s "$HOME"'], timeout=FILE_TIMEOUT_SECONDS)
+            home = result.stdout.decode("utf-8", "replace")
+            if not result.ok or not home.startswith("/"):
+                raise OperationFailed(
+                    f"cannot find the home directory of {self.node.user} on {self.node_name} "
+                    f"(exit {result.exit_code}): {result.stderr_tail(5)}"
+                )
+            self._home = home
+        return self._home
+
+    def read_file(self, path: str) -> bytes | None:
+        """The content of ``path`` on the node, or None when it does not exist.
+
+        Raises OperationFailed when it exists but cannot be read.
+        """
+        result = self.run(["sh", "-c", _READ_FILE_SCRIPT, "sh", path], timeout=FILE_TIMEOUT_SECONDS)
+        if result.exit_code == _READ_FILE_MISSING:
+            return None
+        if not result.ok:
+            raise OperationFailed(
+                f"cannot read {path} on {self.node_name} (exit {result.exit_code}):\n{result.stderr_tail()}"
+            )
+        return result.stdout
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        """Replace ``path`` on the node atomically with ``data``, with permissions ``mode``.
+
+        Creates the parent directory (mode 0700) when missing, writes a temporary
+        file next to the target (umask 077), chmods it, then renames it over the
+        target. ``data`` travels over stdin. Raises OperationFailed on failure.
+        """
+        result = self.run(
+            ["sh", "-c", _WRITE_FILE_SCRIPT, "sh", path, f"{mode:o}"], stdin=data, timeout=FILE_TIMEOUT_SECONDS
+        )
+        if not result.ok:
+            raise OperationFailed(
+                f"cannot write {path} on {self.node_name} (exit {result.exit_code}):\n{result.stderr_tail()}"
+            )
+
+    def __repr__(self) -> str:
+        return f"SSHTransport({self.node_name!r}, {self._where}, key_file={shlex.quote(self.key_file)})"

@@ -1,0 +1,515 @@
+"""The coordinator's memory: a SQLite file in the state directory.
+
+What is in it: every run (backup, check, prune, compact, drill, restore) with its
+start, end, result, borg exit code, archive sizes and the tail of the error; the
+placement (which source has a replica on which host); the archives the
+coordinator saw created and pruned; alerts. What is never in it: a passphrase
+or a key.
+
+Crash safety: WAL journal with ``synchronous=FULL``: a run is committed when it
+starts (``running``) and when it ends, so a ``kill -9`` loses no completed run;
+on start the daemon calls :meth:`History.mark_interrupted` for runs left
+``running`` by a process that is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from mutualbackup.errors import OperationFailed
+
+FILENAME = "history.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,              -- backup, check, repo-check, prune, compact, drill, restore
+    source TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    ended REAL,
+    result TEXT NOT NULL,            -- running, success, warning, failure, interrupted
+    exit_code INTEGER,
+    archive TEXT,
+    original_bytes INTEGER,
+    compressed_bytes INTEGER,
+    deduplicated_bytes INTEGER,
+    repository_bytes INTEGER,
+    nfiles INTEGER,
+    error TEXT,
+    pid INTEGER,
+    detail TEXT,                     -- JSON: anything else worth keeping
+    owner TEXT                       -- the process that runs it: PID:START (see process_identity); NULL in old rows
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (kind, source, target, started);
+-- the few runs in progress (metrics: jobs running, and where the incremental totals stop)
+CREATE INDEX IF NOT EXISTS runs_running ON runs (id) WHERE result = 'running';
+CREATE TABLE IF NOT EXISTS replicas (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (source, target)
+);
+CREATE TABLE IF NOT EXISTS archives (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,           -- the archive's own time (UTC epoch)
+    seen REAL NOT NULL,              -- when the coordinator first saw it
+    pruned REAL,                     -- when the coordinator's prune removed it
+    archive_id TEXT,                 -- borg's archive id when first seen (NULL: not known yet)
+    PRIMARY KEY (source, target, name)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+SUCCESSFUL = ("success", "warning")
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    kind: str
+    source: str
+    target: str
+    started: float
+    ended: float | None
+    result: str
+    exit_code: int | None
+    archive: str | None
+    original_bytes: int | None
+    compressed_bytes: int | None
+    deduplicated_bytes: int | None
+    repository_bytes: int | None
+    nfiles: int | None
+    error: str | None
+    pid: int | None
+    detail: str | None
+    owner: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result in SUCCESSFUL
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """Runs of one kind for one source x target, as the scheduler sees them (epoch seconds)."""
+
+    last_success: float | None
+    first_success: float | None
+    last_attempt: float | None  # the last finished run that was not interrupted
+    last_success_end: float | None
+    failures: int  # failed runs since the last success (interrupted ones not counted)
+
+
+class History:
+    """One SQLite file; safe to share between the daemon's threads."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]):
+        self.path = Path(state_dir) / FILENAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
+        self._lock = threading.RLock()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to :data:`SCHEMA` (additive, idempotent)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(archives)")}
+        if "archive_id" not in columns:
+            self._db.execute("ALTER TABLE archives ADD COLUMN archive_id TEXT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "owner" not in columns:
+            self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- runs ---------------------------------------------------------------
+
+    def start_run(self, kind: str, source: str, target: str = "", *, started: float | None = None) -> int:
+        """Record a run as ``running`` (committed at once) and return its id."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (kind, source, target, started, result, pid, owner) VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (kind, source, target, started if started is not None else time.time(), os.getpid(), this_process()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_run(
+        self,
+        run_id: int,
+        result: str,
+        *,
+        exit_code: int | None = None,
+        error: str | None = None,
+        ended: float | None = None,
+        archive: str | None = None,
+        original_bytes: int | None = None,
+        compressed_bytes: int | None = None,
+        deduplicated_bytes: int | None = None,
+        repository_bytes: int | None = None,
+        nfiles: int | None = None,
+        detail: Mapping[str, object] | None = None,
+    ) -> bool:
+        """Record the end of a run that is still ``running``; False (nothing changed) when it no longer is
+        (e.g. the daemon's shutdown already marked it ``interrupted``)."""
+        with self._tx() as db:
+            cursor = db.execute(
+                """UPDATE runs SET ended = ?, result = ?, exit_code = ?, error = ?, archive = ?,
+                   original_bytes = ?, compressed_bytes = ?, deduplicated_bytes = ?,
+                   repository_bytes = ?, nfiles = ?, detail = ? WHERE id = ? AND result = 'running'""",
+                (
+                    ended if ended is not None else time.time(),
+                    result,
+                    exit_code,
+                    error,
+                    archive,
+                    original_bytes,
+                    compressed_bytes,
+                    deduplicated_bytes,
+                    repository_bytes,
+                    nfiles,
+                    json.dumps(detail, sort_keys=True) if detail else None,
+                    run_id,
+                ),
+            )
+            return cursor.rowcount > 0
+
+    def set_detail(self, run_id: int, detail: Mapping[str, object]) -> None:
+        """Record ``detail`` of a run that is still ``running`` (committed at once: it survives a crash)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET detail = ? WHERE id = ? AND result = 'running'",
+                       (json.dumps(detail, sort_keys=True), run_id))
+
+    def mark_interrupted(self, *, now: float | None = None) -> list[Run]:
+        """Mark runs left ``running`` by a process that no longer exists; return them.
+
+        A run belongs to a live process only when its recorded identity (pid *and* start time,
+        :func:`process_identity`) is that of a live process: a container's daemon has the same pid
+        at every start, so a pid alone is not enough. Runs of this very process are left alone.
+        When a run ended cannot be known (the process died): its ``ended`` is the time of this
+        call, and its detail says ``"end_uncertain": true`` (the compaction guard does not trust
+        such an end, see :func:`guard.run_window`).
+        """
+        stale = [run for run in self.runs(result="running") if not run_owner_alive(run)]
+        with self._tx() as db:
+            for run in stale:
+                detail = _loads(run.detail)
+                detail["end_uncertain"] = True
+                db.execute(
+                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ?, detail = ? WHERE id = ? AND result = 'running'",
+                    (now or time.time(), "the coordinator stopped during this run (killed or crashed)",
+                     json.dumps(detail, sort_keys=True), run.id),
+                )
+        return stale
+
+    def runs(
+        self,
+        *,
+        kind: str | None = None,
+        source: str | None = None,
+        target: str | None = None,
+        result: str | None = None,
+        limit: int | None = None,
+    ) -> list[Run]:
+        """Runs matching every given field, newest first."""
+        clauses, args = [], []
+        for column, value in (("kind", kind), ("source", source), ("target", target), ("result", result)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY started DESC, id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Run(**dict(row)) for row in self._query(sql, args)]
+
+    def last_run(self, kind: str, source: str, target: str = "", *, successful: bool = False) -> Run | None:
+        sql = "SELECT * FROM runs WHERE kind = ? AND source = ? AND target = ? AND result != 'running'"
+        if successful:
+            sql += " AND result IN ('success', 'warning')"
+        rows = self._query(sql + " ORDER BY started DESC, id DESC LIMIT 1", (kind, source, target))
+        return Run(**dict(rows[0])) if rows else None
+
+    def consecutive_failures(self, kind: str, source: str, target: str = "") -> int:
+        """Finished runs that failed since the last success (interrupted ones are not attempts, as in
+        :meth:`pair_summaries`)."""
+        rows = self._query(
+            """SELECT COUNT(*) FROM runs WHERE kind = ? AND source = ? AND target = ?
+               AND result = 'failure'
+               AND started > COALESCE((SELECT MAX(started) FROM runs WHERE kind = ? AND source = ?
+                    AND target = ? AND result IN ('success', 'warning')), 0)""",
+            (kind, source, target, kind, source, target),
+        )
+        return int(rows[0][0])
+
+    def running(self, kind: str | None = None) -> list[Run]:
+        return self.runs(kind=kind, result="running")
+
+    def repository_sizes(self) -> dict[str, int]:
+        """Per source, the largest measured repository size among its replicas (last backup)."""
+        rows = self._query(
+            """SELECT source, target, repository_bytes FROM runs r WHERE kind = 'backup'
+               AND repository_bytes IS NOT NULL AND started = (SELECT MAX(started) FROM runs
+               WHERE kind = 'backup' AND source = r.source AND target = r.target AND repository_bytes IS NOT NULL)"""
+        )
+        sizes: dict[str, int] = {}
+        for row in rows:
+            sizes[row["source"]] = max(sizes.get(row["source"], 0), int(row["repository_bytes"]))
+        return sizes
+
+    # --- placement ----------------------------------------------------------
+
+    def placement(self) -> dict[str, tuple[str, ...]]:
+        """The recorded placement: source -> hosts, in the order they were chosen."""
+        result: dict[str, list[str]] = {}
+        for row in self._query("SELECT source, target FROM replicas ORDER BY source, position"):
+            result.setdefault(row["source"], []).append(row["target"])
+        return {source: tuple(hosts) for source, hosts in result.items()}
+
+    def set_placement(self, replicas: Mapping[str, Sequence[str]], *, now: float | None = None) -> None:
+        """Replace the recorded placement; keeps ``created`` of replicas that stay."""
+        old = {(r["source"], r["target"]): r["created"] for r in self._query("SELECT * FROM replicas")}
+        with self._tx() as db:
+            db.execute("DELETE FROM replicas")
+            for source, hosts in replicas.items():
+                for position, target in enumerate(hosts):
+                    created = old.get((source, target), now or time.time())
+                    db.execute(
+                        "INSERT INTO replicas (source, target, position, created) VALUES (?, ?, ?, ?)",
+                        (source, target, position, created),
+                    )
+
+    # --- archives and alerts (used by maintenance) -------------------------
+
+    def record_archives(
+        self, source: str, target: str, archives: Sequence[tuple[str, float] | tuple[str, float, str | None]],
+        *, now: float | None = None,
+    ) -> None:
+        """Remember archives seen in a repository: (name, creation time[, borg archive id]).
+
+        A known archive is unchanged, except that an id is filled in where none was recorded
+        yet; a recorded id is never overwritten (a different id under the same name is a
+        replaced archive, which the compaction guard must see).
+        """
+        with self._tx() as db:
+            for entry in archives:
+                name, created = entry[0], entry[1]
+                archive_id = (entry[2] if len(entry) > 2 else None) or None  # type: ignore[misc]
+                db.execute(
+                    "INSERT OR IGNORE INTO archives (source, target, name, created, seen, archive_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    (source, target, name, created, now or time.time(), archive_id),
+                )
+                if archive_id is not None:
+                    db.execute(
+                        "UPDATE archives SET archive_id = ? WHERE source = ? AND target = ? AND name = ? AND archive_id IS NULL",
+                        (archive_id, source, target, name),
+                    )
+
+    def mark_pruned(self, source: str, target: str, names: Sequence[str], *, now: float | None = None) -> None:
+        with self._tx() as db:
+            for name in names:
+                db.execute(
+                    "UPDATE archives SET pruned = ? WHERE source = ? AND target = ? AND name = ? AND pruned IS NULL",
+                    (now or time.time(), source, target, name),
+                )
+
+    def known_archives(self, source: str, target: str) -> dict[str, tuple[float, float | None]]:
+        """name -> (created, pruned) for archives the coordinator has seen in this repository."""
+        rows = self._query("SELECT name, created, pruned FROM archives WHERE source = ? AND target = ?", (source, target))
+        return {row["name"]: (row["created"], row["pruned"]) for row in rows}
+
+    def archive_ids(self, source: str, target: str) -> dict[str, str | None]:
+        """name -> the borg archive id first recorded under that name (None when never known)."""
+        rows = self._query("SELECT name, archive_id FROM archives WHERE source = ? AND target = ?", (source, target))
+        return {row["name"]: row["archive_id"] for row in rows}
+
+    def add_alert(self, source: str, target: str, kind: str, message: str, *, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO alerts (at, source, target, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (now or time.time(), source, target, kind, message),
+            )
+
+    def alerts(self, limit: int = 50) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM alerts ORDER BY at DESC LIMIT ?", (limit,))
+
+    # --- scheduling and maintenance (the daemon) ---------------------------
+
+    def pair_summaries(self, kind: str) -> dict[tuple[str, str], PairSummary]:
+        """Per source x target, what the scheduler needs about runs of ``kind``, in two queries.
+
+        Interrupted runs (the coordinator was stopped or killed) are not attempts:
+        they neither count as failures nor delay the next attempt.
+        """
+        rows = self._query(
+            """SELECT source, target,
+                   MAX(CASE WHEN result IN ('success', 'warning') THEN started END) AS last_success,
+                   MIN(CASE WHEN result IN ('success', 'warning') THEN started END) AS first_success,
+                   MAX(CASE WHEN result IN ('success', 'warning', 'failure') THEN started END) AS last_attempt,
+                   MAX(CASE WHEN result IN ('success', 'warning') THEN ended END) AS last_success_end
+               FROM runs WHERE kind = ? GROUP BY source, target""",
+            (kind,),
+        )
+        failures = {
+            (r["source"], r["target"]): int(r["n"])
+            for r in self._query(
+                """SELECT source, target, COUNT(*) AS n FROM runs r WHERE kind = ? AND result = 'failure'
+                   AND started > COALESCE((SELECT MAX(started) FROM runs WHERE kind = r.kind AND source = r.source
+                        AND target = r.target AND result IN ('success', 'warning')), 0)
+                   GROUP BY source, target""",
+                (kind,),
+            )
+        }
+        return {
+            (r["source"], r["target"]): PairSummary(
+                last_success=r["last_success"], first_success=r["first_success"], last_attempt=r["last_attempt"],
+                last_success_end=r["last_success_end"], failures=failures.get((r["source"], r["target"]), 0),
+            )
+            for r in rows
+        }
+
+    def interrupt_own_runs(self, message: str, *, now: float | None = None) -> list[Run]:
+        """Mark the runs this process left ``running`` as ``interrupted`` with ``message``; return them."""
+        mine = [run for run in self.runs(result="running") if run.owner == this_process()]
+        with self._tx() as db:
+            for run in mine:
+                db.execute(
+                    "UPDATE runs SET result = 'interrupted', ended = ?, error = ? WHERE id = ? AND result = 'running'",
+                    (now or time.time(), message, run.id),
+                )
+        return mine
+
+    def run_by_id(self, run_id: int) -> Run | None:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return Run(**dict(rows[0])) if rows else None
+
+    # --- read-only snapshots (metrics, ledger) -------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Callable[..., list[sqlite3.Row]]]:
+        """Several read queries on one consistent state: yields ``query(sql, args=())`` -> rows.
+
+        One read transaction; writers of other connections are not blocked (WAL),
+        writers of this object wait until the block ends.
+        """
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield lambda sql, args=(): self._db.execute(sql, args).fetchall()
+            finally:
+                self._db.execute("ROLLBACK")
+
+
+def _loads(detail: str | None) -> dict:
+    try:
+        value = json.loads(detail) if detail else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat``); None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # field 22 of proc(5); fields[0] is field 3
+    except (OSError, IndexError):
+        return None
+
+
+def process_identity(pid: int) -> str | None:
+    """``PID:START`` of a live process ``pid`` (None when its start time cannot be read)."""
+    start = process_start(pid)
+    return None if start is None else f"{pid}:{start}"
+
+
+_THIS_PROCESS: tuple[int, str] | None = None
+
+
+def this_process() -> str:
+    """This process's identity, recorded with each run it starts: ``PID:START``, or ``PID:uuid``
+    where ``/proc`` cannot tell (computed again after a fork)."""
+    global _THIS_PROCESS
+    pid = os.getpid()
+    if _THIS_PROCESS is None or _THIS_PROCESS[0] != pid:
+        _THIS_PROCESS = (pid, process_identity(pid) or f"{pid}:{uuid.uuid4().hex}")
+    return _THIS_PROCESS[1]
+
+
+def run_owner_alive(run: Run) -> bool:
+    """Whether the process that started ``run`` is still alive (True for this process's own runs).
+
+    Another process with the same pid (a container's daemon is PID 1 at every start; a reused
+    pid) is not the owner: the start times differ. Old rows without ``owner`` are judged by
+    pid, except that this process's pid is not this process (it never wrote such a row).
+    """
+    mine = this_process()
+    if run.owner == mine:
+        return True
+    if run.pid is None or run.pid == os.getpid() or not pid_alive(run.pid):
+        return False
+    if run.owner is None:
+        return True
+    pid, _, start = run.owner.partition(":")
+    if start.isdigit():  # a /proc start time: compare it
+        return process_start(int(pid)) == start if pid.isdigit() else False
+    return True  # recorded without /proc (a uuid): cannot tell, so alive
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process on this (the coordinator's) machine."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

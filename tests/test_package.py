@@ -1,0 +1,22 @@
+"""What ``pip install`` of the product carries: the product, and no lab machinery."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_holds_the_product_and_no_lab_code(tmp_path: Path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    [wheel] = tmp_path.glob("mutualbackup-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    code = [n for n in names if n.endswith(".py")]
+    assert "mutualbackup/cli.py" in code and "mutualbackup/jobs/backup.py" in code
+    assert [n for n in code if not n.startswith("mutualbackup/")] == []
+    texts = {n: zipfile.ZipFile(wheel).read(n).decode() for n in code}
+    assert [n for n, text in texts.items() if "PermitRootLogin" in text or "/usr/sbin/sshd" in text] == []
