@@ -186,7 +186,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.provision import apply
-
     ctx = open_context(args)
     report = apply(ctx)
     for line in report.changes:

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lab import federation as labfed
-from mutualbackup.borg_restore import RESTORE_COMMENT_PREFIX
+from mutualbackup.borg import RESTORE_COMMENT_PREFIX
 from lab.nodes import Lab
 from lab.federation import LabFederation
-from mutualbackup.jobs.provision import managed_lines
-
+from mutualbackup.borg import managed_lines
 AWKWARD_DIR = "/srv/données à voir"
 HOSTILE_NAMES = ("-rf leading dash", "re:not a pattern", "sh:*", "pf:x", "$(touch pwned)", "it's a \"quoted\" name — été.txt")
 

@@ -9,8 +9,8 @@ import pytest
 from labkit import dequote_command
 
 from mutualbackup.borg import authorized_keys_line
-from mutualbackup.jobs.provision import BEGIN, END, managed_lines, quota_size, replace_block, replica_quota
-
+from mutualbackup.borg import BEGIN, END, managed_lines, replace_block, replica_quota
+from mutualbackup.jobs.provision import quota_size
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
 
 
@@ -88,8 +88,7 @@ def test_the_quota_follows_the_larger_of_the_measured_size_and_the_estimate(
     ],
 )
 def test_a_damaged_block_is_refused_rather_than_guessed(text: str) -> None:
-    from mutualbackup.jobs.provision import DamagedBlock
-
+    from mutualbackup.borg import DamagedBlock
     with pytest.raises(DamagedBlock, match="fix the file by hand"):
         replace_block(text, ["new"])
     with pytest.raises(DamagedBlock):

@@ -1,4 +1,4 @@
-"""The maintenance argv of borg.py, exactly, and the small host-side scripts run on real files."""
+"""The argv and environment of every borg command, exactly, and the small host-side scripts run on real files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,47 @@ from pathlib import Path
 import pytest
 
 from mutualbackup import borg
-from mutualbackup.inventory.model import Node, Retention
+from mutualbackup.inventory.model import Backup, Node, Retention
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 URL = "ssh://mb@192.0.2.7:2222/srv/mb/coop/web1"
+
+
+def test_init_argv_makes_a_repokey_blake2_repository() -> None:
+    assert borg.init_argv("/usr/bin/borg", URL) == ("/usr/bin/borg", "init", "--encryption=repokey-blake2", URL)
+
+
+def test_create_argv_logs_json_excludes_and_ends_with_the_paths_after_a_double_dash() -> None:
+    backup = Backup(paths=("/etc", "-rf /", "/srv/it's \"here\""), exclude=("*.cache", "/srv/tmp"), compression="zstd,9")
+    assert borg.create_argv("borg", URL, "web1-2025-01-02T03:04:05", backup) == (
+        "borg", "create", "--json", "--log-json", "--lock-wait", "600", "--compression", "zstd,9",
+        "--exclude", "*.cache", "--exclude", "/srv/tmp", f"{URL}::web1-2025-01-02T03:04:05",
+        "--", "/etc", "-rf /", "/srv/it's \"here\"",
+    )
+
+
+def test_the_client_environment_reads_the_passphrase_file_and_trusts_only_pinned_host_keys() -> None:
+    env = borg.client_env(borg.SourcePaths("/var/lib/mb work"))
+    assert env == {
+        "BORG_EXIT_CODES": "modern", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "no",
+        "BORG_CHECK_I_KNOW_WHAT_I_AM_DOING": "NO", "BORG_DELETE_I_KNOW_WHAT_I_AM_DOING": "NO",
+        "BORG_DISPLAY_PASSPHRASE": "no",
+        "BORG_PASSCOMMAND": "cat '/var/lib/mb work/passphrase'",
+        "BORG_BASE_DIR": "/var/lib/mb work/borg",
+        "BORG_RSH": (
+            "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -i '/var/lib/mb work/id_ed25519' "
+            "-o 'UserKnownHostsFile=\"/var/lib/mb work/known_hosts\"' -o GlobalKnownHostsFile=/dev/null "
+            "-o StrictHostKeyChecking=yes -o UpdateHostKeys=no -o ServerAliveInterval=10 -o ServerAliveCountMax=30 "
+            "-o ConnectTimeout=20"
+        ),
+    }
+
+
+def test_every_exit_code_is_classified_once_and_succeeded_means_success_or_warning() -> None:
+    assert [c for c in (0, 1, 100, 105, 107) if borg.succeeded(c)] == [0, 1, 100, 105, 107]
+    assert [c for c in (-1, 2, 13, 14, 20, 44, 73, 80, 255) if borg.succeeded(c)] == []
+    assert borg.exit_hint(44).startswith("the repository's own key is missing")
 
 
 def test_prune_argv_keeps_the_retention_flags_in_order_and_only_touches_the_sources_archives() -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mutualbackup.borg import classify_exit, exit_hint
-
-
 @pytest.mark.parametrize(
     "code, verdict",
     [
@@ -26,8 +24,7 @@ def test_hints_tell_the_operator_what_to_do_next() -> None:
     assert "not found" in exit_hint(127)
     assert "quota" in exit_hint(20)
     from mutualbackup.borg import MIN_QUOTA, QUOTA_FACTOR
-    from mutualbackup.jobs.provision import replica_quota
-
+    from mutualbackup.borg import replica_quota
     assert f"{QUOTA_FACTOR} times" in exit_hint(20) and f"at least {MIN_QUOTA // 1024**3} GiB" in exit_hint(20)
     assert replica_quota(0, 10**15) == MIN_QUOTA and replica_quota(MIN_QUOTA, 10**15) == QUOTA_FACTOR * MIN_QUOTA
     assert ".checkpoint" in exit_hint(20) and "capacity" in exit_hint(20)

@@ -3,13 +3,14 @@ remote work after SIGTERM, busy replicas, timeouts, windows. Fast tests on the f
 
 from __future__ import annotations
 
+from mutualbackup import borg
+
 import datetime as dt
 import threading
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from mutualbackup import borg_restore
 from mutualbackup.plan import schedule
 from mutualbackup.remote import supervision
 from mutualbackup.daemon import FIRST_RUN_TIMEOUT, Daemon
@@ -58,7 +59,7 @@ def blocking(*words: str, on: str = "coop0/src0") -> tuple[threading.Event, thre
 
 def test_a_drills_borg_runs_supervised_and_sigterm_stops_it_and_records_the_drill_interrupted(tmp_path: Path) -> None:
     h = backed_up(tmp_path, grace=3.0)
-    entered, _release, rule = blocking(borg_restore.CATALOGUE_FORMAT)
+    entered, _release, rule = blocking(borg.CATALOGUE_FORMAT)
     h.world.script(rule)
     h.daemon.drills_enabled = True
     h.daemon.maintenance_enabled = False
@@ -69,7 +70,7 @@ def test_a_drills_borg_runs_supervised_and_sigterm_stops_it_and_records_the_dril
     began = time.monotonic()
     assert h.daemon.shutdown() == 0
     assert time.monotonic() - began < 3.0
-    listing = h.world.commands(borg_restore.CATALOGUE_FORMAT)
+    listing = h.world.commands(borg.CATALOGUE_FORMAT)
     assert listing and all(c.pidfile and "/run/drill-" in c.pidfile for c in listing)
     assert [c.node for c in h.world.calls if supervision.is_stop(c.argv)] == ["coop0/src0"]
     drill = h.history.runs(kind="drill", source="coop0/src0")[0]
@@ -81,7 +82,7 @@ def test_a_crashing_drill_is_recorded_as_a_failure_and_not_left_running(tmp_path
     h = backed_up(tmp_path)
 
     def explode(node, argv, world):
-        if borg_restore.CATALOGUE_FORMAT in argv:
+        if borg.CATALOGUE_FORMAT in argv:
             raise RuntimeError("a bug")
         return None
 
@@ -98,7 +99,7 @@ def test_a_crashing_drill_is_recorded_as_a_failure_and_not_left_running(tmp_path
 
 def test_a_running_drill_occupies_the_replica_it_reads_from_so_no_backup_of_its_source_is_selected(tmp_path: Path) -> None:
     h = backed_up(tmp_path)
-    entered, release, rule = blocking(borg_restore.CATALOGUE_FORMAT)
+    entered, release, rule = blocking(borg.CATALOGUE_FORMAT)
     h.world.script(rule)
     h.daemon.drills_enabled = True
     h.daemon.maintenance_enabled = False

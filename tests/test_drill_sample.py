@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup.borg_restore import Entry, Item
+from mutualbackup.borg import Entry, Item
 from mutualbackup.jobs.drill import (
     MISSING, Observation, choose_sample, drills_due, inspect_argv, parse_inspection, top_level_paths, verify_sample,
 )

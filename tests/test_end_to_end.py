@@ -20,8 +20,7 @@ import pytest
 from lab import federation as labfed
 from lab.nodes import Lab
 from lab.federation import LabFederation
-from mutualbackup.jobs.provision import BEGIN, END
-
+from mutualbackup.borg import BEGIN, END
 from labkit import AWKWARD_PATH, mb, mb_json, same_tree, three_members, write_tree
 
 pytestmark = pytest.mark.lab

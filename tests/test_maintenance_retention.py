@@ -130,7 +130,6 @@ def test_archives_started_in_the_same_instant_keep_borgs_order_as_borgs_stable_s
 
 def test_a_listing_keeps_borgs_order_for_archives_started_in_the_same_instant() -> None:
     from mutualbackup.borg import parse_list_json
-
     listing = {"archives": [{"archive": name, "start": "2025-03-10T09:00:00.123456", "id": name}
                             for name in ("web-b", "web-a")]}
     assert [a.name for a in parse_list_json(json.dumps(listing).encode())] == ["web-b", "web-a"]

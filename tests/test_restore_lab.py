@@ -17,10 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from mutualbackup.borg_restore import RESTORE_LINE_LIFETIME, new_restore_id, restore_line
+from mutualbackup.borg import RESTORE_LINE_LIFETIME, new_restore_id, restore_line
 from lab.federation import LabFederation
-from mutualbackup.jobs.provision import BEGIN, END
-
+from mutualbackup.borg import BEGIN, END
 from labkit import mb, mb_json, wait_for
 from restorekit import (
     backed_up, AWKWARD_DIR, HOSTILE_NAMES, keys_snapshot, node_doc, restore_lines, restored, source, storage, tree_differences, watch_processes,
@@ -209,7 +208,7 @@ def test_a_restore_cut_off_by_the_destination_dying_leaves_no_temporary_line(fed
 
 
 def test_when_the_coordinators_connection_drops_the_host_removes_the_line_itself(fed: LabFederation) -> None:
-    from mutualbackup.borg_restore import LINE_ADDED, grant_session_argv
+    from mutualbackup.restore.node_commands import LINE_ADDED, grant_session_argv
     from mutualbackup.remote.ssh import SSHTransport
 
     host = fed.nodes["picasoft/store1"]

@@ -21,6 +21,8 @@ A drill, on the source node with its own key:
 
 from __future__ import annotations
 
+from mutualbackup.restore import node_commands
+
 import datetime as dt
 import logging
 import math
@@ -29,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mutualbackup import borg, borg_restore
-from mutualbackup.borg_restore import Entry, Item
+from mutualbackup import borg
+from mutualbackup.borg import Entry, Item
 from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed
 from mutualbackup.state.history import History
@@ -358,8 +360,8 @@ def _latest_archive(ctx: Context, transport: Transport, source: Node, env: dict[
     for host in choose_replica(ctx, source, None):
         url = borg.repository_url(source, host)
         listed = transport.run(borg.list_argv(source.borg, url), env=env, timeout=600)
-        if listed.exit_code not in (0, 1):
-            errors.append(f"{host.name}: borg list exited {listed.exit_code}: {borg_restore.hint(listed.exit_code)}\n{_borg_error(listed)}")
+        if not borg.succeeded(listed.exit_code):
+            errors.append(f"{host.name}: borg list exited {listed.exit_code}: {borg.exit_hint(listed.exit_code)}\n{_borg_error(listed)}")
             continue
         archives = borg.parse_list_json(listed.stdout)
         if archives:
@@ -369,7 +371,7 @@ def _latest_archive(ctx: Context, transport: Transport, source: Node, env: dict[
 
 
 def _borg_error(result: Result) -> str:
-    return borg_restore.error_lines(result.stderr.decode("utf-8", "replace"))
+    return borg.error_lines(result.stderr.decode("utf-8", "replace"))
 
 
 def _drill(
@@ -391,21 +393,21 @@ def _drill(
         f"\nThe repository of {source.name} on {host.name} may be damaged: run `mutualbackup verify {source.name}`, "
         "and restore from another replica until it is repaired."
     )
-    catalogue = supervised(borg_restore.catalogue_argv(source.borg, url, archive))
-    if catalogue.exit_code not in (0, 1):
+    catalogue = supervised(borg.catalogue_argv(source.borg, url, archive))
+    if not borg.succeeded(catalogue.exit_code):
         raise _DrillFailed(f"cannot list {where}: borg list exited {catalogue.exit_code}: "
-                           f"{borg_restore.hint(catalogue.exit_code)}\n{_borg_error(catalogue)}{damaged}")
+                           f"{borg.exit_hint(catalogue.exit_code)}\n{_borg_error(catalogue)}{damaged}")
     roots = top_level_paths(source.backup.paths)
-    top, sample = choose_sample(borg_restore.parse_catalogue(catalogue.stdout), roots, number)
+    top, sample = choose_sample(borg.parse_catalogue(catalogue.stdout), roots, number)
     if not sample:
         raise _DrillFailed(f"{where} holds no file to drill")
     paths = [entry.path for entry in sample]
-    hashed = supervised(borg_restore.hashes_argv(source.borg, url, archive, paths))
-    if hashed.exit_code not in (0, 1):
+    hashed = supervised(borg.hashes_argv(source.borg, url, archive, paths))
+    if not borg.succeeded(hashed.exit_code):
         raise _DrillFailed(f"borg could not read the sample's data in {where}: borg list exited {hashed.exit_code}: "
-                           f"{borg_restore.hint(hashed.exit_code)}\n{_borg_error(hashed)}{damaged}")
+                           f"{borg.exit_hint(hashed.exit_code)}\n{_borg_error(hashed)}{damaged}")
     wanted = set(paths)
-    items = [item for item in borg_restore.parse_items(hashed.stdout) if item.path in wanted]
+    items = [item for item in borg.parse_items(hashed.stdout) if item.path in wanted]
     if len(items) != len(wanted):
         raise _DrillFailed(f"borg listed {len(items)} of the {len(wanted)} sampled item(s) of {where}")
     workdir = ctx.source_paths(transport, source).workdir
@@ -416,14 +418,14 @@ def _drill(
     if not made.ok or not scratch.startswith("/"):
         raise OperationFailed(f"cannot create a scratch directory under {workdir} on {source.name}: {made.stderr_tail(3)}")
     try:
-        extracted = supervised(borg_restore.extract_argv(source.borg, url, archive, paths, progress=False, exact=True),
+        extracted = supervised(borg.extract_argv(source.borg, url, archive, paths, progress=False, exact=True),
                                cwd=scratch)
-        if extracted.exit_code not in (0, 1):
-            progress = borg_restore.ExtractProgress()  # --log-json: the messages are JSON lines on stderr
+        if not borg.succeeded(extracted.exit_code):
+            progress = borg.ExtractProgress()  # --log-json: the messages are JSON lines on stderr
             for line in extracted.stderr.decode("utf-8", "replace").splitlines():
                 progress.feed(line)
             raise _DrillFailed(f"borg extract of the sample of {where} exited {extracted.exit_code}: "
-                               f"{borg_restore.hint(extracted.exit_code)}\n{borg_restore.error_lines(progress.tail(40))}{damaged}")
+                               f"{borg.exit_hint(extracted.exit_code)}\n{borg.error_lines(progress.tail(40))}{damaged}")
         if control is not None and control.is_aborted:
             raise _DrillFailed(f"aborted: {control.reason}")
         inspected = transport.run(inspect_argv(scratch, paths), timeout=DRILL_TIMEOUT)
@@ -431,7 +433,7 @@ def _drill(
             raise OperationFailed(f"cannot inspect the extracted sample on {source.name}: {inspected.stderr_tail(5)}")
         on_disk, live = parse_inspection(inspected.stdout, paths)
     finally:
-        removed = transport.run(borg_restore.remove_temporary_dir_argv(scratch), timeout=600)
+        removed = transport.run(node_commands.remove_temporary_dir_argv(scratch), timeout=600)
         if not removed.ok:
             log.warning("could not remove the drill's scratch directory %s on %s: %s", scratch, source.name, removed.stderr_tail(3))
     verdict = verify_sample(items, on_disk, live)

@@ -196,7 +196,7 @@ def _list(transport: Transport, source: Node, url: str, env: Mapping[str, str]) 
 def _live_bytes(transport: Transport, source: Node, url: str, env: Mapping[str, str]) -> int | None:
     """The repository's live size (``borg info``), or None when borg cannot tell."""
     result = transport.run(borg.info_argv(source.borg, url), env=env, timeout=LIST_TIMEOUT)
-    if borg.classify_exit(result.exit_code) not in ("success", "warning"):
+    if not borg.succeeded(result.exit_code):
         return None
     try:
         return borg.parse_info_repository_bytes(result.stdout)

@@ -16,25 +16,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from mutualbackup import borg, borg_restore
+from mutualbackup import borg
 from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed
 from mutualbackup.inventory.model import Node
 from mutualbackup.remote.transport import Transport, resolve_path
 
-BEGIN = "# BEGIN mutualbackup: managed by the coordinator, edits inside this block are overwritten"
-END = "# END mutualbackup"
 
 @dataclass
 class ApplyReport:
     changes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def replica_quota(size: int, capacity: int) -> int:
-    """The storage quota of one replica: twice its size (room to grow), at least 10 GiB, at most the host."""
-    return min(capacity, max(borg.MIN_QUOTA, borg.QUOTA_FACTOR * size))
 
 
 def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
@@ -46,58 +39,6 @@ def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
     """
     assert source.backup is not None
     return max(sizes.get(source.name, 0), source.backup.estimate or 0)
-
-
-def render_block(lines: Sequence[str]) -> list[str]:
-    return [BEGIN, *lines, END] if lines else []
-
-
-class DamagedBlock(OperationFailed):
-    """The BEGIN/END markers of an authorized_keys file are not exactly one ordered pair."""
-
-
-def _block_bounds(parts: list[str]) -> tuple[int, int] | None:
-    """Indexes of the BEGIN and END lines, None when the file has no block.
-
-    Raises DamagedBlock when the markers are not exactly one ordered pair: guessing
-    could leave old forced-command lines active, or swallow a member's own keys.
-    """
-    begins = [i for i, line in enumerate(parts) if line == BEGIN]
-    ends = [i for i, line in enumerate(parts) if line == END]
-    if not begins and not ends:
-        return None
-    if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
-        return begins[0], ends[0]
-    raise DamagedBlock(
-        f"the mutualbackup block is damaged ({len(begins)} BEGIN and {len(ends)} END marker lines, "
-        "which must be exactly one pair in that order): fix the file by hand; nothing was changed"
-    )
-
-
-def replace_block(text: str, lines: Sequence[str]) -> str:
-    """``text`` with its managed block replaced by ``lines`` (block added at the end when absent).
-
-    Lines outside the block are kept byte for byte (only ``\n`` separates lines, so
-    CRLF or unusual characters survive). An empty ``lines`` removes the block.
-    Raises DamagedBlock when the markers are broken.
-    """
-    parts = text.split("\n")
-    bounds = _block_bounds(parts)
-    block = render_block(lines)
-    if bounds is not None:
-        start, end = bounds
-        return "\n".join(parts[:start] + block + parts[end + 1 :])
-    if not block:
-        return text
-    prefix = text if not text or text.endswith("\n") else text + "\n"
-    return prefix + "\n".join(block) + "\n"
-
-
-def managed_lines(text: str) -> list[str]:
-    """The lines inside the managed block of an authorized_keys file (DamagedBlock when broken)."""
-    parts = text.split("\n")
-    bounds = _block_bounds(parts)
-    return [] if bounds is None else parts[bounds[0] + 1 : bounds[1]]
 
 
 def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
@@ -125,7 +66,7 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
                 continue
             source = ctx.federation.node(source_name)
             assert host.storage is not None
-            quota = replica_quota(quota_size(source, sizes), host.storage.capacity)
+            quota = borg.replica_quota(quota_size(source, sizes), host.storage.capacity)
             lines.append(
                 borg.authorized_keys_line(
                     host.borg, borg.repository_path(source, host), quota, public_keys[source_name], f"mutualbackup:{source_name}"
@@ -224,15 +165,15 @@ def _prepare_host(
     current = (transport.read_file(path) or b"").decode("utf-8", errors="surrogateescape")
     # A source we could not reach keeps its existing line: better stale than locked out.
     reached = {f"mutualbackup:{name}" for name in public_keys}
-    for line in managed_lines(current):
+    for line in borg.managed_lines(current):
         comment = line.rsplit(" ", 1)[-1]
         if comment not in reached and comment.startswith("mutualbackup:") and comment[13:] in ctx.placement.replicas:
             if host.name in ctx.placement.replicas[comment[13:]]:
                 lines.append(line)
     lines.sort(key=lambda line: line.rsplit(" ", 1)[-1])
     # Temporary restore lines (restore.py) stay while a restore may still use them; expired ones go.
-    restoring = borg_restore.live_restore_lines(managed_lines(current), dt.datetime.now(dt.timezone.utc))
-    wanted = replace_block(current, lines + restoring)
+    restoring = borg.live_restore_lines(borg.managed_lines(current), dt.datetime.now(dt.timezone.utc))
+    wanted = borg.replace_block(current, lines + restoring)
     if wanted != current:
         transport.write_file(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
         report.changes.append(f"~ authorized_keys {host.name} ({len(lines)} replica line(s))")
@@ -247,7 +188,7 @@ def _prepare_host(
 def _init_repository(transport: Transport, source: Node, host: Node, paths: borg.SourcePaths, report: ApplyReport) -> None:
     url = borg.repository_url(source, host)
     listed = transport.run(borg.list_argv(source.borg, url) + ("--short",), env=borg.client_env(paths), timeout=120)
-    if listed.exit_code in (0, 1):
+    if borg.succeeded(listed.exit_code):
         return
     if listed.exit_code not in (13, 15, 2):
         raise OperationFailed(
@@ -255,7 +196,7 @@ def _init_repository(transport: Transport, source: Node, host: Node, paths: borg
             f"{listed.stderr_tail()}"
         )
     result = transport.run(borg.init_argv(source.borg, url), env=borg.client_env(paths), timeout=300)
-    if result.exit_code not in (0, 1):
+    if not borg.succeeded(result.exit_code):
         raise OperationFailed(
             f"borg init of {url} failed (exit {result.exit_code}: {borg.exit_hint(result.exit_code)})\n{result.stderr_tail()}"
         )

@@ -22,6 +22,8 @@ host or the coordinator. Two ways to reach the repository:
 
 from __future__ import annotations
 
+from mutualbackup.restore import node_commands
+
 import contextlib
 import datetime as dt
 import logging
@@ -32,16 +34,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from mutualbackup import borg, borg_restore
+from mutualbackup import borg
 from mutualbackup.restore import recovery_file
-from mutualbackup.borg_restore import ExtractProgress
+from mutualbackup.borg import ExtractProgress
 from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from mutualbackup.restore.recovery_file import RecoveryFile
 from mutualbackup.inventory.model import Node
 from mutualbackup.restore.temporary_key import (
     Access, Delegated, EarlyGrant, GateClosed, HostGrant, authorised, expanded, new_restore_key,
-    read_source_passphrase, refuse_target, remove_temporary, repository_url,
+    read_source_passphrase, refuse_target, remove_temporary,
 )
 from mutualbackup.report.status import FAILING_AFTER
 from mutualbackup.remote.transport import Transport
@@ -49,7 +51,7 @@ from mutualbackup.remote.transport import Transport
 log = logging.getLogger("mutualbackup.restore.extract")
 
 RESTORE_TIMEOUT = 24 * 3600
-UNREACHABLE = borg_restore.UNREACHABLE
+UNREACHABLE = borg.UNREACHABLE
 REPO_KEY_MISSING = 44
 """borg's RepoKeyNotFoundError: the repository's own key is gone (``--recovery`` imports the exported one)."""
 
@@ -131,7 +133,7 @@ def list_archives(ctx: Context, source: Node, replica: str | None = None) -> tup
             )
         finally:
             transport.close()
-        if result.exit_code in (0, 1):
+        if borg.succeeded(result.exit_code):
             return host, borg.parse_list_json(result.stdout)
         errors.append(f"{host.name}: borg list exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail(5)}")
     raise OperationFailed(f"cannot list the archives of {source.name}:\n" + "\n".join(errors))
@@ -263,14 +265,14 @@ def _restore_delegated(job: "_Job", transport: Transport, source_node: Node | No
     A key pair is made in memory; then, all at once, the first replica's host
     accepts its public half, the passphrase is read from the source, and borg
     extract starts on the destination with the private key on its stdin; its
-    ssh waits (the gate of :func:`borg_restore.delegated_argv`) until the host's
+    ssh waits (the gate of :func:`node_commands.delegated_argv`) until the host's
     line is in and the passphrase has followed on stdin. The same round trip
     checks the target and removes the temporary directory. The host's line is
     withdrawn in the background as soon as borg reports on the archive (its
     connection is up): when all goes well, nothing is left to do once borg ends.
     """
-    restore_id = borg_restore.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
-    key = new_restore_key(borg_restore.restore_comment(job.source, restore_id))
+    restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
+    key = new_restore_key(borg.restore_comment(job.source, restore_id))
     with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
         first = job.hosts[0]
         early = EarlyGrant(pool, authorised(job.ctx, first, job.source, job.repository_path(first), key.public_key, restore_id))
@@ -353,7 +355,7 @@ class _Job:
             for host in self.hosts:
                 tried = host.name
                 path = self.repository_path(host)
-                url = repository_url(host, path)
+                url = borg.url_of(host, path)
                 with contextlib.ExitStack() as stack:
                     try:
                         grant = stack.enter_context(access.grant(host, path))
@@ -413,15 +415,15 @@ class _Job:
         """The archive to extract (the latest when none is asked), or (None, why this replica cannot be used)."""
         argv = borg.list_argv(self.destination.borg, url)
         result = access.run(transport, argv, timeout=600, grant=grant)
-        if result.exit_code == borg_restore.TARGET_UNUSABLE and access.delegated is not None:
+        if result.exit_code == node_commands.TARGET_UNUSABLE and access.delegated is not None:
             raise OperationFailed(f"cannot create a temporary directory under {access.delegated.tmp.directory} "
                                   f"on {self.destination.name}: {result.stderr_tail(3)}")
         if result.exit_code == REPO_KEY_MISSING and self.recovery is not None:
             self._import_key(transport, access, host, url, grant)
             result = access.run(transport, argv, timeout=600, grant=grant)
-        if result.exit_code not in (0, 1):
-            return None, (f"{host.name}: borg list exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
-                          f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}")
+        if not borg.succeeded(result.exit_code):
+            return None, (f"{host.name}: borg list exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n"
+                          f"{borg.error_lines(result.stderr.decode('utf-8', 'replace'))}")
         archives = borg.parse_list_json(result.stdout)
         if not archives:
             return None, f"{host.name}: no archive of {self.source} yet"
@@ -437,12 +439,12 @@ class _Job:
         entry = self.recovery.repository(host.name)
         assert entry is not None
         log.warning("the repository of %s on %s has lost its key: importing the one from the recovery file", self.source, host.name)
-        result = access.run(transport, borg_restore.key_import_argv(self.destination.borg, url), payload=entry.key.encode(),
+        result = access.run(transport, borg.key_import_argv(self.destination.borg, url), payload=entry.key.encode(),
                             timeout=600, grant=grant)
-        if result.exit_code not in (0, 1):
+        if not borg.succeeded(result.exit_code):
             raise OperationFailed(
                 f"the repository on {host.name} has no key and `borg key import` failed (exit {result.exit_code}): "
-                f"{borg_restore.error_lines(result.stderr.decode('utf-8', 'replace'))}"
+                f"{borg.error_lines(result.stderr.decode('utf-8', 'replace'))}"
             )
 
     def _extract(
@@ -459,7 +461,7 @@ class _Job:
             if changed and self.on_progress is not None:
                 self.on_progress(progress)
 
-        argv = borg_restore.extract_argv(self.destination.borg, url, archive, self.paths, dry_run=self.dry_run)
+        argv = borg.extract_argv(self.destination.borg, url, archive, self.paths, dry_run=self.dry_run)
         cwd = None if access.prepare is not None else "/" if self.dry_run else self.directory
         started = time.time()
         run_id = self.ctx.history.start_run("restore", self.source, host.name, started=started)
@@ -486,13 +488,13 @@ class _Job:
         detail = dict(self.detail, files=progress.files, bytes=progress.bytes_done, seconds=round(seconds, 3))
         failed = verdict not in ("success", "warning")
         if failed and result.exit_code in UNREACHABLE and progress.files == 0:
-            error = (f"{host.name}: borg extract exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
-                     f"{borg_restore.error_lines(progress.tail(40))}")
+            error = (f"{host.name}: borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n"
+                     f"{borg.error_lines(progress.tail(40))}")
             self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail)
             raise _HostUnusable(error)
         if failed:
-            error = (f"borg extract exited {result.exit_code}: {borg_restore.hint(result.exit_code)}\n"
-                     f"{borg_restore.error_lines(progress.tail(40))}").strip()
+            error = (f"borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n"
+                     f"{borg.error_lines(progress.tail(40))}").strip()
             self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive,
                                         detail=detail, nfiles=progress.files, original_bytes=progress.bytes_done)
             raise _RecordedFailure(

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from mutualbackup import borg, borg_restore
+from mutualbackup import borg
 from mutualbackup.context import Context
 from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.inventory.value_checks import check_slug
@@ -345,11 +345,11 @@ def export_keys(
         problems = []
         for host in hosts:
             url = borg.repository_url(source, host)
-            result = transport.run(borg_restore.key_export_argv(source.borg, url), env=borg.client_env(paths), timeout=300)
+            result = transport.run(borg.key_export_argv(source.borg, url), env=borg.client_env(paths), timeout=300)
             try:
-                if result.exit_code not in (0, 1):
+                if not borg.succeeded(result.exit_code):
                     raise ValueError(f"borg key export exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail(5)}")
-                repository_id, key = borg_restore.parse_key_export(result.stdout)
+                repository_id, key = borg.parse_key_export(result.stdout)
             except ValueError as exc:
                 problems.append(f"{host.name}: {exc}")
                 continue

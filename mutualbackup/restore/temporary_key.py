@@ -10,7 +10,7 @@ For a restore onto any node but the source itself (see :mod:`mutualbackup.restor
 - the passphrase, read from the source's 0600 file into memory only
   (:func:`read_source_passphrase`);
 - on the destination, each borg command is one self-contained round trip
-  (:func:`mutualbackup.borg_restore.delegated_argv`): the private key and then
+  (:func:`mutualbackup.restore.node_commands.delegated_argv`): the private key and then
   the passphrase travel on the SSH channel's stdin into a 0700 temporary
   directory and borg's fd 3, and the directory is removed when borg ends.
 
@@ -19,6 +19,8 @@ all made at the same time, so that borg extract starts after one round trip.
 """
 
 from __future__ import annotations
+
+from mutualbackup.restore import node_commands
 
 import base64
 import contextlib
@@ -33,21 +35,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mutualbackup import borg, borg_restore
-from mutualbackup.borg_restore import TemporaryPaths
+from mutualbackup import borg
+from mutualbackup.restore.node_commands import TemporaryPaths
 from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from mutualbackup.inventory.model import Node
-from mutualbackup.jobs.provision import BEGIN, END, DamagedBlock
+from mutualbackup.borg import BEGIN, END, DamagedBlock
 from mutualbackup.remote.transport import Result, Transport, resolve_path
 
 log = logging.getLogger("mutualbackup.restore.extract")
-
-
-def repository_url(host: Node, path: str) -> str:
-    """The ``ssh://`` URL of the repository at ``path`` on ``host`` (as :func:`borg.repository_url`)."""
-    address = f"[{host.address}]" if ":" in host.address else host.address
-    return f"ssh://{host.user}@{address}:{host.port}{path}"
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ def new_restore_key(comment: str) -> RestoreKey:
 
 @dataclass
 class Delegated:
-    """What a destination needs to run borg with a temporary key (see :func:`borg_restore.delegated_argv`)."""
+    """What a destination needs to run borg with a temporary key (see :func:`node_commands.delegated_argv`)."""
 
     tmp: TemporaryPaths
     known_hosts: str
@@ -121,19 +117,19 @@ class Access:
         round trip. ``payload``: what borg reads on its stdin (then no passphrase
         on fd 3), for ``borg key import -``. With a temporary key, borg starts at
         once and its ssh waits until ``grant`` is in place on the host and the
-        passphrase is known (:func:`borg_restore.delegated_argv`'s gate): raises
+        passphrase is known (:func:`node_commands.delegated_argv`'s gate): raises
         GateClosed when either failed.
         """
         target = self.prepare if in_target else None
         if self.delegated is None:
             if target is not None:
-                argv = borg_restore.prepare_then_exec(target[0], target[1], argv)
+                argv = node_commands.prepare_then_exec(target[0], target[1], argv)
             return transport.run(argv, env=self.env, stdin=payload, **kwargs)  # type: ignore[arg-type]
         delegated = self.delegated
         gated = payload is None
         if not gated and grant is not None:
             grant.wait()
-        env = borg_restore.delegated_env(delegated.tmp, gated=gated)
+        env = node_commands.delegated_env(delegated.tmp, gated=gated)
         if payload is not None:
             env.pop("BORG_PASSPHRASE_FD", None)
         refused: list[GateClosed] = []
@@ -148,25 +144,25 @@ class Access:
                     grant.wait()
             except BaseException as exc:  # noqa: BLE001 - told to the caller below
                 refused.append(GateClosed(exc, from_grant=True))
-                yield borg_restore.GATE_REFUSED
+                yield node_commands.GATE_REFUSED
                 return
             try:
                 secret = self.passphrase() if self.passphrase is not None else b""
             except BaseException as exc:  # noqa: BLE001 - told to the caller below
                 refused.append(GateClosed(exc, from_grant=False))
-                yield borg_restore.GATE_REFUSED
+                yield node_commands.GATE_REFUSED
                 return
-            yield borg_restore.GATE_OPEN + secret
+            yield node_commands.GATE_OPEN + secret
 
-        wrapped = borg_restore.delegated_argv(
+        wrapped = node_commands.delegated_argv(
             delegated.tmp, delegated.known_hosts, argv, target=target, passphrase_on_fd3=gated, gated=gated
         )
         delegated.left_behind = True
         result = transport.run(wrapped, env=env, stdin=stdin(), **kwargs)  # type: ignore[arg-type]
-        if result.stdout.endswith(borg_restore.TEMPORARY_REMOVED):
+        if result.stdout.endswith(node_commands.TEMPORARY_REMOVED):
             delegated.left_behind = False
-            result = Result(result.argv, result.exit_code, result.stdout[: -len(borg_restore.TEMPORARY_REMOVED)], result.stderr)
-        if refused and result.exit_code not in (borg_restore.TARGET_UNUSABLE, borg_restore.TARGET_NOT_EMPTY):
+            result = Result(result.argv, result.exit_code, result.stdout[: -len(node_commands.TEMPORARY_REMOVED)], result.stderr)
+        if refused and result.exit_code not in (node_commands.TARGET_UNUSABLE, node_commands.TARGET_NOT_EMPTY):
             raise refused[0]  # the target's own verdict, when there is one, says more
         return result
 
@@ -177,17 +173,17 @@ def expanded(transport: Transport, path: str) -> str:
 
 
 def refuse_target(code: int, node: str, directory: str, stderr: str) -> None:
-    """Raise for the target-check exit codes of :mod:`borg_restore`'s scripts."""
-    if code == borg_restore.TARGET_NOT_EMPTY:
+    """Raise for the target-check exit codes of :mod:`~mutualbackup.restore.node_commands`."""
+    if code == node_commands.TARGET_NOT_EMPTY:
         raise UsageError(f"{node}:{directory} is not empty; restore into a new directory, or add --force to write over it")
-    if code == borg_restore.TARGET_UNUSABLE:
+    if code == node_commands.TARGET_UNUSABLE:
         raise OperationFailed(f"cannot create {directory} (or a temporary directory) on {node}: {stderr}")
 
 
 def remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPaths) -> None:
     """Remove the temporary key directory; when the destination is gone, say where it stays."""
     try:
-        removed = transport.run(borg_restore.remove_temporary_dir_argv(tmp.directory), timeout=120)
+        removed = transport.run(node_commands.remove_temporary_dir_argv(tmp.directory), timeout=120)
         if removed.ok:
             return
         problem = removed.stderr_tail(3)
@@ -200,7 +196,7 @@ def remove_temporary(transport: Transport, destination: Node, tmp: TemporaryPath
 
 
 class Grant:
-    """A temporary restore line on a host, held there by one SSH session (:func:`borg_restore.grant_session_argv`).
+    """A temporary restore line on a host, held there by one SSH session (:func:`node_commands.grant_session_argv`).
 
     The session adds the line, says so, and removes it when told to, when the
     coordinator's connection drops, or when the remote ``timeout`` ends it: the
@@ -214,8 +210,8 @@ class Grant:
     def __init__(self, transport: Transport, host: Node, source: str, restore_id: str, line: str) -> None:
         self._transport = transport
         self._host = host
-        self._comment = borg_restore.restore_comment(source, restore_id)
-        self._argv = borg_restore.grant_session_argv(
+        self._comment = borg.restore_comment(source, restore_id)
+        self._argv = node_commands.grant_session_argv(
             host.authorized_keys, line, BEGIN, END, dt.datetime.now(dt.timezone.utc)
         )
         self._added = False
@@ -234,13 +230,13 @@ class Grant:
             yield b"withdraw\n"
 
         def heard(text: str) -> None:
-            if text == borg_restore.LINE_ADDED:
+            if text == node_commands.LINE_ADDED:
                 self._added = True
                 self._settled.set()
 
         try:
             self._result = self._transport.run(
-                self._argv, stdin=stdin(), on_stderr_line=heard, timeout=borg_restore.RESTORE_LINE_LIFETIME.total_seconds()
+                self._argv, stdin=stdin(), on_stderr_line=heard, timeout=borg.RESTORE_LINE_LIFETIME.total_seconds()
             )
         except BaseException as exc:  # noqa: BLE001 - raised by wait()
             self._error = exc
@@ -256,7 +252,7 @@ class Grant:
             raise self._error
         assert self._result is not None
         host = self._host
-        if self._result.exit_code == borg_restore.BLOCK_DAMAGED:
+        if self._result.exit_code == node_commands.BLOCK_DAMAGED:
             raise DamagedBlock(
                 f"cannot authorise the restore on {host.name}: the mutualbackup block of {host.authorized_keys} is "
                 "damaged (its BEGIN and END marker lines must be exactly one pair in that order): fix the file by "
@@ -304,7 +300,7 @@ def authorised(
     ``apply`` or restore through that host drops it.
     """
     try:
-        line = borg_restore.restore_line(host.borg, repository, public_key, source, restore_id)
+        line = borg.restore_line(host.borg, repository, public_key, source, restore_id)
     except ValueError as exc:  # a control character: it would start another line in authorized_keys
         raise UsageError(f"refusing to write a restore line on {host.name}: {exc}") from None
     transport = ctx.connect(host)
@@ -313,7 +309,7 @@ def authorised(
         grant.start()
         try:
             grant.wait()
-            log.info("temporary restore line %s added on %s", borg_restore.restore_comment(source, restore_id), host.name)
+            log.info("temporary restore line %s added on %s", borg.restore_comment(source, restore_id), host.name)
             yield grant
         finally:
             grant.close()
@@ -373,7 +369,7 @@ def read_source_passphrase(ctx: Context, source: Node) -> bytes:
     try:
         transport = ctx.connect(source)
         try:
-            result = transport.run(borg_restore.read_passphrase_argv(source.workdir), timeout=60)
+            result = transport.run(node_commands.read_passphrase_argv(source.workdir), timeout=60)
         finally:
             transport.close()
     except TransportError as exc:
