@@ -277,7 +277,7 @@ def print_status(rows, now: float) -> None:  # noqa: ANN001
 
 
 def cmd_archives(args: argparse.Namespace) -> int:
-    from mutualbackup.restore.extract import list_archives
+    from mutualbackup.restore.replicas import list_archives
 
     ctx = open_context(args)
     source = ctx.source(args.source)
@@ -294,7 +294,8 @@ def cmd_archives(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from mutualbackup.restore.recovery_file import read_recovery
-    from mutualbackup.restore.extract import TerminalProgress, requested_by, restore
+    from mutualbackup.restore.extract import restore
+    from mutualbackup.terminal import TerminalProgress, requested_by
 
     node_name, sep, directory = args.to.partition(":")
     if not sep or not node_name or not directory:

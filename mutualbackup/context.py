@@ -6,16 +6,18 @@ The connector is the seam: the CLI gives the SSH one, unit tests give a fake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from mutualbackup.borg import SourcePaths
 from mutualbackup.errors import InventoryError
 from mutualbackup.state.history import History
 from mutualbackup.inventory.model import Federation, Node
 from mutualbackup.plan.placement import Placement, place
+from mutualbackup.remote.supervision import JobControl
 from mutualbackup.remote.transport import Transport, resolve_path
 
 Connector = Callable[[Node], Transport]
@@ -62,6 +64,20 @@ class Context:
 
     def connect(self, node: Node) -> Transport:
         return self.connector(node)
+
+    @contextlib.contextmanager
+    def session(self, node: Node, control: JobControl | None = None) -> Iterator[Transport]:
+        """A connection to ``node`` for the block, closed after it; registered with ``control`` (the daemon
+        closes it when it aborts the job)."""
+        transport = self.connect(node)
+        if control is not None:
+            control.attach(transport)
+        try:
+            yield transport
+        finally:
+            if control is not None:
+                control.detach(transport)
+            transport.close()
 
     def source_paths(self, transport: Transport, node: Node) -> SourcePaths:
         return SourcePaths(workdir=resolve_path(node.workdir, transport))

@@ -39,7 +39,6 @@ import logging
 import signal
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,20 +53,21 @@ from mutualbackup.errors import MutualBackupError, OperationFailed
 from mutualbackup.state.history import History, PairSummary
 from mutualbackup.inventory.load import load_inventory
 from mutualbackup.report.metrics import MetricsSource, start_metrics_server
-from mutualbackup.inventory.model import Backup, Federation
+from mutualbackup.inventory.model import Federation
 from mutualbackup.jobs.crash_cleanup import clean_up_pair
+from mutualbackup.jobs import drill
+from mutualbackup.plan.placement import known_placement
+from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.remote.supervision import JobControl, stop_remote
 
 log = logging.getLogger("mutualbackup.daemon")
 
 GLOBAL_LIMIT = 8
 GRACE_SECONDS = 60.0
-MAINTENANCE_PER_HOST = 1
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
 FIRST_RUN_TIMEOUT = 24 * 3600.0  # a replica's first backup: no measured duration yet
 BUSY_RETRY = 300.0  # a replica held by a live `mutualbackup run` is tried again after this long
-WINDOW_MARGIN = 3600.0  # maintenance and drills do not start this close before a backup window opens
 ABORT_BUDGET = 30.0  # at most this much (and half) of the grace period is kept for aborting jobs cleanly
 
 
@@ -147,20 +147,19 @@ class Daemon:
     # --- scheduling -----------------------------------------------------------
 
     def _placement(self) -> dict[str, tuple[str, ...]]:
-        fed = self.ctx.federation
-        return {
-            s: tuple(t for t in targets if _known(fed, t))
-            for s, targets in self.ctx.history.placement().items()
-            if _known(fed, s)
-        }
+        return known_placement(self.ctx.federation, self.ctx.history.placement())
+
+    def _busy(self) -> set[tuple[str, str]]:
+        """Replicas another live coordinator process holds (a foreground ``mutualbackup run``), for now."""
+        stamp = self.clock()
+        return {pair for pair, until in self._busy_until.items() if until > stamp}
 
     def job_states(self, summaries: dict[tuple[str, str], PairSummary] | None = None) -> dict[tuple[str, str], schedule.JobState]:
         """What select_jobs needs per replica; any running job (backup, maintenance, or a drill reading
         from it) occupies it, and so does a replica another live coordinator process holds."""
         if summaries is None:
             summaries = self.ctx.history.pair_summaries("backup")
-        stamp = self.clock()
-        busy = {pair for pair, until in self._busy_until.items() if until > stamp}
+        occupied = set(self.running) | self._busy()
         states = {}
         for source, targets in self._placement().items():
             for target in targets:
@@ -171,9 +170,15 @@ class Daemon:
                     last_success=_utc(summary.last_success) if summary and summary.last_success else None,
                     last_attempt=_utc(summary.last_attempt) if summary and summary.last_attempt else None,
                     consecutive_failures=summary.failures if summary else 0,
-                    running=(source, target) in self.running or (source, target) in busy,
+                    running=(source, target) in occupied,
                 )
         return states
+
+    def occupancy(self) -> schedule.Occupancy:
+        """What runs now (this process's jobs, and replicas another live process holds), for the limits."""
+        running = [(job.kind, job.source, job.target) for job in self.running.values()]
+        running += [("busy", source, target) for source, target in self._busy()]
+        return schedule.Occupancy.of(running, self.global_limit)
 
     def reap(self) -> list[RunningJob]:
         """Forget the jobs whose thread has ended; return them."""
@@ -184,144 +189,49 @@ class Daemon:
         return done
 
     def step(self, now: dt.datetime) -> list[RunningJob]:
-        """One tick at ``now``: reap finished jobs, start the due ones. Returns the jobs started."""
+        """One tick at ``now``: reap finished jobs, start the due ones. Returns the jobs started.
+
+        Backups first, then maintenance, then drills, all within one :class:`schedule.Occupancy`.
+        """
         self.reap()
         if self.stop.is_set():
             return []
-        fed = self.ctx.federation
+        fed, history = self.ctx.federation, self.ctx.history
         tz = ZoneInfo(fed.coordinator.timezone)
-        summaries = self.ctx.history.pair_summaries("backup")
-        states = self.job_states(summaries)
+        summaries = history.pair_summaries("backup")
         placement = self._placement()
-        jobs = schedule.select_jobs(
-            fed, placement, states, now, tz,
-            global_limit=self.global_limit, sizes=self.ctx.history.repository_sizes(), max_per_source=1,
-        )
-        drilling = {j.source for j in self.running.values() if j.kind == "drill"}
-        started = [self._start("backup", job.source, job.target, job.reason, job.estimated_seconds)
-                   for job in jobs if job.source not in drilling]
+        occupancy = self.occupancy()
+        chosen = [("backup", job.source, job.target, job.reason, job.estimated_seconds) for job in schedule.select_jobs(
+            fed, placement, self.job_states(summaries), now, tz, sizes=history.repository_sizes(), max_per_source=1,
+            occupancy=occupancy,
+        )]
         if self.maintenance_enabled:
-            for source, target in self._due_maintenance(now, tz, placement, summaries):
-                started.append(self._start("maintenance", source, target, "check_every", 0.0))
+            chosen += [("maintenance", source, target, "check_every", 0.0) for source, target in schedule.select_maintenance(
+                fed, placement, summaries, history.pair_summaries("check"), occupancy, now, tz)]
         if self.drills_enabled:
-            started += self._start_drills(now, tz)
+            chosen += [("drill", source, target, "drill_every", 0.0) for source, target in schedule.select_drills(
+                fed, drill.drills_due(fed, history, now), self._drill_replica, occupancy, now, tz)]
+        started = [self._start(*job) for job in chosen]
         return [job for job in started if job is not None]
-
-    def _start_drills(self, now: dt.datetime, tz: ZoneInfo) -> list[RunningJob | None]:
-        """Restore drills that are due (:func:`drill.drills_due`), for sources with no job running whose
-        window does not open soon; a drill occupies the replica it reads from (a job on that host)."""
-        from mutualbackup.jobs import drill
-
-        busy = {j.source for j in self.running.values()}
-        per_host = Counter(j.target for j in self.running.values())
-        started: list[RunningJob | None] = []
-        for source in drill.drills_due(self.ctx.federation, self.ctx.history, now):
-            if len(self.running) >= self.global_limit:
-                break
-            backup = self.ctx.federation.node(source).backup
-            if source in busy or backup is None or not self._clear_of_window(backup, tz, now):
-                continue
-            target = self._drill_replica(source)
-            storage = self.ctx.federation.node(target).storage if target else None
-            if storage is not None and per_host[target] >= storage.max_concurrent:
-                continue
-            job = self._start("drill", source, target, "drill_every", 0.0)
-            if job is None:
-                break
-            started.append(job)
-            busy.add(source)
-            per_host[target] += 1
-        return started
 
     def _drill_replica(self, source: str) -> str:
         """The replica a drill of ``source`` reads from (the freshest healthy one); "" when none."""
-        from mutualbackup.restore.extract import choose_replica
-
         try:
             return choose_replica(self.ctx, source, None)[0].name
         except (MutualBackupError, IndexError):
             return ""
-
-    def _due_maintenance(
-        self, now: dt.datetime, tz: ZoneInfo, placement: dict[str, tuple[str, ...]], backups: dict[tuple[str, str], PairSummary]
-    ) -> list[tuple[str, str]]:
-        """Replicas whose maintenance is due and fits the limits left, most overdue first."""
-        fed = self.ctx.federation
-        checks = self.ctx.history.pair_summaries("check")
-        stamp = now.timestamp()
-        candidates = []
-        for source, targets in placement.items():
-            backup = fed.node(source).backup
-            if backup is None or not self._clear_of_window(backup, tz, now):
-                continue
-            for target in targets:
-                due = maintenance.maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
-                if due is not None and due <= stamp:
-                    candidates.append((due, source, target))
-        busy_sources = {j.source for j in self.running.values()}
-        per_host = Counter(j.target for j in self.running.values())
-        maintaining = Counter(j.target for j in self.running.values() if j.kind == "maintenance")
-        total = len(self.running)
-        chosen = []
-        for _due, source, target in sorted(candidates):
-            storage = fed.node(target).storage
-            if total >= self.global_limit:
-                break
-            if storage is None:
-                continue
-            if (source, target) in self.running or source in busy_sources:
-                continue
-            if per_host[target] >= storage.max_concurrent or maintaining[target] >= MAINTENANCE_PER_HOST:
-                continue
-            chosen.append((source, target))
-            busy_sources.add(source)
-            per_host[target] += 1
-            maintaining[target] += 1
-            total += 1
-        return chosen
-
-    @staticmethod
-    def _window_closed(backup: Backup, tz: ZoneInfo, now: dt.datetime) -> bool:
-        """Maintenance leaves the backup window to backups (a source without a window: any time)."""
-        return backup.window is None or not schedule.in_window(backup, tz, now)
-
-    @classmethod
-    def _clear_of_window(cls, backup: Backup, tz: ZoneInfo, now: dt.datetime, seconds: float = WINDOW_MARGIN) -> bool:
-        """The window is closed and does not open within ``seconds`` (a job started now would crowd out backups)."""
-        if backup.window is None:
-            return True
-        if not cls._window_closed(backup, tz, now):
-            return False
-        return schedule.next_occurrence(backup.window, tz, now).start > now + dt.timedelta(seconds=seconds)
 
     def next_wakeup(self, now: dt.datetime) -> dt.datetime | None:
         """When something may become startable without a job ending (None: nothing scheduled)."""
         fed = self.ctx.federation
         tz = ZoneInfo(fed.coordinator.timezone)
         placement = self._placement()
-        wake = schedule.next_wakeup(fed, placement, self.job_states(), now, tz)
+        wakes = [schedule.next_wakeup(fed, placement, self.job_states(), now, tz)]
         if self.maintenance_enabled:
-            backups = self.ctx.history.pair_summaries("backup")
-            checks = self.ctx.history.pair_summaries("check")
-            for source, targets in placement.items():
-                backup = fed.node(source).backup
-                if backup is None:
-                    continue
-                for target in targets:
-                    if (source, target) in self.running:
-                        continue
-                    due = maintenance.maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
-                    if due is None:
-                        continue
-                    when = max(now, _utc(due))
-                    if not self._window_closed(backup, tz, when):
-                        occurrence = schedule.occurrence_containing(backup.window, tz, when) if backup.window else None
-                        if occurrence is None:
-                            continue
-                        when = occurrence.end
-                    if when > now and (wake is None or when < wake):
-                        wake = when
-        return wake
+            history = self.ctx.history
+            wakes.append(schedule.maintenance_wakeup(fed, placement, history.pair_summaries("backup"),
+                                                     history.pair_summaries("check"), set(self.running), now, tz))
+        return min((w for w in wakes if w is not None), default=None)
 
     # --- jobs -------------------------------------------------------------------
 
@@ -353,40 +263,49 @@ class Daemon:
         return max(timeout, min(MAX_JOB_TIMEOUT, 3 * (last.duration or 0.0)))
 
     def _run_job(self, job: RunningJob, estimate: float) -> None:
-        ctx = self.ctx
+        """The job's thread: clean up after a bad last run of its replica, then the job of its kind."""
         try:
             if self._stopping(job):
                 log.info("%s %s -> %s not started: the daemon is stopping", job.kind, job.source, job.target)
                 return
-            if job.kind == "drill":
-                from mutualbackup.jobs import drill
-
-                drill.run_drill(ctx, ctx.federation.node(job.source), clock=self.clock, control=job.control)
+            run, cleans_up = JOB_KINDS[job.kind]
+            if cleans_up and self._needs_recovery(job) and not self._clean_up(job):
                 return
-            source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
-            if self._needs_recovery(job):
-                cleanup = clean_up_pair(ctx, source, host, clock=self.clock)
-                if cleanup.busy:  # not a failure of the replica: another live process runs its job
-                    self._busy_until[(job.source, job.target)] = self.clock() + BUSY_RETRY
-                    log.warning("%s %s -> %s not started (trying again in %.0fs): %s", job.kind, job.source,
-                                job.target, BUSY_RETRY, cleanup.busy)
-                    return
-                if self._stopping(job):
-                    return
-            if job.kind == "backup":
-                outcome = run_backup(ctx, source, host, timeout=self.job_timeout_for(job.source, job.target, estimate),
-                                     clock=self.clock, control=job.control)
-                assert source.backup is not None
-                if outcome.ok and not self._stopping(job) and source.backup.retention.prune_flags():
-                    maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
-            else:  # maintenance: check, then (when it passed, and the daemon is not stopping) guarded compaction
-                outcomes = maintenance.check_replica(ctx, source, host, clock=self.clock, control=job.control)
-                if all(o.ok for o in outcomes) and not self._stopping(job):
-                    maintenance.compact_replica(ctx, source, host, clock=self.clock, control=job.control)
+            run(self, job, estimate)
         except Exception:  # a bug in one job must not stop the daemon
             log.exception("%s job %s -> %s crashed", job.kind, job.source, job.target)
         finally:
             self.wake.set()
+
+    def _clean_up(self, job: RunningJob) -> bool:
+        """:func:`clean_up_pair` before the job; False when the job must not start (busy elsewhere, stopping)."""
+        fed = self.ctx.federation
+        cleanup = clean_up_pair(self.ctx, fed.node(job.source), fed.node(job.target), clock=self.clock)
+        if cleanup.busy:  # not a failure of the replica: another live process runs its job
+            self._busy_until[(job.source, job.target)] = self.clock() + BUSY_RETRY
+            log.warning("%s %s -> %s not started (trying again in %.0fs): %s", job.kind, job.source,
+                        job.target, BUSY_RETRY, cleanup.busy)
+            return False
+        return not self._stopping(job)
+
+    def _backup_job(self, job: RunningJob, estimate: float) -> None:
+        """The backup, then (when it succeeded and the daemon is not stopping) the prune."""
+        ctx = self.ctx
+        source, host = ctx.federation.node(job.source), ctx.federation.node(job.target)
+        outcome = run_backup(ctx, source, host, timeout=self.job_timeout_for(job.source, job.target, estimate),
+                             clock=self.clock, control=job.control)
+        assert source.backup is not None
+        if outcome.ok and not self._stopping(job) and source.backup.retention.prune_flags():
+            maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
+
+    def _maintenance_job(self, job: RunningJob, estimate: float) -> None:
+        """The check, then (when it passed, and the daemon is not stopping) the guarded compaction."""
+        ctx = self.ctx
+        maintenance.maintain_replica(ctx, ctx.federation.node(job.source), ctx.federation.node(job.target),
+                                     clock=self.clock, control=job.control, proceed=lambda: not self._stopping(job))
+
+    def _drill_job(self, job: RunningJob, estimate: float) -> None:
+        drill.run_drill(self.ctx, self.ctx.federation.node(job.source), clock=self.clock, control=job.control)
 
     def _needs_recovery(self, job: RunningJob) -> bool:
         """True when the replica's last run was interrupted or failed (it may have left a borg or a
@@ -482,6 +401,14 @@ class Daemon:
             job.control.close_transports()
 
 
+JOB_KINDS: dict[str, tuple[Callable[[Daemon, RunningJob, float], None], bool]] = {
+    "backup": (Daemon._backup_job, True),
+    "maintenance": (Daemon._maintenance_job, True),
+    "drill": (Daemon._drill_job, False),
+}
+"""Each job kind: what its thread runs, and whether a bad last run of its replica is cleaned up first."""
+
+
 def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     state = getattr(args, "state", None) or federation.coordinator.state
     history = History(state)
@@ -515,14 +442,6 @@ def _stamp(directory: str) -> tuple[tuple[str, float], ...]:
     root = Path(directory)
     files = [root / "federation.yml", *sorted((root / "members").glob("*.yml"))]
     return tuple((str(p), p.stat().st_mtime if p.exists() else 0.0) for p in files)
-
-
-def _known(federation: Federation, name: str) -> bool:
-    try:
-        federation.node(name)
-    except KeyError:
-        return False
-    return True
 
 
 def _utc(timestamp: float) -> dt.datetime:

@@ -15,7 +15,7 @@ import pytest
 
 from mutualbackup import borg
 from mutualbackup.remote import supervision
-from mutualbackup.state.history import process_identity
+from mutualbackup.state.processes import process_identity
 from mutualbackup.report.metrics import build_registry
 from mutualbackup.inventory.model import Backup, Retention, Window
 from mutualbackup.plan.schedule import retry_delay

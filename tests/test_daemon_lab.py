@@ -37,8 +37,8 @@ from mutualbackup.inventory.load import load_inventory
 from lab.nodes import Lab, LabNode
 from lab.federation import LabFederation
 from mutualbackup.jobs.maintenance import check_replica
-from mutualbackup.restore.extract import list_archives
-from mutualbackup.plan.schedule import jitter_seconds
+from mutualbackup.restore.replicas import list_archives
+from mutualbackup.plan.windows import jitter_seconds
 from mutualbackup.report.status import compute_status
 
 from labkit import alpha_beta, mb, wait_for, write_tree

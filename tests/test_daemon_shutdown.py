@@ -12,8 +12,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from mutualbackup.plan import schedule
+from mutualbackup.plan.schedule import WINDOW_MARGIN
+from mutualbackup.plan.windows import clear_of_window
 from mutualbackup.remote import supervision
-from mutualbackup.daemon import FIRST_RUN_TIMEOUT, Daemon
+from mutualbackup.daemon import FIRST_RUN_TIMEOUT
 from mutualbackup.inventory.model import Backup, Retention, Window
 from mutualbackup.remote.transport import Result
 
@@ -204,9 +206,9 @@ def test_maintenance_and_drills_keep_clear_of_a_backup_window_about_to_open() ->
     def at(hour: int, minute: int = 0) -> dt.datetime:
         return dt.datetime(2025, 6, 2, hour, minute, tzinfo=PARIS).astimezone(dt.timezone.utc)
 
-    assert Daemon._clear_of_window(backup, PARIS, at(23, 30))  # opens in 1.5 h
-    assert not Daemon._clear_of_window(backup, PARIS, at(0, 30))  # opens within the hour
-    assert not Daemon._clear_of_window(backup, PARIS, at(2))  # open
-    assert Daemon._clear_of_window(backup, PARIS, at(7))
+    assert clear_of_window(backup, PARIS, at(23, 30), WINDOW_MARGIN)  # opens in 1.5 h
+    assert not clear_of_window(backup, PARIS, at(0, 30), WINDOW_MARGIN)  # opens within the hour
+    assert not clear_of_window(backup, PARIS, at(2), WINDOW_MARGIN)  # open
+    assert clear_of_window(backup, PARIS, at(7), WINDOW_MARGIN)
     windowless = Backup(paths=("/etc",), estimate=GIB, retention=Retention(daily=2))
-    assert Daemon._clear_of_window(windowless, PARIS, at(0, 30))
+    assert clear_of_window(windowless, PARIS, at(0, 30), WINDOW_MARGIN)

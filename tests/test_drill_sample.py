@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.borg import Entry, Item
-from mutualbackup.jobs.drill import (
-    MISSING, Observation, choose_sample, drills_due, inspect_argv, parse_inspection, top_level_paths, verify_sample,
+from mutualbackup.jobs.drill import drills_due
+from mutualbackup.plan.drill_sample import (
+    MISSING, Observation, choose_sample, inspect_argv, parse_inspection, top_level_paths, verify_sample,
 )
 from mutualbackup.state.history import History
 from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node

@@ -12,7 +12,8 @@ import pytest
 from mutualbackup.remote import supervision
 from mutualbackup.jobs.backup import run_backup
 from mutualbackup.plan.compaction_rules import UNCERTAIN_END_CAP, run_window
-from mutualbackup.state.history import History, Run, process_identity, run_owner_alive
+from mutualbackup.state.history import History, Run
+from mutualbackup.state.processes import process_identity, run_owner_alive
 from mutualbackup.jobs.maintenance import check_replica, prune_replica
 from mutualbackup.inventory.model import Backup, Retention
 from mutualbackup.jobs.crash_cleanup import host_role, clean_up_pair, source_role

@@ -465,7 +465,7 @@ def test_borg_errors_are_shown_without_traceback_or_platform_report() -> None:
 def test_the_progress_line_shows_items_bytes_of_total_and_rate_and_is_rewritten_in_place() -> None:
     import io
 
-    from mutualbackup.restore.extract import TerminalProgress, format_progress
+    from mutualbackup.terminal import TerminalProgress, format_progress
 
     progress = borg.ExtractProgress(files=12, bytes_done=3 * 1024**2, bytes_total=6 * 1024**2)
     assert format_progress(progress, 2.0) == "12 item(s)  3 MiB of 6 MiB  1.5 MiB/s"
@@ -485,7 +485,7 @@ def test_a_log_line_goes_above_the_progress_line_which_is_drawn_again_under_it()
     import io
     import logging
 
-    from mutualbackup.restore.extract import TerminalProgress
+    from mutualbackup.terminal import TerminalProgress
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

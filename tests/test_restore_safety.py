@@ -22,7 +22,8 @@ from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.state.history import History
 from mutualbackup.restore.recovery_file import FORMAT, RecoveryFile, RecoveryRepository, export_keys, read_recovery
 from mutualbackup.inventory.model import Federation, Node
-from mutualbackup.restore.extract import choose_replica, list_archives, restore
+from mutualbackup.restore.extract import restore
+from mutualbackup.restore.replicas import choose_replica, list_archives
 from mutualbackup.remote.transport import Result
 
 SOURCE = "coop0/src0"

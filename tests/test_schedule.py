@@ -13,19 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Window
-from mutualbackup.plan.schedule import (
-    Job,
-    JobState,
-    estimate_seconds,
-    in_window,
-    jitter_seconds,
-    next_attempt,
-    next_due,
-    next_wakeup,
-    retry_delay,
-    select_jobs,
-    window_occurrence,
-)
+from mutualbackup.plan.schedule import Job, JobState, estimate_seconds, next_attempt, next_due, next_wakeup, retry_delay, select_jobs
+from mutualbackup.plan.windows import in_window, jitter_seconds, window_occurrence
 
 PARIS = ZoneInfo("Europe/Paris")
 UTC = dt.timezone.utc

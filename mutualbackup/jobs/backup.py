@@ -21,10 +21,10 @@ from typing import Callable
 
 from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.errors import MutualBackupError
 from mutualbackup.inventory.model import Node
 from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
 from mutualbackup.jobs.crash_cleanup import source_role
+from mutualbackup.jobs.runs import RecordedRun, RunFailed
 from mutualbackup.remote.transport import Result
 
 log = logging.getLogger("mutualbackup.jobs.backup")
@@ -51,12 +51,6 @@ class Outcome:
         return self.result in ("success", "warning")
 
 
-class _Failed(Exception):
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def run_backup(
     ctx: Context,
     source: Node,
@@ -73,53 +67,36 @@ def run_backup(
     abort the job. Never raises for a failed backup.
     """
     assert source.backup is not None
-    started = clock()
-    run_id = ctx.history.start_run("backup", source.name, host.name, started=started)
-    log.info("backup  start  %s -> %s", source.name, host.name)
-    exit_code: int | None = None
-    try:
-        result = _create(ctx, source, host, run_id, started, timeout, clock, control)
-        exit_code = result.exit_code
-        verdict = borg.classify_exit(exit_code)
-        said = borg.parse_log(result.stderr)
-        if verdict not in ("success", "warning") and control is not None and control.is_aborted:
-            raise _Failed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
-        if verdict not in ("success", "warning"):
-            raise _Failed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{said.tail()}".strip(), exit_code)
-        stats = borg.parse_create_json(result.stdout)
-        ended = clock()
-        error = said.tail() if verdict == "warning" else None
-        ctx.history.finish_run(
-            run_id, verdict, exit_code=exit_code, ended=ended, archive=stats.name,
-            original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
-            deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes,
-            nfiles=stats.nfiles, error=error,
-            detail={"unreadable_files": len(said.unreadable), "unreadable_paths": list(said.unreadable[:UNREADABLE_SHOWN])},
-        )
-        ctx.history.record_archives(source.name, host.name, [(stats.name, started, stats.id)], now=ended)
-        outcome = Outcome(source.name, host.name, verdict, exit_code, ended - started, stats.name,
-                          stats.original_bytes, stats.deduplicated_bytes, error=error)
-        log.info("backup  end    %s -> %s  %s  %.1fs  %s", source.name, host.name, verdict, outcome.duration, stats.name)
-        return outcome
-    except _Failed as exc:
-        error, exit_code = str(exc), exc.exit_code
-    except (MutualBackupError, ValueError) as exc:
-        error = str(exc)
-    except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
-        log.exception("backup of %s -> %s crashed", source.name, host.name)
-        error = f"internal error: {exc!r}"
-    except BaseException as exc:  # Ctrl-C of `mutualbackup run`, SystemExit: not "running" forever
-        ctx.history.finish_run(run_id, "interrupted", exit_code=exit_code, ended=clock(),
-                               error=f"the coordinator process was stopped during this run ({type(exc).__name__})")
-        raise
-    result_word = "interrupted" if control is not None and control.is_aborted else "failure"
-    ended = clock()
-    ctx.history.finish_run(run_id, result_word, exit_code=exit_code, error=error, ended=ended)
-    if result_word == "failure" and exit_code is not None and borg.classify_exit(exit_code) == "error":
-        _alert_once(ctx, source, host, exit_code, error, ended)
-    log.warning("backup  end    %s -> %s  %s  %.1fs: %s", source.name, host.name, result_word, ended - started,
-                error.splitlines()[0] if error else "")
-    return Outcome(source.name, host.name, result_word, exit_code, ended - started, error=error)
+    with RecordedRun(ctx.history, "backup", source.name, host.name, clock=clock, control=control, logger=log) as run:
+        _back_up(ctx, run, source, host, timeout, clock, control)
+    done = run.outcome
+    assert done is not None
+    if done.result == "failure" and done.exit_code is not None and borg.classify_exit(done.exit_code) == "error":
+        _alert_once(ctx, source, host, done.exit_code, done.error or "", run.clock())
+    columns = done.columns
+    return Outcome(source.name, host.name, done.result, done.exit_code, done.duration, columns.get("archive"),  # type: ignore[arg-type]
+                   columns.get("original_bytes"), columns.get("deduplicated_bytes"), error=done.error)  # type: ignore[arg-type]
+
+
+def _back_up(ctx: Context, run: RecordedRun, source: Node, host: Node, timeout: float,
+             clock: Callable[[], float], control: JobControl | None) -> None:
+    """The ``before:`` commands and borg create; the run's verdict from borg's exit code and output."""
+    result = _create(ctx, source, host, run.id, run.started, timeout, clock, control)
+    exit_code = result.exit_code
+    verdict = borg.classify_exit(exit_code)
+    said = borg.parse_log(result.stderr)
+    if not borg.succeeded(exit_code) and control is not None and control.is_aborted:
+        raise RunFailed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
+    if not borg.succeeded(exit_code):
+        raise RunFailed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{said.tail()}".strip(), exit_code)
+    stats = borg.parse_create_json(result.stdout)
+    run.succeed(
+        {"unreadable_files": len(said.unreadable), "unreadable_paths": list(said.unreadable[:UNREADABLE_SHOWN])},
+        result=verdict, exit_code=exit_code, error=said.tail() if verdict == "warning" else None, note=stats.name,
+        archive=stats.name, original_bytes=stats.original_bytes, compressed_bytes=stats.compressed_bytes,
+        deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes, nfiles=stats.nfiles,
+    )
+    ctx.history.record_archives(source.name, host.name, [(stats.name, run.started, stats.id)], now=clock())
 
 
 def _create(
@@ -128,36 +105,29 @@ def _create(
 ) -> Result:
     """Run the ``before:`` commands, then ``borg create``; the Result of borg create."""
     assert source.backup is not None
-    transport = ctx.connect(source)
-    if control is not None:
-        control.attach(transport)
-    try:
+    with ctx.session(source, control) as transport:
         paths = ctx.source_paths(transport, source)
         pidfile = pidfile_path(paths.workdir, source_role(host.name))
         deadline = started + timeout
         for command in source.backup.before:
             if control is not None and control.is_aborted:
-                raise _Failed(f"aborted before the before: command ran: {control.reason}")
+                raise RunFailed(f"aborted before the before: command ran: {control.reason}")
             result = run_supervised(transport, source, pidfile, run_id, ("sh", "-c", command),
                                     timeout=max(1.0, deadline - clock()), control=control)
             if not result.ok:
-                raise _Failed(
+                raise RunFailed(
                     f"the before: command failed with exit {result.exit_code}, so no backup was made.\n"
                     f"command: {command}\n{result.stderr_tail()}".strip(),
                     result.exit_code,
                 )
         if control is not None and control.is_aborted:
-            raise _Failed(f"aborted before borg started: {control.reason}")
+            raise RunFailed(f"aborted before borg started: {control.reason}")
         archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
         url = borg.repository_url(source, host)
         return run_supervised(
             transport, source, pidfile, run_id, borg.create_argv(source.borg, url, archive, source.backup),
             env=borg.client_env(paths), timeout=max(1.0, deadline - clock()), control=control,
         )
-    finally:
-        if control is not None:
-            control.detach(transport)
-        transport.close()
 
 
 def _alert_once(ctx: Context, source: Node, host: Node, exit_code: int, error: str, now: float) -> None:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable
 
 from mutualbackup import borg
 from mutualbackup.context import Context
@@ -30,7 +29,7 @@ from mutualbackup.errors import MutualBackupError
 from mutualbackup.inventory.model import Node
 from mutualbackup.remote.supervision import parse_pidfile, pidfile_path, stop_remote
 from mutualbackup.remote.transport import Transport, resolve_path
-from mutualbackup.state.history import run_owner_alive, this_process
+from mutualbackup.state.processes import run_owner_alive, this_process
 
 log = logging.getLogger("mutualbackup.jobs.crash_cleanup")
 
@@ -95,13 +94,13 @@ def clean_up_pair(
     """
     cleanup = Cleanup()
     try:
-        with _session(ctx, source) as transport:
+        with ctx.session(source) as transport:
             _stop_leftover(ctx, transport, source, source_role(host.name), cleanup, active)
     except MutualBackupError as exc:
         cleanup.notes.append(f"{source.name}: cannot look for leftover commands: {exc}")
     if not cleanup.busy:
         try:
-            with _session(ctx, host) as transport:
+            with ctx.session(host) as transport:
                 _stop_leftover(ctx, transport, host, host_role(source.name), cleanup, active)
                 if not cleanup.busy:
                     _break_stale_lock(ctx, transport, source, host, cleanup, clock)
@@ -110,15 +109,6 @@ def clean_up_pair(
     for note in cleanup.notes:
         log.warning("clean-up %s -> %s: %s", source.name, host.name, note)
     return cleanup
-
-
-@contextmanager
-def _session(ctx: Context, node: Node) -> Iterator[Transport]:
-    transport = ctx.connect(node)
-    try:
-        yield transport
-    finally:
-        transport.close()
 
 
 def _stop_leftover(

@@ -54,24 +54,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.errors import MutualBackupError, TransportError
+from mutualbackup.errors import TransportError
 from mutualbackup.plan.compaction_rules import (WRITING_KINDS, archive_changes, baseline_bytes, checked_through,
                     foreign_transactions, guard_problems, run_window)
-from mutualbackup.state.history import PairSummary
-from mutualbackup.inventory.model import Backup, Node
+from mutualbackup.inventory.model import Node
 from mutualbackup.jobs.crash_cleanup import host_role, source_role
+from mutualbackup.jobs.runs import RecordedRun, RunFailed, RunOutcome, aborted
 from mutualbackup.plan.retention import plan_prune
-from mutualbackup.plan.schedule import retry_delay
 from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
 from mutualbackup.remote.transport import Result, Transport, resolve_path
 
 log = logging.getLogger("mutualbackup.jobs.maintenance")
+
+
+def _run_of(ctx: Context, kind: str, source: Node, host: Node, clock: Callable[[], float],
+            control: JobControl | None) -> RecordedRun:
+    return RecordedRun(ctx.history, kind, source.name, host.name, clock=clock, control=control, logger=log)
 
 LIST_TIMEOUT = 900
 PRUNE_TIMEOUT = 4 * 3600
@@ -80,110 +82,14 @@ COMPACT_TIMEOUT = 12 * 3600
 WRITE_CLOCK_SKEW = 3600  # seconds of clock difference tolerated between the coordinator and a host
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    kind: str  # prune, repo-check, check, compact
-    source: str
-    target: str
-    result: str  # success, warning, failure, interrupted
-    duration: float
-    error: str | None = None
-    detail: Mapping[str, object] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.result in ("success", "warning")
-
-
-class _Failed(Exception):
-    """A step failed; ``alert`` (a kind) also records an alert: the failure needs a human."""
-
-    def __init__(self, message: str, exit_code: int | None = None, *, alert: str | None = None):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.alert = alert
-
-
-class _Step:
-    """One recorded run: started at construction, finished by :meth:`succeed` or :meth:`fail`."""
-
-    def __init__(self, ctx: Context, kind: str, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None):
-        self.ctx, self.kind, self.source, self.host, self.clock, self.control = ctx, kind, source, host, clock, control
-        self.started = clock()
-        self.run_id = ctx.history.start_run(kind, source.name, host.name, started=self.started)
-        self.saved: dict[str, object] = {}  # detail recorded while running (see :meth:`save`), kept at the end
-        log.info("%-7s start  %s -> %s", kind, source.name, host.name)
-
-    def save(self, **detail: object) -> None:
-        """Record ``detail`` now (committed: it survives a crash), and keep it in the run's final detail."""
-        self.saved.update(detail)
-        self.ctx.history.set_detail(self.run_id, self.saved)
-
-    def _detail(self, detail: Mapping[str, object] | None) -> Mapping[str, object] | None:
-        return {**self.saved, **detail} if detail and self.saved else (detail or self.saved or None)
-
-    def succeed(self, detail: Mapping[str, object] | None = None, *, repository_bytes: int | None = None) -> StepOutcome:
-        detail = self._detail(detail)
-        ended = self.clock()
-        self.ctx.history.finish_run(self.run_id, "success", exit_code=0, ended=ended, detail=detail,
-                                    repository_bytes=repository_bytes)
-        log.info("%-7s end    %s -> %s  success  %.1fs", self.kind, self.source.name, self.host.name, ended - self.started)
-        return StepOutcome(self.kind, self.source.name, self.host.name, "success", ended - self.started, None, detail or {})
-
-    def fail(self, error: str, exit_code: int | None = None, detail: Mapping[str, object] | None = None) -> StepOutcome:
-        detail = self._detail(detail)
-        ended = self.clock()
-        result = "interrupted" if self.control is not None and self.control.is_aborted else "failure"
-        self.ctx.history.finish_run(self.run_id, result, exit_code=exit_code, error=error, ended=ended, detail=detail)
-        log.warning("%-7s end    %s -> %s  %s  %.1fs: %s", self.kind, self.source.name, self.host.name, result,
-                    ended - self.started, error.splitlines()[0] if error else "")
-        return StepOutcome(self.kind, self.source.name, self.host.name, result, ended - self.started, error, detail or {})
-
-    def guarded(self, body: Callable[[], StepOutcome]) -> StepOutcome:
-        """Run ``body``; a failure of any kind becomes a recorded failed run."""
-        try:
-            return body()
-        except _Failed as exc:
-            if exc.alert:
-                self.ctx.history.add_alert(self.source.name, self.host.name, exc.alert, str(exc), now=self.clock())
-            return self.fail(str(exc), exc.exit_code)
-        except (MutualBackupError, ValueError) as exc:
-            return self.fail(str(exc))
-        except Exception as exc:  # a bug must not leave the run "running" nor stop the daemon
-            log.exception("%s of %s -> %s crashed", self.kind, self.source.name, self.host.name)
-            return self.fail(f"internal error: {exc!r}")
-        except BaseException as exc:  # Ctrl-C of `mutualbackup verify`: not "running" forever
-            self.ctx.history.finish_run(self.run_id, "interrupted", ended=self.clock(), detail=self._detail(None),
-                                        error=f"the coordinator process was stopped during this run ({type(exc).__name__})")
-            raise
-
-
-@contextmanager
-def _session(ctx: Context, node: Node, control: JobControl | None) -> Iterator[Transport]:
-    transport = ctx.connect(node)
-    if control is not None:
-        control.attach(transport)
-    try:
-        yield transport
-    finally:
-        if control is not None:
-            control.detach(transport)
-        transport.close()
-
-
-def _aborted(control: JobControl | None) -> None:
-    if control is not None and control.is_aborted:
-        raise _Failed(f"aborted: {control.reason}")
-
-
 def _borg_ok(result: Result, what: str, *, strict: bool = False) -> None:
     """Raise unless borg succeeded; ``strict``: a warning fails too (``borg check`` exits 1 when it finds errors)."""
     verdict = borg.classify_exit(result.exit_code)
     if verdict != "success" and (strict or verdict != "warning"):
         if strict and verdict == "warning":
-            raise _Failed(f"{what} found errors (exit {result.exit_code}):\n{result.stderr_tail()}".strip(), result.exit_code,
+            raise RunFailed(f"{what} found errors (exit {result.exit_code}):\n{result.stderr_tail()}".strip(), result.exit_code,
                           alert="repository-damaged")
-        raise _Failed(f"{what} exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail()}".strip(),
+        raise RunFailed(f"{what} exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail()}".strip(),
                       result.exit_code)
 
 
@@ -209,15 +115,15 @@ def _live_bytes(transport: Transport, source: Node, url: str, env: Mapping[str, 
 
 def prune_replica(
     ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
-) -> StepOutcome:
+) -> RunOutcome:
     """``borg prune`` of ``source``'s repository on ``host`` with its retention; see the module notes."""
     assert source.backup is not None
-    step = _Step(ctx, "prune", source, host, clock, control)
+    step = _run_of(ctx, "prune", source, host, clock, control)
 
-    def body() -> StepOutcome:
+    def body() -> RunOutcome:
         assert source.backup is not None
         url = borg.repository_url(source, host)
-        with _session(ctx, source, control) as transport:
+        with ctx.session(source, control) as transport:
             paths = ctx.source_paths(transport, source)
             env = borg.client_env(paths)
             before = _list(transport, source, url, env)
@@ -225,16 +131,16 @@ def prune_replica(
             changed = archive_changes(_recorded(ctx, source, host), {a.name: a.id for a in before})
             ctx.history.record_archives(source.name, host.name, _entries(before), now=clock())
             plan = plan_prune([a for a in before if a.name.startswith(f"{source.slug}-")], source.backup.retention)
-            _aborted(control)
+            aborted(control)
             # committed before borg runs: a crash or an abort mid-prune leaves deletions the next prune explains
             step.save(plan_delete=list(plan.delete))
             try:
                 result = run_supervised(
-                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.run_id,
+                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.id,
                     borg.prune_argv(source.borg, url, source.backup.retention, borg.archive_glob(source)),
                     env=env, timeout=PRUNE_TIMEOUT, control=control,
                 )
-                _aborted(control)
+                aborted(control)
                 _borg_ok(result, "borg prune")
             except Exception:  # failed or aborted (not Ctrl-C: no more borg then); the next prune explains the rest
                 _mark_partial_prune(ctx, transport, source, host, url, env, before, plan.delete, changed.replaced, clock)
@@ -264,7 +170,11 @@ def prune_replica(
             return step.fail(message, detail=detail)
         return step.succeed(detail, repository_bytes=size)
 
-    return step.guarded(body)
+    with step:
+
+        body()
+
+    return step.outcome
 
 
 def _mark_partial_prune(
@@ -312,52 +222,54 @@ def _explain_unfinished_prunes(
 
 def check_replica(
     ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
-) -> list[StepOutcome]:
+) -> list[RunOutcome]:
     """``repo-check`` on the host (no key), then ``check`` of the archives from the source."""
     repository = _repository_check(ctx, source, host, clock, control)
-    step = _Step(ctx, "check", source, host, clock, control)
+    step = _run_of(ctx, "check", source, host, clock, control)
     if not repository.ok:
         return [repository, step.fail(f"not checked further: the repository check on {host.name} failed:\n{repository.error}")]
 
-    def body() -> StepOutcome:
+    def body() -> RunOutcome:
         url = borg.repository_url(source, host)
         try:
-            with _session(ctx, source, control) as transport:
+            with ctx.session(source, control) as transport:
                 paths = ctx.source_paths(transport, source)
                 result = run_supervised(
-                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.run_id,
+                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.id,
                     borg.check_argv(source.borg, url, archives_only=True),
                     env=borg.client_env(paths), timeout=CHECK_TIMEOUT, control=control,
                 )
         except TransportError as exc:
-            raise _Failed(f"cannot reach {source.name} to check the archives (the repository check on {host.name} "
+            raise RunFailed(f"cannot reach {source.name} to check the archives (the repository check on {host.name} "
                           f"passed): {exc}") from None
-        _aborted(control)
+        aborted(control)
         _borg_ok(result, "borg check --archives-only", strict=True)
         return step.succeed({"repository": "ok", "archives": "ok"})
 
-    return [repository, step.guarded(body)]
+    with step:
+        body()
+    return [repository, step.outcome]
 
 
-def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> StepOutcome:
-    step = _Step(ctx, "repo-check", source, host, clock, control)
+def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> RunOutcome:
+    step = _run_of(ctx, "repo-check", source, host, clock, control)
 
-    def body() -> StepOutcome:
+    def body() -> RunOutcome:
         path = borg.repository_path(source, host)
-        with _session(ctx, host, control) as transport:
+        with ctx.session(host, control) as transport:
             workdir = resolve_path(host.workdir, transport)
             facts = _facts(transport, host, path)
             result = run_supervised(
-                transport, host, pidfile_path(workdir, host_role(source.name)), step.run_id,
+                transport, host, pidfile_path(workdir, host_role(source.name)), step.id,
                 borg.check_argv(host.borg, path, repository_only=True),
                 env=borg.host_env(workdir), timeout=CHECK_TIMEOUT, control=control,
             )
-        _aborted(control)
+        aborted(control)
         _borg_ok(result, f"borg check --repository-only on {host.name}", strict=True)
         detail = {"segments": facts.segments, "bytes": facts.bytes, "last_write": facts.last_write}
         last = ctx.history.last_run("backup", source.name, host.name, successful=True)
         if last is not None and last.ended is not None and (facts.last_write or 0) < last.ended - WRITE_CLOCK_SKEW:
-            raise _Failed(
+            raise RunFailed(
                 f"{host.name} may have lost data: the repository {path} was last written at "
                 f"{_iso(facts.last_write)}, but a backup into it succeeded at {_iso(last.ended)}. "
                 "Was the host restored from an older snapshot? Check with its operators before compacting anything.",
@@ -365,19 +277,23 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
             )
         return step.succeed(detail)
 
-    return step.guarded(body)
+    with step:
+
+        body()
+
+    return step.outcome
 
 
 def _facts(transport: Transport, host: Node, path: str) -> borg.RepositoryFacts:
     result = transport.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
     if result.exit_code == borg.REPOSITORY_MISSING:
-        raise _Failed(f"the repository {path} is missing on {host.name}: the host lost it, or it was moved. "
+        raise RunFailed(f"the repository {path} is missing on {host.name}: the host lost it, or it was moved. "
                       "Run `mutualbackup apply` to create an empty one (the history in it is gone).", alert="repository-missing")
     if result.exit_code == borg.REPOSITORY_NOT_BORG:
-        raise _Failed(f"{path} on {host.name} holds no borg repository (no config or data/): it was damaged or replaced",
+        raise RunFailed(f"{path} on {host.name} holds no borg repository (no config or data/): it was damaged or replaced",
                       alert="repository-damaged")
     if not result.ok:
-        raise _Failed(f"cannot read the repository {path} on {host.name} (exit {result.exit_code}): {result.stderr_tail(5)}")
+        raise RunFailed(f"cannot read the repository {path} on {host.name} (exit {result.exit_code}): {result.stderr_tail(5)}")
     return borg.parse_repository_facts(result.stdout)
 
 
@@ -393,23 +309,23 @@ def _iso(timestamp: float | None) -> str:
 def compact_replica(
     ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time,
     control: JobControl | None = None, force: bool = False,
-) -> StepOutcome:
+) -> RunOutcome:
     """Check that every deletion is the coordinator's own, then ``borg compact`` on the host.
 
     Compacts only when the coordinator pruned something since the last
     compaction (or ``force``). Refuses, alerts and keeps everything otherwise.
     """
-    step = _Step(ctx, "compact", source, host, clock, control)
+    step = _run_of(ctx, "compact", source, host, clock, control)
 
-    def body() -> StepOutcome:
+    def body() -> RunOutcome:
         url = borg.repository_url(source, host)
         try:
-            with _session(ctx, source, control) as transport:
+            with ctx.session(source, control) as transport:
                 env = borg.client_env(ctx.source_paths(transport, source))
                 present = _list(transport, source, url, env)
                 live = _live_bytes(transport, source, url, env)
         except TransportError as exc:
-            raise _Failed(f"skipped: cannot reach {source.name} to list its archives, and compaction only runs after "
+            raise RunFailed(f"skipped: cannot reach {source.name} to list its archives, and compaction only runs after "
                           f"that check: {exc}") from None
         changed = archive_changes(_recorded(ctx, source, host), {a.name: a.id for a in present})
         ctx.history.record_archives(source.name, host.name, _entries(present), now=clock())
@@ -422,9 +338,9 @@ def compact_replica(
             return _refuse(ctx, step, source, host, problems, refusal, clock)
         known = ctx.history.known_archives(source.name, host.name)
         pruned = _pruned_since_compaction(ctx, source, host, known)
-        _aborted(control)
+        aborted(control)
         path = borg.repository_path(source, host)
-        with _session(ctx, host, control) as transport:
+        with ctx.session(host, control) as transport:
             workdir = resolve_path(host.workdir, transport)
             asked = clock()
             host_now, transactions = _transactions(transport, host, path)
@@ -440,17 +356,21 @@ def compact_replica(
                 return step.succeed({"compacted": False, "reason": "nothing pruned since the last compaction",
                                      "live_bytes": live, "transactions_checked": checked})
             before = _facts(transport, host, path)
-            result = run_supervised(transport, host, pidfile_path(workdir, host_role(source.name)), step.run_id,
+            result = run_supervised(transport, host, pidfile_path(workdir, host_role(source.name)), step.id,
                                     borg.compact_argv(host.borg, path), env=borg.host_env(workdir),
                                     timeout=COMPACT_TIMEOUT, control=control)
-            _aborted(control)
+            aborted(control)
             _borg_ok(result, f"borg compact on {host.name}")
             after = _facts(transport, host, path)
         return step.succeed({"compacted": True, "pruned": pruned, "freed_bytes": before.bytes - after.bytes,
                              "bytes_before": before.bytes, "bytes_after": after.bytes, "live_bytes": live,
                              "transactions_checked": checked})
 
-    return step.guarded(body)
+    with step:
+
+        body()
+
+    return step.outcome
 
 
 def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool = False) -> str:
@@ -467,8 +387,8 @@ def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool
     )
 
 
-def _refuse(ctx: Context, step: _Step, source: Node, host: Node, problems: Sequence[str],
-            detail: Mapping[str, object], clock: Callable[[], float]) -> StepOutcome:
+def _refuse(ctx: Context, step: RecordedRun, source: Node, host: Node, problems: Sequence[str],
+            detail: Mapping[str, object], clock: Callable[[], float]) -> RunOutcome:
     message = _refusal(source, host, problems, foreign="foreign_transactions" in detail)
     ctx.history.add_alert(source.name, host.name, "compaction-refused", message, now=clock())
     return step.fail(message, detail={**detail, "refused": True})
@@ -490,7 +410,7 @@ def _transactions(transport: Transport, host: Node, path: str) -> tuple[float, l
     if result.exit_code in (borg.REPOSITORY_MISSING, borg.REPOSITORY_NOT_BORG):
         _facts(transport, host, path)  # says which, with its alert
     if not result.ok:
-        raise _Failed(f"cannot read the transactions log of {path} on {host.name} (exit {result.exit_code}): "
+        raise RunFailed(f"cannot read the transactions log of {path} on {host.name} (exit {result.exit_code}): "
                       f"{result.stderr_tail(5)}")
     return borg.parse_transactions(result.stdout)
 
@@ -508,47 +428,33 @@ def _pruned_since_compaction(ctx: Context, source: Node, host: Node, known: Mapp
 
 
 def maintain_replica(
-    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
-) -> list[StepOutcome]:
-    """The daemon's periodic job: check, then (when the check passed) guarded compaction."""
+    ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None,
+    proceed: Callable[[], bool] = lambda: True,
+) -> list[RunOutcome]:
+    """The daemon's periodic job: check, then (when the check passed and ``proceed()`` still says so)
+    guarded compaction."""
     outcomes = check_replica(ctx, source, host, clock=clock, control=control)
-    if all(o.ok for o in outcomes) and not (control is not None and control.is_aborted):
+    if all(o.ok for o in outcomes) and proceed() and not (control is not None and control.is_aborted):
         outcomes.append(compact_replica(ctx, source, host, clock=clock, control=control))
     return outcomes
 
 
-def verify(ctx: Context, sources: Sequence[Node], *, clock: Callable[[], float] = time.time) -> list[StepOutcome]:
+def verify(ctx: Context, sources: Sequence[Node], *, clock: Callable[[], float] = time.time) -> list[RunOutcome]:
     """``mutualbackup verify``: :func:`check_replica` of every replica of ``sources``."""
-    outcomes: list[StepOutcome] = []
+    outcomes: list[RunOutcome] = []
     for source in sources:
         for target in ctx.replicas_of(source.name):
             outcomes += check_replica(ctx, source, ctx.node(target), clock=clock)
     return outcomes
 
 
-def maintenance_due(backup: Backup, backups: PairSummary | None, checks: PairSummary | None) -> float | None:
-    """When the next maintenance job of one replica is due (epoch), or None before its first backup.
-
-    ``check_every`` after the last successful check (after the first successful
-    backup when never checked); after failed checks, no earlier than the retry
-    back-off of :func:`schedule.retry_delay`.
-    """
-    if backups is None or backups.first_success is None:
-        return None
-    base = checks.last_success if checks is not None and checks.last_success is not None else backups.first_success
-    due = base + backup.check_every
-    if checks is not None and checks.failures and checks.last_attempt is not None:
-        due = max(due, checks.last_attempt + retry_delay(checks.failures))
-    return due
-
-
-def print_verify(outcomes: Sequence[StepOutcome], out: Callable[[str], None] = print,
+def print_verify(outcomes: Sequence[RunOutcome], out: Callable[[str], None] = print,
                  err: Callable[[str], None] | None = None) -> int:
     """One line per replica checked by :func:`verify`; the exit code (1 when a check failed or none ran)."""
     import sys
 
     err = err or (lambda line: print(line, file=sys.stderr))
-    pairs: dict[tuple[str, str], list[StepOutcome]] = {}
+    pairs: dict[tuple[str, str], list[RunOutcome]] = {}
     for outcome in outcomes:
         pairs.setdefault((outcome.source, outcome.target), []).append(outcome)
     if not pairs:

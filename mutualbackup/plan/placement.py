@@ -178,3 +178,10 @@ def diff(old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]]) -> 
         changes += [Change("+", source, h) for h in after]
         changes += [Change("-", source, h) for h in before]
     return changes
+
+
+def known_placement(federation: Federation, placement: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """``placement`` restricted to sources and hosts of ``federation``."""
+    sources = {n.name for n in federation.sources()}
+    hosts = {n.name for n in federation.hosts()}
+    return {s: tuple(t for t in targets if t in hosts) for s, targets in placement.items() if s in sources}

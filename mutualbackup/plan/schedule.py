@@ -1,46 +1,31 @@
 """When each replica of each source is backed up, and which jobs to start now.
 
 Everything here is a pure function of its arguments: no I/O, and the clock is
-never read -- ``now`` is always passed in. Every instant taken or returned is a
-timezone-aware :class:`datetime.datetime`; results are in UTC. Windows are local
-wall-clock times in the coordinator's time zone (a :class:`zoneinfo.ZoneInfo`
-passed in) and follow its daylight-saving changes.
-
-A window *occurrence* is one concrete opening of a :class:`~mutualbackup.inventory.model.Window`,
-named by the local date on which it opens (``22:00-04:00`` of 2025-03-29 runs
-from the evening of the 29th to the morning of the 30th). On DST days:
-
-* a local time the clock jumps over (02:30 on a spring-forward night in Paris)
-  is reached at the instant of the jump, so ``01:00-06:00`` that night lasts 4 h;
-* a local time that happens twice (02:30 on a fall-back night) means its first
-  occurrence, so ``01:00-06:00`` that night lasts 6 h;
-* a window lying wholly inside the skipped hour still opens, at the jump, for its
-  nominal length.
-
-Within an occurrence each source starts at its own *slot*: the opening plus
-``jitter_seconds(source, span)``, with ``span`` the first half of the window, so
-sources sharing a window are spread over it and still have time to finish.
+never read -- ``now`` is always passed in. Window arithmetic (occurrences, DST,
+slots) is in :mod:`mutualbackup.plan.windows`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import hashlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from mutualbackup.inventory.model import Backup, Federation, Window
+from mutualbackup.inventory.model import Backup, Federation, Node
+from mutualbackup.plan.windows import (
+    UTC, as_utc, clear_of_window, in_window, into_window, jitter_seconds, local_date, next_occurrence, occurrence_at_or_before,
+    occurrence_containing, occurrences_from, window_closed, window_slot,
+)
 
-UTC = dt.timezone.utc
 DAY_SECONDS = 24 * 3600
 DEFAULT_ESTIMATE_SECONDS = 600.0  # a job of unknown size or bandwidth
-WINDOW_JITTER_FRACTION = 0.5  # slots lie in this leading fraction of a window
 FIRST_RUN_JITTER_CAP = 3600  # first runs without a window spread over min(every, this)
 SLACK_FRACTION = 0.1  # a due date may come this much earlier than every...
 SLACK_CAP = 2 * 3600  # ...but never more than this (absorbs DST days and late runs)
+MAINTENANCE_PER_HOST = 1  # maintenance holds a repository lock and reads the whole repository
+WINDOW_MARGIN = 3600.0  # maintenance and drills do not start this close before a backup window opens
 
 
 @dataclass(frozen=True)
@@ -56,6 +41,17 @@ class JobState:
 
 
 @dataclass(frozen=True)
+class PairSummary:
+    """Runs of one kind for one source x target, as the scheduler sees them (epoch seconds)."""
+
+    last_success: float | None
+    first_success: float | None
+    last_attempt: float | None  # the last finished run that was not interrupted
+    last_success_end: float | None
+    failures: int  # failed runs since the last success (interrupted ones not counted)
+
+
+@dataclass(frozen=True)
 class Job:
     """One backup to start now."""
 
@@ -66,128 +62,10 @@ class Job:
     estimated_seconds: float
 
 
-@dataclass(frozen=True)
-class Occurrence:
-    """One opening of a window: ``[start, end)`` in UTC, opened on local ``date``."""
-
-    date: dt.date
-    start: dt.datetime
-    end: dt.datetime
-
-    def __contains__(self, instant: dt.datetime) -> bool:
-        return self.start <= instant < self.end
-
-
 # --------------------------------------------------------------------------- time
 
 
-def _utc(instant: dt.datetime, name: str) -> dt.datetime:
-    """``instant`` in UTC; ValueError when it is naive (a wall time with no zone)."""
-    if instant.tzinfo is None or instant.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {instant.isoformat()}")
-    return instant.astimezone(UTC)
-
-
-def _wall(timestamp: int, tz: ZoneInfo) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, tz).replace(tzinfo=None)
-
-
-def local_to_utc(local: dt.datetime, tz: ZoneInfo) -> dt.datetime:
-    """The instant at which the clocks of ``tz`` reach the naive wall time ``local``.
-
-    An ambiguous time (fall-back) gives its first occurrence; a time the clock
-    jumps over (spring-forward) gives the instant of the jump.
-    """
-    first = local.replace(tzinfo=tz, fold=0).astimezone(UTC)
-    if first.astimezone(tz).replace(tzinfo=None) == local:
-        return first
-    # In a gap: the wall clock is below `local` just before the jump, above after.
-    other = local.replace(tzinfo=tz, fold=1).astimezone(UTC)
-    low, high = sorted((int(first.timestamp()), int(other.timestamp())))
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _wall(middle, tz) >= local:
-            high = middle
-        else:
-            low = middle
-    return dt.datetime.fromtimestamp(high, UTC)
-
-
-@functools.lru_cache(maxsize=16384)
-def window_occurrence(window: Window, tz: ZoneInfo, date: dt.date) -> Occurrence:
-    """The occurrence of ``window`` that opens on local ``date`` (see the module notes)."""
-    midnight = dt.datetime.combine(date, dt.time())
-    start = local_to_utc(midnight + dt.timedelta(minutes=window.start), tz)
-    end_day = 0 if window.start < window.end else 1
-    end = local_to_utc(midnight + dt.timedelta(days=end_day, minutes=window.end), tz)
-    if end <= start:  # the whole window lies in a skipped hour
-        end = start + dt.timedelta(minutes=window.length)
-    return Occurrence(date, start, end)
-
-
-def _local_date(instant: dt.datetime, tz: ZoneInfo) -> dt.date:
-    return instant.astimezone(tz).date()
-
-
-def _occurrences_from(window: Window, tz: ZoneInfo, date: dt.date) -> Iterator[Occurrence]:
-    while True:
-        yield window_occurrence(window, tz, date)
-        date += dt.timedelta(days=1)
-
-
-def occurrence_containing(window: Window, tz: ZoneInfo, instant: dt.datetime) -> Occurrence | None:
-    """The occurrence of ``window`` that ``instant`` falls in, or None."""
-    instant = _utc(instant, "instant")
-    date = _local_date(instant, tz)
-    for day in (date - dt.timedelta(days=1), date):
-        occurrence = window_occurrence(window, tz, day)
-        if instant in occurrence:
-            return occurrence
-    return None
-
-
-def next_occurrence(window: Window, tz: ZoneInfo, after: dt.datetime) -> Occurrence:
-    """The first occurrence of ``window`` that opens strictly after ``after``."""
-    after = _utc(after, "after")
-    start_date = _local_date(after, tz) - dt.timedelta(days=1)
-    return next(o for o in _occurrences_from(window, tz, start_date) if o.start > after)
-
-
-def _occurrence_at_or_before(window: Window, tz: ZoneInfo, instant: dt.datetime) -> Occurrence:
-    date = _local_date(instant, tz)
-    while (occurrence := window_occurrence(window, tz, date)).start > instant:
-        date -= dt.timedelta(days=1)
-    return occurrence
-
-
 # ------------------------------------------------------------------------- jitter
-
-
-def jitter_seconds(source: str, span_seconds: int) -> int:
-    """A deterministic offset in ``[0, span_seconds)`` for ``source``.
-
-    Taken from BLAKE2b of the name, so it is the same in every process and on
-    every run, and differs from one source to the next. ValueError when
-    ``span_seconds < 1``.
-    """
-    if span_seconds < 1:
-        raise ValueError(f"span_seconds must be at least 1, got {span_seconds}")
-    digest = hashlib.blake2b(source.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % span_seconds
-
-
-def window_slot(source: str, window: Window, occurrence: Occurrence) -> dt.datetime:
-    """When ``source`` starts in ``occurrence``: its opening + the source's jitter.
-
-    The jitter spans the first half of the window's nominal length; on a DST day
-    it is pulled back only when it would fall outside a (shortened) occurrence.
-    """
-    span = max(1, int(window.length * 60 * WINDOW_JITTER_FRACTION))
-    offset = jitter_seconds(source, span)
-    length = (occurrence.end - occurrence.start).total_seconds()
-    if offset >= length:
-        offset = int(length // 2)
-    return occurrence.start + dt.timedelta(seconds=offset)
 
 
 # ---------------------------------------------------------------------- due times
@@ -225,7 +103,7 @@ def next_due(
 
     ValueError when ``now`` or ``last_success`` is naive.
     """
-    now = _utc(now, "now")
+    now = as_utc(now, "now")
     every = max(1, backup.every)
     window = backup.window
     if last_success is None:
@@ -236,15 +114,15 @@ def next_due(
             return dt.datetime.fromtimestamp(slot, UTC)
         current = occurrence_containing(window, tz, now)
         return (current or next_occurrence(window, tz, now)).start
-    last = _utc(last_success, "last_success")
+    last = as_utc(last_success, "last_success")
     if window is None:
         return last + dt.timedelta(seconds=every)
     if every >= DAY_SECONDS:
-        anchor = _occurrence_at_or_before(window, tz, last).start
+        anchor = occurrence_at_or_before(window, tz, last).start
         slack = min(every * SLACK_FRACTION, SLACK_CAP)
         threshold = anchor + dt.timedelta(seconds=every - slack)
-        first_date = _local_date(threshold, tz) - dt.timedelta(days=1)
-        occurrence = next(o for o in _occurrences_from(window, tz, first_date) if o.start >= threshold)
+        first_date = local_date(threshold, tz) - dt.timedelta(days=1)
+        occurrence = next(o for o in occurrences_from(window, tz, first_date) if o.start >= threshold)
         return window_slot(source, window, occurrence)
     candidate = last + dt.timedelta(seconds=every)
     if occurrence_containing(window, tz, candidate) is not None:
@@ -272,13 +150,6 @@ def _failing(state: JobState) -> bool:
     )
 
 
-def _into_window(source: str, backup: Backup, tz: ZoneInfo, instant: dt.datetime) -> dt.datetime:
-    """``instant`` if it is inside the window (or there is none), else the next slot."""
-    if backup.window is None or occurrence_containing(backup.window, tz, instant) is not None:
-        return instant
-    return window_slot(source, backup.window, next_occurrence(backup.window, tz, instant))
-
-
 def next_attempt(
     source: str, backup: Backup, state: JobState, tz: ZoneInfo, now: dt.datetime
 ) -> dt.datetime:
@@ -295,16 +166,11 @@ def next_attempt(
     if not _failing(state):
         return due
     assert state.last_attempt is not None
-    retry = _utc(state.last_attempt, "last_attempt") + dt.timedelta(
+    retry = as_utc(state.last_attempt, "last_attempt") + dt.timedelta(
         seconds=retry_delay(state.consecutive_failures)
     )
-    retry = _into_window(source, backup, tz, retry)
+    retry = into_window(source, backup, tz, retry)
     return retry if state.last_success is None else max(due, retry)
-
-
-def in_window(backup: Backup, tz: ZoneInfo, when: dt.datetime) -> bool:
-    """True when ``when`` is inside an occurrence of the backup's window, or it has none."""
-    return backup.window is None or occurrence_containing(backup.window, tz, when) is not None
 
 
 def estimate_seconds(size_bytes: int | None, bandwidth_bits: int | None) -> float:
@@ -327,6 +193,52 @@ def _reason(state: JobState) -> str:
     return "never" if state.last_success is None else "due"
 
 
+@dataclass
+class Occupancy:
+    """What runs now, counted the way every limit reads it: jobs per host, per source, maintenance per host, in all.
+
+    Built from the running jobs (:meth:`of`), then shared by :func:`select_jobs`,
+    :func:`select_maintenance` and :func:`select_drills` in one tick, each taking what it starts.
+    """
+
+    global_limit: int
+    per_host: Counter[str] = field(default_factory=Counter)
+    per_source: Counter[str] = field(default_factory=Counter)
+    maintaining: Counter[str] = field(default_factory=Counter)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    total: int = 0
+
+    @classmethod
+    def of(cls, running: Iterable[tuple[str, str, str]], global_limit: int) -> Occupancy:
+        """From ``(kind, source, target)`` of every running job (a drill's target is the replica it reads)."""
+        occupancy = cls(global_limit)
+        for kind, source, target in running:
+            occupancy.take(kind, source, target)
+        return occupancy
+
+    @property
+    def full(self) -> bool:
+        return self.total >= self.global_limit
+
+    def admits(self, host: Node, source: str, *, max_per_source: int | None = None, maintenance: bool = False) -> bool:
+        """Whether a job of ``source`` on ``host`` fits: the host's ``max_concurrent``, one maintenance
+        job per host, ``max_per_source`` jobs per source (when given), and the global limit."""
+        assert host.storage is not None
+        if self.full or self.per_host[host.name] >= host.storage.max_concurrent:
+            return False
+        if max_per_source is not None and self.per_source[source] >= max_per_source:
+            return False
+        return not (maintenance and self.maintaining[host.name] >= MAINTENANCE_PER_HOST)
+
+    def take(self, kind: str, source: str, target: str) -> None:
+        self.total += 1
+        self.per_host[target] += 1
+        self.per_source[source] += 1
+        self.pairs.add((source, target))
+        if kind == "maintenance":
+            self.maintaining[target] += 1
+
+
 def select_jobs(
     federation: Federation,
     placements: Mapping[str, Sequence[str]],
@@ -337,8 +249,9 @@ def select_jobs(
     global_limit: int = 4,
     sizes: Mapping[str, int] | None = None,
     max_per_source: int | None = None,
+    occupancy: Occupancy | None = None,
 ) -> list[Job]:
-    """The jobs to start at ``now``, in the order to start them.
+    """The backups to start at ``now``, in the order to start them.
 
     ``placements`` maps each source to its targets; ``states`` maps
     ``(source, target)`` to its history (a missing entry means never tried);
@@ -349,22 +262,32 @@ def select_jobs(
     Candidates are taken most overdue first, then longest estimated duration
     (size over the target's bandwidth), then by source and target name, while
     the limits allow: at most ``storage.max_concurrent`` running jobs per target
-    host and ``global_limit`` in all (running states count), at most
-    ``max_per_source`` per source when given, and never twice the same source ×
-    target. A candidate over a limit is not selected now; it stays due.
-    Sources without a placement, and targets that are not hosts of the
-    federation, are ignored.
+    host and ``global_limit`` in all, at most ``max_per_source`` per source when
+    given, and never twice the same source × target. What runs is ``occupancy``
+    (taken from as jobs are selected) or, without one, the running ``states``.
+    A candidate over a limit is not selected now; it stays due. Sources without
+    a placement, and targets that are not hosts of the federation, are ignored.
     """
-    now = _utc(now, "now")
+    now = as_utc(now, "now")
     hosts = {node.name: node for node in federation.hosts()}
-    per_target: Counter[str] = Counter()
-    per_source: Counter[str] = Counter()
-    for (source_name, target_name), state in states.items():
-        if state.running:
-            per_target[target_name] += 1
-            per_source[source_name] += 1
-    running = sum(per_target.values())
+    if occupancy is None:
+        occupancy = Occupancy.of((("backup", s, t) for (s, t), state in states.items() if state.running), global_limit)
+    candidates = _due_backups(federation, hosts, placements, states, now, tz, sizes)
+    selected: list[Job] = []
+    for job in candidates:
+        if occupancy.full:
+            break
+        if occupancy.admits(hosts[job.target], job.source, max_per_source=max_per_source):
+            selected.append(job)
+            occupancy.take("backup", job.source, job.target)
+    return selected
 
+
+def _due_backups(
+    federation: Federation, hosts: Mapping[str, Node], placements: Mapping[str, Sequence[str]],
+    states: Mapping[tuple[str, str], JobState], now: dt.datetime, tz: ZoneInfo, sizes: Mapping[str, int] | None,
+) -> list[Job]:
+    """The replicas whose backup is due at ``now`` inside their window, in the order to start them."""
     candidates: list[Job] = []
     for node in sorted(federation.sources(), key=lambda n: n.name):
         backup = node.backup
@@ -385,22 +308,112 @@ def select_jobs(
             estimate = estimate_seconds(size, host.storage.bandwidth)
             candidates.append(Job(node.name, target, _reason(state), due, estimate))
     candidates.sort(key=lambda job: (job.due, -job.estimated_seconds, job.source, job.target))
+    return candidates
 
-    selected: list[Job] = []
-    for job in candidates:
-        if running >= global_limit:
+
+# --------------------------------------------------------------- maintenance and drills
+
+
+def maintenance_due(backup: Backup, backups: PairSummary | None, checks: PairSummary | None) -> float | None:
+    """When the next maintenance job of one replica is due (epoch), or None before its first backup.
+
+    ``check_every`` after the last successful check (after the first successful
+    backup when never checked); after failed checks, no earlier than the retry
+    back-off of :func:`retry_delay`.
+    """
+    if backups is None or backups.first_success is None:
+        return None
+    base = checks.last_success if checks is not None and checks.last_success is not None else backups.first_success
+    due = base + backup.check_every
+    if checks is not None and checks.failures and checks.last_attempt is not None:
+        due = max(due, checks.last_attempt + retry_delay(checks.failures))
+    return due
+
+
+def select_maintenance(
+    federation: Federation, placements: Mapping[str, Sequence[str]], backups: Mapping[tuple[str, str], PairSummary],
+    checks: Mapping[tuple[str, str], PairSummary], occupancy: Occupancy, now: dt.datetime, tz: ZoneInfo,
+) -> list[tuple[str, str]]:
+    """Replicas whose maintenance (check, then guarded compaction) starts now, most overdue first.
+
+    Due per :func:`maintenance_due`; only while the source's window is closed and does not open within
+    :data:`WINDOW_MARGIN`; at most one per source, one maintenance job per host, within the host's
+    ``max_concurrent`` and the global limit (``occupancy``, taken from).
+    """
+    stamp = now.timestamp()
+    candidates = []
+    for source, targets in placements.items():
+        backup = federation.node(source).backup
+        if backup is None or not clear_of_window(backup, tz, now, WINDOW_MARGIN):
+            continue
+        for target in targets:
+            due = maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
+            if due is not None and due <= stamp:
+                candidates.append((due, source, target))
+    chosen = []
+    for _due, source, target in sorted(candidates):
+        if occupancy.full:
             break
-        storage = hosts[job.target].storage
-        assert storage is not None
-        if per_target[job.target] >= storage.max_concurrent:
+        host = federation.node(target)
+        if host.storage is None or (source, target) in occupancy.pairs:
             continue
-        if max_per_source is not None and per_source[job.source] >= max_per_source:
+        if occupancy.admits(host, source, max_per_source=1, maintenance=True):
+            chosen.append((source, target))
+            occupancy.take("maintenance", source, target)
+    return chosen
+
+
+def select_drills(
+    federation: Federation, due: Sequence[str], replica: Callable[[str], str], occupancy: Occupancy,
+    now: dt.datetime, tz: ZoneInfo,
+) -> list[tuple[str, str]]:
+    """(source, replica read) of the restore drills that start now, among the sources ``due``, in that order.
+
+    Only for a source with no job running whose window is closed and does not open within
+    :data:`WINDOW_MARGIN`; a drill counts against the replica's host (``replica(source)``, "" when
+    none) and the global limit.
+    """
+    chosen = []
+    for source in due:
+        if occupancy.full:
+            break
+        backup = federation.node(source).backup
+        if occupancy.per_source[source] or backup is None or not clear_of_window(backup, tz, now, WINDOW_MARGIN):
             continue
-        selected.append(job)
-        running += 1
-        per_target[job.target] += 1
-        per_source[job.source] += 1
-    return selected
+        target = replica(source)
+        host = federation.node(target) if target else None
+        if host is not None and host.storage is not None and not occupancy.admits(host, source):
+            continue
+        chosen.append((source, target))
+        occupancy.take("drill", source, target)
+    return chosen
+
+
+def maintenance_wakeup(
+    federation: Federation, placements: Mapping[str, Sequence[str]], backups: Mapping[tuple[str, str], PairSummary],
+    checks: Mapping[tuple[str, str], PairSummary], busy: Collection[tuple[str, str]], now: dt.datetime, tz: ZoneInfo,
+) -> dt.datetime | None:
+    """The earliest instant after ``now`` at which an idle replica's maintenance becomes due outside its window."""
+    wake: dt.datetime | None = None
+    for source, targets in placements.items():
+        backup = federation.node(source).backup
+        if backup is None:
+            continue
+        for target in targets:
+            if (source, target) in busy:
+                continue
+            due = maintenance_due(backup, backups.get((source, target)), checks.get((source, target)))
+            if due is None:
+                continue
+            when = max(now, dt.datetime.fromtimestamp(due, UTC))
+            if not window_closed(backup, tz, when):
+                occurrence = occurrence_containing(backup.window, tz, when) if backup.window else None
+                if occurrence is None:
+                    continue
+                when = occurrence.end
+            if when > now and (wake is None or when < wake):
+                wake = when
+    return wake
 
 
 def next_wakeup(
@@ -419,7 +432,7 @@ def next_wakeup(
     :func:`select_jobs` returns nothing new between ``now`` and this instant.
     None when nothing is scheduled.
     """
-    now = _utc(now, "now")
+    now = as_utc(now, "now")
     hosts = {node.name for node in federation.hosts()}
     earliest: dt.datetime | None = None
     for node in federation.sources():

@@ -60,6 +60,7 @@ from mutualbackup.report.prometheus_text import Family, format_bound, start_metr
 from mutualbackup.state.history import History
 from mutualbackup.report.ledger import Ledger, compute_ledger
 from mutualbackup.inventory.model import Federation
+from mutualbackup.plan.placement import known_placement
 from mutualbackup.state.metrics_queries import (
     DURATION_BUCKETS, Pair, ReplicaFacts, RunningRun, RunTally, RunTotals, read_drills, read_replica_facts, read_running,
 )
@@ -92,13 +93,6 @@ def replica_healthy(facts: ReplicaFacts, rpo: float, now: float) -> bool:
 
 
 # --- the families ----------------------------------------------------------------
-
-
-def known_placement(federation: Federation, placement: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
-    """``placement`` restricted to sources and hosts of ``federation``."""
-    sources = {n.name for n in federation.sources()}
-    hosts = {n.name for n in federation.hosts()}
-    return {s: tuple(t for t in targets if t in hosts) for s, targets in placement.items() if s in sources}
 
 
 def read_ledger(history: History, federation: Federation) -> Ledger:

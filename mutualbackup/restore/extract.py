@@ -28,11 +28,10 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from mutualbackup import borg
 from mutualbackup.restore import recovery_file
@@ -41,19 +40,17 @@ from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from mutualbackup.restore.recovery_file import RecoveryFile
 from mutualbackup.inventory.model import Node
+from mutualbackup.jobs.runs import RecordedRun, record_failure
+from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.restore.temporary_key import (
     Access, Delegated, EarlyGrant, GateClosed, HostGrant, authorised, expanded, new_restore_key,
     read_source_passphrase, refuse_target, remove_temporary,
 )
-from mutualbackup.report.status import FAILING_AFTER
 from mutualbackup.remote.transport import Transport
 
 log = logging.getLogger("mutualbackup.restore.extract")
 
 RESTORE_TIMEOUT = 24 * 3600
-UNREACHABLE = borg.UNREACHABLE
-REPO_KEY_MISSING = 44
-"""borg's RepoKeyNotFoundError: the repository's own key is gone (``--recovery`` imports the exported one)."""
 
 
 @dataclass(frozen=True)
@@ -82,61 +79,6 @@ class RestoreResult:
 
 
 # --- choosing a replica ---------------------------------------------------------------
-
-
-def replica_order(ctx: Context, source: str, candidates: Sequence[str]) -> list[str]:
-    """``candidates`` best first: healthy before failing, then the freshest successful backup."""
-
-    def key(target: str) -> tuple[bool, float]:
-        run = ctx.history.last_run("backup", source, target, successful=True)
-        healthy = ctx.history.consecutive_failures("backup", source, target) < FAILING_AFTER
-        return (healthy, run.started if run else 0.0)
-
-    return sorted(candidates, key=key, reverse=True)
-
-
-def choose_replica(ctx: Context, source: Node | str, requested: str | None, among: Sequence[str] | None = None) -> list[Node]:
-    """Replicas to try, best first: the requested one, else freshest healthy first.
-
-    ``among`` replaces the recorded replicas (the hosts of a recovery file).
-    """
-    name = source if isinstance(source, str) else source.name
-    if among is not None:
-        replicas = tuple(among)
-    else:
-        recorded = ctx.replicas_of(name)
-        if not recorded:
-            raise OperationFailed(f"{name} has no provisioned replica: run `mutualbackup apply` first")
-        replicas = tuple(host.name for host in ctx.replica_hosts(name))
-        if requested is not None and requested in recorded and requested not in replicas:
-            raise UsageError(f"{requested} is no longer a host in the inventory: choose another --replica "
-                             f"(replicas: {', '.join(replicas) or 'none'})")
-        if not replicas:
-            raise OperationFailed(f"none of the recorded replicas of {name} ({', '.join(recorded)}) is a host in the "
-                                  "inventory any more: run `mutualbackup apply`")
-    if requested is not None:
-        if requested not in replicas:
-            raise UsageError(f"{requested} holds no replica of {name} (replicas: {', '.join(replicas)})")
-        return [ctx.node(requested)]
-    return [ctx.node(t) for t in replica_order(ctx, name, replicas)]
-
-
-def list_archives(ctx: Context, source: Node, replica: str | None = None) -> tuple[Node, list[borg.ArchiveEntry]]:
-    """The archives of ``source`` on the chosen replica (falls back to the next when one is down)."""
-    errors = []
-    for host in choose_replica(ctx, source, replica):
-        transport = ctx.connect(source)
-        try:
-            paths = ctx.source_paths(transport, source)
-            result = transport.run(
-                borg.list_argv(source.borg, borg.repository_url(source, host)), env=borg.client_env(paths), timeout=600
-            )
-        finally:
-            transport.close()
-        if borg.succeeded(result.exit_code):
-            return host, borg.parse_list_json(result.stdout)
-        errors.append(f"{host.name}: borg list exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n{result.stderr_tail(5)}")
-    raise OperationFailed(f"cannot list the archives of {source.name}:\n" + "\n".join(errors))
 
 
 # --- restore --------------------------------------------------------------------------
@@ -405,9 +347,8 @@ class _Job:
         log.warning("%s", why)
         return why
 
-    def _record_failure(self, target: str, error: str, **fields: object) -> None:
-        run_id = self.ctx.history.start_run("restore", self.source, target)
-        self.ctx.history.finish_run(run_id, "failure", error=error, detail=self.detail, **fields)  # type: ignore[arg-type]
+    def _record_failure(self, target: str, error: str) -> None:
+        record_failure(self.ctx.history, "restore", self.source, target, error, detail=self.detail)
 
     def _pick_archive(
         self, transport: Transport, access: Access, host: Node, url: str, grant: HostGrant | None
@@ -418,7 +359,7 @@ class _Job:
         if result.exit_code == node_commands.TARGET_UNUSABLE and access.delegated is not None:
             raise OperationFailed(f"cannot create a temporary directory under {access.delegated.tmp.directory} "
                                   f"on {self.destination.name}: {result.stderr_tail(3)}")
-        if result.exit_code == REPO_KEY_MISSING and self.recovery is not None:
+        if result.exit_code == borg.REPO_KEY_MISSING and self.recovery is not None:
             self._import_key(transport, access, host, url, grant)
             result = access.run(transport, argv, timeout=600, grant=grant)
         if not borg.succeeded(result.exit_code):
@@ -463,19 +404,18 @@ class _Job:
 
         argv = borg.extract_argv(self.destination.borg, url, archive, self.paths, dry_run=self.dry_run)
         cwd = None if access.prepare is not None else "/" if self.dry_run else self.directory
-        started = time.time()
-        run_id = self.ctx.history.start_run("restore", self.source, host.name, started=started)
+        run = RecordedRun(self.ctx.history, "restore", self.source, host.name, clock=time.time, logger=None)
         log.info("restore start %s from %s into %s:%s (%s)", self.source, host.name, self.destination.name, self.directory, access.name)
         try:
             result = access.run(transport, argv, in_target=True, cwd=cwd, timeout=RESTORE_TIMEOUT, on_stderr_line=feed,
                                 grant=grant)
             refuse_target(result.exit_code, self.destination.name, self.directory, progress.tail(3))
         except GateClosed as exc:
-            self.ctx.history.finish_run(run_id, "failure", error=str(exc.cause), archive=archive, detail=self.detail)
+            run.fail(str(exc.cause), archive=archive, detail=self.detail)
             exc.recorded = True
             raise
         except MutualBackupError as exc:
-            self.ctx.history.finish_run(run_id, "failure", error=str(exc), archive=archive, detail=self.detail)
+            run.fail(str(exc), archive=archive, detail=self.detail)
             if isinstance(exc, UsageError):
                 raise
             raise _RecordedFailure(
@@ -483,28 +423,27 @@ class _Job:
                 f"{progress.files} item(s) were written before; run the restore again with --force once "
                 f"{self.destination.name} is back"
             ) from None
-        seconds = time.time() - started
-        verdict = borg.classify_exit(result.exit_code)
+        return self._verdict(run, result.exit_code, progress, host, archive, access)
+
+    def _verdict(self, run: RecordedRun, code: int, progress: ExtractProgress, host: Node, archive: str,
+                 access: Access) -> RestoreResult:
+        """Record how borg extract ended; raise when it failed (_HostUnusable: try the next replica)."""
+        seconds = time.time() - run.started
         detail = dict(self.detail, files=progress.files, bytes=progress.bytes_done, seconds=round(seconds, 3))
-        failed = verdict not in ("success", "warning")
-        if failed and result.exit_code in UNREACHABLE and progress.files == 0:
-            error = (f"{host.name}: borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n"
-                     f"{borg.error_lines(progress.tail(40))}")
-            self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive, detail=detail)
-            raise _HostUnusable(error)
-        if failed:
-            error = (f"borg extract exited {result.exit_code}: {borg.exit_hint(result.exit_code)}\n"
-                     f"{borg.error_lines(progress.tail(40))}").strip()
-            self.ctx.history.finish_run(run_id, "failure", exit_code=result.exit_code, error=error, archive=archive,
-                                        detail=detail, nfiles=progress.files, original_bytes=progress.bytes_done)
+        if not borg.succeeded(code):
+            error = (f"{host.name + ': ' if code in borg.UNREACHABLE and progress.files == 0 else ''}"
+                     f"borg extract exited {code}: {borg.exit_hint(code)}\n{borg.error_lines(progress.tail(40))}").strip()
+            if code in borg.UNREACHABLE and progress.files == 0:
+                run.fail(error, code, detail, archive=archive)
+                raise _HostUnusable(error)
+            run.fail(error, code, detail, archive=archive, nfiles=progress.files, original_bytes=progress.bytes_done)
             raise _RecordedFailure(
                 f"restore of {self.source} from {host.name} into {self.destination.name}:{self.directory} failed: {error}"
             )
+        verdict = borg.classify_exit(code)
         warnings = tuple(progress.messages) if verdict == "warning" else ()
-        self.ctx.history.finish_run(
-            run_id, verdict, exit_code=result.exit_code, archive=archive, detail=detail, nfiles=progress.files,
-            original_bytes=progress.bytes_done, error="\n".join(warnings[-15:]) or None,
-        )
+        run.succeed(detail, result=verdict, exit_code=code, archive=archive, nfiles=progress.files,
+                    original_bytes=progress.bytes_done, error="\n".join(warnings[-15:]) or None)
         log.info("restore end   %s from %s: %s, %d item(s), %.1fs", self.source, host.name, verdict, progress.files, seconds)
         return RestoreResult(
             source=self.source, replica=host.name, archive=archive, node=self.destination.name, directory=self.directory,
@@ -514,118 +453,4 @@ class _Job:
         )
 
 
-# --- for the command line --------------------------------------------------------------
 
-
-def requested_by() -> str:
-    """Who runs this command, for the history: ``user@host`` (and the sudo caller, if any)."""
-    import getpass
-    import os
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    who = f"{user}@{socket.gethostname()}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"{who} (sudo by {sudo})" if sudo and sudo != user else who
-
-
-def format_progress(progress: ExtractProgress, seconds: float) -> str:
-    """One progress line: items, bytes (of the total), rate."""
-    from mutualbackup.inventory.units import format_size
-
-    rate = progress.bytes_done / seconds if seconds > 0 else 0.0
-    total = f" of {format_size(progress.bytes_total)}" if progress.bytes_total else ""
-    return f"{progress.files} item(s)  {format_size(progress.bytes_done)}{total}  {format_size(int(rate))}/s"
-
-
-class TerminalProgress:
-    """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses.
-
-    Log lines written meanwhile to the same terminal go above it: inside
-    :meth:`beside_logs`, a log handler writing to ``stream`` erases the progress
-    line first and draws it again after (log lines come from other threads too).
-    """
-
-    def __init__(self, stream, clock: Callable[[], float] = time.monotonic) -> None:  # noqa: ANN001
-        self.stream = stream
-        self.clock = clock
-        self.started = clock()
-        self.shown = 0.0
-        self.width = 0
-        self.text = ""
-        self.lock = threading.RLock()
-
-    def __call__(self, progress: ExtractProgress) -> None:
-        now = self.clock()
-        if now - self.shown < 0.2:
-            return
-        self.shown = now
-        with self.lock:
-            self._write(format_progress(progress, now - self.started))
-
-    def _write(self, text: str) -> None:
-        self.stream.write("\r" + text.ljust(self.width))
-        self.width = len(text)
-        self.text = text
-        self.stream.flush()
-
-    def _erase(self) -> None:
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.width = 0
-
-    def write_above(self, text: str) -> None:
-        """Write ``text`` (whole lines) where the progress line is, then draw the progress line again."""
-        with self.lock:
-            self._erase()
-            self.stream.write(text)
-            if self.text and text.endswith("\n"):
-                self._write(self.text)
-            else:
-                self.stream.flush()
-
-    @contextlib.contextmanager
-    def beside_logs(self, logger: logging.Logger | None = None) -> Iterator["TerminalProgress"]:
-        """While inside, ``logger``'s handlers (default: the root's) that write to ``stream`` write above the line.
-
-        On leaving, the progress line is erased, then the handlers get their stream back.
-        """
-        above = _Above(self)
-        swapped: list[tuple[logging.StreamHandler, object]] = []
-        for handler in (logger or logging.getLogger()).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
-                swapped.append((handler, handler.setStream(above)))  # type: ignore[arg-type]
-        try:
-            yield self
-        finally:
-            with self.lock:  # a log line from another thread waits: it must not land on an erased line's end
-                self.done()
-                for handler, stream in swapped:
-                    handler.setStream(stream)  # type: ignore[arg-type]
-
-    def done(self) -> None:
-        with self.lock:
-            if self.width:
-                self._erase()
-                self.stream.flush()
-            self.text = ""
-
-
-class _Above:
-    """The stream a log handler writes to while a progress line is shown: see :meth:`TerminalProgress.write_above`."""
-
-    def __init__(self, progress: TerminalProgress) -> None:
-        self.progress = progress
-
-    def write(self, text: str) -> int:
-        self.progress.write_above(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.progress.stream.flush()
-
-    def __getattr__(self, name: str) -> object:  # isatty, encoding, fileno...: the terminal's
-        return getattr(self.progress.stream, name)

@@ -19,66 +19,18 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from mutualbackup.errors import OperationFailed
+from mutualbackup.state.processes import run_owner_alive, this_process
+from mutualbackup.state.schema import SCHEMA
+from mutualbackup.plan.schedule import PairSummary
 
 FILENAME = "history.sqlite3"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,              -- backup, check, repo-check, prune, compact, drill, restore
-    source TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT '',
-    started REAL NOT NULL,
-    ended REAL,
-    result TEXT NOT NULL,            -- running, success, warning, failure, interrupted
-    exit_code INTEGER,
-    archive TEXT,
-    original_bytes INTEGER,
-    compressed_bytes INTEGER,
-    deduplicated_bytes INTEGER,
-    repository_bytes INTEGER,
-    nfiles INTEGER,
-    error TEXT,
-    pid INTEGER,
-    detail TEXT,                     -- JSON: anything else worth keeping
-    owner TEXT                       -- the process that runs it: PID:START (see process_identity); NULL in old rows
-);
-CREATE INDEX IF NOT EXISTS runs_by_job ON runs (kind, source, target, started);
--- the few runs in progress (metrics: jobs running, and where the incremental totals stop)
-CREATE INDEX IF NOT EXISTS runs_running ON runs (id) WHERE result = 'running';
-CREATE TABLE IF NOT EXISTS replicas (
-    source TEXT NOT NULL,
-    target TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (source, target)
-);
-CREATE TABLE IF NOT EXISTS archives (
-    source TEXT NOT NULL,
-    target TEXT NOT NULL,
-    name TEXT NOT NULL,
-    created REAL NOT NULL,           -- the archive's own time (UTC epoch)
-    seen REAL NOT NULL,              -- when the coordinator first saw it
-    pruned REAL,                     -- when the coordinator's prune removed it
-    archive_id TEXT,                 -- borg's archive id when first seen (NULL: not known yet)
-    PRIMARY KEY (source, target, name)
-);
-CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    source TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT '',
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-"""
 
 SUCCESSFUL = ("success", "warning")
 
@@ -111,17 +63,6 @@ class Run:
     @property
     def duration(self) -> float | None:
         return None if self.ended is None else self.ended - self.started
-
-
-@dataclass(frozen=True)
-class PairSummary:
-    """Runs of one kind for one source x target, as the scheduler sees them (epoch seconds)."""
-
-    last_success: float | None
-    first_success: float | None
-    last_attempt: float | None  # the last finished run that was not interrupted
-    last_success_end: float | None
-    failures: int  # failed runs since the last success (interrupted ones not counted)
 
 
 class History:
@@ -453,63 +394,3 @@ def _loads(detail: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat``); None when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()  # field 22 of proc(5); fields[0] is field 3
-    except (OSError, IndexError):
-        return None
-
-
-def process_identity(pid: int) -> str | None:
-    """``PID:START`` of a live process ``pid`` (None when its start time cannot be read)."""
-    start = process_start(pid)
-    return None if start is None else f"{pid}:{start}"
-
-
-_THIS_PROCESS: tuple[int, str] | None = None
-
-
-def this_process() -> str:
-    """This process's identity, recorded with each run it starts: ``PID:START``, or ``PID:uuid``
-    where ``/proc`` cannot tell (computed again after a fork)."""
-    global _THIS_PROCESS
-    pid = os.getpid()
-    if _THIS_PROCESS is None or _THIS_PROCESS[0] != pid:
-        _THIS_PROCESS = (pid, process_identity(pid) or f"{pid}:{uuid.uuid4().hex}")
-    return _THIS_PROCESS[1]
-
-
-def run_owner_alive(run: Run) -> bool:
-    """Whether the process that started ``run`` is still alive (True for this process's own runs).
-
-    Another process with the same pid (a container's daemon is PID 1 at every start; a reused
-    pid) is not the owner: the start times differ. Old rows without ``owner`` are judged by
-    pid, except that this process's pid is not this process (it never wrote such a row).
-    """
-    mine = this_process()
-    if run.owner == mine:
-        return True
-    if run.pid is None or run.pid == os.getpid() or not pid_alive(run.pid):
-        return False
-    if run.owner is None:
-        return True
-    pid, _, start = run.owner.partition(":")
-    if start.isdigit():  # a /proc start time: compare it
-        return process_start(int(pid)) == start if pid.isdigit() else False
-    return True  # recorded without /proc (a uuid): cannot tell, so alive
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether ``pid`` is a live process on this (the coordinator's) machine."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

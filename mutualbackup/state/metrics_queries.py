@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from mutualbackup.state.history import pid_alive
+from mutualbackup.state.processes import pid_alive
 
 # Upper bounds of the backup duration histogram, in seconds.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)

@@ -1,0 +1,125 @@
+"""On an operator's terminal: a progress line that log lines go above, and who is at the keyboard."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Callable, Iterator
+
+from mutualbackup.borg import ExtractProgress
+
+
+def requested_by() -> str:
+    """Who runs this command, for the history: ``user@host`` (and the sudo caller, if any)."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    who = f"{user}@{socket.gethostname()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{who} (sudo by {sudo})" if sudo and sudo != user else who
+
+
+def format_progress(progress: ExtractProgress, seconds: float) -> str:
+    """One progress line: items, bytes (of the total), rate."""
+    from mutualbackup.inventory.units import format_size
+
+    rate = progress.bytes_done / seconds if seconds > 0 else 0.0
+    total = f" of {format_size(progress.bytes_total)}" if progress.bytes_total else ""
+    return f"{progress.files} item(s)  {format_size(progress.bytes_done)}{total}  {format_size(int(rate))}/s"
+
+
+class TerminalProgress:
+    """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses.
+
+    Log lines written meanwhile to the same terminal go above it: inside
+    :meth:`beside_logs`, a log handler writing to ``stream`` erases the progress
+    line first and draws it again after (log lines come from other threads too).
+    """
+
+    def __init__(self, stream, clock: Callable[[], float] = time.monotonic) -> None:  # noqa: ANN001
+        self.stream = stream
+        self.clock = clock
+        self.started = clock()
+        self.shown = 0.0
+        self.width = 0
+        self.text = ""
+        self.lock = threading.RLock()
+
+    def __call__(self, progress: ExtractProgress) -> None:
+        now = self.clock()
+        if now - self.shown < 0.2:
+            return
+        self.shown = now
+        with self.lock:
+            self._write(format_progress(progress, now - self.started))
+
+    def _write(self, text: str) -> None:
+        self.stream.write("\r" + text.ljust(self.width))
+        self.width = len(text)
+        self.text = text
+        self.stream.flush()
+
+    def _erase(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.width = 0
+
+    def write_above(self, text: str) -> None:
+        """Write ``text`` (whole lines) where the progress line is, then draw the progress line again."""
+        with self.lock:
+            self._erase()
+            self.stream.write(text)
+            if self.text and text.endswith("\n"):
+                self._write(self.text)
+            else:
+                self.stream.flush()
+
+    @contextlib.contextmanager
+    def beside_logs(self, logger: logging.Logger | None = None) -> Iterator["TerminalProgress"]:
+        """While inside, ``logger``'s handlers (default: the root's) that write to ``stream`` write above the line.
+
+        On leaving, the progress line is erased, then the handlers get their stream back.
+        """
+        above = _Above(self)
+        swapped: list[tuple[logging.StreamHandler, object]] = []
+        for handler in (logger or logging.getLogger()).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
+                swapped.append((handler, handler.setStream(above)))  # type: ignore[arg-type]
+        try:
+            yield self
+        finally:
+            with self.lock:  # a log line from another thread waits: it must not land on an erased line's end
+                self.done()
+                for handler, stream in swapped:
+                    handler.setStream(stream)  # type: ignore[arg-type]
+
+    def done(self) -> None:
+        with self.lock:
+            if self.width:
+                self._erase()
+                self.stream.flush()
+            self.text = ""
+
+
+class _Above:
+    """The stream a log handler writes to while a progress line is shown: see :meth:`TerminalProgress.write_above`."""
+
+    def __init__(self, progress: TerminalProgress) -> None:
+        self.progress = progress
+
+    def write(self, text: str) -> int:
+        self.progress.write_above(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.progress.stream.flush()
+
+    def __getattr__(self, name: str) -> object:  # isatty, encoding, fileno...: the terminal's
+        return getattr(self.progress.stream, name)
