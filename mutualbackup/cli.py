@@ -18,12 +18,14 @@ from typing import Sequence
 
 from mutualbackup import __version__
 from mutualbackup.context import Context, require_placeable, ssh_connector
+from mutualbackup.report.text import (
+    print_backup, print_drills, print_ledger, print_plan, print_restore, print_status, print_verify,
+)
 from mutualbackup.errors import InventoryError, MutualBackupError, UsageError
 from mutualbackup.state.history import History
 from mutualbackup.inventory.load import load_inventory
 from mutualbackup.inventory.model import Federation
 from mutualbackup.plan.placement import diff, place
-from mutualbackup.inventory.units import format_duration, format_size
 
 log = logging.getLogger("mutualbackup")
 
@@ -166,21 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "changes": [{"change": c.kind, "source": c.source, "target": c.target, "previous": c.previous or None} for c in changes],
         }, indent=2))
         return 0
-    width = max((len(s) for s in ctx.placement.replicas), default=6)
-    for source, hosts in sorted(ctx.placement.replicas.items()):
-        print(f"{source:<{width}}  → {', '.join(hosts)}")
-    print()
-    for host in ctx.federation.hosts():
-        assert host.storage is not None
-        used = ctx.placement.used.get(host.name, 0)
-        print(f"{host.name:<{width}}  {format_size(used)} of {format_size(host.storage.capacity)} placed")
-    print()
-    if not changes:
-        print("no change against the state")
-    for c in changes:
-        symbol = {"+": "+", "-": "−", "~": "~"}[c.kind]
-        extra = f" (from {c.previous})" if c.previous else ""
-        print(f"{symbol} {c.source} → {c.target}{extra}")
+    print_plan(ctx.federation, ctx.placement, changes)
     return 0
 
 
@@ -219,24 +207,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             outcome = run_backup(ctx, source, target)
             outcomes.append(outcome)
             if not args.json:
-                _print_outcome(outcome)
+                print_backup(outcome)
     if args.replica and not [o for o in outcomes if o is not None]:
         raise UsageError(f"{args.replica} holds no replica of the named source(s)")
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes if o is not None], indent=2))
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
-
-
-def _print_outcome(o) -> None:
-    if o.ok:
-        size = f"{format_size(o.original_bytes or 0)} read, {format_size(o.deduplicated_bytes or 0)} new"
-        print(f"{o.source} → {o.target}  {o.result:<7}  {o.archive}  {size}  {o.duration:.1f}s")
-        if o.result == "warning":
-            print(f"  warning: {o.error}")
-    else:
-        print(f"{o.source} → {o.target}  FAILED  {o.duration:.1f}s", file=sys.stderr)
-        for line in (o.error or "").splitlines():
-            print(f"  {line}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -251,29 +227,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_status(rows, now)
     failed_drill = any(r.drill_state == "failed" for r in rows)
     return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill else 1
-
-
-def print_status(rows, now: float) -> None:  # noqa: ANN001
-    """The human form of ``status``: one line per source × replica, then one per source's drill."""
-    ws = max((len(r.source) for r in rows), default=6)
-    wt = max((len(r.target) for r in rows), default=6)
-    for r in rows:
-        age = format_duration(r.age_seconds) + " ago" if r.age_seconds is not None else "-"
-        print(f"{r.source:<{ws}}  {r.target:<{wt}}  {r.state:<7}  {age}")
-        if r.last_error and r.state != "ok":
-            print(f"    last error: {r.last_error.splitlines()[0]}")
-        if r.unreadable_files:
-            more = ", …" if r.unreadable_files > len(r.unreadable_paths) else ""
-            print(f"    warning: {r.unreadable_files} file(s) could not be read and are not in the archive: "
-                  f"{', '.join(r.unreadable_paths)}{more}")
-    drills = {r.source: r for r in rows}
-    if drills:
-        print()
-    for r in drills.values():
-        when = format_duration(now - r.last_drill_success) + " ago" if r.last_drill_success else "never"
-        print(f"{r.source:<{ws}}  drill  {r.drill_state:<7}  last success {when}")
-        if r.drill_error:
-            print(f"    drill error: {r.drill_error.splitlines()[0]}")
 
 
 def cmd_archives(args: argparse.Namespace) -> int:
@@ -319,19 +272,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        verb = "would restore" if result.dry_run else "restored"
-        print(f"{verb} {result.archive} of {result.source} from {result.replica} into {result.node}:{result.directory}")
-        print(f"  {format_progress_summary(result)}")
-        for line in result.listed:
-            print(f"  {line}")
-        for line in result.warnings:
-            print(f"  warning: {line}")
+        print_restore(result)
     return 0
-
-
-def format_progress_summary(result) -> str:  # noqa: ANN001
-    rate = f"{format_size(int(result.bytes / result.seconds))}/s" if result.seconds > 0 else "-"
-    return f"{result.files} item(s), {format_size(result.bytes)} in {result.seconds:.1f}s ({rate}), {result.access}"
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
@@ -342,14 +284,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
     outcomes = [run_drill(ctx, source) for source in sources]
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes], indent=2))
-    for o in outcomes if not args.json else ():
-        if o.ok:
-            print(f"{o.source} on {o.target}  drill ok  {o.archive}  {o.files} file(s), {format_size(o.bytes)} "
-                  f"from {o.top_level}; {o.live_checked} compared with the live files  {o.duration:.1f}s")
-        else:
-            print(f"{o.source} on {o.target or '-'}  drill FAILED  {o.duration:.1f}s", file=sys.stderr)
-            for line in (o.error or "").splitlines():
-                print(f"  {line}", file=sys.stderr)
+    else:
+        print_drills(outcomes)
     return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
@@ -368,14 +304,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from mutualbackup.daemon import run_daemon
+    from mutualbackup.service import run_daemon
 
     federation = load(args)
     return run_daemon(args, federation)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mutualbackup.jobs.maintenance import print_verify, verify
+    from mutualbackup.jobs.maintenance import verify
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
@@ -390,12 +326,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(ledger.to_json(), indent=2))
         return 0
-    header = ("member", "capacity lent", "used by others", "used elsewhere", "balance")
-    rows = [(m.member, format_size(m.capacity_bytes), format_size(m.lent_bytes), format_size(m.consumed_bytes),
-             ("+" if m.balance_bytes > 0 else "") + format_size(m.balance_bytes)) for m in ledger.members]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]).rstrip())
+    print_ledger(ledger)
     return 0
 
 

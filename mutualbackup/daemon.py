@@ -1,42 +1,24 @@
-"""``mutualbackup daemon``: the scheduler loop, the jobs and the /metrics server.
+"""The scheduler loop of ``mutualbackup daemon``: what to start (pure, :mod:`~mutualbackup.plan.schedule`),
+each job in its own thread (kinds dispatched from :data:`JOB_KINDS`), and a graceful stop.
 
-Each tick (and whenever a job ends): reload the inventory if its files changed
-(an invalid one is reported through ``mutualbackup_inventory_valid`` and the
-last valid one stays in use), reap finished jobs, ask
-:func:`schedule.select_jobs` which backups to start now, then start due
-maintenance jobs with the capacity left. Each job runs in its own thread:
+Each tick (and whenever a job ends): reload the inventory if its files changed (an invalid one
+is reported through ``mutualbackup_inventory_valid``; the last valid one stays in use), reap
+finished jobs, then start the due backups, maintenance and drills within the limits. A job whose
+replica's last run failed or was interrupted first cleans up what that run left
+(:func:`~mutualbackup.jobs.crash_cleanup.clean_up_pair`); a replica held by a live
+``mutualbackup run`` is skipped and tried again after :data:`BUSY_RETRY`. A job's failure is
+recorded by the job and never stops the loop.
 
-- **backup**: :func:`backup.run_backup`, then (on success) :func:`maintenance.prune_replica`;
-- **maintenance**: :func:`maintenance.check_replica`, then guarded
-  :func:`maintenance.compact_replica`, every ``check_every``, only while the
-  source's window is closed and does not open within the hour;
-- **drill**: :func:`drill.run_drill` when :func:`drill.drills_due` says so, for a
-  source with no other job running and whose window does not open within the
-  hour; it occupies the replica it reads from (no backup of the source starts meanwhile).
-
-Limits: a replica (source x host) runs one job at a time; a source runs one
-job at a time (its ``before:`` commands never run twice at once); a host runs
-at most ``storage.max_concurrent`` jobs and at most one maintenance job; the
-daemon runs at most ``global_limit`` jobs. A job over a limit waits. A job
-whose replica's last run failed or was interrupted first cleans up what that
-run left (:func:`recovery.clean_up_pair`). A job failure is recorded by the job
-and never stops the loop.
-
-A replica held by a live ``mutualbackup run`` is skipped (not a failure) and tried
-again after :data:`BUSY_RETRY`.
-
-SIGTERM (or SIGINT): stop starting jobs (nor a job's next step: prune, compaction), let running ones finish for up to the
-grace period, then abort what is left (SIGINT to the remote borg through a new
-connection, which keeps a checkpoint, then SIGTERM), record those runs
-``interrupted``, and exit 0 within the grace period.
+SIGTERM (or SIGINT): start nothing more (nor a job's next step: prune, compaction), let running
+jobs finish for up to the grace period, then abort what is left (SIGINT to the remote borg through
+a new connection, which keeps a checkpoint, then SIGTERM), record those runs ``interrupted``, and
+exit 0 within the grace period. The service around the loop is :mod:`~mutualbackup.service`.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,14 +30,13 @@ from zoneinfo import ZoneInfo
 from mutualbackup.jobs import maintenance
 from mutualbackup.plan import schedule
 from mutualbackup.jobs.backup import run_backup
-from mutualbackup.context import Context, require_placeable, ssh_connector
-from mutualbackup.errors import MutualBackupError, OperationFailed
-from mutualbackup.state.history import History, PairSummary
+from mutualbackup.context import Context, require_placeable
+from mutualbackup.errors import MutualBackupError
+from mutualbackup.plan.due import JobState, PairSummary
 from mutualbackup.inventory.load import load_inventory
-from mutualbackup.report.metrics import MetricsSource, start_metrics_server
-from mutualbackup.inventory.model import Federation
+from mutualbackup.report.metrics import MetricsSource
 from mutualbackup.jobs.crash_cleanup import clean_up_pair
-from mutualbackup.jobs import drill
+from mutualbackup.jobs import drill, prune
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.remote.supervision import JobControl, stop_remote
@@ -154,7 +135,7 @@ class Daemon:
         stamp = self.clock()
         return {pair for pair, until in self._busy_until.items() if until > stamp}
 
-    def job_states(self, summaries: dict[tuple[str, str], PairSummary] | None = None) -> dict[tuple[str, str], schedule.JobState]:
+    def job_states(self, summaries: dict[tuple[str, str], PairSummary] | None = None) -> dict[tuple[str, str], JobState]:
         """What select_jobs needs per replica; any running job (backup, maintenance, or a drill reading
         from it) occupies it, and so does a replica another live coordinator process holds."""
         if summaries is None:
@@ -164,7 +145,7 @@ class Daemon:
         for source, targets in self._placement().items():
             for target in targets:
                 summary = summaries.get((source, target))
-                states[(source, target)] = schedule.JobState(
+                states[(source, target)] = JobState(
                     source=source,
                     target=target,
                     last_success=_utc(summary.last_success) if summary and summary.last_success else None,
@@ -296,7 +277,7 @@ class Daemon:
                              clock=self.clock, control=job.control)
         assert source.backup is not None
         if outcome.ok and not self._stopping(job) and source.backup.retention.prune_flags():
-            maintenance.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
+            prune.prune_replica(ctx, source, host, clock=self.clock, control=job.control)
 
     def _maintenance_job(self, job: RunningJob, estimate: float) -> None:
         """The check, then (when it passed, and the daemon is not stopping) the guarded compaction."""
@@ -407,35 +388,6 @@ JOB_KINDS: dict[str, tuple[Callable[[Daemon, RunningJob, float], None], bool]] =
     "drill": (Daemon._drill_job, False),
 }
 """Each job kind: what its thread runs, and whether a bad last run of its replica is cleaned up first."""
-
-
-def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
-    state = getattr(args, "state", None) or federation.coordinator.state
-    history = History(state)
-    ctx = Context(federation, history, ssh_connector(federation))
-    require_placeable(federation, ctx.placement)
-    for run in history.mark_interrupted():
-        log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
-    daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
-    address, port = federation.coordinator.metrics_address
-    try:
-        server, _thread = start_metrics_server(address, port, daemon.metrics)
-    except OSError as exc:
-        raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
-    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
-             len(federation.sources()), address, port, daemon.grace)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        daemon.stop.set()
-        daemon.wake.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return daemon.serve()
-    finally:
-        server.shutdown()
 
 
 def _stamp(directory: str) -> tuple[tuple[str, float], ...]:

@@ -140,6 +140,8 @@ class FakeWorld:
         self.rules: list[Rule] = []
         self.calls: list[Call] = []
         self.unreachable: set[str] = set()
+        self.local = False  # True: commands and files are run and kept on this machine, as on a real node
+        self.modes: dict[tuple[str, str], int] = {}
         self.duration: Callable[[str, str], float] = lambda source, target: 600.0
         self._lock = threading.Lock()
         self._by_address = {(n.address, n.port): n for n in federation.nodes()}
@@ -322,12 +324,17 @@ class FakeTransport:
     ) -> Result:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+        if self.world.local:
+            return run_locally(self.node.name, tuple(argv), env, stdin, cwd, timeout, on_stderr_line)
         stdin_bytes(stdin)  # read it all, as the command would
         inner, pidfile, _run_id = supervision.unwrap(argv)
         start = self.world.clock.time()
         result = self.world.answer(self.node, inner, timeout)
         with self.world._lock:
             self.world.calls.append(Call(self.node.name, inner, start, self.world.clock.time(), result.exit_code, pidfile, timeout))
+        if on_stderr_line is not None:
+            for line in result.stderr.decode("utf-8", "replace").splitlines():
+                on_stderr_line(line.rstrip("\r"))
         return Result(tuple(argv), result.exit_code, result.stdout, result.stderr)
 
     def connect(self) -> None:
@@ -335,16 +342,137 @@ class FakeTransport:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
 
     def home(self) -> str:
+        if self.world.local:
+            import os
+
+            return os.path.expanduser("~")
         return HOME
 
     def read_file(self, path: str) -> bytes | None:
+        if self.world.local:
+            return read_locally(self.node.name, path)
         return self.world.files.get((self.node.name, path))
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        if self.world.local:
+            write_locally(self.node.name, path, data, mode)
+            return
         self.world.files[(self.node.name, path)] = data
+        self.world.modes[(self.node.name, path)] = mode
 
     def close(self) -> None:
         self.closed = True
+
+
+def run_locally(
+    node: str, argv: tuple[str, ...], env: Mapping[str, str] | None, stdin: bytes | Iterable[bytes] | None,
+    cwd: str | None, timeout: float | None, on_stderr_line: Callable[[str], None] | None,
+) -> Result:
+    """``argv`` run on this machine the way SSHTransport runs it on a node: ``env`` added to the
+    environment, in ``cwd``, stdin streamed then closed, stderr lines handed over as they come,
+    -1 with a note on a timeout, 128 + N when killed by signal N."""
+    import os
+    import signal
+    import subprocess
+
+    merged = {**os.environ, **(env or {})}
+    try:
+        process = subprocess.Popen(argv, env=merged, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as error:
+        return Result(argv, 127, b"", f"{argv[0]}: {error.strerror}\n".encode())
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            for chunk in (stdin or b"",) if isinstance(stdin, (bytes, type(None))) else stdin:
+                process.stdin.write(chunk)  # type: ignore[union-attr]
+                process.stdin.flush()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            try:
+                process.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+    def read_out() -> None:
+        out.append(process.stdout.read())  # type: ignore[union-attr]
+
+    def read_err() -> None:
+        pending = b""
+        while chunk := process.stderr.read1(65536):  # type: ignore[union-attr]
+            err.append(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if on_stderr_line is not None:
+                    on_stderr_line(line.rstrip(b"\r").decode("utf-8", "replace"))
+        if pending and on_stderr_line is not None:
+            on_stderr_line(pending.rstrip(b"\r").decode("utf-8", "replace"))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out)]
+    for thread in threads:
+        thread.start()
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    note = b""
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        code = -1
+        note = f"mutualbackup: {node}: timed out after {timeout:g}s\n".encode()
+    reader.join()  # in this thread: the callback runs here before run returns, as SSHTransport does
+    for thread in threads:
+        thread.join(timeout=5)
+    if code < -1:
+        code = 128 - code
+    stderr = b"".join(err)
+    if note and stderr and not stderr.endswith(b"\n"):
+        stderr += b"\n"
+    return Result(argv, code, b"".join(out), stderr + note)
+
+
+def read_locally(node: str, path: str) -> bytes | None:
+    """SSHTransport.read_file's meaning on this machine: None when missing, OperationFailed when unreadable."""
+    from mutualbackup.errors import OperationFailed
+
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise OperationFailed(f"cannot read {path} on {node}: {error.strerror}") from None
+
+
+def write_locally(node: str, path: str, data: bytes, mode: int) -> None:
+    """SSHTransport.write_file's meaning on this machine: parents made 0700, a temporary file, then a rename."""
+    import os
+    import tempfile
+
+    from mutualbackup.errors import OperationFailed
+
+    directory = os.path.dirname(path) or "."
+    try:
+        missing = []
+        parent = directory
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for made in reversed(missing):  # private, like the node's umask 077 makes them
+            os.mkdir(made, 0o700)
+            os.chmod(made, 0o700)
+        fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=directory)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OperationFailed(f"cannot write {path} on {node}: {error.strerror}") from None
 
 
 def failing(exit_code: int, stderr: str, *, when: Callable[[Node, tuple[str, ...]], bool]) -> Rule:

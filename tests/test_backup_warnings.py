@@ -84,11 +84,11 @@ def test_a_backup_that_skipped_files_is_a_warning_with_their_count_in_status_and
 
 
 def test_status_prints_the_count_and_the_first_paths(tmp_path: Path, capsys):
-    from mutualbackup import cli
+    from mutualbackup.report import text
 
     h, source, target = harness_with_skipped_files(tmp_path)
     run_backup(h.ctx, h.federation.node(source), h.federation.node(target), clock=h.clock.time)
     rows = compute_status(h.federation, h.placement, h.history, h.clock.time())
-    cli.print_status(rows, h.clock.time())
+    text.print_status(rows, h.clock.time())
     out = capsys.readouterr().out
     assert "2 file(s) could not be read and are not in the archive: /etc/shadow, /srv/gone" in out

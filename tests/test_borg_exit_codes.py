@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mutualbackup.borg import classify_exit, exit_hint
+
+
 @pytest.mark.parametrize(
     "code, verdict",
     [

@@ -18,7 +18,7 @@ from mutualbackup.remote import supervision
 from mutualbackup.state.processes import process_identity
 from mutualbackup.report.metrics import build_registry
 from mutualbackup.inventory.model import Backup, Retention, Window
-from mutualbackup.plan.schedule import retry_delay
+from mutualbackup.plan.due import retry_delay
 from mutualbackup.report.status import compute_status
 from mutualbackup.remote.transport import Result
 
@@ -317,7 +317,8 @@ def _retention_harness(tmp_path: Path) -> Harness:
 
 
 def test_an_archive_deleted_and_recreated_under_its_name_is_refused_by_its_changed_id(tmp_path: Path) -> None:
-    from mutualbackup.jobs.maintenance import compact_replica, prune_replica
+    from mutualbackup.jobs.maintenance import compact_replica
+    from mutualbackup.jobs.prune import prune_replica
 
     h = _retention_harness(tmp_path)
     h.run_until(START + 2 * DAY + 3 * HOUR)
@@ -390,7 +391,7 @@ def test_the_host_side_check_passes_for_the_coordinators_own_writes_and_is_not_r
 
 
 def test_a_prune_that_removes_an_archive_the_retention_keeps_raises_an_alert_and_is_not_marked(tmp_path: Path) -> None:
-    from mutualbackup.jobs.maintenance import prune_replica
+    from mutualbackup.jobs.prune import prune_replica
 
     h = harness(tmp_path)
     h.run_until(START + 2 * DAY)

@@ -46,7 +46,6 @@ from labkit import alpha_beta, mb, wait_for, write_tree
 pytestmark = pytest.mark.lab
 
 
-
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")

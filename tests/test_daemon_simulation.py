@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mutualbackup.inventory.model import Backup, Retention, Window
-from mutualbackup.plan.schedule import retry_delay
+from mutualbackup.plan.due import retry_delay
 from mutualbackup.report.status import compute_status
 from mutualbackup.remote.transport import Result
 

@@ -19,7 +19,6 @@ PY_WAITS_FOR_SIGINT = (sys.executable, "-c",
                        "time.sleep(120)\n")
 
 
-
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

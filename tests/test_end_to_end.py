@@ -6,6 +6,7 @@ from the inventory alone: apply, run, status, restore.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sqlite3
 import subprocess
@@ -21,7 +22,7 @@ from lab import federation as labfed
 from lab.nodes import Lab
 from lab.federation import LabFederation
 from mutualbackup.borg import BEGIN, END
-from labkit import AWKWARD_PATH, mb, mb_json, same_tree, three_members, write_tree
+from labkit import AWKWARD_PATH, mb, mb_json, same_tree, three_members, wait_for, write_tree
 
 pytestmark = pytest.mark.lab
 
@@ -149,7 +150,8 @@ def test_restore_dry_run_writes_nothing(federation: LabFederation, tmp_path: Pat
 def test_a_second_run_creates_new_archives_that_deduplicate(federation: LabFederation) -> None:
     code, first = mb_json(federation, "archives", "ouvaton/mail1")
     assert code == 0
-    time.sleep(1.1)  # archive names carry the second
+    newest = max(dt.datetime.fromisoformat(a["time"]).timestamp() for a in first["archives"])
+    wait_for(lambda: time.time() >= int(newest) + 1, what="the next second (archive names carry the second)")
     code, outcomes = mb_json(federation, "run", "ouvaton/mail1")
     assert code == 0
     assert len(outcomes) == 2

@@ -53,7 +53,6 @@ def command_name(pid: int) -> str | None:
         return None
 
 
-
 def busy_tree(lab: Lab, node: LabNode, pool: concurrent.futures.Executor) -> tuple[concurrent.futures.Future, dict[int, int]]:
     """Start a long command on ``node``; once it runs, the node's processes with their start times."""
     transport = SSHTransport(node.as_node(), str(lab.coordinator_key))

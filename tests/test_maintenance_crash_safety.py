@@ -14,7 +14,8 @@ from mutualbackup.jobs.backup import run_backup
 from mutualbackup.plan.compaction_rules import UNCERTAIN_END_CAP, run_window
 from mutualbackup.state.history import History, Run
 from mutualbackup.state.processes import process_identity, run_owner_alive
-from mutualbackup.jobs.maintenance import check_replica, prune_replica
+from mutualbackup.jobs.maintenance import check_replica
+from mutualbackup.jobs.prune import prune_replica
 from mutualbackup.inventory.model import Backup, Retention
 from mutualbackup.jobs.crash_cleanup import host_role, clean_up_pair, source_role
 from mutualbackup.remote.transport import Result

@@ -24,7 +24,8 @@ from mutualbackup.state.history import History
 from mutualbackup.inventory.load import load_inventory
 from lab.nodes import Lab
 from lab.federation import LabFederation
-from mutualbackup.jobs.maintenance import check_replica, compact_replica, prune_replica
+from mutualbackup.jobs.maintenance import check_replica, compact_replica
+from mutualbackup.jobs.prune import prune_replica
 from mutualbackup.jobs.crash_cleanup import clean_up_pair
 
 from labkit import alpha_beta, mb

@@ -8,10 +8,10 @@ import pytest
 from mutualbackup.borg import LockHolder, Transaction, parse_transactions
 from mutualbackup.daemon import job_timeout
 from mutualbackup.plan.compaction_rules import archive_changes, baseline_bytes, checked_through, foreign_transactions
-from mutualbackup.plan.schedule import PairSummary
+from mutualbackup.plan.due import PairSummary
 from mutualbackup.state.history import History, Run
-from mutualbackup.jobs.maintenance import guard_problems
-from mutualbackup.plan.schedule import maintenance_due
+from mutualbackup.plan.compaction_rules import guard_problems
+from mutualbackup.plan.due import maintenance_due
 from mutualbackup.inventory.model import Backup
 from mutualbackup.jobs.crash_cleanup import judge_lock
 

@@ -31,7 +31,7 @@ from mutualbackup.inventory.load import load_inventory
 from lab.nodes import Lab
 from lab.federation import LabFederation, free_port
 
-from labkit import AWKWARD_PATH, mb, three_members
+from labkit import AWKWARD_PATH, mb, three_members, wait_for
 from tests.promql import dashboard_queries, dashboard_variables, rule_expressions
 
 pytestmark = pytest.mark.lab
@@ -71,14 +71,7 @@ def query(world: World, expr: str) -> dict[str, Any]:
 
 def poll(what: str, check, timeout: float = 30.0, every: float = 0.2):
     """Call ``check`` until it returns something true; that value. Fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
+    return wait_for(check, seconds=timeout, what=what, step=every)
 
 
 def scrape_daemon(fed: LabFederation) -> str:

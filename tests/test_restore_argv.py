@@ -458,7 +458,6 @@ def test_borg_errors_are_shown_without_traceback_or_platform_report() -> None:
     assert borg.exit_hint(90).startswith("data integrity error") and borg.exit_hint(255).startswith("ssh failed")
 
 
-
 # --- progress on a terminal ----------------------------------------------------------------
 
 
@@ -536,7 +535,7 @@ def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> 
     from types import SimpleNamespace
 
     from mutualbackup.state.history import History
-    from mutualbackup.restore.extract import _Job
+    from mutualbackup.restore.attempt import RestoreJob
     from mutualbackup.restore.temporary_key import Access
 
     withdrawn = threading.Event()
@@ -544,7 +543,7 @@ def test_the_line_is_withdrawn_while_borg_extract_still_runs(tmp_path: Path) -> 
     node = Node(member="coop", slug="web2", address="127.0.0.1", port=22, user="root", host_key=KEY)
     host = Node(member="picasoft", slug="store1", address="127.0.0.1", port=22, user="root", host_key=KEY)
     history = History(tmp_path)
-    job = _Job(SimpleNamespace(history=history), "coop/web1", node, "/restore", [host], lambda h: "/srv/mb/coop/web1",  # type: ignore[arg-type]
+    job = RestoreJob(SimpleNamespace(history=history), "coop/web1", node, "/restore", [host], lambda h: "/srv/mb/coop/web1",  # type: ignore[arg-type]
                "archive-1", (), False, {}, None, None, None)
     destination = ExtractingNode(withdrawn)
     access = Access(env={}, grant=lambda h, p: contextlib.nullcontext(grant), name="temporary key")

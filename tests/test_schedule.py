@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Window
-from mutualbackup.plan.schedule import Job, JobState, estimate_seconds, next_attempt, next_due, next_wakeup, retry_delay, select_jobs
+from mutualbackup.plan.due import JobState, estimate_seconds, next_attempt, next_due, retry_delay
+from mutualbackup.plan.schedule import Job, next_wakeup, select_jobs
 from mutualbackup.plan.windows import in_window, jitter_seconds, window_occurrence
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -23,7 +23,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Window
-from mutualbackup.plan.schedule import JobState, next_wakeup, select_jobs
+from mutualbackup.plan.due import JobState
+from mutualbackup.plan.schedule import next_wakeup, select_jobs
 
 PARIS = ZoneInfo("Europe/Paris")
 UTC = dt.timezone.utc

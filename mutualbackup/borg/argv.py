@@ -66,6 +66,7 @@ def extract_argv(
         argv += [path_pattern(p, exact=exact) for p in paths]
     return tuple(argv)
 
+
 CATALOGUE_FORMAT = "{mode}{NUL}{size}{NUL}{path}{NUL}"
 
 HASH_FORMAT = "{type}{mode}{path}{size}{mtime}{linktarget}{source}{sha256}"

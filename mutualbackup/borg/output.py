@@ -73,6 +73,7 @@ class BorgLog:
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.messages[-lines:])
 
+
 UNREADABLE_PREFIX = "Backup"
 """borg 1.4's ``msgid`` of a file it could not read starts so (BackupPermissionError, BackupOSError...)."""
 

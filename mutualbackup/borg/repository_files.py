@@ -50,6 +50,7 @@ def parse_repository_facts(stdout: bytes) -> RepositoryFacts:
         newest = max(newest or 0.0, float(mtime))
     return RepositoryFacts(count, total, newest)
 
+
 # borg's own host id: its patched getfqdn (the canonical name of gethostname(), not
 # socket.getfqdn()) and uuid.getnode(), exactly as borg/platform/base.py computes it.
 _HOST_ID_PY = (
@@ -121,6 +122,7 @@ def parse_lock_listing(stdout: bytes) -> tuple[str, list[LockHolder]]:
                     holders.append(LockHolder(str(host), int(pid), int(thread), f"roster-{mode}"))
     return hostname, holders
 
+
 _TRANSACTIONS = r"""cd -- "$1" 2>/dev/null || exit 3
 [ -f config ] && [ -d data ] || exit 4
 date -u +%s
@@ -160,5 +162,6 @@ def parse_transactions(stdout: bytes) -> tuple[float, list[Transaction]]:
         when = dt.datetime.fromisoformat(match.group(2)).replace(tzinfo=dt.timezone.utc)
         found.append(Transaction(int(match.group(1)), when.timestamp()))
     return float(lines[0]), found
+
 
 _TRANSACTION_LINE = re.compile(r"transaction (\d+), UTC time (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\Z")

@@ -8,7 +8,6 @@ Nothing in this module does I/O.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 
 
@@ -178,6 +177,3 @@ class Federation:
         raise KeyError(name)
 
 
-def now_utc() -> dt.datetime:
-    """The current time, timezone-aware, in UTC. The only clock the CLI reads."""
-    return dt.datetime.now(dt.timezone.utc)

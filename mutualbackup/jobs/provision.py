@@ -42,69 +42,75 @@ def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
 
 
 def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
-    """Provision every source and host of the placement. Failures are collected, not raised."""
+    """Provision every source and host of the placement. Failures are collected, not raised.
+
+    Three passes: the sources (key, passphrase, pinned hosts), the hosts (their lines), then
+    ``borg init`` of each new repository from its source; the placement that exists is recorded.
+    """
     report = ApplyReport()
-    placement = ctx.placement
-    previous = ctx.history.placement()
-    sizes = ctx.history.repository_sizes()
     public_keys: dict[str, str] = {}
     paths: dict[str, borg.SourcePaths] = {}
-
     for source in ctx.federation.sources():
         try:
-            with _closing(ctx.connect(source)) as transport:
+            with ctx.session(source) as transport:
                 public_keys[source.name], paths[source.name] = _prepare_source(
-                    ctx, transport, source, placement.replicas.get(source.name, ()), report
+                    ctx, transport, source, ctx.placement.replicas.get(source.name, ()), report
                 )
         except MutualBackupError as exc:
             report.failures.append(f"{source.name}: {exc}")
-
+    sizes = ctx.history.repository_sizes()
     for host in ctx.federation.hosts():
-        lines = []
-        for source_name, targets in sorted(placement.replicas.items()):
-            if host.name not in targets or source_name not in public_keys:
-                continue
-            source = ctx.federation.node(source_name)
-            assert host.storage is not None
-            quota = borg.replica_quota(quota_size(source, sizes), host.storage.capacity)
-            lines.append(
-                borg.authorized_keys_line(
-                    host.borg, borg.repository_path(source, host), quota, public_keys[source_name], f"mutualbackup:{source_name}"
-                )
-            )
-        # Keep the lines of sources we could not reach this time, rather than lock them out.
         try:
-            with _closing(ctx.connect(host)) as transport:
-                _prepare_host(ctx, transport, host, lines, public_keys, report)
+            with ctx.session(host) as transport:
+                _prepare_host(ctx, transport, host, _replica_lines(ctx, host, public_keys, sizes), public_keys, report)
         except MutualBackupError as exc:
             report.failures.append(f"{host.name}: {exc}")
-
+    previous = ctx.history.placement()
     recorded: dict[str, tuple[str, ...]] = {}
     for source in ctx.federation.sources():
-        targets = placement.replicas.get(source.name, ())
-        if source.name not in paths:
+        if source.name not in paths:  # not reached: what existed stays recorded
             recorded[source.name] = tuple(previous.get(source.name, ()))
             continue
-        ok: list[str] = []
-        with _closing(ctx.connect(source)) as transport:
-            for target in targets:
-                host = ctx.federation.node(target)
-                try:
-                    _init_repository(transport, source, host, paths[source.name], report)
-                    ok.append(target)
-                except MutualBackupError as exc:
-                    report.failures.append(f"{source.name} → {target}: {exc}")
-                    if target in previous.get(source.name, ()):
-                        ok.append(target)  # it existed before: a host down today must not orphan it
-        recorded[source.name] = tuple(ok)
-        for gone in previous.get(source.name, ()):
-            if gone not in targets:
-                report.notes.append(
-                    f"{source.name} no longer has a replica on {gone}: its repository there is kept; "
-                    "delete it by hand once you are sure"
-                )
+        recorded[source.name] = _init_repositories(ctx, source, paths[source.name], previous.get(source.name, ()), report)
     ctx.history.set_placement(recorded)
     return report
+
+
+def _replica_lines(ctx: Context, host: Node, public_keys: Mapping[str, str], sizes: Mapping[str, int]) -> list[str]:
+    """The forced-command lines ``host`` should hold for the sources reached (whose public keys are known)."""
+    assert host.storage is not None
+    lines = []
+    for source_name, targets in sorted(ctx.placement.replicas.items()):
+        if host.name not in targets or source_name not in public_keys:
+            continue
+        source = ctx.federation.node(source_name)
+        quota = borg.replica_quota(quota_size(source, sizes), host.storage.capacity)
+        lines.append(borg.authorized_keys_line(host.borg, borg.repository_path(source, host), quota,
+                                               public_keys[source_name], f"mutualbackup:{source_name}"))
+    return lines
+
+
+def _init_repositories(ctx: Context, source: Node, paths: borg.SourcePaths, previous: Sequence[str],
+                       report: ApplyReport) -> tuple[str, ...]:
+    """``borg init`` of each planned repository of ``source`` that is new; the replicas that exist now."""
+    targets = ctx.placement.replicas.get(source.name, ())
+    ok: list[str] = []
+    with ctx.session(source) as transport:
+        for target in targets:
+            try:
+                _init_repository(transport, source, ctx.federation.node(target), paths, report)
+                ok.append(target)
+            except MutualBackupError as exc:
+                report.failures.append(f"{source.name} → {target}: {exc}")
+                if target in previous:
+                    ok.append(target)  # it existed before: a host down today must not orphan it
+    for gone in previous:
+        if gone not in targets:
+            report.notes.append(
+                f"{source.name} no longer has a replica on {gone}: its repository there is kept; "
+                "delete it by hand once you are sure"
+            )
+    return tuple(ok)
 
 
 def _prepare_source(
@@ -207,14 +213,3 @@ def _check(transport: Transport, argv: Sequence[str], what: str) -> None:
     result = transport.run(argv, timeout=60)
     if not result.ok:
         raise OperationFailed(f"{what} on {transport.node_name}: {result.stderr_tail()}")
-
-
-class _closing:
-    def __init__(self, transport: Transport):
-        self.transport = transport
-
-    def __enter__(self) -> Transport:
-        return self.transport
-
-    def __exit__(self, *exc: object) -> None:
-        self.transport.close()

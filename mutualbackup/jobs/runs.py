@@ -151,7 +151,6 @@ class RecordedRun:
         return self.outcome
 
 
-
 def aborted(control: JobControl | None) -> None:
     """Raise :class:`RunFailed` when the daemon asked the job to stop."""
     if control is not None and control.is_aborted:

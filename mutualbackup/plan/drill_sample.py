@@ -112,6 +112,7 @@ class Observation:
     link: str
     sha256: str
 
+
 MISSING = Observation("-", 0, 0, 0.0, "", "")
 
 
@@ -157,6 +158,7 @@ def verify_sample(items: Sequence[Item], extracted: dict[str, Observation], live
             else:
                 verdict.live_changed += 1
     return verdict
+
 
 # The inspection script: for each archive path P, the extracted copy (SCRATCH/P) then the
 # live file (/P), six NUL-terminated fields each: type, octal mode, size, mtime, link target, sha256.

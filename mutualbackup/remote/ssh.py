@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import queue
 import shlex
 import signal
 import socket
 import threading
-import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import paramiko
 
 from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
 from mutualbackup.inventory.model import Node
+from mutualbackup.remote.channel import pump
 from mutualbackup.remote.transport import Result, command_line
 
 KEEPALIVE_SECONDS = 10
@@ -208,7 +207,7 @@ class SSHTransport:
 
     def _connect(self) -> paramiko.SSHClient:
         """Open an authenticated connection; raises TransportError or HostKeyMismatch."""
-        node, where = self.node, self._where
+        node = self.node
         try:
             pkey = paramiko.PKey.from_path(self.key_file)
         except (OSError, paramiko.SSHException, ValueError) as error:
@@ -244,38 +243,37 @@ class SSHTransport:
                 if sock is not None:
                     sock.close()
                 raise
-        except paramiko.BadHostKeyException as error:
-            raise HostKeyMismatch(
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise self._refused(error, timeout) from error
+        live = client.get_transport()
+        assert live is not None
+        live.set_keepalive(KEEPALIVE_SECONDS)
+        return client
+
+    def _refused(self, error: BaseException, timeout: float) -> TransportError:
+        """What a failed connection means, for a tired operator (HostKeyMismatch for a changed host key)."""
+        node, where = self.node, self._where
+        if isinstance(error, paramiko.BadHostKeyException):
+            return HostKeyMismatch(
                 f"{node.name} ({where}) presented host key {error.key.get_name()} "
                 f"{error.key.fingerprint}, but the inventory pins "
                 f"{error.expected_key.get_name()} {error.expected_key.fingerprint}. "
                 f"The connection was refused: if {node.name} was reinstalled, verify the new "
                 f"key out of band and update host_key in the inventory; nothing was sent."
-            ) from error
-        except paramiko.AuthenticationException as error:
-            raise TransportError(
+            )
+        if isinstance(error, paramiko.AuthenticationException):
+            return TransportError(
                 f"cannot log in to {node.name} ({where}) as {node.user}: the node refused the "
                 f"coordinator key {self.key_file} ({error}); check its authorized_keys"
-            ) from error
-        except ConnectionRefusedError as error:
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)"
-            ) from error
-        except socket.timeout as error:
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s"
-            ) from error
-        except socket.gaierror as error:
-            raise TransportError(
-                f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})"
-            ) from error
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            why = getattr(error, "strerror", None) or error or type(error).__name__
-            raise TransportError(f"cannot connect to {node.name} ({where}): {why}") from error
-        live = client.get_transport()
-        assert live is not None
-        live.set_keepalive(KEEPALIVE_SECONDS)
-        return client
+            )
+        if isinstance(error, ConnectionRefusedError):
+            return TransportError(f"cannot connect to {node.name} ({where}): connection refused (is sshd running?)")
+        if isinstance(error, socket.timeout):
+            return TransportError(f"cannot connect to {node.name} ({where}): no answer within {timeout:g}s")
+        if isinstance(error, socket.gaierror):
+            return TransportError(f"cannot connect to {node.name} ({where}): cannot resolve {node.address} ({error})")
+        why = getattr(error, "strerror", None) or error or type(error).__name__
+        return TransportError(f"cannot connect to {node.name} ({where}): {why}")
 
     def _open_channel(self) -> tuple[paramiko.Transport, paramiko.Channel]:
         """A new session channel; reconnects once if the kept connection died meanwhile."""
@@ -322,104 +320,29 @@ class SSHTransport:
             words = ("timeout", "-k", str(REMOTE_KILL_GRACE_SECONDS), "--", remote, *argv)
         line = command_line(words, env, cwd)
         live, channel = self._open_channel()
-        events: queue.Queue[tuple[str, str | None]] = queue.Queue()
-        stdout: list[bytes] = []
-        stderr: list[bytes] = []
-
-        def read_stdout() -> None:
-            try:
-                while data := channel.recv(_CHUNK):
-                    stdout.append(data)
-            finally:
-                events.put(("done", None))
-
-        def read_stderr() -> None:
-            pending = bytearray()  # the incomplete last line
-            try:
-                while data := channel.recv_stderr(_CHUNK):
-                    stderr.append(data)
-                    searched = len(pending)
-                    pending += data
-                    cut = pending.rfind(b"\n", searched)
-                    if cut >= 0:
-                        for raw in bytes(pending[:cut]).split(b"\n"):
-                            events.put(("line", raw.rstrip(b"\r").decode("utf-8", "replace")))
-                        del pending[: cut + 1]
-                if pending:
-                    events.put(("line", pending.rstrip(b"\r").decode("utf-8", "replace")))
-            finally:
-                events.put(("done", None))
-
-        def write_stdin(data: bytes | Iterable[bytes]) -> None:
-            try:
-                for chunk in (data,) if isinstance(data, bytes) else data:
-                    channel.sendall(chunk)
-                channel.shutdown_write()
-            except (OSError, EOFError, paramiko.SSHException):  # the command exited without reading everything
-                pass
-
-        started = time.monotonic()
         try:
             channel.exec_command(line)
         except (paramiko.SSHException, OSError, EOFError) as error:
             channel.close()
             raise TransportError(f"cannot start a command on {self.node_name} ({self._where}): {error}") from error
-        readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
-        for thread in readers:
-            thread.start()
-        if stdin is None:
-            channel.shutdown_write()
-        else:
-            threading.Thread(target=write_stdin, args=(stdin,), daemon=True).start()
-
-        deadline = None if timeout is None else started + timeout
-        open_streams, timed_out, lost = 2, False, False
-        try:
-            while open_streams or not channel.exit_status_ready():
-                kind, text = "", None
-                if open_streams:
-                    try:
-                        kind, text = events.get(timeout=_POLL_SECONDS)
-                    except queue.Empty:
-                        pass
-                else:  # both streams closed: wake as soon as the exit status arrives
-                    channel.status_event.wait(_POLL_SECONDS)
-                if kind == "done":
-                    open_streams -= 1
-                elif kind == "line" and on_stderr_line is not None:
-                    on_stderr_line(text or "")
-                if deadline is not None and time.monotonic() >= deadline:
-                    timed_out = True
-                    break
-                if not live.is_active():
-                    lost = True
-                    break
-        finally:
-            channel.close()
-            for thread in readers:
-                thread.join(timeout=5)
-        while on_stderr_line is not None and not events.empty():
-            kind, text = events.get()
-            if kind == "line":
-                on_stderr_line(text or "")
-
-        code = channel.exit_status
+        pumped = pump(channel, live, stdin, timeout, on_stderr_line)
+        code = pumped.exit_code
         notes: list[str] = []
-        if timed_out:
+        if pumped.timed_out:
             code = -1
             notes.append(f"mutualbackup: {self.node_name}: timed out after {timeout:g}s")
         elif code < 0:
             code = -1
-            if lost or not live.is_active():
+            if pumped.lost or not live.is_active():
                 notes.append(f"mutualbackup: connection to {self.node_name} ({self._where}) lost")
             else:
                 notes.append(f"mutualbackup: {self.node_name}: the command ended without an exit status")
-        err = b"".join(stderr)
+        err = pumped.stderr
         if notes:
             if err and not err.endswith(b"\n"):
                 err += b"\n"
             err += "\n".join(notes).encode() + b"\n"
-        return Result(argv=argv, exit_code=code, stdout=b"".join(stdout), stderr=err)
+        return Result(argv=argv, exit_code=code, stdout=pumped.stdout, stderr=err)
 
     def connect(self) -> None:
         """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`run`."""

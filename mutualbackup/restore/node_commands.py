@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mutualbackup.borg import RESTORE_COMMENT_PREFIX, RESTORE_LINE_LIFETIME, base_env, ssh_words
+
 PASSPHRASE_FD = 3
 
 
@@ -41,6 +42,7 @@ class TemporaryPaths:
     def gate(self) -> str:
         return posixpath.join(self.directory, "gate")
 
+
 TARGET_UNUSABLE = 201
 """Exit code of the scripts below when the target or temporary directory cannot be created."""
 
@@ -62,6 +64,7 @@ def prepare_then_exec(directory: str, force: bool, argv: Sequence[str]) -> tuple
     """
     script = 'set -- "" "$@"; ' + _TARGET + '; d=$2; shift 3; cd -- "$d" || exit 201; exec "$@"'
     return ("sh", "-c", script, "sh", directory, "force" if force else "empty", *argv)
+
 
 BLOCK_DAMAGED = 3
 """Exit code of :func:`add_line_argv` when the managed block's markers are not one ordered pair."""
@@ -174,6 +177,7 @@ def remove_temporary_dir_argv(directory: str) -> tuple[str, ...]:
     script = 'case "$1" in */restore-*.*|*/drill-*.*) exec rm -rf -- "$1" ;; *) echo "refusing to remove $1" >&2; exit 2 ;; esac'
     return ("sh", "-c", script, "sh", directory)
 
+
 TEMPORARY_REMOVED = b"mutualbackup: temporary directory removed\n"
 """What :func:`delegated_argv` prints last on stdout once its temporary directory is gone."""
 
@@ -213,6 +217,7 @@ _GATED_SSH = (
 def gated_command(gate: str, words: Sequence[str]) -> list[str]:
     """``words`` run once the FIFO ``gate`` says ``go``; exit 255 (as ssh does when it cannot connect) otherwise."""
     return ["sh", "-c", _GATED_SSH, gate, *words]
+
 
 GATE_OPEN = b"go\n"
 """The stdin line of a gated :func:`delegated_argv` letting borg's ssh connect."""

@@ -1,21 +1,10 @@
-"""How borg on a restore's destination reaches a repository: the temporary authorisation.
+"""How borg on a restore's destination reaches a repository: the source's own key, or a temporary key.
 
-For a restore onto any node but the source itself (see :mod:`mutualbackup.restore.extract`):
-
-- a new ed25519 key pair, made in the coordinator's memory (:func:`new_restore_key`);
-- on the replica's host, a temporary restricted line for its public half inside
-  the managed block of ``authorized_keys`` (:func:`authorised`), withdrawn as
-  soon as borg has connected (sshd reads the file only at login) and in any
-  case when the restore ends;
-- the passphrase, read from the source's 0600 file into memory only
-  (:func:`read_source_passphrase`);
-- on the destination, each borg command is one self-contained round trip
-  (:func:`mutualbackup.restore.node_commands.delegated_argv`): the private key and then
-  the passphrase travel on the SSH channel's stdin into a 0700 temporary
-  directory and borg's fd 3, and the directory is removed when borg ends.
-
-The key, the passphrase, the host's line and the destination's connection are
-all made at the same time, so that borg extract starts after one round trip.
+A temporary key pair is made in the coordinator's memory; the replica's host holds a temporary
+restricted line for it (:class:`Grant`, withdrawn once borg has connected); the private key and
+the passphrase reach borg on the destination through the SSH channel's stdin
+(:class:`Access`), never argv, an environment value, a log, the history or a file of the
+coordinator. The whole story, step by step, is in ARCHITECTURE.md ("Restores").
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from mutualbackup.errors import OperationFailed
 from mutualbackup.state.processes import run_owner_alive, this_process
 from mutualbackup.state.schema import SCHEMA
-from mutualbackup.plan.schedule import PairSummary
+from mutualbackup.plan.due import PairSummary
 
 FILENAME = "history.sqlite3"
 

@@ -67,6 +67,7 @@ _TALLY_SQL = (
 _DRILL_SQL = f"SELECT source, MAX(started) AS t FROM runs WHERE kind = 'drill' AND {_OK} GROUP BY source"
 _RUNNING_SQL = "SELECT id, kind, target, pid FROM runs WHERE result = 'running'"
 
+
 @dataclass(frozen=True)
 class ReplicaFacts:
     """What the history says about one replica (epoch seconds; None: no such run)."""

@@ -26,6 +26,7 @@ def process_identity(pid: int) -> str | None:
     start = process_start(pid)
     return None if start is None else f"{pid}:{start}"
 
+
 _THIS_PROCESS: tuple[int, str] | None = None
 
 

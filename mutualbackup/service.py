@@ -1,0 +1,46 @@
+"""``mutualbackup daemon`` as a service: the state opened and runs of a crashed process marked, the
+/metrics server, the signals, then the :class:`~mutualbackup.daemon.Daemon` loop until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from mutualbackup.context import Context, require_placeable, ssh_connector
+from mutualbackup.daemon import GRACE_SECONDS, Daemon
+from mutualbackup.errors import OperationFailed
+from mutualbackup.inventory.model import Federation
+from mutualbackup.report.metrics import start_metrics_server
+from mutualbackup.state.history import History
+
+log = logging.getLogger("mutualbackup.daemon")
+
+
+def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
+    state = getattr(args, "state", None) or federation.coordinator.state
+    history = History(state)
+    ctx = Context(federation, history, ssh_connector(federation))
+    require_placeable(federation, ctx.placement)
+    for run in history.mark_interrupted():
+        log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
+    daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
+    address, port = federation.coordinator.metrics_address
+    try:
+        server, _thread = start_metrics_server(address, port, daemon.metrics)
+    except OSError as exc:
+        raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
+    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
+             len(federation.sources()), address, port, daemon.grace)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        daemon.stop.set()
+        daemon.wake.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.serve()
+    finally:
+        server.shutdown()
