@@ -39,7 +39,7 @@ from mutualbackup.jobs.crash_cleanup import clean_up_pair
 from mutualbackup.jobs import drill, prune
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
-from mutualbackup.remote.supervision import JobControl, stop_remote
+from mutualbackup.remote.supervision import JobControl
 
 log = logging.getLogger("mutualbackup.daemon")
 
@@ -366,17 +366,15 @@ class Daemon:
         if current is None:
             job.control.close_transports()
             return
-        node, pidfile = current
+        node, role = current
         int_seconds = max(1, round(budget * 0.7))  # borg writes a checkpoint on SIGINT: give it most of the time
         term_seconds = max(1, int(budget - int_seconds))
         try:
-            transport = self.ctx.connect(node)
-            try:
-                result = stop_remote(transport, pidfile, int_seconds=int_seconds, term_seconds=term_seconds)
-            finally:
-                transport.close()
+            with self.ctx.session(node) as transport:
+                reply = transport.request("stop", {"role": role, "int_seconds": int_seconds,
+                                                   "term_seconds": term_seconds}, timeout=budget + 30)
             log.info("aborted %s %s -> %s on %s: %s", job.kind, job.source, job.target, node.name,
-                     result.stdout.decode("utf-8", "replace").strip() or result.stderr_tail(2))
+                     reply.data.get("said") or reply.error)
         except Exception as exc:  # the transport is closed below anyway
             log.warning("cannot abort %s %s -> %s on %s cleanly: %s", job.kind, job.source, job.target, node.name, exc)
             job.control.close_transports()

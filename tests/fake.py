@@ -142,6 +142,8 @@ class FakeWorld:
         self.unreachable: set[str] = set()
         self.local = False  # True: commands and files are run and kept on this machine, as on a real node
         self.modes: dict[tuple[str, str], int] = {}
+        self.directories: set[tuple[str, str]] = set()
+        self.requests: list[tuple[str, str, dict]] = []  # (node, kind, args) of every request answered
         self.duration: Callable[[str, str], float] = lambda source, target: 600.0
         self._lock = threading.Lock()
         self._by_address = {(n.address, n.port): n for n in federation.nodes()}
@@ -303,6 +305,71 @@ class FakeWorld:
         return [c for c in self.calls if all(w in c.argv for w in words)]
 
 
+class FakeSystem:
+    """A node's :class:`mutualbackup.node.system.System` in a :class:`FakeWorld`: commands are answered by
+    the world (and recorded as calls), files are the world's, a stop is the stop script's answer."""
+
+    def __init__(self, node: Node, world: "FakeWorld"):
+        self.node = node
+        self.world = world
+        self.gone = threading.Event()
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+            stdin: bytes | None = None, timeout: float | None = None,
+            on_stderr_line: Callable[[str], None] | None = None, pidfile: str | None = None,
+            run_id: int | None = None, pass_fds: Sequence[int] = ()) -> Result:
+        argv = tuple(argv)
+        start = self.world.clock.time()
+        result = self.world.answer(self.node, argv, timeout)
+        with self.world._lock:
+            self.world.calls.append(Call(self.node.name, argv, start, self.world.clock.time(), result.exit_code,
+                                         pidfile, timeout))
+        if on_stderr_line is not None:
+            for line in result.stderr.decode("utf-8", "replace").splitlines():
+                on_stderr_line(line)
+        return Result(argv, result.exit_code, result.stdout, result.stderr)
+
+    def stop(self, pidfile: str, int_seconds: float, term_seconds: float) -> tuple[bool, str]:
+        said = self.run(supervision.stop_argv(pidfile, int(int_seconds), int(term_seconds)))
+        return said.ok, said.stdout.decode("utf-8", "replace").strip() or said.stderr_tail(2)
+
+    def pidfile(self, path: str):  # noqa: ANN201
+        from mutualbackup.node.system import parse_pidfile
+
+        data = self.read(path)
+        return parse_pidfile(data) if data is not None else None
+
+    def read(self, path: str) -> bytes | None:
+        return self.world.files.get((self.node.name, path))
+
+    def write(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        self.world.files[(self.node.name, path)] = data
+        self.world.modes[(self.node.name, path)] = mode
+
+    def create(self, path: str, data: bytes, mode: int = 0o600) -> bool:
+        if (self.node.name, path) in self.world.files:
+            return False
+        self.write(path, data, mode)
+        return True
+
+    def alive(self, pids: Iterable[int]) -> set[int]:
+        return set()
+
+    def makedirs(self, path: str) -> None:
+        self.world.directories.add((self.node.name, path))
+
+
+def node_config_of(node: Node):  # noqa: ANN201
+    """The configuration a fake node would have written at join."""
+    from mutualbackup.node.config import NodeConfig
+    from mutualbackup.remote.transport import expand_home
+
+    workdir = expand_home(node.workdir, HOME)
+    return NodeConfig(member=node.member, node=node.slug, user=node.user,
+                      authorized_keys=expand_home(node.authorized_keys, HOME), work=workdir, state=workdir,
+                      borg=node.borg, storage=node.storage.path if node.storage is not None else "")
+
+
 class FakeTransport:
     """A :class:`mutualbackup.remote.transport.Transport` onto one node of a :class:`FakeWorld`."""
 
@@ -336,6 +403,27 @@ class FakeTransport:
             for line in result.stderr.decode("utf-8", "replace").splitlines():
                 on_stderr_line(line.rstrip("\r"))
         return Result(tuple(argv), result.exit_code, result.stdout, result.stderr)
+
+    def request(self, kind: str, args: Mapping[str, object], *, timeout: float | None = None,
+                on_event: Callable[[Mapping[str, object]], None] | None = None,
+                feed: Iterable[bytes] = ()):  # noqa: ANN201 - a Reply
+        """The node's own request code, in-process, on a :class:`FakeSystem` (arguments and data go through JSON)."""
+        from mutualbackup.node.protocol import Reply
+        from mutualbackup.node.requests import Session, handle
+        from mutualbackup.node.serve import import_handlers
+
+        if self.node.name in self.world.unreachable:
+            raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+        import_handlers()
+        lines = iter(b"".join(feed).splitlines(keepends=True))
+        session = Session(node_config_of(self.node), FakeSystem(self.node, self.world),
+                          lambda event, fields: on_event({"event": event, **json.loads(json.dumps(fields))})
+                          if on_event is not None else None,
+                          lambda _timeout: next(lines, None))
+        reply = handle(kind, json.loads(json.dumps(args)), session)
+        with self.world._lock:
+            self.world.requests.append((self.node.name, kind, json.loads(json.dumps(args))))
+        return Reply(reply.kind, reply.code, reply.error, json.loads(json.dumps(dict(reply.data))))
 
     def connect(self) -> None:
         if self.node.name in self.world.unreachable:

@@ -381,7 +381,7 @@ def test_a_member_defined_in_two_files_is_refused_in_the_second_naming_the_first
     [
         ("member: coopcycle\nnodes:\n  - name: web1\n   address: x\n", 4, "not valid YAML: "),
         ("member: coopcycle\nsite: [paris\n", 3, "not valid YAML: "),
-        ("- member: coopcycle\n", 1, "the member file must be a mapping of keys (member, contact, site, nodes)"),
+        ("- member: coopcycle\n", 1, "the member file must be a mapping of keys (member, contact, site, admins, nodes)"),
         ("# nothing but a comment\n", 1, "the file is empty; it must hold member, site and nodes"),
         ("member: a\n---\nmember: b\n", 2, "not valid YAML: "),
         ("member: coopcycle\nsite: x\n", 1, 'the member file is missing the required key "nodes"'),
@@ -636,3 +636,40 @@ def test_a_workdir_that_ssh_would_expand_or_misquote_is_refused(workdir: str) ->
 
     with pytest.raises(ValueError, match="% or a double quote"):
         check_home_path(workdir)
+
+
+# --- admins and node keys ------------------------------------------------------------------
+
+NODE_KEY = "age1" + "q" * 58
+
+
+def test_admins_and_a_node_key_are_read_into_the_model(tmp_path: Path):
+    text = edited(MEMBER, "site: paris-nord\n",
+                  f"site: paris-nord\nadmins:\n  - name: alice\n    key: {ed25519_host_key(7)} alice@coopcycle\n")
+    text = edited(text, "    port: 22\n", f"    port: 22\n    node_key: {NODE_KEY}\n")
+    federation = load_inventory(write_inventory(tmp_path, {"coopcycle.yml": text}))
+    [member] = federation.members
+    assert [(a.name, a.key) for a in member.admins] == [("alice", ed25519_host_key(7))]
+    assert member.nodes[0].node_key == NODE_KEY
+
+
+@pytest.mark.parametrize("admins, message", [
+    pytest.param("admins: []\n", "admins must not be empty", id="an empty list"),
+    pytest.param("admins:\n  - name: alice\n", 'admins item 1 is missing the required key "key"', id="no key"),
+    pytest.param("admins:\n  - name: alice\n    key: ssh-ed25519 AAAA\n", "admins.key", id="a key that does not parse"),
+    pytest.param(f"admins:\n  - name: alice\n    key: {ed25519_host_key(1, b'ecdsa-sha2-nistp256')}\n",
+                 "admins.key", id="a key type that cannot open a kit"),
+    pytest.param(f"admins:\n  - name: Alice Smith\n    key: {ed25519_host_key(7)}\n", "admins.name", id="not a name"),
+    pytest.param(f"admins:\n  - name: a\n    key: {ed25519_host_key(7)}\n  - name: a\n    key: {ed25519_host_key(8)}\n",
+                 'admin "a" is listed twice', id="twice"),
+])
+def test_a_bad_admins_list_is_an_error_at_its_line(tmp_path: Path, admins: str, message: str):
+    text = edited(MEMBER, "site: paris-nord\n", "site: paris-nord\n" + admins)
+    problems = problems_of(write_inventory(tmp_path, {"coopcycle.yml": text}))
+    assert any(message in problem for problem in problems), problems
+
+
+def test_a_node_key_that_is_not_an_age_recipient_is_an_error(tmp_path: Path):
+    text = edited(MEMBER, "    port: 22\n", "    port: 22\n    node_key: ssh-ed25519 AAAA\n")
+    problems = problems_of(write_inventory(tmp_path, {"coopcycle.yml": text}))
+    assert len(problems) == 1 and "is not a node key" in problems[0], problems

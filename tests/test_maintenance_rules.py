@@ -13,7 +13,7 @@ from mutualbackup.state.history import History, Run
 from mutualbackup.plan.compaction_rules import guard_problems
 from mutualbackup.plan.due import maintenance_due
 from mutualbackup.inventory.model import Backup
-from mutualbackup.jobs.crash_cleanup import judge_lock
+from mutualbackup.borg import judge_lock
 
 DAY = 86400.0
 WEEKLY = Backup(paths=("/etc",), check_every=7 * 86400)

@@ -16,6 +16,7 @@ from mutualbackup.borg.repository import (  # noqa: F401
     SourcePaths,
     repository_path,
     repository_url,
+    repository_url_for,
     url_of,
     known_hosts_name,
     known_hosts_line,
@@ -105,6 +106,8 @@ from mutualbackup.borg.authorized_keys import (  # noqa: F401
     with_restore_line,
 )
 from mutualbackup.borg.repository_files import (  # noqa: F401
+    LockVerdict,
+    judge_lock,
     REPOSITORY_MISSING,
     REPOSITORY_NOT_BORG,
     repository_facts_argv,

@@ -61,6 +61,12 @@ def repository_url(source: Node, host: Node) -> str:
     return url_of(host, repository_path(source, host))
 
 
+def repository_url_for(member: str, node: str, host: Node) -> str:
+    """The URL of the repository of ``MEMBER/NODE`` on ``host`` (as :func:`repository_url`, from the name alone)."""
+    assert host.storage is not None
+    return url_of(host, posixpath.join(host.storage.path, member, node))
+
+
 def url_of(host: Node, path: str) -> str:
     """The ``ssh://`` URL of the repository at ``path`` on ``host`` (an IPv6 address in brackets)."""
     address = f"[{host.address}]" if ":" in host.address else host.address

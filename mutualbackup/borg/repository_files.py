@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 
 _REPOSITORY_FACTS = r"""cd -- "$1" 2>/dev/null || exit 3
@@ -165,3 +166,31 @@ def parse_transactions(stdout: bytes) -> tuple[float, list[Transaction]]:
 
 
 _TRANSACTION_LINE = re.compile(r"transaction (\d+), UTC time (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\Z")
+
+
+@dataclass(frozen=True)
+class LockVerdict:
+    stale: bool
+    reason: str
+
+
+def judge_lock(hostname: str, holders: Iterable[LockHolder], alive_pids: set[int]) -> LockVerdict:
+    """Whether a repository lock on the host whose borg host id is ``hostname`` may be broken.
+
+    ``hostname`` is the full id borg records (``FQDN@NODE``, or ``BORG_HOST_ID``), computed on
+    the host itself: two machines may share a short name. ``holders`` come from the lock files;
+    ``alive_pids`` are those of the holders' pids that are alive on the host. Stale only when
+    there is at least one holder, every holder was written by this host (same full id), and
+    no holder's pid is alive.
+    """
+    holders = list(holders)
+    if not holders:
+        return LockVerdict(False, "not locked")
+    foreign = sorted({h.host for h in holders if not hostname or h.host != hostname})
+    if foreign:
+        return LockVerdict(False, f"locked by borg on another machine ({', '.join(foreign)}): cannot tell whether it still runs")
+    live = sorted({h.pid for h in holders if h.pid in alive_pids})
+    if live:
+        return LockVerdict(False, f"locked by live process(es) {', '.join(map(str, live))} on {hostname}")
+    gone = ", ".join(str(pid) for pid in sorted({h.pid for h in holders}))
+    return LockVerdict(True, f"left by process(es) {gone} of {hostname}, which no longer exist")

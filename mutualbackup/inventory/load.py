@@ -17,14 +17,17 @@ import yaml
 
 from mutualbackup.inventory import value_checks
 from mutualbackup.errors import InventoryError
-from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Retention, Storage, Where
+from mutualbackup.inventory.model import Admin, Backup, Coordinator, Federation, Member, Node, Retention, Storage, Where
 from mutualbackup.inventory.units import parse_bandwidth, parse_duration, parse_size, parse_window
 from mutualbackup.inventory.yaml_lines import Reader, load_file
 
 FEDERATION_KEYS = ("federation", "coordinator", "defaults")
 COORDINATOR_KEYS = ("ssh_key", "state", "metrics", "timezone")
-MEMBER_KEYS = ("member", "contact", "site", "nodes")
-NODE_KEYS = ("name", "address", "port", "user", "host_key", "workdir", "authorized_keys", "borg", "backup", "storage")
+MEMBER_KEYS = ("member", "contact", "site", "admins", "nodes")
+ADMIN_KEYS = ("name", "key")
+NODE_KEYS = (
+    "name", "address", "port", "user", "host_key", "node_key", "workdir", "authorized_keys", "borg", "backup", "storage",
+)
 BACKUP_KEYS = (
     "paths", "exclude", "estimate", "replicas", "every", "window", "rpo",
     "retention", "compression", "check_every", "drill_every", "before",
@@ -178,9 +181,29 @@ def _read_member_file(reader: Reader, defaults: Defaults | None, first_seen: dic
         node = _read_node(reader, item, index, name or "", site or "", defaults, seen_nodes)
         if node is not None:
             nodes.append(node)
-    if reader.problems or name is None or site is None:
+    admins = _read_admins(reader, values["admins"]) if "admins" in values else ()
+    if reader.problems or name is None or site is None or admins is None:
         return None
-    return Member(name=name, contact=contact, site=site, nodes=tuple(nodes), where=reader.where(root))
+    return Member(name=name, contact=contact, site=site, nodes=tuple(nodes), where=reader.where(root), admins=admins)
+
+
+def _read_admins(reader: Reader, node: yaml.Node) -> tuple[Admin, ...] | None:
+    """``admins:``: the member's people, each ``{name, key}`` (an ed25519 or RSA OpenSSH public key)."""
+    items = reader.sequence(node, "admins", "[{name: alice, key: ssh-ed25519 AAAA...}]", True)
+    if items is None:
+        return None
+    admins: list[Admin] = []
+    for index, item in enumerate(items):
+        values = reader.mapping(item, f"admins item {index + 1}", ADMIN_KEYS, required=ADMIN_KEYS)
+        if values is None or set(ADMIN_KEYS) - set(values):
+            continue
+        name = reader.parsed(values["name"], "admins.name", "a name", value_checks.check_slug)
+        key = reader.parsed(values["key"], "admins.key", "an SSH public key", value_checks.check_admin_key, " ")
+        if name is not None and key is not None:
+            if any(a.name == name for a in admins):
+                reader.error(values["name"], f'admin "{name}" is listed twice')
+            admins.append(Admin(name, key))
+    return tuple(admins) if len(admins) == len(items) else None
 
 
 def _node_label(node: yaml.Node, index: int) -> str:
@@ -216,6 +239,7 @@ def _read_node(
         "port": lambda n: reader.integer(n, "port", 1, 65535),
         "user": lambda n: reader.parsed(n, "user", "a login name", value_checks.check_user),
         "host_key": lambda n: reader.parsed(n, "host_key", "a public key", value_checks.check_host_key, " "),
+        "node_key": lambda n: reader.parsed(n, "node_key", "a node key", value_checks.check_node_key),
         "workdir": lambda n: reader.parsed(n, "workdir", "a path", value_checks.check_home_path),
         "authorized_keys": lambda n: reader.parsed(n, "authorized_keys", "a path", value_checks.check_home_path),
         "borg": lambda n: reader.parsed(n, "borg", "a command", value_checks.check_borg_command),

@@ -107,6 +107,7 @@ class Node:
     workdir: str = "~/.mutualbackup"
     authorized_keys: str = "~/.ssh/authorized_keys"
     borg: str = "borg"
+    node_key: str = ""  # "age1…": secrets are sealed for this node with it ("" until the node joined)
     backup: Backup | None = None
     storage: Storage | None = None
     site: str = ""
@@ -126,12 +127,21 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Admin:
+    """One of a member's own people: signs its member file, and alone can open its recovery kits."""
+
+    name: str
+    key: str  # "ssh-ed25519 BASE64" (no comment)
+
+
+@dataclass(frozen=True)
 class Member:
     name: str
     contact: str
     site: str
     nodes: tuple[Node, ...]
     where: Where | None = field(default=None, compare=False)
+    admins: tuple[Admin, ...] = ()
 
 
 @dataclass(frozen=True)

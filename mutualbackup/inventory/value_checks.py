@@ -20,7 +20,7 @@ from mutualbackup.inventory.units import quote
 __all__ = [
     "quote", "check_slug", "check_user", "check_address", "check_listen_address", "check_host_key",
     "check_absolute_path", "check_home_path", "check_pattern", "check_command", "check_borg_command",
-    "check_compression", "check_timezone", "check_line",
+    "check_compression", "check_timezone", "check_line", "check_admin_key", "check_node_key",
 ]  # fmt: skip
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -155,6 +155,25 @@ def check_host_key(text: str) -> str:
     except ValueError as exc:
         raise ValueError(f"does not parse: {exc} {source}") from None
     return f"{key_type} {encoded}"
+
+
+def check_admin_key(text: str) -> str:
+    """An admin's OpenSSH public key ``TYPE BASE64 [comment]`` -> ``TYPE BASE64`` (ed25519 or RSA: the key
+    types the age format seals for, and OpenSSH file signatures accept)."""
+    key = check_host_key(text).replace("does not parse", "the key does not parse")
+    if key.split()[0] not in ("ssh-ed25519", "ssh-rsa"):
+        raise ValueError(f"{quote(key.split()[0])} keys cannot open a recovery kit; use an ssh-ed25519 (or ssh-rsa) key")
+    return key
+
+
+_NODE_KEY = re.compile(r"age1[02-9ac-hj-np-z]{58}")
+
+
+def check_node_key(text: str) -> str:
+    """A node's sealing key as ``mutualbackup-node join`` prints it: an age X25519 recipient ``age1…``."""
+    if _NODE_KEY.fullmatch(text):
+        return text
+    raise ValueError(f"{quote(text)} is not a node key; paste the node_key line that `mutualbackup-node join` printed")
 
 
 def _refuse_shell_characters(text: str, what: str) -> None:

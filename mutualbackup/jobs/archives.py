@@ -6,13 +6,14 @@ recorded with its borg id, and what disappeared is judged against those records.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from mutualbackup import borg
 from mutualbackup.context import Context
 from mutualbackup.inventory.model import Node
 from mutualbackup.jobs.runs import RunFailed
-from mutualbackup.remote.transport import Result, Transport
+from mutualbackup.node.requests import host_ref
+from mutualbackup.remote.transport import Result, Transport, reply_result
 
 
 LIST_TIMEOUT = 900
@@ -29,15 +30,16 @@ def borg_ok(result: Result, what: str, *, strict: bool = False) -> None:
                       result.exit_code)
 
 
-def list_archives(transport: Transport, source: Node, url: str, env: Mapping[str, str]) -> list[borg.ArchiveEntry]:
-    result = transport.run(borg.list_argv(source.borg, url), env=env, timeout=LIST_TIMEOUT)
+def list_archives(transport: Transport, host: Node) -> list[borg.ArchiveEntry]:
+    """The archives of the source (the transport's node) in its repository on ``host``."""
+    result = reply_result(transport.request("list", {"host": host_ref(host)}, timeout=LIST_TIMEOUT + 60))
     borg_ok(result, "borg list")
     return borg.parse_list_json(result.stdout)
 
 
-def live_bytes(transport: Transport, source: Node, url: str, env: Mapping[str, str]) -> int | None:
+def live_bytes(transport: Transport, host: Node) -> int | None:
     """The repository's live size (``borg info``), or None when borg cannot tell."""
-    result = transport.run(borg.info_argv(source.borg, url), env=env, timeout=LIST_TIMEOUT)
+    result = reply_result(transport.request("info", {"host": host_ref(host)}, timeout=LIST_TIMEOUT + 60))
     if not borg.succeeded(result.exit_code):
         return None
     try:

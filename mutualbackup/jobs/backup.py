@@ -21,15 +21,18 @@ from typing import Callable
 
 from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.inventory.model import Node
-from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
+from mutualbackup.inventory.model import Backup, Node
+from mutualbackup.remote.supervision import JobControl
 from mutualbackup.jobs.crash_cleanup import source_role
-from mutualbackup.jobs.runs import RecordedRun, RunFailed
-from mutualbackup.remote.transport import Result
+from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted, running
+from mutualbackup.node.requests import host_ref
+from mutualbackup.remote.transport import Result, reply_result
 
 log = logging.getLogger("mutualbackup.jobs.backup")
 
 BACKUP_TIMEOUT = 12 * 3600
+REPLY_MARGIN = 120.0
+"""How much longer than a job's own timeout the coordinator waits for the node's answer."""
 UNREADABLE_SHOWN = 10
 """How many paths of the files borg could not read a backup run records (all are counted)."""
 
@@ -103,31 +106,29 @@ def _create(
     ctx: Context, source: Node, host: Node, run_id: int, started: float, timeout: float,
     clock: Callable[[], float], control: JobControl | None,
 ) -> Result:
-    """Run the ``before:`` commands, then ``borg create``; the Result of borg create."""
+    """Ask the source for the ``before:`` commands, then ``borg create``; the Result of borg create."""
     assert source.backup is not None
+    aborted(control)
+    archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
+    args = {"host": host_ref(host), "archive": archive, "timeout": timeout, "run_id": run_id,
+            "backup": backup_spec(source.backup)}
     with ctx.session(source, control) as transport:
-        paths = ctx.source_paths(transport, source)
-        pidfile = pidfile_path(paths.workdir, source_role(host.name))
-        deadline = started + timeout
-        for command in source.backup.before:
-            if control is not None and control.is_aborted:
-                raise RunFailed(f"aborted before the before: command ran: {control.reason}")
-            result = run_supervised(transport, source, pidfile, run_id, ("sh", "-c", command),
-                                    timeout=max(1.0, deadline - clock()), control=control)
-            if not result.ok:
-                raise RunFailed(
-                    f"the before: command failed with exit {result.exit_code}, so no backup was made.\n"
-                    f"command: {command}\n{result.stderr_tail()}".strip(),
-                    result.exit_code,
-                )
-        if control is not None and control.is_aborted:
-            raise RunFailed(f"aborted before borg started: {control.reason}")
-        archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
-        url = borg.repository_url(source, host)
-        return run_supervised(
-            transport, source, pidfile, run_id, borg.create_argv(source.borg, url, archive, source.backup),
-            env=borg.client_env(paths), timeout=max(1.0, deadline - clock()), control=control,
-        )
+        with running(control, source, source_role(host.name)):
+            reply = transport.request("backup", args, timeout=timeout + REPLY_MARGIN)
+    if "before" in reply.data:
+        done = reply_result(reply, "before")
+        command = reply.data["before"].get("command", "")
+        raise RunFailed(f"the before: command failed with exit {done.exit_code}, so no backup was made.\n"
+                        f"command: {command}\n{done.stderr_tail()}".strip(), done.exit_code)
+    if not reply.ok and "create" not in reply.data:
+        raise RunFailed(reply.error or f"{source.name} did not back up", None if not reply.data.get("lost") else -1)
+    return reply_result(reply, "create")
+
+
+def backup_spec(backup: Backup) -> dict[str, object]:
+    """What a source is told to back up (issue 13: what its member signed)."""
+    return {"paths": list(backup.paths), "exclude": list(backup.exclude), "compression": backup.compression,
+            "before": list(backup.before)}
 
 
 def _alert_once(ctx: Context, source: Node, host: Node, exit_code: int, error: str, now: float) -> None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection
 
 from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.errors import MutualBackupError
+from mutualbackup.errors import MutualBackupError, OperationFailed
 from mutualbackup.inventory.model import Node
-from mutualbackup.remote.supervision import parse_pidfile, pidfile_path, stop_remote
-from mutualbackup.remote.transport import Transport, resolve_path
+from mutualbackup.remote.transport import Transport
 from mutualbackup.state.processes import run_owner_alive, this_process
 
 log = logging.getLogger("mutualbackup.jobs.crash_cleanup")
@@ -46,34 +45,6 @@ def source_role(host: str) -> str:
 def host_role(source: str) -> str:
     """The pidfile name of a host's job on the repository of ``source`` (``run/repo.MEMBER.NODE.pid``)."""
     return f"repo/{source}"
-
-
-@dataclass(frozen=True)
-class LockVerdict:
-    stale: bool
-    reason: str
-
-
-def judge_lock(hostname: str, holders: Iterable[borg.LockHolder], alive_pids: set[int]) -> LockVerdict:
-    """Whether a repository lock on the host whose borg host id is ``hostname`` may be broken.
-
-    ``hostname`` is the full id borg records (``FQDN@NODE``, or ``BORG_HOST_ID``), computed on
-    the host itself: two machines may share a short name. ``holders`` come from the lock files;
-    ``alive_pids`` are those of the holders' pids that are alive on the host. Stale only when
-    there is at least one holder, every holder was written by this host (same full id), and
-    no holder's pid is alive.
-    """
-    holders = list(holders)
-    if not holders:
-        return LockVerdict(False, "not locked")
-    foreign = sorted({h.host for h in holders if not hostname or h.host != hostname})
-    if foreign:
-        return LockVerdict(False, f"locked by borg on another machine ({', '.join(foreign)}): cannot tell whether it still runs")
-    live = sorted({h.pid for h in holders if h.pid in alive_pids})
-    if live:
-        return LockVerdict(False, f"locked by live process(es) {', '.join(map(str, live))} on {hostname}")
-    gone = ", ".join(str(pid) for pid in sorted({h.pid for h in holders}))
-    return LockVerdict(True, f"left by process(es) {gone} of {hostname}, which no longer exist")
 
 
 @dataclass
@@ -112,75 +83,48 @@ def clean_up_pair(
 
 
 def _stop_leftover(
-    ctx: Context, transport: Transport, node: Node, name: str, cleanup: Cleanup, active: Collection[int] = (),
+    ctx: Context, transport: Transport, node: Node, role: str, cleanup: Cleanup, active: Collection[int] = (),
 ) -> None:
-    """Stop the supervised command of ``node``'s pidfile ``name`` (:func:`source_role`, :func:`host_role`)
+    """Stop the supervised command of ``node``'s job ``role`` (:func:`source_role`, :func:`host_role`)
     unless a live coordinator process runs it: another live process, or this one for a run in ``active``."""
-    pidfile = pidfile_path(resolve_path(node.workdir, transport), name)
-    data = transport.read_file(pidfile)
-    if data is None:
+    found = transport.request("leftover", {"role": role}, timeout=120)
+    if not found.ok:
+        raise OperationFailed(found.error or f"{node.name} did not say what is left")
+    if "pid" not in found.data:
         return
-    info = parse_pidfile(data)
-    owner = ctx.history.run_by_id(info.run_id) if info and info.run_id is not None else None
+    pid, run_id = found.data.get("pid"), found.data.get("run_id")
+    owner = ctx.history.run_by_id(run_id) if isinstance(run_id, int) else None
     live = owner is not None and owner.result == "running" and run_owner_alive(owner) and (
         owner.owner != this_process() or owner.id in active)
     if owner is not None and live:
-        cleanup.busy = (
-            f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} "
-            f"(pid {info.pid if info else '?'})"
-        )
+        cleanup.busy = f"run {owner.id} ({owner.kind}) of coordinator process {owner.pid} still runs on {node.name} (pid {pid})"
         return
-    result = stop_remote(transport, pidfile, int_seconds=30, term_seconds=10)
-    said = result.stdout.decode("utf-8", "replace").strip()
-    if result.ok and said != "not running":
-        what = f"run {info.run_id}" if info and info.run_id is not None else "an unknown run"
-        cleanup.notes.append(f"{node.name}: stopped a leftover command of {what} (pid {info.pid if info else '?'}): {said}")
-    elif not result.ok:
-        cleanup.notes.append(f"{node.name}: a leftover command does not stop: {said or result.stderr_tail(3)}")
+    stopped = transport.request("stop", {"role": role, "int_seconds": 30, "term_seconds": 10}, timeout=120)
+    said = str(stopped.data.get("said") or stopped.error or "")
+    if stopped.data.get("stopped") and said != "not running":
+        what = f"run {run_id}" if run_id is not None else "an unknown run"
+        cleanup.notes.append(f"{node.name}: stopped a leftover command of {what} (pid {pid}): {said}")
+    elif not stopped.data.get("stopped"):
+        cleanup.notes.append(f"{node.name}: a leftover command does not stop: {said}")
 
 
 def _break_stale_lock(
     ctx: Context, transport: Transport, source: Node, host: Node, cleanup: Cleanup, clock: Callable[[], float]
 ) -> None:
+    """Ask the host to break the repository's lock when it is certainly stale (the host judges, see
+    :func:`~mutualbackup.borg.judge_lock`); note what it did."""
     path = borg.repository_path(source, host)
-    listing = transport.run(borg.lock_listing_argv(path), timeout=60)
-    if listing.exit_code == 3:
+    reply = transport.request("unlock", {"source": source.name}, timeout=300)
+    if not reply.ok:
+        raise ValueError(reply.error or "the host did not answer")
+    data = reply.data
+    if data.get("missing"):
         cleanup.notes.append(f"{host.name}: the repository {path} does not exist")
-        return
-    if not listing.ok:
-        raise ValueError(f"lock listing exited {listing.exit_code}: {listing.stderr_tail(3)}")
-    hostname, holders = borg.parse_lock_listing(listing.stdout)
-    if not holders:
-        return
-    verdict = judge_lock(hostname, holders, _alive_on(transport, {h.pid for h in holders}))
-    if not verdict.stale:
-        cleanup.notes.append(f"{host.name}: repository {path} is {verdict.reason}; not breaking the lock")
-        return
-    workdir = resolve_path(host.workdir, transport)
-    broken = transport.run(borg.break_lock_argv(host.borg, path), env=borg.host_env(workdir), timeout=120)
-    if broken.ok:
-        message = f"broke a stale lock of repository {path} on {host.name}: {verdict.reason}"
+    elif data.get("locked") and not data.get("broken") and not data.get("error"):
+        cleanup.notes.append(f"{host.name}: repository {path} is {data.get('reason')}; not breaking the lock")
+    elif data.get("broken"):
+        message = f"broke a stale lock of repository {path} on {host.name}: {data.get('reason')}"
         cleanup.notes.append(message)
         ctx.history.add_alert(source.name, host.name, "stale-lock-broken", message, now=clock())
-    else:
-        cleanup.notes.append(f"{host.name}: borg break-lock exited {broken.exit_code}: {broken.stderr_tail(3)}")
-
-
-def _alive_on(transport: Transport, pids: set[int]) -> set[int]:
-    """Which of ``pids`` are live processes on the transport's node.
-
-    A zombie (killed, not yet reaped by its parent) is not alive: it can hold no
-    lock any more. ``ps`` exits 1 when it lists none; any other failure means
-    "cannot tell", and then every pid counts as alive (a lock is never broken on a guess).
-    """
-    if not pids:
-        return set()
-    result = transport.run(("ps", "-o", "pid=,stat=", "-p", ",".join(str(p) for p in sorted(pids))), timeout=60)
-    if result.exit_code not in (0, 1):
-        return set(pids)
-    alive = set()
-    for line in result.stdout.decode("utf-8", "replace").splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0].isdigit() and not words[1].startswith("Z"):
-            alive.add(int(words[0]))
-    return alive
+    elif data.get("error"):
+        cleanup.notes.append(f"{host.name}: {data.get('error')}")

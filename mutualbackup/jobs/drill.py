@@ -21,7 +21,6 @@ A drill, on the source node with its own key:
 
 from __future__ import annotations
 
-from mutualbackup.restore import node_commands
 
 import dataclasses
 import datetime as dt
@@ -30,21 +29,16 @@ import math
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
-from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.errors import OperationFailed
 from mutualbackup.state.history import History
 from mutualbackup.inventory.model import Federation, Node
-from mutualbackup.plan.drill_sample import (
-    Observation, choose_sample, inspect_argv, parse_inspection, top_level_paths, verify_sample,
-)
-from mutualbackup.borg import Item
-from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted
+from mutualbackup.jobs.runs import RecordedRun, RunFailed, running
+from mutualbackup.node.requests import host_ref
 from mutualbackup.restore.replicas import latest_listing
-from mutualbackup.remote.supervision import RUN_DIR, JobControl, run_supervised
-from mutualbackup.remote.transport import Result, Transport
+from mutualbackup.remote.supervision import RUN_DIR, JobControl
+from mutualbackup.remote.transport import Transport
 
 log = logging.getLogger("mutualbackup.jobs.drill")
 
@@ -135,13 +129,12 @@ def run_drill(
     try:
         number = len(ctx.history.runs(kind="drill", source=source.name))
         with ctx.session(source, control) as transport:
-            env = borg.client_env(ctx.source_paths(transport, source))
-            host, archives = latest_listing(ctx, transport, source, env, need_archive=True,
+            host, archives = latest_listing(ctx, transport, source, need_archive=True,
                                             failure="no replica of {source} could be drilled")
             run = RecordedRun(ctx.history, "drill", source.name, host.name, clock=clock, control=control,
                               started=started, logger=log)
             with run:
-                sample = _drill(ctx, transport, source, env, host, archives[-1].name, number, run)
+                sample = _drill(transport, source, host, archives[-1].name, number, run)
                 run.succeed({"top_level": sample.top_level, "live_checked": sample.live_checked,
                              "live_changed": sample.live_changed},
                             exit_code=None, archive=sample.archive, nfiles=sample.files, original_bytes=sample.bytes)
@@ -157,109 +150,16 @@ def run_drill(
     return DrillOutcome(source.name, run.target, run.outcome.result, run.outcome.duration, error=run.outcome.error)
 
 
-def _drill(
-    ctx: Context, transport: Transport, source: Node, env: dict[str, str], host: Node, archive: str, number: int,
-    run: RecordedRun,
-) -> DrillOutcome:
-    """Sample, hash, extract and compare (see the module notes); RunFailed when the sample does not hold."""
+def _drill(transport: Transport, source: Node, host: Node, archive: str, number: int, run: RecordedRun) -> DrillOutcome:
+    """Ask the source to drill ``archive`` (the whole drill runs there); RunFailed when it did not hold."""
     assert source.backup is not None
-    drilling = _Drilling(ctx, transport, source, env, host, archive, run)
-    top, items = drilling.sample(number)
-    on_disk, live = drilling.extract_and_inspect([item.path for item in items], number)
-    verdict = verify_sample(items, on_disk, live)
-    if verdict.problems:
-        shown = "\n".join(verdict.problems[:10])
-        more = f"\n… and {len(verdict.problems) - 10} more" if len(verdict.problems) > 10 else ""
-        raise RunFailed(f"the sample of {drilling.where} does not match the archive:\n{shown}{more}")
-    return DrillOutcome(
-        source=source.name, target=host.name, result="success", duration=0.0, archive=archive,
-        top_level="/" + top if top else None, files=len(items), bytes=sum(i.size for i in items if i.type == "-"),
-        live_checked=verdict.live_checked, live_changed=verdict.live_changed,
-    )
-
-
-@dataclasses.dataclass
-class _Drilling:
-    """One drill's borg commands on the source, supervised, with errors that say where and what to do."""
-
-    ctx: Context
-    transport: Transport
-    source: Node
-    env: dict[str, str]
-    host: Node
-    archive: str
-    run: RecordedRun
-
-    @property
-    def where(self) -> str:
-        return f"{self.archive} on {self.host.name}"
-
-    @property
-    def url(self) -> str:
-        return borg.repository_url(self.source, self.host)
-
-    def supervised(self, argv: Sequence[str], **options: object) -> Result:
-        """A long borg command under the supervisor (it dies with the session; the daemon can stop it)."""
-        control = self.run.control
-        if control is not None and control.is_aborted:
-            raise RunFailed(f"aborted before {argv[1] if len(argv) > 1 else argv[0]} started: {control.reason}")
-        pidfile = drill_pidfile(self.ctx.source_paths(self.transport, self.source).workdir, self.host.name)
-        return run_supervised(self.transport, self.source, pidfile, self.run.id, argv, env=self.env,
-                              timeout=DRILL_TIMEOUT, control=control, **options)  # type: ignore[arg-type]
-
-    def failed(self, what: str, code: int, messages: str) -> RunFailed:
-        return RunFailed(
-            f"{what} exited {code}: {borg.exit_hint(code)}\n{borg.error_lines(messages)}\n"
-            f"The repository of {self.source.name} on {self.host.name} may be damaged: run "
-            f"`mutualbackup verify {self.source.name}`, and restore from another replica until it is repaired.", code)
-
-    def sample(self, number: int) -> tuple[str, list[Item]]:
-        """The drill's sample (its first top-level path, and the items with their sha256 from the archive)."""
-        assert self.source.backup is not None
-        catalogue = self.supervised(borg.catalogue_argv(self.source.borg, self.url, self.archive))
-        if not borg.succeeded(catalogue.exit_code):
-            raise self.failed(f"cannot list {self.where}: borg list", catalogue.exit_code,
-                              catalogue.stderr.decode("utf-8", "replace"))
-        roots = top_level_paths(self.source.backup.paths)
-        top, sample = choose_sample(borg.parse_catalogue(catalogue.stdout), roots, number)
-        if not sample:
-            raise RunFailed(f"{self.where} holds no file to drill")
-        paths = [entry.path for entry in sample]
-        hashed = self.supervised(borg.hashes_argv(self.source.borg, self.url, self.archive, paths))
-        if not borg.succeeded(hashed.exit_code):
-            raise self.failed(f"borg could not read the sample's data in {self.where}: borg list", hashed.exit_code,
-                              hashed.stderr.decode("utf-8", "replace"))
-        wanted = set(paths)
-        items = [item for item in borg.parse_items(hashed.stdout) if item.path in wanted]
-        if len(items) != len(wanted):
-            raise RunFailed(f"borg listed {len(items)} of the {len(wanted)} sampled item(s) of {self.where}")
-        return top, items
-
-    def extract_and_inspect(self, paths: list[str], number: int) -> tuple[dict[str, Observation], dict[str, Observation]]:
-        """Extract ``paths`` into a scratch directory on the source; (extracted, live) facts of each; scratch removed."""
-        workdir = self.ctx.source_paths(self.transport, self.source).workdir
-        made = self.transport.run(
-            ("sh", "-c", 'umask 077 && mktemp -d "$1/drill-$2.XXXXXX"', "sh", workdir, f"{number}"), timeout=60
-        )
-        scratch = made.stdout.decode("utf-8", "replace").strip()
-        if not made.ok or not scratch.startswith("/"):
-            raise OperationFailed(f"cannot create a scratch directory under {workdir} on {self.source.name}: "
-                                  f"{made.stderr_tail(3)}")
-        try:
-            extracted = self.supervised(
-                borg.extract_argv(self.source.borg, self.url, self.archive, paths, progress=False, exact=True),
-                cwd=scratch)
-            if not borg.succeeded(extracted.exit_code):
-                said = borg.parse_log(extracted.stderr)  # --log-json: the messages are JSON lines on stderr
-                raise self.failed(f"borg extract of the sample of {self.where}", extracted.exit_code, said.tail(40))
-            aborted(self.run.control)
-            inspected = self.transport.run(inspect_argv(scratch, paths), timeout=DRILL_TIMEOUT)
-            if not inspected.ok:
-                raise OperationFailed(f"cannot inspect the extracted sample on {self.source.name}: "
-                                      f"{inspected.stderr_tail(5)}")
-            return parse_inspection(inspected.stdout, paths)
-        finally:
-            removed = self.transport.run(node_commands.remove_temporary_dir_argv(scratch), timeout=600)
-            if not removed.ok:
-                log.warning("could not remove the drill's scratch directory %s on %s: %s", scratch, self.source.name,
-                            removed.stderr_tail(3))
+    args = {"host": host_ref(host), "archive": archive, "number": number, "run_id": run.id,
+            "paths": list(source.backup.paths)}
+    with running(run.control, source, f"drill/{host.name}"):
+        reply = transport.request("drill", args, timeout=DRILL_TIMEOUT + 120)
+    if not reply.ok:
+        raise RunFailed(reply.error or f"{source.name} did not drill")
+    data = reply.data
+    return DrillOutcome(source=source.name, target=host.name, result="success", duration=0.0, archive=archive,
+                        top_level=data.get("top_level"), files=int(data.get("files", 0)), bytes=int(data.get("bytes", 0)),
+                        live_checked=int(data.get("live_checked", 0)), live_changed=int(data.get("live_changed", 0)))

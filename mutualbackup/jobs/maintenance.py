@@ -55,9 +55,10 @@ from mutualbackup.state.history import Run
 from mutualbackup.inventory.model import Node
 from mutualbackup.jobs.crash_cleanup import host_role, source_role
 from mutualbackup.jobs.archives import LIST_TIMEOUT, archive_entries, borg_ok, list_archives, live_bytes, recorded_archives
-from mutualbackup.jobs.runs import RecordedRun, RunFailed, RunOutcome, aborted
-from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
-from mutualbackup.remote.transport import Transport, resolve_path
+from mutualbackup.jobs.runs import RecordedRun, RunFailed, RunOutcome, aborted, running
+from mutualbackup.node.requests import host_ref
+from mutualbackup.remote.supervision import JobControl
+from mutualbackup.remote.transport import Result, Transport, reply_result
 
 log = logging.getLogger("mutualbackup.jobs.maintenance")
 
@@ -88,15 +89,11 @@ def check_replica(
         return [repository, step.fail(f"not checked further: the repository check on {host.name} failed:\n{repository.error}")]
 
     def body() -> RunOutcome:
-        url = borg.repository_url(source, host)
         try:
-            with ctx.session(source, control) as transport:
-                paths = ctx.source_paths(transport, source)
-                result = run_supervised(
-                    transport, source, pidfile_path(paths.workdir, source_role(host.name)), step.id,
-                    borg.check_argv(source.borg, url, archives_only=True),
-                    env=borg.client_env(paths), timeout=CHECK_TIMEOUT, control=control,
-                )
+            with ctx.session(source, control) as transport, running(control, source, source_role(host.name)):
+                result = reply_result(transport.request(
+                    "check", {"host": host_ref(host), "run_id": step.id, "timeout": CHECK_TIMEOUT},
+                    timeout=CHECK_TIMEOUT + 120))
         except TransportError as exc:
             raise RunFailed(f"cannot reach {source.name} to check the archives (the repository check on {host.name} "
                           f"passed): {exc}") from None
@@ -114,14 +111,11 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
 
     def body() -> RunOutcome:
         path = borg.repository_path(source, host)
-        with ctx.session(host, control) as transport:
-            workdir = resolve_path(host.workdir, transport)
-            facts = _facts(transport, host, path)
-            result = run_supervised(
-                transport, host, pidfile_path(workdir, host_role(source.name)), step.id,
-                borg.check_argv(host.borg, path, repository_only=True),
-                env=borg.host_env(workdir), timeout=CHECK_TIMEOUT, control=control,
-            )
+        with ctx.session(host, control) as transport, running(control, host, host_role(source.name)):
+            reply = transport.request("repo_check", {"source": source.name, "run_id": step.id, "timeout": CHECK_TIMEOUT},
+                                      timeout=CHECK_TIMEOUT + 120)
+        facts = _facts(reply_result(reply, "facts"), host, path)
+        result = reply_result(reply, "check")
         aborted(control)
         borg_ok(result, f"borg check --repository-only on {host.name}", strict=True)
         detail = {"segments": facts.segments, "bytes": facts.bytes, "last_write": facts.last_write}
@@ -140,8 +134,8 @@ def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[]
     return step.outcome
 
 
-def _facts(transport: Transport, host: Node, path: str) -> borg.RepositoryFacts:
-    result = transport.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
+def _facts(result: Result, host: Node, path: str) -> borg.RepositoryFacts:
+    """The repository's facts the host read; RunFailed (with its alert) when it is missing or no repository."""
     if result.exit_code == borg.REPOSITORY_MISSING:
         raise RunFailed(f"the repository {path} is missing on {host.name}: the host lost it, or it was moved. "
                       "Run `mutualbackup apply` to create an empty one (the history in it is gone).", alert="repository-missing")
@@ -180,12 +174,10 @@ def compact_replica(
 def _compact(ctx: Context, run: RecordedRun, source: Node, host: Node, force: bool) -> None:
     """The guard from the source (archives and volume), then on the host (its transactions log), then compact."""
     clock, control = run.clock, run.control
-    url = borg.repository_url(source, host)
     try:
         with ctx.session(source, control) as transport:
-            env = borg.client_env(ctx.source_paths(transport, source))
-            present = list_archives(transport, source, url, env)
-            live = live_bytes(transport, source, url, env)
+            present = list_archives(transport, host)
+            live = live_bytes(transport, host)
     except TransportError as exc:
         raise RunFailed(f"skipped: cannot reach {source.name} to list its archives, and compaction only runs after "
                         f"that check: {exc}") from None
@@ -210,14 +202,13 @@ def _compact(ctx: Context, run: RecordedRun, source: Node, host: Node, force: bo
             run.succeed({"compacted": False, "reason": "nothing pruned since the last compaction",
                          "live_bytes": live, "transactions_checked": checked})
             return
-        workdir = resolve_path(host.workdir, transport)
-        before = _facts(transport, host, path)
-        result = run_supervised(transport, host, pidfile_path(workdir, host_role(source.name)), run.id,
-                                borg.compact_argv(host.borg, path), env=borg.host_env(workdir),
-                                timeout=COMPACT_TIMEOUT, control=control)
+        with running(control, host, host_role(source.name)):
+            reply = transport.request("compact", {"source": source.name, "run_id": run.id, "timeout": COMPACT_TIMEOUT},
+                                      timeout=COMPACT_TIMEOUT + 120)
+        before = _facts(reply_result(reply, "before"), host, path)
         aborted(control)
-        borg_ok(result, f"borg compact on {host.name}")
-        after = _facts(transport, host, path)
+        borg_ok(reply_result(reply, "compact"), f"borg compact on {host.name}")
+        after = _facts(reply_result(reply, "after"), host, path)
     run.succeed({"compacted": True, "pruned": pruned, "freed_bytes": before.bytes - after.bytes,
                  "bytes_before": before.bytes, "bytes_after": after.bytes, "live_bytes": live,
                  "transactions_checked": checked})
@@ -263,11 +254,16 @@ def _refuse(ctx: Context, step: RecordedRun, source: Node, host: Node, problems:
     return step.fail(message, detail={**detail, "refused": True})
 
 
+def path_source(path: str) -> str:
+    """The source (``MEMBER/NODE``) whose repository lives at ``path`` (STORAGE/MEMBER/NODE)."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
 def _transactions(transport: Transport, host: Node, path: str) -> tuple[float, list[borg.Transaction]]:
     """The host's clock and the repository's transactions log, read on the host (no key)."""
-    result = transport.run(borg.transactions_argv(path), timeout=LIST_TIMEOUT)
+    result = reply_result(transport.request("transactions", {"source": path_source(path)}, timeout=LIST_TIMEOUT + 60))
     if result.exit_code in (borg.REPOSITORY_MISSING, borg.REPOSITORY_NOT_BORG):
-        _facts(transport, host, path)  # says which, with its alert
+        _facts(result, host, path)  # says which, with its alert
     if not result.ok:
         raise RunFailed(f"cannot read the transactions log of {path} on {host.name} (exit {result.exit_code}): "
                       f"{result.stderr_tail(5)}")

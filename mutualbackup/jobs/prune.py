@@ -15,18 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from mutualbackup import borg
 from mutualbackup.context import Context
-from mutualbackup.inventory.model import Node
+from mutualbackup.inventory.model import Backup, Node
 from mutualbackup.jobs.archives import archive_entries, borg_ok, list_archives, live_bytes, recorded_archives
 from mutualbackup.jobs.crash_cleanup import source_role
-from mutualbackup.jobs.runs import RecordedRun, RunOutcome, aborted
+from mutualbackup.jobs.runs import RecordedRun, RunOutcome, aborted, running
+from mutualbackup.node.requests import host_ref
 from mutualbackup.plan.compaction_rules import ArchiveChanges, archive_changes, guard_problems
 from mutualbackup.plan.retention import plan_prune
-from mutualbackup.remote.supervision import JobControl, pidfile_path, run_supervised
-from mutualbackup.remote.transport import Transport
+from mutualbackup.remote.supervision import JobControl
+from mutualbackup.remote.transport import Transport, reply_result
 
 log = logging.getLogger("mutualbackup.jobs.maintenance")
 
@@ -47,11 +48,8 @@ def prune_replica(
 def _prune(ctx: Context, run: RecordedRun, source: Node, host: Node, clock: Callable[[], float],
            control: JobControl | None) -> None:
     assert source.backup is not None
-    url = borg.repository_url(source, host)
     with ctx.session(source, control) as transport:
-        paths = ctx.source_paths(transport, source)
-        env = borg.client_env(paths)
-        before = list_archives(transport, source, url, env)
+        before = list_archives(transport, host)
         _explain_unfinished_prunes(ctx, source, host, {a.name for a in before}, clock)
         changed = archive_changes(recorded_archives(ctx, source, host), {a.name: a.id for a in before})
         ctx.history.record_archives(source.name, host.name, archive_entries(before), now=clock())
@@ -60,18 +58,18 @@ def _prune(ctx: Context, run: RecordedRun, source: Node, host: Node, clock: Call
         # committed before borg runs: a crash or an abort mid-prune leaves deletions the next prune explains
         run.save(plan_delete=list(plan.delete))
         try:
-            result = run_supervised(
-                transport, source, pidfile_path(paths.workdir, source_role(host.name)), run.id,
-                borg.prune_argv(source.borg, url, source.backup.retention, borg.archive_glob(source)),
-                env=env, timeout=PRUNE_TIMEOUT, control=control,
-            )
+            with running(control, source, source_role(host.name)):
+                reply = transport.request("prune", {"host": host_ref(host), "retention": retention_of(source.backup),
+                                                    "run_id": run.id, "timeout": PRUNE_TIMEOUT},
+                                          timeout=PRUNE_TIMEOUT + 120)
+            result = reply_result(reply)
             aborted(control)
             borg_ok(result, "borg prune")
         except Exception:  # failed or aborted (not Ctrl-C: no more borg then); the next prune explains the rest
-            _mark_partial_prune(ctx, transport, source, host, url, env, before, plan.delete, changed.replaced, clock)
+            _mark_partial_prune(ctx, transport, source, host, before, plan.delete, changed.replaced, clock)
             raise
-        size = live_bytes(transport, source, url, env)  # before the listing that vouches for it
-        after = {a.name: a.id for a in list_archives(transport, source, url, env)}
+        size = live_bytes(transport, host)  # before the listing that vouches for it
+        after = {a.name: a.id for a in list_archives(transport, host)}
     removed = {a.name for a in before} - set(after)
     # a replaced archive is not the one recorded: its deletion explains nothing
     explained = sorted((removed & set(plan.delete)) - set(changed.replaced))
@@ -104,13 +102,13 @@ def _unexplained(source: Node, host: Node, changed: ArchiveChanges, unexplained:
 
 
 def _mark_partial_prune(
-    ctx: Context, transport: Transport, source: Node, host: Node, url: str, env: Mapping[str, str],
+    ctx: Context, transport: Transport, source: Node, host: Node,
     before: Sequence[borg.ArchiveEntry], delete: Sequence[str], replaced: Sequence[str], clock: Callable[[], float],
 ) -> None:
     """After a failed or aborted ``borg prune``: mark pruned what it removed of its plan, when the
     repository can still be listed (best effort: otherwise the next prune explains them)."""
     try:
-        after = {a.name for a in list_archives(transport, source, url, env)}
+        after = {a.name for a in list_archives(transport, host)}
     except Exception as exc:  # the prune's own failure is what the run records
         log.warning("prune   %s -> %s: cannot list the archives after a failed prune: %s", source.name, host.name, exc)
         return
@@ -141,3 +139,10 @@ def _explain_unfinished_prunes(
         log.info("prune   %s -> %s: %d archive(s) removed by an unfinished prune: %s", source.name, host.name,
                  len(names), ", ".join(names))
     return names
+
+
+def retention_of(backup: Backup) -> dict[str, int]:
+    """What a source is told to keep (issue 13: what its member signed)."""
+    retention = backup.retention
+    return {name: getattr(retention, name) for name in ("hourly", "daily", "weekly", "monthly", "yearly")
+            if getattr(retention, name)}

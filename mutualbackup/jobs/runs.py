@@ -14,11 +14,13 @@ then raised on).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from mutualbackup.errors import MutualBackupError
+from mutualbackup.inventory.model import Node
 from mutualbackup.remote.supervision import JobControl
 from mutualbackup.state.history import History
 
@@ -149,6 +151,19 @@ class RecordedRun:
             self.log.warning("%-7s end    %s -> %s  %s  %.1fs: %s", self.kind, self.source, self.target or "-", result,
                         duration, error.splitlines()[0] if error else "")
         return self.outcome
+
+
+@contextlib.contextmanager
+def running(control: JobControl | None, node: Node, role: str) -> Iterator[None]:
+    """Tell ``control`` that the job's supervised command runs on ``node`` under ``role`` (so that the
+    daemon can stop it through a new connection) while the block runs."""
+    if control is not None:
+        control.running_on(node, role)
+    try:
+        yield
+    finally:
+        if control is not None:
+            control.running_on(None)
 
 
 def aborted(control: JobControl | None) -> None:

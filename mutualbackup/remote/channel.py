@@ -27,17 +27,20 @@ class Pumped:
 def pump(
     channel: paramiko.Channel, live: paramiko.Transport, stdin: bytes | Iterable[bytes] | None,
     timeout: float | None, on_stderr_line: Callable[[str], None] | None,
+    on_stdout_line: Callable[[bytes], None] | None = None,
 ) -> Pumped:
     """Run the command started on ``channel`` to its end; the channel is closed afterwards.
 
     ``stdin`` is sent chunk by chunk in a thread, then stdin is closed (at once when None).
-    ``on_stderr_line`` is called in this thread for each stderr line, without its line ending.
+    ``on_stderr_line`` is called in this thread for each stderr line, without its line ending;
+    ``on_stdout_line`` (when given) for each stdout line, with it, as they arrive.
     """
     started = time.monotonic()
     events: queue.Queue[tuple[str, str | None]] = queue.Queue()
     stdout: list[bytes] = []
     stderr: list[bytes] = []
-    readers = [threading.Thread(target=_read_stdout, args=(channel, stdout, events), daemon=True),
+    readers = [threading.Thread(target=_read_stdout, args=(channel, stdout, events, on_stdout_line is not None),
+                                daemon=True),
                threading.Thread(target=_read_stderr, args=(channel, stderr, events), daemon=True)]
     for thread in readers:
         thread.start()
@@ -61,6 +64,8 @@ def pump(
                 open_streams -= 1
             elif kind == "line" and on_stderr_line is not None:
                 on_stderr_line(text or "")
+            elif kind == "out" and on_stdout_line is not None:
+                on_stdout_line(text)  # type: ignore[arg-type]
             if deadline is not None and time.monotonic() >= deadline:
                 timed_out = True
                 break
@@ -71,17 +76,27 @@ def pump(
         channel.close()
         for thread in readers:
             thread.join(timeout=5)
-    while on_stderr_line is not None and not events.empty():
+    while not events.empty():
         kind, text = events.get()
-        if kind == "line":
+        if kind == "line" and on_stderr_line is not None:
             on_stderr_line(text or "")
+        elif kind == "out" and on_stdout_line is not None:
+            on_stdout_line(text)  # type: ignore[arg-type]
     return Pumped(channel.exit_status, b"".join(stdout), b"".join(stderr), timed_out, lost)
 
 
-def _read_stdout(channel: paramiko.Channel, into: list[bytes], events: queue.Queue) -> None:
+def _read_stdout(channel: paramiko.Channel, into: list[bytes], events: queue.Queue, by_line: bool) -> None:
+    pending = b""
     try:
         while data := channel.recv(CHUNK):
             into.append(data)
+            if by_line:
+                pending += data
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    events.put(("out", line + b"\n"))
+        if by_line and pending:
+            events.put(("out", pending))
     finally:
         events.put(("done", None))
 

@@ -21,12 +21,13 @@ import shlex
 import signal
 import socket
 import threading
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import paramiko
 
 from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
 from mutualbackup.inventory.model import Node
+from mutualbackup.node.protocol import FAILED, ProtocolError, Reply, decode_event, encode_request, reply_of
 from mutualbackup.remote.channel import pump
 from mutualbackup.remote.transport import Result, command_line
 
@@ -175,6 +176,7 @@ class SSHTransport:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._home: str | None = None
+        self.describe_node = True  # until the node has joined, each request describes it (its own config wins)
 
     def __enter__(self) -> SSHTransport:
         return self
@@ -344,6 +346,53 @@ class SSHTransport:
             err += "\n".join(notes).encode() + b"\n"
         return Result(argv=argv, exit_code=code, stdout=pumped.stdout, stderr=err)
 
+    def request(
+        self,
+        kind: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Mapping[str, Any]], None] | None = None,
+        feed: Iterable[bytes] = (),
+    ) -> Reply:
+        """Ask the node's ``mutualbackup-node serve`` for ``kind``; see :meth:`Transport.request`."""
+        args = {**args, "node_config": node_config(self.node)} if self.describe_node else dict(args)
+        live, channel = self._open_channel()
+        try:
+            channel.exec_command(f"mutualbackup-node serve {kind}")
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            channel.close()
+            raise TransportError(f"cannot ask {self.node_name} ({self._where}) for {kind}: {error}") from error
+        answered = threading.Event()
+        replies: list[Reply] = []
+
+        def stdin() -> Iterator[bytes]:
+            yield encode_request(kind, args)
+            yield from feed
+            while not answered.wait(0.5) and not channel.closed:  # stdin stays open while the request runs
+                pass
+
+        def heard(line: bytes) -> None:
+            try:
+                event = decode_event(line)
+            except ProtocolError:
+                return
+            if event["event"] == "result":
+                replies.append(reply_of(kind, event))
+                answered.set()
+            elif on_event is not None:
+                on_event(event)
+
+        pumped = pump(channel, live, stdin(), timeout, None, on_stdout_line=heard)
+        answered.set()
+        if replies:
+            return replies[0]
+        why = (f"timed out after {timeout:g}s" if pumped.timed_out else "the connection was lost" if pumped.lost
+               else f"the node ended without an answer (exit {pumped.exit_code})")
+        tail = pumped.stderr.decode("utf-8", "replace").strip().splitlines()[-5:]
+        return Reply(kind, FAILED, f"{self.node_name}: {kind}: {why}" + ("\n" + "\n".join(tail) if tail else ""),
+                     {"lost": True})
+
     def connect(self) -> None:
         """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`run`."""
         self._transport()
@@ -394,3 +443,10 @@ class SSHTransport:
 
     def __repr__(self) -> str:
         return f"SSHTransport({self.node_name!r}, {self._where}, key_file={shlex.quote(self.key_file)})"
+
+
+def node_config(node: Node) -> dict[str, str]:
+    """What a node that has not joined yet is told about itself (a joined node ignores it)."""
+    return {"member": node.member, "node": node.slug, "user": node.user, "authorized_keys": node.authorized_keys,
+            "work": node.workdir, "state": node.workdir, "borg": node.borg,
+            "storage": node.storage.path if node.storage is not None else ""}

@@ -175,13 +175,13 @@ class JobControl:
             if transport in self._transports:
                 self._transports.remove(transport)
 
-    def running_on(self, node: Node | None, pidfile: str | None = None) -> None:
+    def running_on(self, node: Node | None, role: str | None = None) -> None:
         with self._lock:
-            self._current = (node, pidfile) if node is not None and pidfile is not None else None
+            self._current = (node, role) if node is not None and role is not None else None
 
     @property
     def current(self) -> tuple[Node, str] | None:
-        """(node, pidfile) of the supervised command running now, if any."""
+        """(node, role) of the supervised command running now, if any (``src/HOST``, ``repo/SOURCE``...)."""
         with self._lock:
             return self._current
 

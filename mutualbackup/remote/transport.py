@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from mutualbackup.node.protocol import Reply
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,24 @@ class Transport(Protocol):
         ``timeout`` (seconds) kills the remote command and returns exit code -1.
         Raises TransportError when the node cannot be reached or its host key is
         not the pinned one; a command that fails is a Result, not an exception.
+        """
+        ...
+
+    def request(
+        self,
+        kind: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Mapping[str, Any]], None] | None = None,
+        feed: Iterable[bytes] = (),
+    ) -> Reply:
+        """Ask the node's ``mutualbackup-node serve`` for ``kind`` with ``args``; its reply.
+
+        ``on_event`` gets each event the node sends before its result, as it comes; ``feed``
+        is sent after the request, line by line, as it yields (it may block meanwhile).
+        A reply that never came (the connection was lost, ``timeout`` expired) is a failed
+        Reply with ``data["lost"]`` set. Raises TransportError when the node cannot be reached.
         """
         ...
 
@@ -113,6 +133,24 @@ def command_line(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd:
     if cwd is not None:
         line = f"cd {shlex.quote(cwd)} && {line}"
     return line
+
+
+def reply_result(reply: Reply, key: str | None = None) -> Result:
+    """A command's outcome that a request's reply carries (``exit_code``, ``stdout``, ``stderr``; under
+    ``key`` when given) as a Result.
+
+    A reply without one (the node refused, failed before running anything, or never answered)
+    is a Result with exit code -1 and the reply's error as stderr.
+    """
+    from mutualbackup.node.protocol import ProtocolError, unpack
+
+    data = reply.data.get(key) if key is not None else reply.data
+    if isinstance(data, Mapping) and isinstance(data.get("exit_code"), int):
+        try:
+            return Result((reply.kind,), data["exit_code"], unpack(data.get("stdout", "")), unpack(data.get("stderr", "")))
+        except (ProtocolError, ValueError):
+            pass
+    return Result((reply.kind,), -1, b"", (reply.error or "the node gave no answer").encode() + b"\n")
 
 
 def stdin_bytes(stdin: bytes | Iterable[bytes] | None) -> bytes:

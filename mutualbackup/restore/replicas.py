@@ -6,13 +6,14 @@ successful backup first; a replica that cannot be listed passes the turn to the 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from mutualbackup import borg
 from mutualbackup.context import Context
 from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.inventory.model import Node
-from mutualbackup.remote.transport import Transport
+from mutualbackup.node.requests import host_ref
+from mutualbackup.remote.transport import Transport, reply_result
 from mutualbackup.report.status import FAILING_AFTER
 
 LIST_TIMEOUT = 600
@@ -56,7 +57,7 @@ def choose_replica(ctx: Context, source: Node | str, requested: str | None, amon
 
 
 def latest_listing(
-    ctx: Context, transport: Transport, source: Node, env: Mapping[str, str], *, replica: str | None = None,
+    ctx: Context, transport: Transport, source: Node, *, replica: str | None = None,
     need_archive: bool = False, failure: str = "cannot list the archives of {source}",
 ) -> tuple[Node, list[borg.ArchiveEntry]]:
     """The archives of ``source`` on the best replica that answers (``borg list`` run through ``transport``).
@@ -67,8 +68,7 @@ def latest_listing(
     """
     errors = []
     for host in choose_replica(ctx, source, replica):
-        listed = transport.run(borg.list_argv(source.borg, borg.repository_url(source, host)), env=env,
-                               timeout=LIST_TIMEOUT)
+        listed = reply_result(transport.request("list", {"host": host_ref(host)}, timeout=LIST_TIMEOUT + 60))
         if not borg.succeeded(listed.exit_code):
             errors.append(f"{host.name}: borg list exited {listed.exit_code}: {borg.exit_hint(listed.exit_code)}\n"
                           f"{borg.error_lines(listed.stderr.decode('utf-8', 'replace'))}")
@@ -84,5 +84,4 @@ def latest_listing(
 def list_archives(ctx: Context, source: Node, replica: str | None = None) -> tuple[Node, list[borg.ArchiveEntry]]:
     """The archives of ``source`` on the chosen replica (falls back to the next when one is down)."""
     with ctx.session(source) as transport:
-        env = borg.client_env(ctx.source_paths(transport, source))
-        return latest_listing(ctx, transport, source, env, replica=replica)
+        return latest_listing(ctx, transport, source, replica=replica)

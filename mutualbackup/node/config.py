@@ -1,0 +1,122 @@
+"""What a node knows of itself, written by ``join``: whose it is, where its things are, whom it obeys.
+
+``CONFIG/node.json`` (root-owned, readable by all): the member and node name pinned at join, the
+login the coordinator and peers use (``user``) and its ``authorized_keys``, the host-side work
+directory (unprivileged: repositories' borg cache and pidfiles), the root-only state directory
+(the source's key, passphrase, pinned hosts, borg cache; the node's sealing identity), borg's
+executable, and the member's admins pinned at join. Nothing in it is secret.
+
+A root process reads a configuration only from a directory that root owns and nobody else can
+write: whoever gets the unprivileged login cannot point a root request at a file of theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import stat
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_CONFIG = "/etc/mutualbackup-node"
+DEFAULT_STATE = "/var/lib/mutualbackup-node"
+CONFIG_FILE = "node.json"
+IDENTITY_FILE = "identity"  # the node's age X25519 identity (sealing key), in the state directory
+ENVIRONMENT = "MUTUALBACKUP_NODE_CONFIG"  # another configuration directory (the lab's nodes share a machine)
+FORMAT = 1
+
+
+class ConfigError(Exception):
+    """The node's configuration is missing, unreadable, or not trustworthy."""
+
+
+@dataclass(frozen=True)
+class Admin:
+    name: str
+    key: str  # "ssh-ed25519 AAAA…" (OpenSSH public key, no comment)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    member: str
+    node: str
+    user: str  # the login of the coordinator and of peers (borg serve), unprivileged
+    authorized_keys: str  # that login's authorized_keys (the forced-command line, the managed block)
+    work: str  # host-side work directory, owned by ``user``: borg's cache for host checks, pidfiles
+    state: str  # root-only: the source's key, passphrase, pinned hosts, borg cache, sealing identity
+    borg: str = "borg"
+    storage: str = ""  # where this node keeps other members' repositories ("" when it lends no storage)
+    admins: tuple[Admin, ...] = ()
+    coordinator_key: str = ""
+    sudo: bool = False  # requests that need root go through ``sudo -n mutualbackup-node serve --root``
+    directory: str = field(default="", compare=False)  # where it was read from
+
+    @property
+    def name(self) -> str:
+        return f"{self.member}/{self.node}"
+
+    @property
+    def identity_file(self) -> str:
+        return posixpath.join(self.state, IDENTITY_FILE)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("directory")
+        data["admins"] = [asdict(a) for a in self.admins]
+        return json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True) + "\n"
+
+
+def config_directory(explicit: str | None = None) -> str:
+    """The configuration directory: ``--config``, else ``$MUTUALBACKUP_NODE_CONFIG``, else /etc/mutualbackup-node."""
+    return explicit or os.environ.get(ENVIRONMENT) or DEFAULT_CONFIG
+
+
+def load_config(directory: str, *, trusted: bool | None = None) -> NodeConfig:
+    """The configuration in ``directory``; ConfigError saying what is wrong.
+
+    ``trusted`` (default: when this process is root) also requires the directory and the file to be
+    owned by root and writable by nobody else.
+    """
+    path = os.path.join(directory, CONFIG_FILE)
+    if trusted is None:
+        trusted = os.geteuid() == 0
+    try:
+        if trusted:
+            for checked in (directory, path):
+                _check_root_owned(checked)
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: this node has not joined (run `mutualbackup-node join`)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a mutualbackup-node configuration (format {FORMAT})")
+    try:
+        admins = tuple(Admin(str(a["name"]), str(a["key"])) for a in data.get("admins", []))
+        return NodeConfig(
+            member=str(data["member"]), node=str(data["node"]), user=str(data["user"]),
+            authorized_keys=str(data["authorized_keys"]), work=str(data["work"]), state=str(data["state"]),
+            borg=str(data.get("borg") or "borg"), storage=str(data.get("storage") or ""), admins=admins,
+            coordinator_key=str(data.get("coordinator_key", "")),
+            sudo=bool(data.get("sudo", False)), directory=directory,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} lacks {exc}") from None
+
+
+def _check_root_owned(path: str) -> None:
+    info = os.stat(path)
+    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path} must be owned by root and writable by root alone; refusing to trust it")
+
+
+def write_config(config: NodeConfig, directory: str) -> None:
+    """Write ``node.json`` into ``directory`` (made 0755), atomically, mode 0644."""
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, CONFIG_FILE)
+    temporary = path + ".new"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(config.to_json())
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)

@@ -1,0 +1,232 @@
+"""Requests about this node's own backups (it is a source): run as root, on its own key and passphrase.
+
+The source's key (the one its replica hosts accept), its passphrase (generated here, mode 0600,
+never sent anywhere) and the pinned host keys of its replica hosts live in the node's root-only
+state directory; borg reads the passphrase itself (``BORG_PASSCOMMAND``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from typing import Any, Mapping
+
+from mutualbackup import borg
+from mutualbackup.inventory import value_checks
+from mutualbackup.inventory.model import Backup, Retention
+from mutualbackup.node.protocol import pack
+from mutualbackup.node.requests import (
+    Args, Failed, Refused, Session, host_of, integer, node_name, number, request, text,
+)
+from mutualbackup.remote.supervision import pidfile_path
+from mutualbackup.remote.transport import Result
+
+LIST_TIMEOUT = 900
+PASSPHRASE_BYTES = 48
+
+
+def paths(session: Session) -> borg.SourcePaths:
+    return borg.SourcePaths(workdir=session.config.state)
+
+
+def result_data(result: Result) -> dict[str, Any]:
+    """A command's outcome as request data: its exit code and its streams (base64)."""
+    return {"exit_code": result.exit_code, "stdout": pack(result.stdout), "stderr": pack(result.stderr)}
+
+
+def source_pidfile(session: Session, host: str) -> str:
+    return pidfile_path(session.config.state, f"src/{host}")
+
+
+def borg_on(session: Session, args: Args, argv_of, *, timeout: float, supervised: bool = False,  # noqa: ANN001
+            on_line: bool = False) -> dict[str, Any]:
+    """Run the borg argv ``argv_of(borg, url)`` for the request's host with the source's environment."""
+    host = host_of(args)
+    url = borg.repository_url_for(session.config.member, session.config.node, host)
+    extra: dict[str, Any] = {}
+    if supervised:
+        extra = {"pidfile": source_pidfile(session, host.name), "run_id": integer(args, "run_id", optional=True)}
+    if on_line:
+        extra["on_stderr_line"] = lambda line: session.emit("line", text=line)
+    result = session.system.run(argv_of(session.config.borg, url), env=borg.client_env(paths(session)),
+                                timeout=timeout, **extra)
+    return result_data(result)
+
+
+# --- provisioning ------------------------------------------------------------------------------
+
+
+@request("prepare", "source")
+def prepare(session: Session, args: Args) -> Mapping[str, Any]:
+    """The source's key (made once), its passphrase (made once, here only), and its replica hosts pinned."""
+    hosts = args.get("hosts")
+    if not isinstance(hosts, list):
+        raise Refused("'hosts' must be a list of hosts")
+    pinned = sorted((host_of({"host": h}) for h in hosts), key=lambda h: h.name)
+    where = paths(session)
+    changes: list[str] = []
+    system = session.system
+    if system.read(where.key + ".pub") is None:
+        made = system.run(("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"mutualbackup:{session.config.name}",
+                           "-f", where.key), timeout=60)
+        if not made.ok:
+            raise Failed(f"cannot generate the source's SSH key: {made.stderr_tail(3)}")
+        changes.append("key")
+    public_key = (system.read(where.key + ".pub") or b"").decode("utf-8", "replace").strip()
+    if not re.fullmatch(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}( [\x20-\x7e]*)?", public_key):
+        raise Failed(f"the public key {where.key}.pub is not one ed25519 key on one line; move it away and run "
+                     "`mutualbackup apply` again to generate a new one")
+    if system.read(where.passphrase) is None:
+        secret = base64.b64encode(os.urandom(PASSPHRASE_BYTES))
+        if system.create(where.passphrase, secret, 0o600):
+            changes.append("passphrase")
+    elif not system.read(where.passphrase):
+        raise Failed(f"{where.passphrase} exists but is empty: remove it")
+    known = "".join(borg.known_hosts_line(h) + "\n" for h in pinned).encode()
+    if system.read(where.known_hosts) != known:
+        system.write(where.known_hosts, known, 0o600)
+        changes.append(f"known_hosts:{len(pinned)}")
+    return {"public_key": public_key, "changes": changes}
+
+
+@request("init", "source")
+def init(session: Session, args: Args) -> Mapping[str, Any]:
+    """``borg init`` of the repository on the host, unless borg can already open it."""
+    listed = borg_on(session, args, lambda b, url: borg.list_argv(b, url) + ("--short",), timeout=120)
+    if borg.succeeded(listed["exit_code"]):
+        return {"created": False}
+    if listed["exit_code"] not in (13, 15, 2):
+        return {"created": False, "listed": listed}
+    made = borg_on(session, args, borg.init_argv, timeout=300)
+    return {"created": borg.succeeded(made["exit_code"]), "init": made}
+
+
+# --- backups and what they left ---------------------------------------------------------------------
+
+
+@request("backup", "source")
+def backup(session: Session, args: Args) -> Mapping[str, Any]:
+    """The ``before:`` commands, then ``borg create`` of the named archive, supervised, within ``timeout``."""
+    host = host_of(args)
+    spec = _backup_spec(args)
+    archive = text(args, "archive")
+    if not re.fullmatch(rf"{re.escape(session.config.node)}-\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d", archive):
+        raise Refused(f"archive names are {session.config.node}-YYYY-MM-DDTHH:MM:SS, not {archive!r}")
+    deadline = time.monotonic() + (number(args, "timeout") or 1.0)
+    run_id = integer(args, "run_id", optional=True)
+    pidfile = source_pidfile(session, host.name)
+    for command in spec.before:
+        done = session.system.run(("sh", "-c", command), timeout=max(1.0, deadline - time.monotonic()),
+                                  pidfile=pidfile, run_id=run_id)
+        if not done.ok:
+            return {"before": {"command": command, **result_data(done)}}
+    url = borg.repository_url_for(session.config.member, session.config.node, host)
+    created = session.system.run(borg.create_argv(session.config.borg, url, archive, spec),
+                                 env=borg.client_env(paths(session)), timeout=max(1.0, deadline - time.monotonic()),
+                                 pidfile=pidfile, run_id=run_id)
+    return {"create": result_data(created)}
+
+
+def _backup_spec(args: Args) -> Backup:
+    """The backup's paths, excludes, compression and ``before:`` commands, checked as the inventory checks them."""
+    spec = args.get("backup")
+    if not isinstance(spec, dict):
+        raise Refused("'backup' must describe the backup")
+    try:
+        backup_paths = tuple(value_checks.check_absolute_path(p) for p in _strings(spec, "paths"))
+        exclude = tuple(value_checks.check_pattern(p) for p in _strings(spec, "exclude"))
+        before = tuple(value_checks.check_command(c) for c in _strings(spec, "before"))
+        compression = value_checks.check_compression(str(spec.get("compression", "zstd,3")))
+    except ValueError as exc:
+        raise Refused(f"backup: {exc}") from None
+    if not backup_paths:
+        raise Refused("backup: no paths")
+    return Backup(paths=backup_paths, exclude=exclude, compression=compression, before=before)
+
+
+def _strings(spec: Mapping[str, Any], key: str) -> list[str]:
+    value = spec.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Refused(f"backup.{key} must be a list of text")
+    return value
+
+
+@request("list", "source")
+def list_archives(session: Session, args: Args) -> Mapping[str, Any]:
+    return borg_on(session, args, borg.list_argv, timeout=LIST_TIMEOUT)
+
+
+@request("info", "source")
+def info(session: Session, args: Args) -> Mapping[str, Any]:
+    return borg_on(session, args, borg.info_argv, timeout=LIST_TIMEOUT)
+
+
+@request("prune", "source")
+def prune(session: Session, args: Args) -> Mapping[str, Any]:
+    """``borg prune`` of this source's archives with the retention given, supervised."""
+    retention = _retention(args)
+    glob = f"{session.config.node}-*"
+    return borg_on(session, args, lambda b, url: borg.prune_argv(b, url, retention, glob),
+                   timeout=number(args, "timeout") or 1.0, supervised=True)
+
+
+def _retention(args: Args) -> Retention:
+    value = args.get("retention")
+    if not isinstance(value, dict) or set(value) - {"hourly", "daily", "weekly", "monthly", "yearly"}:
+        raise Refused("'retention' must give hourly, daily, weekly, monthly or yearly counts")
+    counts = {k: integer(value, k) or 0 for k in value}
+    if not any(counts.values()):
+        raise Refused("a retention that keeps nothing")
+    return Retention(**counts)
+
+
+@request("check", "source")
+def check(session: Session, args: Args) -> Mapping[str, Any]:
+    """``borg check --archives-only`` from the source, supervised."""
+    return borg_on(session, args, lambda b, url: borg.check_argv(b, url, archives_only=True),
+                   timeout=number(args, "timeout") or 1.0, supervised=True)
+
+
+# --- clean-up after a crash ------------------------------------------------------------------------
+
+
+ROLES = ("src", "drill", "repo")
+
+
+def role_pidfile(session: Session, args: Args) -> str:
+    """The pidfile of a job of this node: ``src/HOST`` and ``drill/HOST`` (as a source), ``repo/SOURCE`` (as a host)."""
+    role = text(args, "role")
+    kind, _, peer = role.partition("/")
+    node_name(peer, "the role's node")
+    if kind not in ROLES:
+        raise Refused(f"a role is one of {', '.join(ROLES)} then a node's name")
+    if kind == "drill":
+        return pidfile_path(session.config.state, "drill-" + peer.replace("/", "."))
+    return pidfile_path(session.config.work if kind == "repo" else session.config.state, role)
+
+
+@request("leftover", "any")
+def leftover(session: Session, args: Args) -> Mapping[str, Any]:
+    """The run a job's pidfile names, if one is left (pid, run id)."""
+    found = session.system.pidfile(role_pidfile(session, args))
+    return {} if found is None else {"pid": found.pid, "run_id": found.run_id}
+
+
+@request("stop", "any")
+def stop(session: Session, args: Args) -> Mapping[str, Any]:
+    """Stop the job of a pidfile (SIGINT, then SIGTERM, then SIGKILL), only while it is the process started."""
+    stopped, said = session.system.stop(role_pidfile(session, args), number(args, "int_seconds", optional=True, default=20.0)
+                                        or 20.0, number(args, "term_seconds", optional=True, default=10.0) or 10.0)
+    return {"stopped": stopped, "said": said}
+
+
+@request("hello", "any")
+def hello(session: Session, args: Args) -> Mapping[str, Any]:
+    """Who this node is, its versions and clock (``mutualbackup doctor``)."""
+    from mutualbackup import __version__
+
+    version = session.system.run((session.config.borg, "--version"), timeout=60)
+    return {"node": session.config.name, "version": __version__, "time": time.time(),
+            "borg": version.stdout.decode("utf-8", "replace").strip() if version.ok else None}
