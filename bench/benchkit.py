@@ -35,3 +35,46 @@ def run_lab_bench(
         result = run(root)
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
+
+
+def cli(inventory: Path, *args: str) -> tuple[int, str, str]:
+    """``mutualbackup --inventory INVENTORY ARGS`` in this process (everything but the interpreter's start)."""
+    import io
+
+    from mutualbackup.cli import main as mutualbackup_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = mutualbackup_main(["--inventory", str(inventory), *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def source_env(state: Path) -> dict[str, str]:
+    """borg's environment as a source has it (its key, pinned known_hosts, passphrase file), from its state directory."""
+    from mutualbackup import borg
+
+    return {**os.environ, **borg.client_env(borg.SourcePaths(str(state)))}
+
+
+def write_data(directory: Path, size_mb: int, small_files: int = 300) -> int:
+    """``size_mb`` MiB in 8 MiB random files, plus small files; returns the bytes written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    total = 0
+    chunk = 8 * 1024 * 1024
+    for index in range((size_mb * 1024 * 1024 + chunk - 1) // chunk):
+        size = min(chunk, size_mb * 1024 * 1024 - index * chunk)
+        (directory / f"blob-{index:04d}.bin").write_bytes(os.urandom(size))
+        total += size
+    small = directory / "small files"
+    small.mkdir(exist_ok=True)
+    for index in range(small_files):
+        data = os.urandom(2000)
+        (small / f"f{index:03d}").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def rotating(names: list[str], round_: int) -> list[str]:
+    """``names`` starting at the ``round_``-th: each way runs first as often as the others."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]

@@ -1,15 +1,15 @@
 """SSH round trips: mutualbackup's transport against paramiko as it comes, side by side.
 
-Starts one lab node (a real sshd on 127.0.0.1), then REPEAT rounds, each timing
-once, in a rotating order:
+Starts one lab node (a real sshd on 127.0.0.1, joined: the coordinator's key runs only
+``mutualbackup-node serve``), then REPEAT rounds, each timing once, in a rotating order:
 
 - ``paramiko``: ``paramiko.SSHClient`` with its own socket (Nagle's algorithm on),
-  connect, run ``true``, wait for its exit status, close;
+  connect, ask the node for ``hello``, read the answer, close;
 - ``mutualbackup``: :class:`mutualbackup.remote.ssh.SSHTransport`, the same four steps;
-- ``openssh``, for context: ``ssh -F /dev/null … true``, as an operator would type it;
+- ``openssh``, for context: ``ssh -F /dev/null …`` with the same request on its stdin;
 
-and, on a connection kept open, one more ``true`` through each of the first two
-(the cost of each later command of a job). Prints the medians and the ratios
+and, on a connection kept open, one more ``hello`` through each of the first two
+(the cost of each later request of a job). Prints the medians and the ratios
 paramiko / mutualbackup. Needs root and /usr/sbin/sshd, like the lab. Usage::
 
     .venv/bin/python bench/ssh_bench.py [--repeat 30] [--json]
@@ -30,7 +30,10 @@ import paramiko
 from benchkit import add_lab_arguments, run_lab_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
 from lab.nodes import Lab, LabNode
+from mutualbackup.node.protocol import encode_request
 from mutualbackup.remote.ssh import SSHTransport, parse_host_key
+
+HELLO = encode_request("hello", {"borg": False}, "bench/node1")
 
 
 def plain_client(node: LabNode, key: Path) -> paramiko.SSHClient:
@@ -38,7 +41,7 @@ def plain_client(node: LabNode, key: Path) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
     client.get_host_keys().add(f"[127.0.0.1]:{node.port}", *_pinned(node))
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect("127.0.0.1", port=node.port, username="root", key_filename=str(key), look_for_keys=False,
+    client.connect("127.0.0.1", port=node.port, username=node.user, key_filename=str(key), look_for_keys=False,
                    allow_agent=False, timeout=10)
     return client
 
@@ -49,14 +52,16 @@ def _pinned(node: LabNode) -> tuple[str, paramiko.PKey]:
 
 
 def plain_true(client: paramiko.SSHClient) -> None:
-    _, stdout, _ = client.exec_command("true")
+    stdin, stdout, _ = client.exec_command("mutualbackup-node serve hello")
+    stdin.write(HELLO)
+    stdin.channel.shutdown_write()
     if stdout.channel.recv_exit_status() != 0:
-        raise SystemExit("true failed through paramiko")
+        raise SystemExit("hello failed through paramiko")
 
 
 def ours_true(transport: SSHTransport) -> None:
-    if not transport.run(["true"]).ok:
-        raise SystemExit("true failed through SSHTransport")
+    if not transport.request("hello", {"borg": False}, timeout=60).ok:
+        raise SystemExit("hello failed through SSHTransport")
 
 
 def timed(action: Callable[[], None]) -> float:
@@ -69,6 +74,7 @@ def run(repeat: int, root: Path, borg: str) -> dict[str, Any]:
     lab = Lab(root / "lab", borg=borg)
     with lab:
         node = lab.add_node("bench", "node1")
+        lab.join_alone(node)
         lab.start(node)
         key = lab.coordinator_key
         known_hosts = root / "known_hosts"
@@ -89,8 +95,8 @@ def run(repeat: int, root: Path, borg: str) -> dict[str, Any]:
             subprocess.run(
                 ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key),
                  "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-p", str(node.port),
-                 "root@127.0.0.1", "true"],
-                check=True, stdin=subprocess.DEVNULL, capture_output=True,
+                 f"{node.user}@127.0.0.1", "mutualbackup-node serve hello"],
+                check=True, input=HELLO, capture_output=True,
             )
 
         kept_plain = plain_client(node, key)
@@ -127,13 +133,13 @@ def run(repeat: int, root: Path, borg: str) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     m = result["median_ms"]
     return "\n".join([
-        f"one SSH command to a lab node on 127.0.0.1, median of {result['repeat']} run(s) each:",
+        f"one request (hello) to a lab node on 127.0.0.1, median of {result['repeat']} run(s) each:",
         "                              paramiko as it comes   mutualbackup   ratio",
-        f"  connect + true + close      {m['paramiko']:11.1f} ms   {m['mutualbackup']:9.1f} ms   "
+        f"  connect + hello + close     {m['paramiko']:11.1f} ms   {m['mutualbackup']:9.1f} ms   "
         f"{result['ratio_connect_and_command']:5.2f}",
-        f"  true on a kept connection   {m['paramiko, kept connection']:11.1f} ms   "
+        f"  hello on a kept connection  {m['paramiko, kept connection']:11.1f} ms   "
         f"{m['mutualbackup, kept connection']:9.1f} ms   {result['ratio_command_on_kept_connection']:5.2f}",
-        f"  (OpenSSH's ssh, connect + true: {m['openssh']:.1f} ms)",
+        f"  (OpenSSH's ssh, connect + hello: {m['openssh']:.1f} ms)",
     ])
 
 

@@ -64,35 +64,57 @@ def build(
     _dump(inventory / "federation.yml", fed)
 
     nodes: dict[str, LabNode] = {}
+    members: dict[str, dict[str, Any]] = {}
     for stem, member_doc in member_docs.items():
         member = dict(member_doc)
-        rewritten = []
-        for node_doc in member.get("nodes", []):
-            node_doc = dict(node_doc)
-            lab_node = lab.add_node(member["member"], node_doc["name"])
-            nodes[lab_node.name] = lab_node
-            node_doc.update(lab_node.inventory_fields())
-            if "backup" in node_doc:
-                backup = dict(node_doc["backup"])
-                backup["paths"] = [str(lab_node.data) + p for p in backup.get("paths", [])]
-                backup["exclude"] = [
-                    str(lab_node.data) + p if p.startswith("/") else p for p in backup.get("exclude", [])
-                ]
-                if not backup["exclude"]:
-                    del backup["exclude"]
-                for path in backup["paths"]:
-                    os.makedirs(path, exist_ok=True)
-                node_doc["backup"] = backup
-            if "storage" in node_doc:
-                storage = dict(node_doc["storage"])
-                storage["path"] = str(lab_node.storage)
-                node_doc["storage"] = storage
-            rewritten.append(node_doc)
-        member["nodes"] = rewritten
+        names = [str(a.get("name")) for a in member.get("admins") or [{"name": "admin"}]]
+        member["admins"] = [{"name": name, "key": lab.admin_public_key(member["member"], name)} for name in names]
+        member["nodes"] = [_lab_node(lab, member["member"], dict(node_doc), nodes) for node_doc in member.get("nodes", [])]
+        members[stem] = member
+        _dump(inventory / "members" / f"{stem}.yml", member)
+    for stem, member in members.items():  # each node joins as its member's admin would join it
+        for node_doc in member["nodes"]:
+            lab_node = nodes[f"{member['member']}/{node_doc['name']}"]
+            node_doc["node_key"] = lab.join(lab_node, inventory / "members" / f"{stem}.yml")
         _dump(inventory / "members" / f"{stem}.yml", member)
     if start:
         lab.start_all()
     return LabFederation(lab=lab, inventory=inventory, state=state, metrics_port=port, nodes=nodes)
+
+
+def _lab_node(lab: Lab, member: str, node_doc: dict[str, Any], nodes: dict[str, LabNode]) -> dict[str, Any]:
+    """The member file's entry of a node, rewritten onto a new lab node (its data and storage directories)."""
+    lab_node = lab.add_node(member, node_doc["name"])
+    nodes[lab_node.name] = lab_node
+    node_doc.update(lab_node.inventory_fields())
+    if "backup" in node_doc:
+        backup = dict(node_doc["backup"])
+        backup["paths"] = [str(lab_node.data) + p for p in backup.get("paths", [])]
+        backup["exclude"] = [str(lab_node.data) + p if p.startswith("/") else p for p in backup.get("exclude", [])]
+        if not backup["exclude"]:
+            del backup["exclude"]
+        for path in backup["paths"]:
+            os.makedirs(path, exist_ok=True)
+        node_doc["backup"] = backup
+    if "storage" in node_doc:
+        storage = dict(node_doc["storage"])
+        storage["path"] = str(lab_node.storage)
+        node_doc["storage"] = storage
+    return node_doc
+
+
+def add_node(fed: LabFederation, stem: str, node_doc: dict[str, Any], *, replace: bool = False) -> LabNode:
+    """A new node in the member file ``stem`` (every other node of it removed with ``replace``), joined and started."""
+    path = fed.inventory / "members" / f"{stem}.yml"
+    member = yaml.safe_load(path.read_text())
+    entry = _lab_node(fed.lab, member["member"], dict(node_doc), fed.nodes)
+    member["nodes"] = ([] if replace else list(member.get("nodes", []))) + [entry]
+    _dump(path, member)
+    node = fed.nodes[f"{member['member']}/{entry['name']}"]
+    entry["node_key"] = fed.lab.join(node, path)
+    _dump(path, member)
+    fed.lab.start(node)
+    return node
 
 
 def load_docs(directory: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -8,7 +8,7 @@ the foreground as a child of this process, so the lab knows every PID it has to
 stop; it only ever signals those processes and their descendants (the sshd
 per-connection children and the commands they run, such as ``borg serve``).
 
-Needs root (sshd, ``PermitRootLogin yes``) and ``/usr/sbin/sshd``.
+Needs root (sshd, useradd, sudo) and ``/usr/sbin/sshd``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.accounts import LAB_USER, give, lab_account, reachable, sudoers_file, the_python
 from mutualbackup.inventory.model import Node
 
 SSHD = "/usr/sbin/sshd"
@@ -56,6 +57,10 @@ class LabNode:
     config: Path
     host_key_file: Path
     borg: str
+    state: Path  # root-only: the source's key and passphrase, the node's sealing identity
+    node_config: Path  # the node program's configuration directory (join writes node.json there)
+    user: str = LAB_USER
+    node_key: str = ""  # "age1…", once joined
     pid: int | None = None  # of the listening sshd; None when stopped
     extra_host_key_files: list[Path] = field(default_factory=list)
 
@@ -68,8 +73,9 @@ class LabNode:
         return {
             "address": ADDRESS,
             "port": self.port,
-            "user": "root",
+            "user": self.user,
             "host_key": self.host_key,
+            **({"node_key": self.node_key} if self.node_key else {}),
             "workdir": str(self.workdir),
             "authorized_keys": str(self.authorized_keys),
             "borg": self.borg,
@@ -82,8 +88,9 @@ class LabNode:
             slug=self.slug,
             address=ADDRESS,
             port=self.port,
-            user="root",
+            user=self.user,
             host_key=self.host_key,
+            node_key=self.node_key,
             workdir=str(self.workdir),
             authorized_keys=str(self.authorized_keys),
             borg=self.borg,
@@ -91,15 +98,21 @@ class LabNode:
 
 
 class Lab:
-    """Real sshd nodes on 127.0.0.1 under ``root``; a context manager that stops them all.
+    """Real sshd nodes on 127.0.0.1, each joined as a member's admin joins a node; a context manager
+    that stops them all.
 
-    ``borg`` is the borg executable the nodes use; its directory is put first on
-    the PATH of every SSH session.
+    The coordinator and peers log in as the unprivileged :data:`LAB_USER`; the node program reaches
+    root through the sudo rule of its join. ``borg`` is the borg executable the nodes use; its
+    directory (the virtualenv, with ``mutualbackup-node``) is put first on the PATH of every session.
     """
 
     def __init__(self, root: Path, *, borg: str) -> None:
         self.root = Path(root).absolute()
         self.borg = str(Path(borg).absolute())
+        self.program = str(Path(self.borg).with_name("mutualbackup-node"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        lab_account()
+        reachable(self.root, self.borg, *the_python(), Path(__file__).resolve().parent.parent)
         self.nodes: dict[str, LabNode] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._ports: set[int] = set()
@@ -142,13 +155,16 @@ class Lab:
         if name in self.nodes:
             raise ValueError(f"lab node {name} already exists")
         base = self.root / "nodes" / member / slug
-        dirs = {sub: base / sub for sub in ("etc", "data", "storage", "work", "log", "run")}
+        dirs = {sub: base / sub for sub in ("etc", "data", "storage", "work", "log", "run", "state", "keys")}
         for path in dirs.values():
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        for owned in ("storage", "work", "keys"):  # the login's, as on a real node
+            give(dirs[owned])
+        dirs["state"].chmod(0o700)
         host_key_file = dirs["etc"] / "ssh_host_ed25519_key"
-        authorized_keys = dirs["etc"] / "authorized_keys"
-        authorized_keys.write_text(self.coordinator_public_key + "\n")
-        authorized_keys.chmod(0o600)
+        authorized_keys = dirs["keys"] / "authorized_keys"
+        authorized_keys.touch()
+        give(authorized_keys, 0o600)
         node = LabNode(
             member=member,
             slug=slug,
@@ -163,11 +179,63 @@ class Lab:
             config=dirs["etc"] / "sshd_config",
             host_key_file=host_key_file,
             borg=self.borg,
+            state=dirs["state"],
+            node_config=dirs["etc"] / "node",
         )
         self._make_host_key(node)
         self._write_config(node)
         self.nodes[name] = node
         return node
+
+    def admin_key(self, member: str, name: str = "admin") -> Path:
+        """The private key of one of ``member``'s admins (made for the lab: they sign its file, open its kits)."""
+        key = self.root / "admins" / f"{member}-{name}_ed25519"
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            _keygen(key, f"{name}@{member}")
+        return key
+
+    def admin_public_key(self, member: str, name: str = "admin") -> str:
+        kind, blob = self.admin_key(member, name).with_suffix(".pub").read_text().split()[:2]
+        return f"{kind} {blob}"
+
+    def join(self, node: LabNode, member_file: Path) -> str:
+        """``mutualbackup-node join`` of ``node`` as its member's admin would run it; the node_key it printed."""
+        done = subprocess.run(
+            [self.program, "join", "--node", node.name, "--coordinator-key", str(self.coordinator_key) + ".pub",
+             "--member-file", str(member_file), "--config", str(node.node_config), "--state", str(node.state),
+             "--host-key", str(node.host_key_file) + ".pub", "--sudoers", self.sudoers_file(node),
+             "--program", self.program],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        if done.returncode != 0:
+            raise LabError(f"join of {node.name} failed: {done.stderr.strip()}")
+        printed = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line and not line.startswith("#"))
+        node.node_key = printed["node_key"]
+        return node.node_key
+
+    def join_alone(self, node: LabNode, *, storage: bool = True) -> str:
+        """Join ``node`` with a member file of its own naming only it (lending its storage unless told
+        not to); the node_key. For tests of one node; a federation joins through :mod:`lab.federation`."""
+        return self.join(node, self.member_file_alone(node, storage=storage))
+
+    def member_file_alone(self, node: LabNode, *, storage: bool = True) -> Path:
+        """A member file naming only ``node`` (lending its storage unless told not to), with one admin."""
+        import yaml
+
+        entry: dict[str, object] = {"name": node.slug, **node.inventory_fields()}
+        if storage:
+            entry["storage"] = {"path": str(node.storage), "capacity": "1GiB"}
+        document = {"member": node.member, "contact": f"ops@{node.member}.example", "site": node.member,
+                    "admins": [{"name": "admin", "key": self.admin_public_key(node.member)}], "nodes": [entry]}
+        path = self.root / "members" / f"{node.member}-{node.slug}.yml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    def sudoers_file(self, node: LabNode) -> str:
+        """Where ``node``'s sudo rule goes (one file per lab node, removed when the lab's process ends)."""
+        return sudoers_file(f"{id(self):x}-{node.member}-{node.slug}")
 
     def change_host_key(self, node: LabNode) -> str:
         """Give ``node`` a new host key (restarting it if it runs); returns the new ``TYPE BASE64``."""
@@ -220,7 +288,7 @@ class Lab:
                     "PasswordAuthentication no",
                     "KbdInteractiveAuthentication no",
                     "PubkeyAuthentication yes",
-                    "PermitRootLogin yes",
+                    "PermitRootLogin no",
                     "MaxStartups 100:30:200",
                     "MaxSessions 50",
                     # SHLVL=1: bash skips ~/.bashrc, which sshd otherwise makes it source even for

@@ -93,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--force", action="store_true")
     p.add_argument("--allow-other-member", action="store_true")
-    p.add_argument("--recovery", metavar="FILE")
+    p.add_argument("--recovery", metavar="KIT", help="the source's recovery kit (`keys export`)")
+    p.add_argument("--identity", metavar="KEY", help="an admin's SSH private key, to open the kit")
     p.add_argument("--json", action="store_true")
     p = command("drill", cmd_drill, "restore a sample of the latest archive on the source and verify it")
     p.add_argument("sources", nargs="*", metavar="SOURCE")
     p.add_argument("--json", action="store_true")
-    p = command("keys", cmd_keys, "export a source's keys and passphrase for the member's offline safe")
+    p = command("keys", cmd_keys, "export a source's recovery kit, sealed for the member's admins")
     p.add_argument("action", choices=["export"])
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="FILE")
@@ -246,14 +247,17 @@ def cmd_archives(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from mutualbackup.restore.recovery_file import read_recovery
     from mutualbackup.restore.extract import restore
+    from mutualbackup.restore.recovery_file import open_kit
     from mutualbackup.terminal import TerminalProgress, requested_by
 
     node_name, sep, directory = args.to.partition(":")
     if not sep or not node_name or not directory:
         raise UsageError(f"--to takes NODE:DIR (e.g. coopcycle/web1:/srv/restore), got {args.to!r}")
-    recovery = read_recovery(args.recovery) if args.recovery else None
+    if args.recovery and not args.identity:
+        raise UsageError("--recovery KIT needs --identity KEY: the SSH private key of one of the member's admins, "
+                         "who alone can open the kit")
+    recovery = open_kit(args.recovery, args.identity) if args.recovery else None
     ctx = open_context(args)
     destination = ctx.node(node_name)
     if args.source in {n.name for n in ctx.federation.nodes()}:
@@ -262,7 +266,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         source = args.source  # gone from the inventory: the recovery file says where its backups are
     else:
         raise UsageError(f"{args.source} is not in the inventory; to restore a node that is gone, "
-                         "use --recovery FILE (made by `mutualbackup keys export`)")
+                         "use --recovery KIT --identity KEY (the kit made by `mutualbackup keys export`, opened with "
+                         "an admin's SSH key)")
     progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
     with progress.beside_logs() if progress is not None else contextlib.nullcontext():
         result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
@@ -290,16 +295,17 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from mutualbackup.restore.recovery_file import WARNING, export_keys, summary
+    from mutualbackup.restore.recovery_file import WARNING, export_keys
 
     ctx = open_context(args)
     source = ctx.source(args.source)
-    recovery = export_keys(ctx, source, args.out)
-    print(WARNING.format(out=args.out, source=source.name), file=sys.stderr)
+    kit = export_keys(ctx, source, args.out)
+    print(WARNING.format(out=args.out, source=source.name, admins=", ".join(kit.admins)), file=sys.stderr)
     if args.json:
-        print(json.dumps(summary(recovery, args.out), indent=2))
+        print(json.dumps(kit.to_json(), indent=2))
     else:
-        print(f"wrote {args.out} (mode 0600): {source.name}, {len(recovery.repositories)} repository key(s) and the passphrase")
+        print(f"wrote {args.out} (mode 0600): the recovery kit of {source.name} ({len(kit.repositories)} repository "
+              f"key(s) and the passphrase), sealed for {', '.join(kit.admins)}")
     return 0
 
 

@@ -12,13 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from mutualbackup.borg import SourcePaths
 from mutualbackup.errors import InventoryError
 from mutualbackup.state.history import History
 from mutualbackup.inventory.model import Federation, Node
 from mutualbackup.plan.placement import Placement, place
-from mutualbackup.remote.supervision import JobControl
-from mutualbackup.remote.transport import Transport, resolve_path
+from mutualbackup.jobs.control import JobControl
+from mutualbackup.remote.transport import Transport
 
 Connector = Callable[[Node], Transport]
 
@@ -78,9 +77,6 @@ class Context:
             if control is not None:
                 control.detach(transport)
             transport.close()
-
-    def source_paths(self, transport: Transport, node: Node) -> SourcePaths:
-        return SourcePaths(workdir=resolve_path(node.workdir, transport))
 
     def node(self, name: str) -> Node:
         """The node called ``name``; a usage error naming the known ones otherwise."""

@@ -39,7 +39,7 @@ from mutualbackup.jobs.crash_cleanup import clean_up_pair
 from mutualbackup.jobs import drill, prune
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 
 log = logging.getLogger("mutualbackup.daemon")
 

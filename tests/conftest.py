@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +16,11 @@ from typing import Iterator
 import pytest
 
 from lab.nodes import Lab
+
+# A shell that starts pytest in the background ignores SIGINT in it, and every command it starts would
+# inherit that (borg would not stop cleanly on SIGINT); mutualbackup-node serve resets it the same way.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

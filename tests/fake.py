@@ -26,14 +26,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from mutualbackup import borg
-from mutualbackup.remote import supervision
 from mutualbackup.errors import TransportError
 from mutualbackup.inventory.model import Backup, Federation, Node, Retention
 from mutualbackup.plan.retention import plan_prune
-from mutualbackup.remote.transport import Result, stdin_bytes
+from mutualbackup.remote.transport import Result
 
 HOME = "/home/fake"
 ARCHIVE_BYTES = 100_000_000  # live bytes each fake archive adds
@@ -180,10 +179,12 @@ class FakeWorld:
             result = rule(node, argv, self)
             if result is not None:
                 return result
-        if supervision.is_stop(argv):
+        if is_stop(argv):
             return Result(argv, 0, b"not running\n", b"")
         if argv[:1] == ("ps",):
             return Result(argv, 1, b"", b"")
+        if argv[1:] == ("--version",):
+            return Result(argv, 0, b"borg 1.4.5\n", b"")
         if argv[:2] == ("sh", "-c") and len(argv) >= 5:
             return self._script(node, argv)
         if argv[:2] == ("sh", "-c"):
@@ -329,8 +330,8 @@ class FakeSystem:
                 on_stderr_line(line)
         return Result(argv, result.exit_code, result.stdout, result.stderr)
 
-    def stop(self, pidfile: str, int_seconds: float, term_seconds: float) -> tuple[bool, str]:
-        said = self.run(supervision.stop_argv(pidfile, int(int_seconds), int(term_seconds)))
+    def stop(self, pidfile: str, int_seconds: float, term_seconds: float, owner: str | None = None) -> tuple[bool, str]:
+        said = self.run(stop_argv(pidfile))
         return said.ok, said.stdout.decode("utf-8", "replace").strip() or said.stderr_tail(2)
 
     def pidfile(self, path: str):  # noqa: ANN201
@@ -340,6 +341,8 @@ class FakeSystem:
         return parse_pidfile(data) if data is not None else None
 
     def read(self, path: str) -> bytes | None:
+        if path.endswith("/identity") and (self.node.name, path) not in self.world.files:
+            self.world.files[(self.node.name, path)] = (str(identity_of(self.node.name)) + "\n").encode()
         return self.world.files.get((self.node.name, path))
 
     def write(self, path: str, data: bytes, mode: int = 0o600) -> None:
@@ -355,19 +358,38 @@ class FakeSystem:
     def alive(self, pids: Iterable[int]) -> set[int]:
         return set()
 
-    def makedirs(self, path: str) -> None:
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
         self.world.directories.add((self.node.name, path))
 
+    def listdir(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix):].split("/")[0] for (n, p) in self.world.files if n == self.node.name
+                       and p.startswith(prefix)})
 
-def node_config_of(node: Node):  # noqa: ANN201
-    """The configuration a fake node would have written at join."""
-    from mutualbackup.node.config import NodeConfig
-    from mutualbackup.remote.transport import expand_home
+    def remove_tree(self, path: str) -> None:
+        prefix = path.rstrip("/") + "/"
+        for key in [k for k in self.world.files if k[0] == self.node.name and (k[1] == path or k[1].startswith(prefix))]:
+            del self.world.files[key]
+
+
+def node_config_of(node: Node, federation: Federation | None = None):  # noqa: ANN201
+    """The configuration a fake node would have written at join (its member's admins pinned)."""
+    from mutualbackup.node.config import Admin, NodeConfig
+
+    admins: tuple = ()
+    if federation is not None:
+        try:
+            admins = tuple(Admin(a.name, a.key) for a in federation.member(node.member).admins)
+        except KeyError:
+            admins = ()
+
+    def expand_home(path: str, home: str) -> str:
+        return home + path[1:] if path == "~" or path.startswith("~/") else path
 
     workdir = expand_home(node.workdir, HOME)
     return NodeConfig(member=node.member, node=node.slug, user=node.user,
                       authorized_keys=expand_home(node.authorized_keys, HOME), work=workdir, state=workdir,
-                      borg=node.borg, storage=node.storage.path if node.storage is not None else "")
+                      borg=node.borg, storage=node.storage.path if node.storage is not None else "", admins=admins)
 
 
 class FakeTransport:
@@ -379,35 +401,11 @@ class FakeTransport:
         self.world = world
         self.closed = False
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | Iterable[bytes] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_stderr_line: Callable[[str], None] | None = None,
-    ) -> Result:
-        if self.node.name in self.world.unreachable:
-            raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
-        if self.world.local:
-            return run_locally(self.node.name, tuple(argv), env, stdin, cwd, timeout, on_stderr_line)
-        stdin_bytes(stdin)  # read it all, as the command would
-        inner, pidfile, _run_id = supervision.unwrap(argv)
-        start = self.world.clock.time()
-        result = self.world.answer(self.node, inner, timeout)
-        with self.world._lock:
-            self.world.calls.append(Call(self.node.name, inner, start, self.world.clock.time(), result.exit_code, pidfile, timeout))
-        if on_stderr_line is not None:
-            for line in result.stderr.decode("utf-8", "replace").splitlines():
-                on_stderr_line(line.rstrip("\r"))
-        return Result(tuple(argv), result.exit_code, result.stdout, result.stderr)
-
     def request(self, kind: str, args: Mapping[str, object], *, timeout: float | None = None,
                 on_event: Callable[[Mapping[str, object]], None] | None = None,
                 feed: Iterable[bytes] = ()):  # noqa: ANN201 - a Reply
-        """The node's own request code, in-process, on a :class:`FakeSystem` (arguments and data go through JSON)."""
+        """The node's own request code, in-process, on a :class:`FakeSystem` (arguments and data go through JSON;
+        ``feed`` is read as the request asks for it)."""
         from mutualbackup.node.protocol import Reply
         from mutualbackup.node.requests import Session, handle
         from mutualbackup.node.serve import import_handlers
@@ -415,12 +413,12 @@ class FakeTransport:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
         import_handlers()
-        lines = iter(b"".join(feed).splitlines(keepends=True))
-        session = Session(node_config_of(self.node), FakeSystem(self.node, self.world),
+        lines = _lines_of(feed)
+        session = Session(node_config_of(self.node, self.world.federation), FakeSystem(self.node, self.world),
                           lambda event, fields: on_event({"event": event, **json.loads(json.dumps(fields))})
                           if on_event is not None else None,
                           lambda _timeout: next(lines, None))
-        reply = handle(kind, json.loads(json.dumps(args)), session)
+        reply = handle(kind, json.loads(json.dumps(args)), session, self.node.name)
         with self.world._lock:
             self.world.requests.append((self.node.name, kind, json.loads(json.dumps(args))))
         return Reply(reply.kind, reply.code, reply.error, json.loads(json.dumps(dict(reply.data))))
@@ -429,138 +427,29 @@ class FakeTransport:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
 
-    def home(self) -> str:
-        if self.world.local:
-            import os
-
-            return os.path.expanduser("~")
-        return HOME
-
-    def read_file(self, path: str) -> bytes | None:
-        if self.world.local:
-            return read_locally(self.node.name, path)
-        return self.world.files.get((self.node.name, path))
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        if self.world.local:
-            write_locally(self.node.name, path, data, mode)
-            return
-        self.world.files[(self.node.name, path)] = data
-        self.world.modes[(self.node.name, path)] = mode
-
     def close(self) -> None:
         self.closed = True
 
 
-def run_locally(
-    node: str, argv: tuple[str, ...], env: Mapping[str, str] | None, stdin: bytes | Iterable[bytes] | None,
-    cwd: str | None, timeout: float | None, on_stderr_line: Callable[[str], None] | None,
-) -> Result:
-    """``argv`` run on this machine the way SSHTransport runs it on a node: ``env`` added to the
-    environment, in ``cwd``, stdin streamed then closed, stderr lines handed over as they come,
-    -1 with a note on a timeout, 128 + N when killed by signal N."""
-    import os
-    import signal
-    import subprocess
-
-    merged = {**os.environ, **(env or {})}
-    try:
-        process = subprocess.Popen(argv, env=merged, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as error:
-        return Result(argv, 127, b"", f"{argv[0]}: {error.strerror}\n".encode())
-    out: list[bytes] = []
-    err: list[bytes] = []
-
-    def feed() -> None:
-        try:
-            for chunk in (stdin or b"",) if isinstance(stdin, (bytes, type(None))) else stdin:
-                process.stdin.write(chunk)  # type: ignore[union-attr]
-                process.stdin.flush()  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError):
-            pass
-        finally:
-            try:
-                process.stdin.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-
-    def read_out() -> None:
-        out.append(process.stdout.read())  # type: ignore[union-attr]
-
-    def read_err() -> None:
-        pending = b""
-        while chunk := process.stderr.read1(65536):  # type: ignore[union-attr]
-            err.append(chunk)
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if on_stderr_line is not None:
-                    on_stderr_line(line.rstrip(b"\r").decode("utf-8", "replace"))
-        if pending and on_stderr_line is not None:
-            on_stderr_line(pending.rstrip(b"\r").decode("utf-8", "replace"))
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out)]
-    for thread in threads:
-        thread.start()
-    reader = threading.Thread(target=read_err, daemon=True)
-    reader.start()
-    note = b""
-    try:
-        code = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        code = -1
-        note = f"mutualbackup: {node}: timed out after {timeout:g}s\n".encode()
-    reader.join()  # in this thread: the callback runs here before run returns, as SSHTransport does
-    for thread in threads:
-        thread.join(timeout=5)
-    if code < -1:
-        code = 128 - code
-    stderr = b"".join(err)
-    if note and stderr and not stderr.endswith(b"\n"):
-        stderr += b"\n"
-    return Result(argv, code, b"".join(out), stderr + note)
+def _lines_of(feed: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of ``feed``, pulled from it only as they are asked for (it may block meanwhile)."""
+    pending = b""
+    for chunk in feed:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line + b"\n"
+    if pending:
+        yield pending
 
 
-def read_locally(node: str, path: str) -> bytes | None:
-    """SSHTransport.read_file's meaning on this machine: None when missing, OperationFailed when unreadable."""
-    from mutualbackup.errors import OperationFailed
-
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise OperationFailed(f"cannot read {path} on {node}: {error.strerror}") from None
+def stop_argv(pidfile: str) -> tuple[str, ...]:
+    """How the fake records a node's stop of a supervised command (the real node signals it in Python)."""
+    return ("stop", pidfile)
 
 
-def write_locally(node: str, path: str, data: bytes, mode: int) -> None:
-    """SSHTransport.write_file's meaning on this machine: parents made 0700, a temporary file, then a rename."""
-    import os
-    import tempfile
-
-    from mutualbackup.errors import OperationFailed
-
-    directory = os.path.dirname(path) or "."
-    try:
-        missing = []
-        parent = directory
-        while not os.path.isdir(parent):
-            missing.append(parent)
-            parent = os.path.dirname(parent)
-        for made in reversed(missing):  # private, like the node's umask 077 makes them
-            os.mkdir(made, 0o700)
-            os.chmod(made, 0o700)
-        fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=directory)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OperationFailed(f"cannot write {path} on {node}: {error.strerror}") from None
+def is_stop(argv: Sequence[str]) -> bool:
+    return len(argv) == 2 and argv[0] == "stop"
 
 
 def failing(exit_code: int, stderr: str, *, when: Callable[[Node, tuple[str, ...]], bool]) -> Rule:
@@ -580,6 +469,49 @@ def _utc(epoch: float):
 
 # --- federations for fake tests ------------------------------------------------------
 
+_IDENTITIES: dict[str, object] = {}
+
+
+def identity_of(node: str):  # noqa: ANN201 - a pyrage x25519 Identity
+    """The fake node's sealing identity (made once per name in this process)."""
+    from pyrage import x25519
+
+    if node not in _IDENTITIES:
+        _IDENTITIES[node] = x25519.Identity.generate()
+    return _IDENTITIES[node]
+
+
+def node_key_of(node: str) -> str:
+    return str(identity_of(node).to_public())  # type: ignore[attr-defined]
+
+
+_ADMIN: list[tuple[bytes, str]] = []
+
+
+def admin_key() -> tuple[bytes, str]:
+    """The fake members' admin: (OpenSSH private key file content, public key ``ssh-ed25519 BASE64``)."""
+    if not _ADMIN:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _ADMIN.append((private, public.decode()))
+    return _ADMIN[0]
+
+
+def admin_identity_file(directory) -> str:  # noqa: ANN001
+    """The admin's private key written (0600) into ``directory``, for ``--identity``."""
+    import os
+
+    path = os.path.join(str(directory), "admin_ed25519")
+    with open(path, "wb") as handle:
+        handle.write(admin_key()[0])
+    os.chmod(path, 0o600)
+    return path
+
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 GIB = 1024**3
 
@@ -596,7 +528,7 @@ def make_federation(
 ) -> Federation:
     """``members`` members ``coopM``, each lending one host ``coopM/store`` and owning
     ``sources_per_member`` sources ``coopM/srcJ``; ``backup(m, j)`` gives each source's section."""
-    from mutualbackup.inventory.model import Coordinator, Member, Storage
+    from mutualbackup.inventory.model import Admin, Coordinator, Member, Storage
 
     def default_backup(m: int, j: int) -> Backup:
         return Backup(paths=("/etc", "/srv"), estimate=GIB, retention=Retention(daily=7))
@@ -606,13 +538,15 @@ def make_federation(
     for m in range(members):
         member = f"coop{m}"
         nodes = [Node(member=member, slug="store", address=f"192.0.2.{m + 1}", port=22, user="mutualbackup",
-                      host_key=HOST_KEY, site=f"site-{m}",
+                      host_key=HOST_KEY, site=f"site-{m}", node_key=node_key_of(f"{member}/store"),
                       storage=Storage(path="/srv/mutualbackup", capacity=2000 * GIB,
                                       max_concurrent=max_concurrent(m), bandwidth=bandwidth(m)))]
         for j in range(sources_per_member):
             nodes.append(Node(member=member, slug=f"src{j}", address=f"198.51.{m}.{j + 1}", port=22, user="root",
-                              host_key=HOST_KEY, site=f"site-{m}", backup=make_backup(m, j)))
-        result.append(Member(name=member, contact=f"ops@{member}.example", site=f"site-{m}", nodes=tuple(nodes)))
+                              host_key=HOST_KEY, site=f"site-{m}", backup=make_backup(m, j),
+                              node_key=node_key_of(f"{member}/src{j}")))
+        result.append(Member(name=member, contact=f"ops@{member}.example", site=f"site-{m}", nodes=tuple(nodes),
+                             admins=(Admin("admin", admin_key()[1]),)))
     return Federation(
         name="fake-federation",
         coordinator=Coordinator(ssh_key="/nonexistent", state="/nonexistent", timezone=timezone),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup import borg
-from mutualbackup.remote import supervision
+from mutualbackup.node.system import pidfile_path
 from mutualbackup.state.processes import process_identity
 from mutualbackup.report.metrics import build_registry
 from mutualbackup.inventory.model import Backup, Retention, Window
@@ -22,7 +22,7 @@ from mutualbackup.plan.due import retry_delay
 from mutualbackup.report.status import compute_status
 from mutualbackup.remote.transport import Result
 
-from fake import GIB, Harness, failing, make_federation
+from fake import GIB, Harness, failing, is_stop, make_federation
 
 START = dt.datetime(2025, 6, 2, 12, 0, tzinfo=dt.timezone.utc).timestamp()  # a Monday, 14:00 in Paris
 HOUR = 3600.0
@@ -179,15 +179,15 @@ def test_after_an_interrupted_run_a_leftover_command_is_stopped_and_a_stale_lock
     run_id = h.history.start_run("backup", source, target, started=START - 60)
     h.history.mark_interrupted()  # nothing: this process is alive
     h.history.interrupt_own_runs("the coordinator was killed", now=START - 30)
-    pidfile = supervision.pidfile_path("/home/fake/.mutualbackup", f"src/{target}")
+    pidfile = pidfile_path("/home/fake/.mutualbackup", f"src/{target}")
     h.world.files[(source, pidfile)] = f"4242\n{run_id}\nMon Jun  2 13:59:00 2025\n".encode()
     stale = "fakehost.example@123456.999-0"
     h.world.script(lambda node, argv, world: Result(argv, 0, f"fakehost.example@123456\nexclusive {stale}\n".encode(), b"")
                    if node.name == target and argv == borg.lock_listing_argv(borg.repository_path(h.federation.node(source), host))
                    else None)
     h.run_until(START + 3 * HOUR)
-    stops = [c for c in h.world.calls if supervision.is_stop(c.argv)]
-    assert [(c.node, c.argv[4]) for c in stops if c.node == source] == [(source, pidfile)]
+    stops = [c for c in h.world.calls if is_stop(c.argv)]
+    assert [(c.node, c.argv[1]) for c in stops if c.node == source] == [(source, pidfile)]
     breaks = h.world.commands("break-lock")
     assert [(c.node, c.argv[-1]) for c in breaks] == [(target, "/srv/mutualbackup/coop0/src0")]
     alert = [a for a in h.history.alerts() if a["kind"] == "stale-lock-broken"]
@@ -217,12 +217,12 @@ def test_a_job_whose_last_run_is_still_running_in_a_live_coordinator_is_not_star
     live_run = h.history.start_run("backup", source, target, started=START - 60)  # e.g. `mutualbackup run` in a shell
     other = os.getppid()  # a live process that is not this one
     h.history._db.execute("UPDATE runs SET pid = ?, owner = ? WHERE id = ?", (other, process_identity(other), live_run))
-    h.world.files[(source, supervision.pidfile_path("/home/fake/.mutualbackup", f"src/{target}"))] = f"4242\n{live_run}\nx\n".encode()
+    h.world.files[(source, pidfile_path("/home/fake/.mutualbackup", f"src/{target}"))] = f"4242\n{live_run}\nx\n".encode()
     h.clock.advance_to(START + 600)  # the retry after the failure is due
     assert (source, target) in [(j.source, j.target) for j in h.step()]
     assert h.daemon.job_states()[(source, target)].running  # held: counted as running, not retried at once
     h.finish()
-    assert not [c for c in h.world.calls if supervision.is_stop(c.argv)]
+    assert not [c for c in h.world.calls if is_stop(c.argv)]
     assert [r.id for r in h.history.runs(kind="backup", source=source, target=target)] == [live_run, 1]  # skipped, no failure
 
 
@@ -487,7 +487,7 @@ def test_sigterm_lets_short_jobs_finish_and_aborts_long_ones_through_a_new_conne
         return None
 
     def stop(node, argv, world):
-        if supervision.is_stop(argv):
+        if is_stop(argv):
             release.set()
             return Result(argv, 0, b"stopped by SIGINT\n", b"")
         return None
@@ -502,7 +502,7 @@ def test_sigterm_lets_short_jobs_finish_and_aborts_long_ones_through_a_new_conne
     began = time.monotonic()
     assert h.daemon.shutdown() == 0
     assert time.monotonic() - began < 3.0
-    stopped = [c for c in h.world.calls if supervision.is_stop(c.argv)]
+    stopped = [c for c in h.world.calls if is_stop(c.argv)]
     assert [c.node for c in stopped] == ["coop0/src0"]
     run = h.history.runs(kind="backup", source="coop0/src0")[0]
     assert run.result == "interrupted" and "aborted" in run.error

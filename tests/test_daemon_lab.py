@@ -76,12 +76,12 @@ def repository(fed: LabFederation, source: str, host: str) -> Path:
 
 def borg_url(fed: LabFederation, source: str, host: str) -> str:
     node = fed.nodes[host]
-    return f"ssh://root@127.0.0.1:{node.port}{repository(fed, source, host)}"
+    return f"ssh://{node.user}@127.0.0.1:{node.port}{repository(fed, source, host)}"
 
 
 def borg_as(fed: LabFederation, source: str, *args: str) -> subprocess.CompletedProcess[str]:
     """borg run on this machine exactly as ``source`` runs it: its key, pinned hosts, passphrase and cache."""
-    env = {**os.environ, **borg.client_env(borg.SourcePaths(str(fed.nodes[source].workdir)))}
+    env = {**os.environ, **borg.client_env(borg.SourcePaths(str(fed.nodes[source].state)))}
     return subprocess.run([fed.lab.borg, *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
 
 

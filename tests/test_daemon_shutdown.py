@@ -14,12 +14,11 @@ from zoneinfo import ZoneInfo
 from mutualbackup.plan import schedule
 from mutualbackup.plan.schedule import WINDOW_MARGIN
 from mutualbackup.plan.windows import clear_of_window
-from mutualbackup.remote import supervision
 from mutualbackup.daemon import FIRST_RUN_TIMEOUT
 from mutualbackup.inventory.model import Backup, Retention, Window
 from mutualbackup.remote.transport import Result
 
-from fake import GIB, Harness, make_federation
+from fake import GIB, Harness, is_stop, make_federation
 
 START = dt.datetime(2025, 6, 2, 12, 0, tzinfo=dt.timezone.utc).timestamp()  # a Monday, 14:00 in Paris
 HOUR = 3600.0
@@ -48,7 +47,7 @@ def blocking(*words: str, on: str = "coop0/src0") -> tuple[threading.Event, thre
             entered.set()
             release.wait(30)
             return Result(argv, 130, b"", b"Got Ctrl-C / SIGINT.\n")
-        if supervision.is_stop(argv):
+        if is_stop(argv):
             release.set()
             return Result(argv, 0, b"stopped by SIGINT\n", b"")
         return None
@@ -74,7 +73,7 @@ def test_a_drills_borg_runs_supervised_and_sigterm_stops_it_and_records_the_dril
     assert time.monotonic() - began < 3.0
     listing = h.world.commands(borg.CATALOGUE_FORMAT)
     assert listing and all(c.pidfile and "/run/drill-" in c.pidfile for c in listing)
-    assert [c.node for c in h.world.calls if supervision.is_stop(c.argv)] == ["coop0/src0"]
+    assert [c.node for c in h.world.calls if is_stop(c.argv)] == ["coop0/src0"]
     drill = h.history.runs(kind="drill", source="coop0/src0")[0]
     assert drill.result == "interrupted" and "aborted" in drill.error
     assert not h.history.runs(result="running")

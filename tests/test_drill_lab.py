@@ -43,7 +43,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[La
 
 
 def scratch_dirs(fed: LabFederation) -> list[Path]:
-    return list(Path(fed.nodes[SOURCE].workdir).glob("drill-*"))
+    return [*fed.nodes[SOURCE].state.glob("drill-*"), *Path(fed.nodes[SOURCE].workdir).glob("drill-*")]
 
 
 def test_a_drill_passes_on_a_healthy_repository_and_is_recorded_exported_and_shown(fed: LabFederation) -> None:

@@ -164,15 +164,14 @@ def test_a_second_run_creates_new_archives_that_deduplicate(federation: LabFeder
 
 
 def test_no_passphrase_reaches_the_state_output_metrics_or_process_arguments(federation: LabFederation) -> None:
-    passphrases = [
-        (Path(node.workdir) / "passphrase").read_bytes().strip()
-        for name, node in federation.nodes.items()
-        if (Path(node.workdir) / "passphrase").exists()
-    ]
+    files = [node.state / "passphrase" for node in federation.nodes.values() if (node.state / "passphrase").exists()]
+    passphrases = [path.read_bytes().strip() for path in files]
     assert len(passphrases) == 3 and all(len(p) >= 32 for p in passphrases)
-    for name, node in federation.nodes.items():
-        mode = (Path(node.workdir) / "passphrase").stat().st_mode & 0o777 if (Path(node.workdir) / "passphrase").exists() else 0o600
-        assert mode == 0o600
+    for path in files:  # root's alone, in the root-only state directory: not even the node's login reads it
+        assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == 0
+        assert path.parent.stat().st_mode & 0o777 == 0o700 and path.parent.stat().st_uid == 0
+    assert not any(passphrase in p.read_bytes() for node in federation.nodes.values()
+                   for p in Path(node.workdir).rglob("*") if p.is_file() for passphrase in passphrases)
 
     seen_args: list[bytes] = []
     stop = threading.Event()
@@ -249,7 +248,7 @@ def fresh_federation(tmp_path: Path, borg_path: str) -> Iterator[LabFederation]:
 
 def borg_as(fed: LabFederation, source: str, *args: str, base_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run borg on this machine exactly as ``source`` would: its key, its pinned hosts, its passphrase."""
-    work = Path(fed.nodes[source].workdir)
+    work = fed.nodes[source].state
     env = dict(os.environ)
     env.update(
         BORG_RSH=f"ssh -o BatchMode=yes -o IdentitiesOnly=yes -i {work}/id_ed25519 -o UserKnownHostsFile={work}/known_hosts "
@@ -265,7 +264,7 @@ def borg_as(fed: LabFederation, source: str, *args: str, base_dir: Path | None =
 def repo_url(fed: LabFederation, source: str, host: str) -> str:
     member, slug = source.split("/")
     node = fed.nodes[host]
-    return f"ssh://root@127.0.0.1:{node.port}{node.storage}/{member}/{slug}"
+    return f"ssh://{node.user}@127.0.0.1:{node.port}{node.storage}/{member}/{slug}"
 
 
 def test_a_sources_key_cannot_list_or_delete_another_members_repository(fresh_federation: LabFederation) -> None:
@@ -313,7 +312,7 @@ def test_deleting_its_own_archive_through_the_append_only_key_is_recoverable(fre
     assert archive in back.stdout.split()
     out = tmp_path / "extracted"
     out.mkdir()
-    work = Path(fed.nodes["coopcycle/web1"].workdir)
+    work = fed.nodes["coopcycle/web1"].state
     env = dict(os.environ, BORG_RSH=f"ssh -o BatchMode=yes -i {work}/id_ed25519 -o UserKnownHostsFile={work}/known_hosts",
                BORG_PASSCOMMAND=f"cat {work}/passphrase", BORG_BASE_DIR=str(fresh_cache))
     extracted = subprocess.run([fed.lab.borg, "extract", f"{url}::{archive}"], cwd=out, env=env,
@@ -351,7 +350,7 @@ def test_a_changed_host_key_on_a_host_fails_that_replica_only_and_pins_stay_unch
     fed = fresh_federation
     code, plan = mb_json(fed, "plan")
     host = next(t for t in plan["replicas"]["coopcycle/web1"] if t.startswith("picasoft/"))
-    known_hosts = Path(fed.nodes["coopcycle/web1"].workdir) / "known_hosts"
+    known_hosts = fed.nodes["coopcycle/web1"].state / "known_hosts"
     pinned = known_hosts.read_bytes()
     fed.lab.change_host_key(fed.nodes[host])
     code, out, err = mb(fed, "run", "coopcycle/web1")

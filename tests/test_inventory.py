@@ -187,12 +187,37 @@ def test_addresses_may_be_host_names_ipv4_or_ipv6(tmp_path):
 
 
 def test_member_files_are_read_in_name_order_and_hidden_files_are_skipped(tmp_path):
-    second = MEMBER.replace("coopcycle", "zeta").replace("paris-nord", "lyon")
+    second = MEMBER.replace("coopcycle", "zeta").replace("paris-nord", "lyon").replace(
+        "203.0.113.10", "203.0.113.20").replace(ed25519_host_key(1), ed25519_host_key(2))
     first = MEMBER.replace("coopcycle", "alpha")
     directory = write_inventory(tmp_path, {"b.yml": second, "a.yml": first, ".#a.yml": "not: [yaml"})
     (tmp_path / "members" / "README.md").write_text("not a member file")
 
     assert [member.name for member in load_inventory(directory).members] == ["alpha", "zeta"]
+
+
+@pytest.mark.parametrize("claimed", ["address and port", "host_key", "both"])
+def test_a_member_file_claiming_another_members_server_is_refused_naming_both_nodes(tmp_path, claimed) -> None:
+    """The hostile member copies coopcycle/web1's address and port, or its host key, into a node of its own."""
+    hostile = MEMBER.replace("coopcycle", "mallory").replace("paris-nord", "elsewhere").replace("name: web1", "name: mine")
+    if claimed == "host_key":
+        hostile = hostile.replace("203.0.113.10", "203.0.113.66")
+    elif claimed == "address and port":
+        hostile = hostile.replace(ed25519_host_key(1), ed25519_host_key(66))
+    directory = write_inventory(tmp_path, {"coopcycle.yml": MEMBER, "mallory.yml": hostile})
+    with pytest.raises(InventoryError) as raised:
+        load_inventory(directory)
+    message = str(raised.value)
+    for what in (["address and port", "host_key"] if claimed == "both" else [claimed]):
+        assert f"members/mallory.yml:5: node mallory/mine has the same {what} as coopcycle/web1 (" in message
+    assert "coopcycle.yml:5)" in message and "each server is one node" in message
+
+
+def test_two_nodes_on_one_address_with_different_ports_are_two_nodes(tmp_path) -> None:
+    other = MEMBER.replace("coopcycle", "zeta").replace("port: 22", "port: 2222").replace(
+        ed25519_host_key(1), ed25519_host_key(2))
+    directory = write_inventory(tmp_path, {"coopcycle.yml": MEMBER, "zeta.yml": other})
+    assert len(list(load_inventory(directory).nodes())) == 2
 
 
 # --- one problem per row ------------------------------------------------------------------

@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mutualbackup.errors import OperationFailed, UsageError
-from mutualbackup.restore.recovery_file import FORMAT, RecoveryFile, RecoveryRepository, parse, read_recovery, render, write_private
+from mutualbackup.restore.kit import FORMAT, RecoveryFile, RecoveryRepository, parse, render
+from mutualbackup.restore.recovery_file import open_kit, write_private
 
 KEY_ID = "e4ab17b9008f422cea378131e97051073b96449e800405fe204f6181310071cb"
 
@@ -71,12 +74,12 @@ def test_the_file_is_created_0600_and_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "recovery"
     write_private(str(path), render(sample()))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert read_recovery(str(path)) == sample()
+    assert parse(path.read_text()) == sample()
     with pytest.raises(UsageError):
         write_private(str(path), "other")
-    assert read_recovery(str(path)) == sample()
+    assert parse(path.read_text()) == sample()
     with pytest.raises(UsageError):
-        read_recovery(str(tmp_path / "absent"))
+        open_kit(str(tmp_path / "absent"), str(path))
 
 
 # --- damage: never the file's text, never a traceback --------------------------------------
@@ -155,12 +158,45 @@ def test_the_source_name_of_a_recovery_file_follows_the_slug_rules(source: str) 
     assert "'source'" in str(error.value) and "\n" not in str(error.value).split("damaged: ", 1)[1]
 
 
-def test_a_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "safe.bin"
-    path.write_bytes(render(sample()).encode() + b"\xff\xfe\x00garbage")
+def test_a_file_that_is_not_a_sealed_kit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "safe.txt"
+    path.write_text(render(sample()))  # a kit in clear is no kit: the coordinator never holds one
+    key = admin_key(tmp_path, "alice")
     with pytest.raises(UsageError) as error:
-        read_recovery(str(path))
-    assert str(path) in str(error.value) and "UTF-8" in str(error.value)
+        open_kit(str(path), str(key))
+    assert str(path) in str(error.value) and "is not a recovery kit" in str(error.value)
+
+
+def admin_key(tmp_path: Path, name: str) -> Path:
+    key = tmp_path / f"{name}_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+    return key
+
+
+def sealed_kit(tmp_path: Path, *keys: Path) -> Path:
+    import pyrage
+    from pyrage import ssh
+
+    recipients = [ssh.Recipient.from_str(key.with_suffix(".pub").read_text().strip()) for key in keys]
+    path = tmp_path / "web1.kit"
+    path.write_bytes(pyrage.encrypt(render(sample()).encode(), recipients, armored=True))
+    return path
+
+
+def test_a_kit_opens_with_any_admins_key_and_with_age_itself(tmp_path: Path) -> None:
+    alice, bob = admin_key(tmp_path, "alice"), admin_key(tmp_path, "bob")
+    kit = sealed_kit(tmp_path, alice, bob)
+    assert open_kit(str(kit), str(alice)) == open_kit(str(kit), str(bob)) == sample()
+    assert shutil.which("age"), "Debian's age is missing: scripts/setup installs it"
+    opened = subprocess.run(["age", "-d", "-i", str(bob), str(kit)], check=True, capture_output=True)
+    assert parse(opened.stdout.decode()) == sample()
+
+
+def test_a_key_that_is_not_an_admins_does_not_open_the_kit(tmp_path: Path) -> None:
+    kit = sealed_kit(tmp_path, admin_key(tmp_path, "alice"))
+    with pytest.raises(UsageError) as error:
+        open_kit(str(kit), str(admin_key(tmp_path, "mallory")))
+    assert "does not open" in str(error.value) and "passphrase" not in str(error.value).split("(")[0]
 
 
 # --- a secret file is complete, or absent ----------------------------------------------------

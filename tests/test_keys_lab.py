@@ -1,9 +1,10 @@
-"""The recovery file and disaster recovery, end to end.
+"""The recovery kit and disaster recovery, end to end.
 
-coopcycle/web1 is backed up onto ouvaton/mail1 and picasoft/store1; its member exports
-the recovery file; then web1 is destroyed (its sshd killed, its lab directory and keys
-deleted, its entry removed from the inventory) and its data comes back onto a brand-new
-node, coopcycle/web9, from the recovery file alone. Tests run in order.
+coopcycle/web1 is backed up onto ouvaton/mail1 and picasoft/store1; its member exports the
+recovery kit (sealed on web1 for coopcycle's admins: the coordinator only holds ciphertext);
+then web1 is destroyed (its sshd killed, its lab directory and keys deleted, its entry removed
+from the inventory) and its data comes back onto a brand-new node, coopcycle/web9, from the kit
+opened with an admin's key. Tests run in order.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import yaml
 
-from mutualbackup.restore.recovery_file import read_recovery
+import shutil as _shutil
+import subprocess
+
+from mutualbackup.restore.kit import parse
+from mutualbackup.restore.recovery_file import open_kit
+from lab import federation as labfed
 from lab.federation import LabFederation
 
 from labkit import mb, mb_json
@@ -53,24 +58,33 @@ def safe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("safe")
 
 
-def test_keys_export_writes_a_0600_recovery_file_with_a_warning(fed: LabFederation, safe: Path) -> None:
-    out = safe / "coopcycle-web1.recovery"
+def test_keys_export_writes_a_0600_kit_that_only_an_admins_key_opens(fed: LabFederation, safe: Path) -> None:
+    out = safe / "coopcycle-web1.kit"
     code, summary = mb_json(fed, "keys", "export", SOURCE, "--out", str(out))
     assert code == 0, summary
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    text = out.read_text()
-    assert text.startswith("# ====") and "SECRET" in text and "OFFLINE" in text and "--recovery" in text
-    passphrase = (Path(fed.nodes[SOURCE].workdir) / "passphrase").read_text().strip()
-    recovery = read_recovery(str(out))
+    sealed = out.read_text()
+    passphrase = (Path(fed.nodes[SOURCE].state) / "passphrase").read_text().strip()
+    assert sealed.startswith("-----BEGIN AGE ENCRYPTED FILE-----") and passphrase not in sealed
+    assert summary["sealed_for"] == ["admin"] and passphrase not in json.dumps(summary)
+    admin = fed.lab.admin_key("coopcycle")
+    recovery = open_kit(str(out), str(admin))
     assert recovery.passphrase == passphrase and recovery.source == SOURCE
     assert sorted(r.host for r in recovery.repositories) == sorted(HOSTS)
     assert all(r.key.startswith(f"BORG_KEY {r.repository_id}\n") for r in recovery.repositories)
-    assert passphrase not in json.dumps(summary) and passphrase not in repr(recovery)
+    assert passphrase not in repr(recovery)
+    assert _shutil.which("age"), "Debian's age is missing: scripts/setup installs it"
+    # the member's admin needs nothing of ours: age and their SSH key
+    opened = subprocess.run(["age", "-d", "-i", str(admin), str(out)], capture_output=True, check=True)
+    assert parse(opened.stdout.decode()) == recovery
+    assert opened.stdout.decode().startswith("# ====") and "SECRET" in opened.stdout.decode()
+    stranger = subprocess.run(["age", "-d", "-i", str(fed.lab.admin_key("ouvaton")), str(out)], capture_output=True)
+    assert stranger.returncode != 0  # another member's admin cannot
 
     code, out_text, err = mb(fed, "keys", "export", SOURCE, "--out", str(out))
     assert code == 2 and "already exists" in err  # never overwritten
     code, out_text, err = mb(fed, "keys", "export", SOURCE, "--out", str(safe / "second"))
-    assert code == 0 and "WARNING" in err and "OFFLINE" in err
+    assert code == 0 and "sealed for admin" in err
 
 
 def test_after_the_source_is_destroyed_its_data_restores_onto_a_new_node_from_the_recovery_file(
@@ -83,20 +97,18 @@ def test_after_the_source_is_destroyed_its_data_restores_onto_a_new_node_from_th
     # The disaster: web1 is gone, with its data, its key and its passphrase.
     fed.lab.kill(web1)
     shutil.rmtree(web1.dir)
-    web9 = fed.lab.add_node("coopcycle", "web9")
-    fed.lab.start(web9)
-    fed.nodes["coopcycle/web9"] = web9
-    member_file = fed.inventory / "members" / "coopcycle.yml"
-    member = yaml.safe_load(member_file.read_text())
-    member["nodes"] = [{"name": "web9", **web9.inventory_fields()}]
-    member_file.write_text(yaml.safe_dump(member, sort_keys=False, allow_unicode=True))
+    web9 = labfed.add_node(fed, "coopcycle", {"name": "web9"}, replace=True)
 
     target = Path(web9.dir) / "restored"
     code, out, err = mb(fed, "restore", SOURCE, "--to", f"coopcycle/web9:{target}")
     assert code == 2 and "--recovery" in err  # without the file: nothing to open the backups with
 
+    code, out, err = mb(fed, "restore", SOURCE, "--to", f"coopcycle/web9:{target}", "--recovery",
+                        str(safe / "coopcycle-web1.kit"))
+    assert code == 2 and "--identity" in err  # a kit opens only with an admin's key
     code, summary = mb_json(
-        fed, "restore", SOURCE, "--to", f"coopcycle/web9:{target}", "--recovery", str(safe / "coopcycle-web1.recovery")
+        fed, "restore", SOURCE, "--to", f"coopcycle/web9:{target}", "--recovery", str(safe / "coopcycle-web1.kit"),
+        "--identity", str(fed.lab.admin_key("coopcycle")),
     )
     assert code == 0, summary
     assert summary["recovery"] is True and summary["replica"] in HOSTS
@@ -104,7 +116,7 @@ def test_after_the_source_is_destroyed_its_data_restores_onto_a_new_node_from_th
         original = fed.data_path(SOURCE, path)  # where web1 kept it: the archive's paths
         assert tree_differences(safe / "before" / path.strip("/"), restored(target, original)) == []
     assert restore_lines(fed) == []
-    assert list(Path(web9.workdir).glob("restore-*")) == []
+    assert list(Path(web9.state).glob("restore-*")) == []
 
 
 def test_a_repository_whose_key_was_damaged_is_opened_with_the_exported_key(fed: LabFederation, safe: Path) -> None:
@@ -120,7 +132,8 @@ def test_a_repository_whose_key_was_damaged_is_opened_with_the_exported_key(fed:
     target = Path(fed.nodes["coopcycle/web9"].dir) / "from-store1"
     code, summary = mb_json(
         fed, "restore", SOURCE, "--to", f"coopcycle/web9:{target}", "--replica", "picasoft/store1",
-        "--recovery", str(safe / "coopcycle-web1.recovery"), "--path", str(fed.data_path(SOURCE, "/etc")),
+        "--recovery", str(safe / "coopcycle-web1.kit"), "--identity", str(fed.lab.admin_key("coopcycle")),
+        "--path", str(fed.data_path(SOURCE, "/etc")),
     )
     assert code == 0, summary
     original = fed.data_path(SOURCE, "/etc")

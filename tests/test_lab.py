@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import signal
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mutualbackup.errors import TransportError
+from lab.accounts import LAB_USER
 from lab.nodes import Lab, LabError, LabNode, is_alive
 from mutualbackup.remote.ssh import SSHTransport
 
@@ -53,34 +53,64 @@ def command_name(pid: int) -> str | None:
         return None
 
 
-def busy_tree(lab: Lab, node: LabNode, pool: concurrent.futures.Executor) -> tuple[concurrent.futures.Future, dict[int, int]]:
-    """Start a long command on ``node``; once it runs, the node's processes with their start times."""
-    transport = SSHTransport(node.as_node(), str(lab.coordinator_key))
-    future = pool.submit(transport.run, ["sleep", "60"])
-    future.add_done_callback(lambda _: transport.close())
+@pytest.fixture
+def probe(tmp_path: Path) -> Path:
+    """A key of the test's own that gets a plain shell on nodes that allow it: to look at the lab itself."""
+    key = tmp_path / "probe"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def allow(node: LabNode, key: Path) -> None:
+    with node.authorized_keys.open("a") as keys:
+        keys.write(Path(f"{key}.pub").read_text())
+
+
+def ssh_argv(node: LabNode, key: Path, command: str, tmp: Path) -> list[str]:
+    known = tmp / f"known-{node.port}"
+    known.write_text(f"[127.0.0.1]:{node.port} {node.host_key}\n")
+    return ["ssh", "-i", str(key), "-p", str(node.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes", f"{node.user}@127.0.0.1", command]
+
+
+def shell(node: LabNode, key: Path, command: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ssh_argv(node, key, command, tmp), capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+
+
+def hello(lab: Lab, node: LabNode, key: Path | None = None):
+    with SSHTransport(node.as_node(), str(key or lab.coordinator_key)) as transport:
+        return transport.request("hello", {}, timeout=30)
+
+
+def busy_tree(lab: Lab, node: LabNode, probe: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], dict[int, int]]:
+    """Start a long command on ``node``; once it runs, the ssh client and the node's processes with their start times."""
+    client = subprocess.Popen(ssh_argv(node, probe, "sleep 60", tmp), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: any(command_name(pid) == "sleep" for pid in lab.processes(node)))
     tree = start_times(lab.processes(node))
     assert len(tree) >= 3  # listener, per-connection sshd, sleep
-    return future, tree
+    return client, tree
 
 
-def test_nodes_start_on_distinct_ports_and_answer_ssh(lab: Lab) -> None:
+def test_nodes_start_on_distinct_ports_and_answer_ssh(lab: Lab, probe: Path, tmp_path: Path) -> None:
     nodes = [lab.add_node("coop", "web1"), lab.add_node("coop", "web2"), lab.add_node("other", "web1")]
     lab.start_all()
     assert len({node.port for node in nodes}) == 3
     assert len({node.dir for node in nodes}) == 3
     for node in nodes:
+        allow(node, probe)
         assert node.pid is not None and is_alive(node.pid)
         assert banner(node.port).startswith(b"SSH-2.0")
-        with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
-            assert transport.run(["sh", "-c", 'command -v borg']).stdout.decode().strip() == lab.borg
+        done = shell(node, probe, "command -v borg; id -un", tmp_path)
+        assert done.stdout.split() == [lab.borg, LAB_USER], done.stderr
 
 
-def test_commands_on_a_node_see_the_labs_path_not_the_machines_shell_setup(lab: Lab) -> None:
+def test_commands_on_a_node_see_the_labs_path_not_the_machines_shell_setup(lab: Lab, probe: Path, tmp_path: Path) -> None:
     node = lab.add_node("coop", "web1")
     lab.start(node)
-    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
-        path = transport.run(["sh", "-c", 'printf %s "$PATH"']).stdout.decode()
+    allow(node, probe)
+    path = shell(node, probe, 'printf %s "$PATH"', tmp_path).stdout
     assert path == f"{Path(lab.borg).parent}:/usr/local/bin:/usr/bin:/bin"  # ~/.bashrc added nothing
 
 
@@ -90,7 +120,7 @@ def test_inventory_fields_describe_how_to_reach_the_node(lab: Lab) -> None:
     assert fields == {
         "address": "127.0.0.1",
         "port": node.port,
-        "user": "root",
+        "user": LAB_USER,
         "host_key": node.host_key,
         "workdir": str(node.workdir),
         "authorized_keys": str(node.authorized_keys),
@@ -100,82 +130,87 @@ def test_inventory_fields_describe_how_to_reach_the_node(lab: Lab) -> None:
     assert node.name == "coop/web1"
     for path in (node.workdir, node.data, node.storage):
         assert path.is_dir()
+    node_key = lab.join_alone(node)
+    assert node.inventory_fields()["node_key"] == node_key and node_key.startswith("age1")
 
 
-def test_authorized_keys_holds_only_the_coordinator_key(lab: Lab) -> None:
+def test_before_its_join_a_node_lets_nobody_in_and_after_it_only_the_coordinator_behind_the_node_program(
+    lab: Lab,
+) -> None:
     node = lab.add_node("coop", "web1")
-    assert node.authorized_keys.read_text() == lab.coordinator_public_key + "\n"
+    assert node.authorized_keys.read_text() == ""
+    lab.join_alone(node)
+    lines = node.authorized_keys.read_text().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f'command="/usr/bin/sudo -n -- {lab.program} serve --config {node.node_config}",restrict ')
+    assert lines[0].split()[-3:-1] == lab.coordinator_public_key.split()[:2]
     assert lab.coordinator_public_key.endswith(" mutualbackup-coordinator")
     assert lab.coordinator_public_key.split()[:2] == Path(f"{lab.coordinator_key}.pub").read_text().split()[:2]
 
 
-def test_each_node_accepts_the_coordinator_key_and_refuses_any_other(lab: Lab, tmp_path: Path) -> None:
+def test_each_node_answers_the_coordinator_key_and_refuses_any_other(lab: Lab, tmp_path: Path) -> None:
     first, second = lab.add_node("coop", "web1"), lab.add_node("other", "web1")
+    for node in (first, second):
+        lab.join_alone(node)
     lab.start_all()
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     for node in (first, second):
-        with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
-            assert transport.run(["true"]).ok
-        with SSHTransport(node.as_node(), str(stranger)) as transport:
-            with pytest.raises(TransportError, match="refused the coordinator key"):
-                transport.run(["true"])
+        answer = hello(lab, node)
+        assert answer.ok and answer.data["node"] == node.name, answer.error
+        with pytest.raises(TransportError, match="refused the coordinator key"):
+            hello(lab, node, stranger)
 
 
-def test_a_node_reads_only_its_own_authorized_keys(lab: Lab, tmp_path: Path) -> None:
+def test_a_node_reads_only_its_own_authorized_keys(lab: Lab, probe: Path, tmp_path: Path) -> None:
     first, second = lab.add_node("coop", "web1"), lab.add_node("other", "web1")
     lab.start_all()
-    extra = tmp_path / "extra"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(extra)], check=True)
-    with first.authorized_keys.open("a") as keys:
-        keys.write(Path(f"{extra}.pub").read_text())
-    with SSHTransport(first.as_node(), str(extra)) as transport:
-        assert transport.run(["true"]).ok
-    with SSHTransport(second.as_node(), str(extra)) as transport:
-        with pytest.raises(TransportError):
-            transport.run(["true"])
+    allow(first, probe)
+    assert shell(first, probe, "true", tmp_path).returncode == 0
+    refused = shell(second, probe, "true", tmp_path)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr
 
 
-def test_stop_leaves_no_process_of_the_node_alive(lab: Lab) -> None:
+def test_stop_leaves_no_process_of_the_node_alive(lab: Lab, probe: Path, tmp_path: Path) -> None:
     node = lab.add_node("coop", "web1")
     lab.start(node)
+    allow(node, probe)
     port = node.port
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future, tree = busy_tree(lab, node, pool)
-        lab.stop(node)
-        assert future.result(timeout=10).exit_code == -1
+    client, tree = busy_tree(lab, node, probe, tmp_path)
+    lab.stop(node)
+    assert client.wait(timeout=10) == 255
     assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
     assert node.pid is None and lab.processes(node) == []
     assert refuses_connections(port)
 
 
-def test_kill_ends_the_node_and_its_commands_at_once(lab: Lab) -> None:
+def test_kill_ends_the_node_and_its_commands_at_once(lab: Lab, probe: Path, tmp_path: Path) -> None:
     node = lab.add_node("coop", "web1")
     lab.start(node)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future, tree = busy_tree(lab, node, pool)
-        before = time.monotonic()
-        lab.kill(node)
-        assert time.monotonic() - before < 2
-        result = future.result(timeout=10)
-    assert result.exit_code == -1 and b"lost" in result.stderr
+    allow(node, probe)
+    client, tree = busy_tree(lab, node, probe, tmp_path)
+    before = time.monotonic()
+    lab.kill(node)
+    assert time.monotonic() - before < 2
+    assert client.wait(timeout=10) == 255
     assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
 
 
-def test_stop_all_stops_every_node_and_leaves_the_others_untouched(lab: Lab, tmp_path: Path) -> None:
+def test_stop_all_stops_every_node_and_leaves_the_others_untouched(lab: Lab, probe: Path, tmp_path: Path) -> None:
     nodes = [lab.add_node("coop", "web1"), lab.add_node("other", "db1")]
     lab.start_all()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        trees = [busy_tree(lab, node, pool) for node in nodes]
-        with Lab(tmp_path / "neighbour", borg=lab.borg) as neighbour:
-            bystander = neighbour.add_node("coop", "web1")
-            neighbour.start(bystander)
-            lab.stop_all()
-            assert bystander.pid is not None and is_alive(bystander.pid)
-            assert banner(bystander.port).startswith(b"SSH-2.0")
-        assert not is_alive(bystander.pid or 0) and bystander.pid is None
-        for future, _ in trees:
-            assert future.result(timeout=10).exit_code == -1
+    for node in nodes:
+        allow(node, probe)
+    trees = [busy_tree(lab, node, probe, tmp_path) for node in nodes]
+    with Lab(tmp_path / "neighbour", borg=lab.borg) as neighbour:
+        bystander = neighbour.add_node("coop", "web1")
+        neighbour.start(bystander)
+        lab.stop_all()
+        assert bystander.pid is not None and is_alive(bystander.pid)
+        assert banner(bystander.port).startswith(b"SSH-2.0")
+    assert not is_alive(bystander.pid or 0) and bystander.pid is None
+    for client, _ in trees:
+        assert client.wait(timeout=10) == 255
     for _, tree in trees:
         assert [pid for pid, started in tree.items() if is_alive(pid, started)] == []
     assert all(node.pid is None for node in nodes)
@@ -203,13 +238,13 @@ def test_restart_keeps_the_port_and_the_host_key(lab: Lab) -> None:
 
 def test_change_host_key_gives_the_running_node_a_new_key(lab: Lab) -> None:
     node = lab.add_node("coop", "web1")
+    lab.join_alone(node)
     lab.start(node)
     old = node.host_key
     new = lab.change_host_key(node)
     assert new == node.host_key != old
     assert node.pid is not None
-    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
-        assert transport.run(["true"]).ok
+    assert hello(lab, node).ok
 
 
 def test_a_taken_port_makes_start_move_the_node_to_another(lab: Lab) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mutualbackup.remote import supervision
+from mutualbackup.node.system import pidfile_path
 from mutualbackup.jobs.backup import run_backup
 from mutualbackup.plan.compaction_rules import UNCERTAIN_END_CAP, run_window
 from mutualbackup.state.history import History, Run
@@ -20,7 +20,7 @@ from mutualbackup.inventory.model import Backup, Retention
 from mutualbackup.jobs.crash_cleanup import host_role, clean_up_pair, source_role
 from mutualbackup.remote.transport import Result
 
-from fake import GIB, Harness, make_federation
+from fake import GIB, Harness, is_stop, make_federation
 
 START = dt.datetime(2025, 6, 2, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 HOUR = 3600.0
@@ -92,21 +92,21 @@ def test_recovery_stops_the_command_of_a_run_of_this_process_unless_the_caller_s
     h = harness(tmp_path)
     source, target = "coop0/src0", h.placement["coop0/src0"][0]
     run_id = h.history.start_run("backup", source, target, started=START - 60)  # a thread that died
-    pidfile = supervision.pidfile_path("/home/fake/.mutualbackup", source_role(target))
+    pidfile = pidfile_path("/home/fake/.mutualbackup", source_role(target))
     h.world.files[(source, pidfile)] = f"4242\n{run_id}\nx\n".encode()
     nodes = h.federation.node(source), h.federation.node(target)
     assert clean_up_pair(h.ctx, *nodes, clock=h.clock.time, active={run_id}).busy
-    assert not [c for c in h.world.calls if supervision.is_stop(c.argv)]
+    assert not [c for c in h.world.calls if is_stop(c.argv)]
     assert clean_up_pair(h.ctx, *nodes, clock=h.clock.time).busy is None
-    assert [c.argv[4] for c in h.world.calls if supervision.is_stop(c.argv)] == [pidfile]
+    assert [c.argv[1] for c in h.world.calls if is_stop(c.argv)] == [pidfile]
 
 
 # --- 4. one pidfile per role ------------------------------------------------------------------
 
 
 def test_a_node_that_is_source_and_host_of_the_same_peer_has_one_pidfile_per_role(tmp_path: Path) -> None:
-    assert supervision.pidfile_path("/w", source_role("coop-a/web-1")) == "/w/run/src.coop-a.web-1.pid"
-    assert supervision.pidfile_path("/w", host_role("coop-a/web-1")) == "/w/run/repo.coop-a.web-1.pid"
+    assert pidfile_path("/w", source_role("coop-a/web-1")) == "/w/run/src.coop-a.web-1.pid"
+    assert pidfile_path("/w", host_role("coop-a/web-1")) == "/w/run/repo.coop-a.web-1.pid"
     h = harness(tmp_path)
     h.run_until(START + 3 * HOUR)
     prunes = h.world.commands("prune")

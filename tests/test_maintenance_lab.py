@@ -62,7 +62,7 @@ def repo_dir(fed: LabFederation) -> Path:
 
 def borg_as_source(fed: LabFederation, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """borg run on this machine exactly as alpha/web runs it: its key, pinned hosts, passphrase and cache."""
-    work = Path(fed.nodes[SOURCE].workdir)
+    work = fed.nodes[SOURCE].state
     env = {**os.environ, **borg.client_env(borg.SourcePaths(str(work))), "BORG_DELETE_I_KNOW_WHAT_I_AM_DOING": "YES"}
     return subprocess.run([fed.lab.borg, *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=120, cwd=cwd)
@@ -70,7 +70,7 @@ def borg_as_source(fed: LabFederation, *args: str, cwd: Path | None = None) -> s
 
 def url(fed: LabFederation) -> str:
     node = fed.nodes[HOST]
-    return f"ssh://root@127.0.0.1:{node.port}{node.storage}/alpha/web"
+    return f"ssh://{node.user}@127.0.0.1:{node.port}{node.storage}/alpha/web"
 
 
 def archives(fed: LabFederation) -> list[str]:
@@ -237,6 +237,9 @@ def test_a_stale_lock_of_a_dead_borg_on_the_host_is_broken_and_a_live_one_is_not
         for f in lock.iterdir():
             f.unlink()
     (lock / f"{hostid}.{gone.pid}-0").touch()  # a borg that died without unlocking
+    owner = repo_dir(fed).stat()
+    for path in (lock, *lock.iterdir()):  # as `borg serve` leaves it: the host's login owns it
+        os.chown(path, owner.st_uid, owner.st_gid)
     broken = clean_up_pair(ctx, source, host)
     assert not lock.exists()
     assert any("broke a stale lock" in note for note in broken.notes)

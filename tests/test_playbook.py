@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab.nodes import Lab
+from mutualbackup.remote.ssh import SSHTransport
 
 PLAYBOOK = Path(__file__).parent.parent / "playbooks" / "join.yml"
 
@@ -29,34 +30,38 @@ def test_the_join_playbook_parses() -> None:
 
 
 @pytest.mark.lab
-def test_the_join_playbook_authorises_the_coordinator_and_prepares_storage_idempotently(lab: Lab, tmp_path: Path) -> None:
+def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(lab: Lab, tmp_path: Path) -> None:
+    """Run on the node itself (as its admin runs Ansible there); the coordinator then reaches the node program."""
     node = lab.add_node("coop", "web1")
     lab.start(node)
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{node.port} {node.host_key}\n")
-    authorized_keys = tmp_path / "home" / ".ssh" / "authorized_keys"
-    storage = tmp_path / "storage"
-    coordinator_pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq coordinator@test"
     argv = [
-        ansible_playbook(), "-i", "127.0.0.1,", str(PLAYBOOK),
-        "-e", f"ansible_port={node.port} ansible_user=root ansible_become=false",
-        "-e", f"ansible_ssh_private_key_file={lab.coordinator_key}",
-        "-e", f"ansible_ssh_common_args='-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes'",
-        "-e", "ansible_python_interpreter=/usr/bin/python3 ansible_ssh_transfer_method=piped",
-        "-e", "mutualbackup_user=root mutualbackup_manage_user=false mutualbackup_borg_install=none",
-        "-e", f"mutualbackup_authorized_keys={authorized_keys} mutualbackup_storage_path={storage}",
+        ansible_playbook(), "-i", "localhost,", "-c", "local", str(PLAYBOOK),
+        "-e", f"ansible_python_interpreter={sys.executable}",
+        "-e", f"mutualbackup_node={node.name} mutualbackup_member_file={lab.member_file_alone(node)}",
+        "-e", f"mutualbackup_user={node.user} mutualbackup_manage_user=false mutualbackup_install=none",
+        "-e", f"mutualbackup_program={lab.program} mutualbackup_config_dir={node.node_config}",
+        "-e", f"mutualbackup_state_dir={node.state} mutualbackup_sudoers={lab.sudoers_file(node)}",
         "-e", f"mutualbackup_host_key_file={node.host_key_file}.pub",
-        "-e", f"mutualbackup_coordinator_pubkey='{coordinator_pub}'",
+        "-e", f"mutualbackup_coordinator_pubkey='{lab.coordinator_public_key}'",
     ]
-    env = dict(os.environ, ANSIBLE_HOST_KEY_CHECKING="True", ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible"))
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible"))
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"host_key: {node.host_key}" in first.stdout
-    assert authorized_keys.read_text() == coordinator_pub + "\n"
-    assert oct(authorized_keys.stat().st_mode & 0o777) == "0o600"
-    assert storage.is_dir() and oct(storage.stat().st_mode & 0o777) == "0o700"
+    node_key = first.stdout.split("node_key: ")[1].split("'")[0].split('"')[0]
+    assert node_key.startswith("age1")
+    [line] = node.authorized_keys.read_text().splitlines()
+    assert line.startswith('command="') and f"{lab.program} serve --config {node.node_config}" in line
+    assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
+    assert oct(node.authorized_keys.stat().st_mode & 0o777) == "0o600"
+    assert oct(node.storage.stat().st_mode & 0o777) == "0o700"
+    node.node_key = node_key
+    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
+        hello = transport.request("hello", {}, timeout=60)
+    assert hello.ok and hello.data["node"] == "coop/web1", hello.error
 
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "changed=0" in second.stdout
-    assert authorized_keys.read_text() == coordinator_pub + "\n"
+    assert f"node_key: {node_key}" in second.stdout  # the sealing key is made once
+    assert node.authorized_keys.read_text() == line + "\n"

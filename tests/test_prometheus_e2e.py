@@ -246,8 +246,8 @@ def test_the_metrics_endpoint_exposes_no_passphrase_key_or_path(world: World):
     text = scrape_daemon(world.fed)
     secrets = []
     for node in world.fed.nodes.values():
-        for name in ("passphrase", "id_ed25519"):
-            path = Path(node.workdir) / name
+        for name in ("passphrase", "id_ed25519", "identity"):
+            path = node.state / name
             if path.exists():
                 secrets.append(path.read_text().strip())
         secrets.append(node.host_key.split()[1])

@@ -57,7 +57,8 @@ def assert_identical(fed: LabFederation, target: Path) -> None:
 
 
 def temporary_dirs(fed: LabFederation, node: str) -> list[str]:
-    return [p.name for p in Path(fed.nodes[node].workdir).glob("restore-*")] if Path(fed.nodes[node].workdir).exists() else []
+    """A restore's leftovers on ``node``: its key (in the state directory) or anything in the workdir."""
+    return [p.name for d in (fed.nodes[node].state, Path(fed.nodes[node].workdir)) for p in d.glob("restore-*")]
 
 
 def last_restore_detail(fed: LabFederation) -> tuple[str, str, dict]:
@@ -72,12 +73,12 @@ def test_restore_onto_another_node_of_the_same_member_is_exact_and_leaves_no_aut
     fed: LabFederation, tmp_path: Path
 ) -> None:
     before = keys_snapshot(fed)
-    passphrase = (Path(fed.nodes[SOURCE].workdir) / "passphrase").read_bytes().strip()
+    passphrase = (fed.nodes[SOURCE].state / "passphrase").read_bytes().strip()
     target = tmp_path / "on web2"
     with watch_processes() as seen:
         code, summary = mb_json(fed, "restore", SOURCE, "--to", f"coopcycle/web2:{target}")
     assert code == 0, summary
-    assert summary["node"] == "coopcycle/web2" and summary["access"] == "temporary key"
+    assert summary["node"] == "coopcycle/web2" and summary["access"] == "sealed passphrase"
     assert summary["replica"] in HOSTS and summary["files"] > 10 and summary["bytes"] > 600_000
     assert_identical(fed, target)
     assert keys_snapshot(fed) == before  # the temporary line is gone, everything else byte for byte
@@ -86,7 +87,7 @@ def test_restore_onto_another_node_of_the_same_member_is_exact_and_leaves_no_aut
     assert not any(passphrase in args for args in seen)  # neither argv nor environment of any process
     result, replica, detail = last_restore_detail(fed)
     assert (result, replica) == ("success", summary["replica"])
-    assert detail["to"] == f"coopcycle/web2:{target}" and detail["access"] == "temporary key" and detail["requested_by"]
+    assert detail["to"] == f"coopcycle/web2:{target}" and detail["access"] == "sealed passphrase" and detail["requested_by"]
     with sqlite3.connect(fed.state / "history.sqlite3") as db:
         db.execute("PRAGMA wal_checkpoint(FULL)")
     assert not any(passphrase in p.read_bytes() for p in fed.state.iterdir() if p.is_file())
@@ -109,9 +110,18 @@ def test_restore_onto_another_member_is_refused_without_allow_other_member(fed: 
     assert keys_snapshot(fed) == before
 
 
-def test_restore_onto_another_member_with_allow_other_member_is_exact_and_recorded(fed: LabFederation, tmp_path: Path) -> None:
+def test_restore_onto_another_member_needs_the_kit_opened_by_an_admin_and_is_exact_and_recorded(
+    fed: LabFederation, tmp_path: Path
+) -> None:
     target = tmp_path / "theirs"
-    code, summary = mb_json(fed, "restore", SOURCE, "--to", f"libre/desk1:{target}", "--allow-other-member")
+    code, out, err = mb(fed, "restore", SOURCE, "--to", f"libre/desk1:{target}", "--allow-other-member")
+    assert code == 2 and "--recovery KIT --identity KEY" in err and "recovery kit" in err
+    assert not target.exists()
+    kit = tmp_path / "kit.age"
+    code, out, err = mb(fed, "keys", "export", SOURCE, "--out", str(kit))
+    assert code == 0, err
+    code, summary = mb_json(fed, "restore", SOURCE, "--to", f"libre/desk1:{target}", "--allow-other-member",
+                            "--recovery", str(kit), "--identity", str(fed.lab.admin_key("coopcycle")))
     assert code == 0, summary
     assert_identical(fed, target)
     result, _, detail = last_restore_detail(fed)
@@ -177,7 +187,8 @@ def test_with_the_source_down_a_restore_elsewhere_says_to_use_the_recovery_file(
     finally:
         fed.lab.start(web1)
     assert code == 1, out + err
-    assert "passphrase" in err and "--recovery FILE" in err and "Traceback" not in err
+    assert "passphrase" in err and "cannot be reached" in err and "--recovery KIT --identity KEY" in err
+    assert "Traceback" not in err and "once coopcycle/web2 is back" not in err
     assert restore_lines(fed) == [] and temporary_dirs(fed, "coopcycle/web2") == []
     result, _, detail = last_restore_detail(fed)
     assert result == "failure" and detail["to"] == f"coopcycle/web2:{tmp_path}/no-passphrase"
@@ -208,32 +219,30 @@ def test_a_restore_cut_off_by_the_destination_dying_leaves_no_temporary_line(fed
 
 
 def test_when_the_coordinators_connection_drops_the_host_removes_the_line_itself(fed: LabFederation) -> None:
-    from mutualbackup.restore.node_commands import LINE_ADDED, grant_session_argv
     from mutualbackup.remote.ssh import SSHTransport
 
     host = fed.nodes["picasoft/store1"]
-    now = dt.datetime.now(dt.timezone.utc)
-    line = restore_line("borg", "/srv/x", fed.lab.coordinator_public_key, SOURCE, new_restore_id(now, "d0d0"))
+    restore_id = new_restore_id(dt.datetime.now(dt.timezone.utc), "d0d0")
     transport = SSHTransport(host.as_node(), str(fed.lab.coordinator_key))
     added = threading.Event()
     never = threading.Event()
 
-    def hold() -> None:
-        def stdin() -> Iterator[bytes]:
-            never.wait()  # the coordinator never says "withdraw": it dies
-            yield b""
+    def until_never() -> Iterator[bytes]:
+        never.wait()  # the coordinator never says "withdraw": it dies
+        yield b""
 
-        transport.run(grant_session_argv(str(host.authorized_keys), line, BEGIN, END, now), stdin=stdin(),
-                      on_stderr_line=lambda text: added.set() if text == LINE_ADDED else None, timeout=600)
+    def hold() -> None:
+        transport.request("grant", {"source": SOURCE, "public_key": fed.lab.coordinator_public_key,
+                                    "restore_id": restore_id}, feed=until_never(), timeout=600,
+                          on_event=lambda event: added.set() if event.get("event") == "added" else None)
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     assert added.wait(30)
-    assert line in Path(host.authorized_keys).read_text()
+    assert [line for line in restore_lines(fed) if restore_id in line]
     transport.close()  # the connection drops, as when the coordinator is killed
-    wait_for(lambda: line not in Path(host.authorized_keys).read_text(), seconds=30)
+    wait_for(lambda: restore_lines(fed) == [], seconds=30)
     never.set()
-    assert restore_lines(fed) == []
 
 
 def test_apply_drops_expired_restore_lines_and_keeps_fresh_ones(fed: LabFederation) -> None:

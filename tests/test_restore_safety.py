@@ -13,14 +13,15 @@ from typing import Sequence
 
 import pytest
 
-from fake import FakeClock, FakeWorld, make_federation
+from fake import admin_identity_file, FakeClock, FakeWorld, make_federation
 from mutualbackup import borg
 from mutualbackup.restore import recovery_file
 from mutualbackup.cli import main
 from mutualbackup.context import Context
 from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.state.history import History
-from mutualbackup.restore.recovery_file import FORMAT, RecoveryFile, RecoveryRepository, export_keys, read_recovery
+from mutualbackup.restore.kit import FORMAT, RecoveryFile, RecoveryRepository
+from mutualbackup.restore.recovery_file import export_keys, open_kit
 from mutualbackup.inventory.model import Federation, Node
 from mutualbackup.restore.extract import restore
 from mutualbackup.restore.replicas import choose_replica, list_archives
@@ -138,7 +139,8 @@ def test_restore_with_a_damaged_recovery_file_exits_2_naming_the_file(
 ) -> None:
     path = tmp_path / "safe.recovery"
     path.write_bytes(content)
-    code = main(["--inventory", str(tmp_path / "absent"), "restore", SOURCE, "--to", "coop0/store:/r", "--recovery", str(path)])
+    code = main(["--inventory", str(tmp_path / "absent"), "restore", SOURCE, "--to", "coop0/store:/r", "--recovery", str(path),
+                 "--identity", str(tmp_path / "key")])
     err = capsys.readouterr().err
     assert code == 2 and str(path) in err and "Traceback" not in err
 
@@ -181,16 +183,18 @@ def test_keys_export_uses_the_remaining_replicas(tmp_path: Path) -> None:
     ctx, world = fake_context(tmp_path, without(make_federation(4), "coop1/store"))
 
     def answer(node: Node, argv: Sequence[str], _world: FakeWorld) -> Result | None:
-        if argv[0] == "cat":
-            return Result(tuple(argv), 0, b"s3cret\n", b"")
         if tuple(argv[:3]) == ("borg", "key", "export"):
             return Result(tuple(argv), 0, f"BORG_KEY {KEY_ID}\nhqlh\n".encode(), b"")
         return None
 
     world.script(answer)
-    out = tmp_path / "safe.recovery"
-    export_keys(ctx, ctx.node(SOURCE), str(out))
-    assert [r.host for r in read_recovery(str(out)).repositories] == ["coop2/store"]
+    world.files[(SOURCE, "/home/fake/.mutualbackup/passphrase")] = b"s3cret"
+    out = tmp_path / "safe.kit"
+    summary = export_keys(ctx, ctx.node(SOURCE), str(out))
+    assert summary.admins == ("admin",) and [r["host"] for r in summary.repositories] == ["coop2/store"]
+    assert b"s3cret" not in out.read_bytes() and out.read_bytes().startswith(b"-----BEGIN AGE ENCRYPTED FILE-----")
+    opened = open_kit(str(out), str(admin_identity_file(tmp_path)))
+    assert [r.host for r in opened.repositories] == ["coop2/store"] and opened.passphrase == "s3cret"
 
 
 def test_when_no_recorded_replica_is_left_in_the_inventory_the_message_says_so(tmp_path: Path) -> None:
@@ -247,7 +251,16 @@ def test_with_the_flag_a_member_holding_no_replica_gets_the_restore_and_a_plain_
 ) -> None:
     ctx = context(tmp_path)
     with caplog.at_level(logging.WARNING), pytest.raises(Reached):
-        restore(ctx, ctx.node(SOURCE), ctx.node("coop3/src0"), "/restore", allow_other_member=True)
+        restore(ctx, ctx.node(SOURCE), ctx.node("coop3/src0"), "/restore", allow_other_member=True, recovery=recovery())
     assert ctx.reached == ["coop3/src0"]
     assert "coop3 could decrypt every archive of coop0/src0" in caplog.text
     assert "rotating the passphrase does not undo it" in caplog.text
+
+
+def test_another_members_node_gets_a_restore_only_from_a_kit_and_the_refusal_says_what_to_bring(tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+    with pytest.raises(UsageError) as error:
+        restore(ctx, ctx.node(SOURCE), ctx.node("coop3/src0"), "/restore", allow_other_member=True)
+    message = str(error.value)
+    assert "recovery kit" in message and "--recovery KIT --identity KEY" in message
+    assert ctx.reached == []

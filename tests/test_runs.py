@@ -8,7 +8,7 @@ import pytest
 
 from mutualbackup.errors import OperationFailed
 from mutualbackup.jobs.runs import RecordedRun, RunFailed, record_failure
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.state.history import History
 
 NOW = 1_750_000_000.0

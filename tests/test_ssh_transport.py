@@ -1,19 +1,20 @@
-"""SSHTransport against a real sshd of the lab: quoting, streams, timeouts, files, host keys."""
+"""SSHTransport against a real sshd of the lab, asking a joined node's program: timeouts, connections, host keys."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime as dt
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from mutualbackup import borg
 from mutualbackup.errors import HostKeyMismatch, TransportError
 from lab.nodes import Lab, LabNode
 from mutualbackup.remote.ssh import SSHTransport
@@ -22,14 +23,12 @@ from labkit import wait_for
 
 pytestmark = pytest.mark.lab
 
-PYTHON = sys.executable  # the same machine: the node can run this interpreter too
-
-
 @pytest.fixture
 def node(lab: Lab) -> LabNode:
-    started = lab.add_node("coop", "web1")
-    lab.start(started)
-    return started
+    joined = lab.add_node("coop", "web1")
+    lab.join_alone(joined)
+    lab.start(joined)
+    return joined
 
 
 @pytest.fixture
@@ -39,11 +38,11 @@ def transport(lab: Lab, node: LabNode) -> Iterator[SSHTransport]:
 
 
 def commands_of(lab: Lab, node: LabNode, name: str) -> list[int]:
-    """PIDs of the node's processes whose command name is ``name``."""
+    """PIDs of the node's processes whose command name starts with ``name`` (the kernel keeps 15 characters)."""
     found = []
     for pid in lab.processes(node):
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name[:15]:
                 found.append(pid)
         except FileNotFoundError:
             pass
@@ -56,28 +55,38 @@ def ssh_keygen_fingerprint(public_key_file: Path) -> str:
     return out.stdout.split()[1]
 
 
-def test_a_timeout_returns_minus_one_promptly_and_ends_the_remote_command(
+def grant_args(lab: Lab) -> dict[str, str]:
+    """A restore's temporary line: a request the node holds until the coordinator withdraws it or goes."""
+    key = Path(f"{lab.admin_key('other')}.pub").read_text().split()
+    return {"source": "other/web1", "public_key": f"{key[0]} {key[1]}",
+            "restore_id": borg.new_restore_id(dt.datetime.now(dt.timezone.utc), os.urandom(4).hex())}
+
+
+def hello_ok(transport: SSHTransport) -> bool:
+    return transport.request("hello", {}, timeout=30).ok
+
+
+def test_a_timeout_answers_promptly_and_ends_the_request_on_the_node(
     lab: Lab, node: LabNode, transport: SSHTransport
 ) -> None:
     started = time.monotonic()
-    result = transport.run(["sleep", "30"], timeout=1)
+    reply = transport.request("grant", grant_args(lab), timeout=1)
     elapsed = time.monotonic() - started
-    assert result.exit_code == -1
-    assert result.stderr.decode().splitlines()[-1].endswith("timed out after 1s")
+    assert not reply.ok and "timed out after 1s" in (reply.error or "")
     assert elapsed < 4
-    wait_for(lambda: not commands_of(lab, node, "sleep"), seconds=8)
-    assert transport.run(["true"]).ok  # the connection is still usable
+    wait_for(lambda: not commands_of(lab, node, "mutualbackup-node"), seconds=8)
+    assert "restore" not in node.authorized_keys.read_text()  # the node took its line away when the coordinator went
+    assert hello_ok(transport)  # the connection is still usable
 
 
-def test_one_connection_is_reused_for_many_commands(node: LabNode, transport: SSHTransport) -> None:
+def test_one_connection_is_reused_for_many_requests(node: LabNode, transport: SSHTransport) -> None:
     for _ in range(3):
-        assert transport.run(["true"]).ok
-    assert transport.home() == os.path.expanduser("~root")
+        assert hello_ok(transport)
     assert node.sshd_log.read_text().count("Accepted publickey") == 1
 
 
 def test_the_live_connection_sends_small_packets_at_once(transport: SSHTransport) -> None:
-    assert transport.run(["true"]).ok
+    assert hello_ok(transport)
     assert transport._client is not None
     live = transport._client.get_transport()
     assert live is not None
@@ -86,9 +95,9 @@ def test_the_live_connection_sends_small_packets_at_once(transport: SSHTransport
 
 
 def test_after_the_node_restarts_the_transport_reconnects(lab: Lab, node: LabNode, transport: SSHTransport) -> None:
-    assert transport.run(["true"]).ok
+    assert hello_ok(transport)
     lab.restart(node)
-    assert transport.run(["echo", "back"]).stdout == b"back\n"
+    assert transport.request("hello", {}, timeout=30).data["node"] == "coop/web1"
 
 
 def test_a_changed_host_key_is_refused_naming_both_fingerprints(lab: Lab, node: LabNode) -> None:
@@ -97,14 +106,15 @@ def test_a_changed_host_key_is_refused_naming_both_fingerprints(lab: Lab, node: 
     lab.change_host_key(node)
     presented = ssh_keygen_fingerprint(node.host_key_file.with_suffix(".pub"))
     assert expected != presented
+    before = node.authorized_keys.read_text()
     with SSHTransport(pinned, str(lab.coordinator_key)) as transport:
         with pytest.raises(HostKeyMismatch) as raised:
-            transport.run(["touch", str(node.data / "should-not-exist")])
+            transport.request("grant", grant_args(lab), timeout=30)
     message = str(raised.value)
     assert expected in message and presented in message
     assert "coop/web1" in message and f"127.0.0.1:{node.port}" in message
     assert "nothing was sent" in message
-    assert not (node.data / "should-not-exist").exists()
+    assert node.authorized_keys.read_text() == before
     assert "Accepted publickey" not in node.sshd_log.read_text().split("Server listening")[-1]
 
 
@@ -112,7 +122,7 @@ def test_the_pinned_key_type_is_the_one_negotiated_when_the_node_has_several(lab
     ecdsa = lab.add_host_key(node, "ecdsa")  # paramiko would otherwise prefer ed25519
     for pinned in (ecdsa, node.host_key):
         with SSHTransport(dataclasses.replace(node.as_node(), host_key=pinned), str(lab.coordinator_key)) as transport:
-            assert transport.run(["true"]).ok
+            assert hello_ok(transport)
 
 
 def test_an_unreachable_port_is_a_transport_error_at_once(lab: Lab, node: LabNode) -> None:
@@ -123,22 +133,24 @@ def test_an_unreachable_port_is_a_transport_error_at_once(lab: Lab, node: LabNod
     started = time.monotonic()
     with SSHTransport(unreachable, str(lab.coordinator_key), connect_timeout=5) as transport:
         with pytest.raises(TransportError) as raised:
-            transport.run(["true"])
+            transport.request("hello", {})
     assert time.monotonic() - started < 3
     assert not isinstance(raised.value, HostKeyMismatch)
     assert f"coop/web1 (127.0.0.1:{closed_port})" in str(raised.value)
     assert "refused" in str(raised.value)
 
 
-def test_a_node_dying_mid_command_returns_minus_one_with_lost_in_stderr(
+def test_a_node_dying_mid_request_answers_at_once_that_the_connection_was_lost(
     lab: Lab, node: LabNode, transport: SSHTransport
 ) -> None:
+    events: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(transport.run, ["sleep", "30"])
-        wait_for(lambda: commands_of(lab, node, "sleep"))
+        future = pool.submit(transport.request, "grant", grant_args(lab), timeout=60,
+                             on_event=lambda event: events.append(event["event"]))
+        wait_for(lambda: "added" in events)
         lab.kill(node)
         killed = time.monotonic()
-        result = future.result(timeout=10)
+        reply = future.result(timeout=10)
     assert time.monotonic() - killed < 3
-    assert result.exit_code == -1
-    assert result.stderr.decode().splitlines()[-1] == f"mutualbackup: connection to coop/web1 (127.0.0.1:{node.port}) lost"
+    assert not reply.ok and reply.data.get("lost")
+    assert reply.error.startswith("coop/web1: grant: the connection was lost")

@@ -67,9 +67,31 @@ def load_inventory(directory: str | os.PathLike[str]) -> Federation:
             members.append(member)
     for _, file_problems in sorted(by_file, key=lambda pair: pair[0]):
         problems += file_problems
+    problems += _one_server_one_node(members)
     if problems or name is None or coordinator is None:
         raise InventoryError(problems)
     return Federation(name=name, coordinator=coordinator, members=tuple(members), directory=directory)
+
+
+def _one_server_one_node(members: list[Member]) -> list[str]:
+    """Two nodes that share an address and port, a host key or a node key are one server claimed twice:
+    a member could otherwise declare another member's server as its own node (its ``before:`` run there,
+    its data backed up into a repository the claimant restores)."""
+    seen: dict[tuple[str, ...], Node] = {}
+    problems: list[str] = []
+    for member in members:
+        for node in member.nodes:
+            identities = [("address and port", ("address", node.address.lower(), str(node.port))),
+                          ("host_key", ("host_key", node.host_key))]
+            if node.node_key:
+                identities.append(("node_key", ("node_key", node.node_key)))
+            for what, identity in identities:
+                first = seen.setdefault(identity, node)
+                if first is not node:
+                    problems.append(f"{node.where}: node {node.name} has the same {what} as {first.name} "
+                                    f"({first.where}): each server is one node, of one member; "
+                                    "correct the one that is wrong")
+    return problems
 
 
 def _member_files(members_dir: str) -> tuple[list[str], list[tuple[str, list[str]]]]:

@@ -22,7 +22,7 @@ from typing import Callable
 from mutualbackup import borg
 from mutualbackup.context import Context
 from mutualbackup.inventory.model import Backup, Node
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.jobs.crash_cleanup import source_role
 from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted, running
 from mutualbackup.node.requests import host_ref

@@ -34,7 +34,7 @@ log = logging.getLogger("mutualbackup.jobs.crash_cleanup")
 
 
 def source_role(host: str) -> str:
-    """The pidfile name (see :func:`supervise.pidfile_path`) of a source's job into its replica on ``host``.
+    """The pidfile name (see :func:`mutualbackup.node.system.pidfile_path`) of a source's job into its replica on ``host``.
 
     A node that is both a source and a host (A -> B and B -> A) runs a job per role for the same
     peer: the role is part of the name (``run/src.MEMBER.NODE.pid``; ``.`` cannot occur in a slug).

@@ -26,7 +26,6 @@ import dataclasses
 import datetime as dt
 import logging
 import math
-import posixpath
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,7 +36,7 @@ from mutualbackup.inventory.model import Federation, Node
 from mutualbackup.jobs.runs import RecordedRun, RunFailed, running
 from mutualbackup.node.requests import host_ref
 from mutualbackup.restore.replicas import latest_listing
-from mutualbackup.remote.supervision import RUN_DIR, JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.remote.transport import Transport
 
 log = logging.getLogger("mutualbackup.jobs.drill")
@@ -106,11 +105,6 @@ class DrillOutcome:
     @property
     def ok(self) -> bool:
         return self.result == "success"
-
-
-def drill_pidfile(workdir: str, peer: str) -> str:
-    """The pidfile of a drill's supervised borg on the source (apart from the backups' pidfiles)."""
-    return posixpath.join(workdir, RUN_DIR, "drill-" + peer.replace("/", ".") + ".pid")
 
 
 def run_drill(

@@ -57,7 +57,7 @@ from mutualbackup.jobs.crash_cleanup import host_role, source_role
 from mutualbackup.jobs.archives import LIST_TIMEOUT, archive_entries, borg_ok, list_archives, live_bytes, recorded_archives
 from mutualbackup.jobs.runs import RecordedRun, RunFailed, RunOutcome, aborted, running
 from mutualbackup.node.requests import host_ref
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.remote.transport import Result, Transport, reply_result
 
 log = logging.getLogger("mutualbackup.jobs.maintenance")

@@ -26,7 +26,7 @@ from mutualbackup.jobs.runs import RecordedRun, RunOutcome, aborted, running
 from mutualbackup.node.requests import host_ref
 from mutualbackup.plan.compaction_rules import ArchiveChanges, archive_changes, guard_problems
 from mutualbackup.plan.retention import plan_prune
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.remote.transport import Transport, reply_result
 
 log = logging.getLogger("mutualbackup.jobs.maintenance")

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping
 
 from mutualbackup.errors import MutualBackupError
 from mutualbackup.inventory.model import Node
-from mutualbackup.remote.supervision import JobControl
+from mutualbackup.jobs.control import JobControl
 from mutualbackup.state.history import History
 
 log = logging.getLogger("mutualbackup.jobs")

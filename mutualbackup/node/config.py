@@ -48,7 +48,8 @@ class NodeConfig:
     storage: str = ""  # where this node keeps other members' repositories ("" when it lends no storage)
     admins: tuple[Admin, ...] = ()
     coordinator_key: str = ""
-    sudo: bool = False  # requests that need root go through ``sudo -n mutualbackup-node serve --root``
+    sudo: bool = False  # the login is not root: the forced command is ``sudo -n mutualbackup-node serve``
+    program: str = ""  # mutualbackup-node's absolute path, as the sudo rule names it
     directory: str = field(default="", compare=False)  # where it was read from
 
     @property
@@ -99,7 +100,7 @@ def load_config(directory: str, *, trusted: bool | None = None) -> NodeConfig:
             authorized_keys=str(data["authorized_keys"]), work=str(data["work"]), state=str(data["state"]),
             borg=str(data.get("borg") or "borg"), storage=str(data.get("storage") or ""), admins=admins,
             coordinator_key=str(data.get("coordinator_key", "")),
-            sudo=bool(data.get("sudo", False)), directory=directory,
+            sudo=bool(data.get("sudo", False)), program=str(data.get("program") or ""), directory=directory,
         )
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{path} lacks {exc}") from None

@@ -19,9 +19,8 @@ from mutualbackup.node.source import paths
 from mutualbackup.plan.drill_sample import (
     Observation, choose_sample, inspect_argv, parse_inspection, top_level_paths, verify_sample,
 )
-from mutualbackup.remote.supervision import pidfile_path
+from mutualbackup.node.system import pidfile_path
 from mutualbackup.remote.transport import Result
-from mutualbackup.restore import node_commands
 
 log = logging.getLogger("mutualbackup.node")
 
@@ -125,7 +124,4 @@ class _Drilling:
                 raise Failed(f"cannot inspect the extracted sample: {inspected.stderr_tail(5)}")
             return parse_inspection(inspected.stdout, paths)
         finally:
-            removed = self.session.system.run(node_commands.remove_temporary_dir_argv(scratch), timeout=600)
-            if not removed.ok:
-                self.session.emit("line", text=f"could not remove the drill's scratch directory {scratch}: "
-                                               f"{removed.stderr_tail(3)}")
+            self.session.system.remove_tree(scratch)

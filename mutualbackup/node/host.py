@@ -18,13 +18,13 @@ from mutualbackup.node.requests import (
     Args, Failed, Refused, Session, integer, number, repository_path, request, source_of,
 )
 from mutualbackup.node.source import result_data
-from mutualbackup.remote.supervision import pidfile_path
+from mutualbackup.node.system import pidfile_path
 
 LIST_TIMEOUT = 900
-_PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}")
+_PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}( [\x20-\x7e]*)?")
 
 
-def _source(session: Session, args: Args) -> tuple[str, str]:
+def repository_of(session: Session, args: Args) -> tuple[str, str]:
     """(source name, its repository's path here); refused for this node's own member (a replica
     always lives on another member's host)."""
     source = source_of(args)
@@ -62,14 +62,14 @@ def authorize(session: Session, args: Args) -> Mapping[str, Any]:
     for replica in replicas:
         if not isinstance(replica, dict):
             raise Refused("each replica must be {source, public_key, quota}")
-        source, path = _source(session, replica)
+        source, path = repository_of(session, replica)
         comment = f"mutualbackup:{source}"
         key = replica.get("public_key")
         if key is None:
             if comment in existing:
                 lines.append(existing[comment])
             continue
-        if not isinstance(key, str) or not _PUBLIC_KEY.match(key):
+        if not isinstance(key, str) or not _PUBLIC_KEY.fullmatch(key):
             raise Refused(f"the key of {source} is not an ed25519 public key")
         quota = integer(replica, "quota") or 0
         if quota < 1:
@@ -89,14 +89,14 @@ def authorize(session: Session, args: Args) -> Mapping[str, Any]:
 @request("repo_facts", "host")
 def repo_facts(session: Session, args: Args) -> Mapping[str, Any]:
     """Size and last write of the repository's segments (exit 3: missing; 4: not a borg repository)."""
-    _name, path = _source(session, args)
+    _name, path = repository_of(session, args)
     return result_data(session.system.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT))
 
 
 @request("repo_check", "host")
 def repo_check(session: Session, args: Args) -> Mapping[str, Any]:
     """``borg check --repository-only`` on the host, without any key, supervised; the facts first."""
-    source, path = _source(session, args)
+    source, path = repository_of(session, args)
     facts = session.system.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
     if not facts.ok:
         return {"facts": result_data(facts)}
@@ -109,14 +109,14 @@ def repo_check(session: Session, args: Args) -> Mapping[str, Any]:
 @request("transactions", "host")
 def transactions(session: Session, args: Args) -> Mapping[str, Any]:
     """The host's clock, then the repository's ``transactions`` log (every commit through an append-only key)."""
-    _name, path = _source(session, args)
+    _name, path = repository_of(session, args)
     return result_data(session.system.run(borg.transactions_argv(path), timeout=LIST_TIMEOUT))
 
 
 @request("compact", "host")
 def compact(session: Session, args: Args) -> Mapping[str, Any]:
     """``borg compact`` on the host (frees what prunes left), supervised; the facts before and after."""
-    source, path = _source(session, args)
+    source, path = repository_of(session, args)
     before = session.system.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT)
     if not before.ok:
         return {"before": result_data(before)}
@@ -131,7 +131,7 @@ def compact(session: Session, args: Args) -> Mapping[str, Any]:
 def unlock(session: Session, args: Args) -> Mapping[str, Any]:
     """Break the repository's lock only when it is certainly stale: every holder is a process of this host
     (its full borg host id) and none of them is alive (zombies count as gone)."""
-    _name, path = _source(session, args)
+    _name, path = repository_of(session, args)
     listing = session.system.run(borg.lock_listing_argv(path), timeout=60)
     if listing.exit_code == borg.REPOSITORY_MISSING:
         return {"missing": True}
@@ -164,3 +164,27 @@ def _alive(session: Session, pids: set[int]) -> set[int]:
         if len(words) >= 2 and words[0].isdigit() and not words[1].startswith("Z"):
             alive.add(int(words[0]))
     return alive
+
+
+def edit_block(session: Session, change) -> None:  # noqa: ANN001 - Callable[[list[str]], list[str]]
+    """Replace the managed block of ``authorized_keys`` by ``change(its lines)``, every other line kept byte for byte."""
+    path = session.config.authorized_keys
+    current = (session.system.read(path) or b"").decode("utf-8", errors="surrogateescape")
+    try:
+        wanted = borg.replace_block(current, change(borg.managed_lines(current)))
+    except borg.DamagedBlock as exc:
+        raise Failed(f"{path}: {exc}") from None
+    if wanted != current:
+        session.system.write(path, wanted.encode("utf-8", errors="surrogateescape"), 0o600)
+
+
+def remove_line(session: Session, line: str) -> None:
+    """Remove the exact ``line`` wherever it is in ``authorized_keys`` (every other byte stays)."""
+    path = session.config.authorized_keys
+    current = session.system.read(path)
+    if current is None:
+        return
+    parts = current.split(b"\n")
+    kept = [part for part in parts if part != line.encode("utf-8", errors="surrogateescape")]
+    if len(kept) != len(parts):
+        session.system.write(path, b"\n".join(kept), 0o600)

@@ -42,12 +42,14 @@ class Reply:
         return self.code == DONE
 
 
-def encode_request(kind: str, args: Mapping[str, Any]) -> bytes:
-    return json.dumps({"protocol": PROTOCOL, "request": kind, "args": args}, separators=(",", ":")).encode() + b"\n"
+def encode_request(kind: str, args: Mapping[str, Any], node: str) -> bytes:
+    """A request's first line: its name, its arguments, and the node it is meant for (``MEMBER/NODE``)."""
+    return json.dumps({"protocol": PROTOCOL, "request": kind, "node": node, "args": args},
+                      separators=(",", ":")).encode() + b"\n"
 
 
-def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    """(kind, args) of a request's first line; ProtocolError when it is not one."""
+def decode_request(line: bytes) -> tuple[str, dict[str, Any], str]:
+    """(kind, args, the node it is meant for) of a request's first line; ProtocolError when it is not one."""
     if len(line) > MAX_HEADER:
         raise ProtocolError("the request is too large")
     try:
@@ -56,9 +58,11 @@ def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
         raise ProtocolError(f"the request is not a JSON line: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("request"), str) or not isinstance(data.get("args"), dict):
         raise ProtocolError("the request needs a name and arguments")
+    if not isinstance(data.get("node"), str):
+        raise ProtocolError("the request does not say which node it is meant for")
     if data.get("protocol") != PROTOCOL:
         raise ProtocolError(f"protocol {data.get('protocol')!r} is not this node's ({PROTOCOL}): upgrade one of them")
-    return data["request"], data["args"]
+    return data["request"], data["args"], data["node"]
 
 
 def event_line(event: str, **fields: Any) -> bytes:

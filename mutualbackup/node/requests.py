@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import posixpath
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from mutualbackup.inventory import value_checks
 from mutualbackup.inventory.model import Node, Storage
+from mutualbackup.node import kinds
 from mutualbackup.node.config import NodeConfig
 from mutualbackup.node.protocol import DONE, FAILED, REFUSED, Reply
 from mutualbackup.node.system import System
@@ -41,8 +43,8 @@ class Request:
 
     @property
     def needs_root(self) -> bool:
-        """Source requests read and write the member's files and the root-only state."""
-        return self.side == "source"
+        """Source requests read and write the member's files and the root-only state (its pidfiles too)."""
+        return kinds.needs_root(self.name)
 
 
 REQUESTS: dict[str, Request] = {}
@@ -52,6 +54,8 @@ def request(name: str, side: str) -> Callable[[Callable[["Session", Args], Mappi
     """Register a request handler under ``name``."""
 
     def register(handler: Callable[["Session", Args], Mapping[str, Any]]) -> Callable:
+        if kinds.KINDS.get(name) != (side, handler.__module__.rsplit(".", 1)[-1]):
+            raise AssertionError(f"request {name!r} ({side}, {handler.__module__}) is not so in node/kinds.py")
         REQUESTS[name] = Request(name, side, handler)
         return handler
 
@@ -79,8 +83,13 @@ class Session:
         return self._feed(timeout) if self._feed is not None else None
 
 
-def handle(kind: str, args: Args, session: Session) -> Reply:
-    """Answer one request: its data, or why it was refused or failed. Never raises for a bad request."""
+def handle(kind: str, args: Args, session: Session, addressed: str) -> Reply:
+    """Answer one request meant for the node ``addressed``: its data, or why it was refused or failed.
+    Never raises for a bad request."""
+    if addressed != session.config.name:
+        return Reply(kind, REFUSED, f"this server is {session.config.name} (pinned when it joined), and the request "
+                                    f"is meant for {addressed}: the inventory gives {addressed} this server's address, "
+                                    "port or host key. Nothing was done; correct the inventory")
     found = REQUESTS.get(kind)
     if found is None:
         return Reply(kind, REFUSED, f"{session.config.name} does not take a request {kind!r}")
@@ -92,6 +101,9 @@ def handle(kind: str, args: Args, session: Session) -> Reply:
         return Reply(kind, REFUSED, f"{session.config.name} refused {kind!r}: {exc}")
     except Failed as exc:
         return Reply(kind, FAILED, str(exc))
+    except Exception as exc:  # a bug, or the system refused (a permission): say so, never a half answer
+        traceback.print_exc()
+        return Reply(kind, FAILED, f"{session.config.name}: internal error in the node program during {kind}: {exc!r}")
 
 
 # --- checking arguments ---------------------------------------------------------------------

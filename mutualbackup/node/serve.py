@@ -1,35 +1,30 @@
 """``mutualbackup-node serve``: answer one request of the coordinator, then exit.
 
-Run by sshd as the forced command of the coordinator's key: the request's name comes from
-``SSH_ORIGINAL_COMMAND`` (what the coordinator asked for), its arguments as the first line of
-stdin. The reply goes to stdout as JSON lines (:mod:`~mutualbackup.node.protocol`). When stdin
-ends before the request is done, the coordinator is gone: supervised commands are stopped.
+Run by sshd as the forced command of the coordinator's key, as root (through the node's one sudo
+rule when its login is not root), whatever the coordinator asked to run: the request, its name
+and its arguments, is the first line of stdin. A request that does not need root drops to the
+node's login before it runs. The reply goes to stdout as JSON lines
+(:mod:`~mutualbackup.node.protocol`). When stdin ends before the request is done, the
+coordinator is gone: supervised commands are stopped.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 from typing import Any, BinaryIO, Mapping
 
-from mutualbackup.node import protocol
+from mutualbackup.node import kinds, protocol
 from mutualbackup.node.config import ConfigError, NodeConfig, config_directory, load_config
 from mutualbackup.node.protocol import REFUSED, Reply
 
 
-def requested_kind(argv_kind: str | None) -> str:
-    """The request's name: given on the command line, else the last word of ``SSH_ORIGINAL_COMMAND``."""
-    if argv_kind:
-        return argv_kind
-    words = os.environ.get("SSH_ORIGINAL_COMMAND", "").split()
-    return words[-1] if words else ""
-
-
-def serve(kind: str, config_dir: str | None = None, stdin: BinaryIO | None = None,
+def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | None = None,
           stdout: BinaryIO | None = None) -> int:
-    """Answer the request ``kind`` read from ``stdin``; its code is the exit status (0, 1 or 2)."""
+    """Answer the request read from ``stdin`` (which must be ``kind`` when given); its code is the exit status."""
     from mutualbackup.node import requests
     from mutualbackup.node.system import LocalSystem
 
@@ -53,18 +48,19 @@ def serve(kind: str, config_dir: str | None = None, stdin: BinaryIO | None = Non
 
 def _answer(kind, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
     """The reply to the request on ``stdin`` (a refusal when it cannot even be read)."""
-    import_handlers()
     try:
         line = stdin.readline(protocol.MAX_HEADER + 1)
-        asked, args = protocol.decode_request(line)
+        asked, args, addressed = protocol.decode_request(line)
     except protocol.ProtocolError as exc:
-        return Reply(kind, REFUSED, str(exc))
-    if asked != kind:
+        return Reply(kind or "?", REFUSED, str(exc))
+    if kind is not None and asked != kind:
         return Reply(kind, REFUSED, f"the request says {asked!r} but {kind!r} was asked for")
+    import_handlers(asked)
     try:
-        config = _config(config_dir, args)
+        config = _config(config_dir)
+        _become(asked, config)
     except ConfigError as exc:
-        return Reply(kind, REFUSED, str(exc))
+        return Reply(asked, REFUSED, str(exc))
     lines: queue.Queue[bytes | None] = queue.Queue()
     system = system_class()
     threading.Thread(target=_watch, args=(stdin, lines, system.gone), daemon=True).start()
@@ -76,23 +72,36 @@ def _answer(kind, config_dir, stdin, write, system_class, requests) -> Reply:  #
             return None
 
     session = requests.Session(config, system, write, feed)
-    return requests.handle(kind, args, session)
+    return requests.handle(asked, args, session, addressed)
 
 
-def _config(config_dir: str | None, args: Mapping[str, Any]) -> NodeConfig:
-    """The node's configuration; a node that has not joined yet takes the one the request describes."""
-    directory = config_directory(config_dir)
+def _become(kind: str, config: NodeConfig) -> None:
+    """Run ``kind`` as whom it needs: root for a source request; the node's login for anything else, dropped
+    to at once (the forced command starts ``serve`` as root). ConfigError when this process cannot."""
+    if kinds.needs_root(kind):
+        if os.geteuid() != 0:
+            raise ConfigError(f"{kind!r} needs root, and serve runs as {config.user} without it: the coordinator's "
+                              "line must run it through the sudo rule `mutualbackup-node join` installs (run join again)")
+        return
+    if os.geteuid() != 0:
+        return
+    import pwd
+
     try:
-        return load_config(directory)
-    except ConfigError:
-        described = args.get("node_config")
-        if not isinstance(described, dict) or os.path.exists(os.path.join(directory, "node.json")):
-            raise
-        fields = {k: str(described.get(k) or "") for k in
-                  ("member", "node", "user", "authorized_keys", "work", "state", "borg", "storage")}
-        for key in ("authorized_keys", "work", "state"):
-            fields[key] = os.path.expanduser(fields[key])
-        return NodeConfig(**fields)
+        account = pwd.getpwnam(config.user)
+    except KeyError:
+        raise ConfigError(f"this node's login {config.user!r} does not exist: run `mutualbackup-node join` again") from None
+    if account.pw_uid == 0:
+        return
+    os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    os.environ.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
+
+
+def _config(config_dir: str | None) -> NodeConfig:
+    """The node's configuration, as its join wrote it (a node that has not joined answers nothing)."""
+    return load_config(config_directory(config_dir))
 
 
 class LineReader:
@@ -127,21 +136,31 @@ def _watch(stdin: BinaryIO, lines: queue.Queue, gone: threading.Event) -> None:
     gone.set()
 
 
-def import_handlers() -> None:
-    """Register every request (their modules register themselves on import)."""
-    from mutualbackup.node import drill, host, source  # noqa: F401
+def import_handlers(kind: str | None = None) -> None:
+    """Register the request ``kind`` (every request when None): handlers register themselves on import."""
+    import importlib
+
+    names = [kinds.module_of(kind)] if kind is not None else sorted({kinds.module_of(k) for k in kinds.KINDS})
+    for name in names:
+        if name is not None:
+            importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mutualbackup-node serve [KIND] [--config DIR]``."""
+    """``mutualbackup-node serve [REQUEST] [--config DIR]``: the coordinator's forced command.
+
+    sshd runs it as root (through the node's one sudo rule when the login is not root); the request's
+    name comes from its first line; a request that does not need root drops to the login before it runs.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: borg must stop cleanly on SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config_dir = None
     if "--config" in args:
         at = args.index("--config")
         config_dir = args[at + 1] if at + 1 < len(args) else None
         del args[at:at + 2]
-    kind = requested_kind(args[0] if args else None)
-    return serve(kind, config_dir)
+    return serve(args[0] if args else None, config_dir)
 
 
 if __name__ == "__main__":

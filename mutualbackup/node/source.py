@@ -20,7 +20,7 @@ from mutualbackup.node.protocol import pack
 from mutualbackup.node.requests import (
     Args, Failed, Refused, Session, host_of, integer, node_name, number, request, text,
 )
-from mutualbackup.remote.supervision import pidfile_path
+from mutualbackup.node.system import pidfile_path
 from mutualbackup.remote.transport import Result
 
 LIST_TIMEOUT = 900
@@ -207,26 +207,30 @@ def role_pidfile(session: Session, args: Args) -> str:
     return pidfile_path(session.config.work if kind == "repo" else session.config.state, role)
 
 
-@request("leftover", "any")
+@request("leftover", "source")
 def leftover(session: Session, args: Args) -> Mapping[str, Any]:
     """The run a job's pidfile names, if one is left (pid, run id)."""
     found = session.system.pidfile(role_pidfile(session, args))
     return {} if found is None else {"pid": found.pid, "run_id": found.run_id}
 
 
-@request("stop", "any")
+@request("stop", "source")
 def stop(session: Session, args: Args) -> Mapping[str, Any]:
     """Stop the job of a pidfile (SIGINT, then SIGTERM, then SIGKILL), only while it is the process started."""
-    stopped, said = session.system.stop(role_pidfile(session, args), number(args, "int_seconds", optional=True, default=20.0)
-                                        or 20.0, number(args, "term_seconds", optional=True, default=10.0) or 10.0)
+    owner = session.config.user if text(args, "role").startswith("repo/") else None  # the login's own pidfiles
+    stopped, said = session.system.stop(role_pidfile(session, args),
+                                        number(args, "int_seconds", optional=True, default=20.0) or 20.0,
+                                        number(args, "term_seconds", optional=True, default=10.0) or 10.0, owner)
     return {"stopped": stopped, "said": said}
 
 
 @request("hello", "any")
 def hello(session: Session, args: Args) -> Mapping[str, Any]:
-    """Who this node is, its versions and clock (``mutualbackup doctor``)."""
+    """Who this node is, its versions and clock (``mutualbackup doctor``); ``{"borg": false}`` skips borg's."""
     from mutualbackup import __version__
 
-    version = session.system.run((session.config.borg, "--version"), timeout=60)
-    return {"node": session.config.name, "version": __version__, "time": time.time(),
-            "borg": version.stdout.decode("utf-8", "replace").strip() if version.ok else None}
+    answer = {"node": session.config.name, "member": session.config.member, "version": __version__, "time": time.time()}
+    if args.get("borg", True) is not False:
+        version = session.system.run((session.config.borg, "--version"), timeout=60)
+        answer["borg"] = version.stdout.decode("utf-8", "replace").strip() if version.ok else None
+    return answer

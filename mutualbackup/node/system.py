@@ -13,6 +13,8 @@ only while the pid still has the recorded start time, never a reused pid).
 from __future__ import annotations
 
 import os
+import posixpath
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -28,6 +30,18 @@ ORPHAN_INT_SECONDS = 60
 KILL_GRACE_SECONDS = 5
 """After a timeout's SIGTERM, SIGKILL follows this much later."""
 _POLL = 0.05
+
+
+RUN_DIR = "run"
+"""Under a node's work or state directory: pidfiles of supervised commands."""
+
+
+def pidfile_path(workdir: str, peer: str) -> str:
+    """The pidfile of the supervised job of this node with ``peer`` (``MEMBER/NODE``).
+
+    ``.`` cannot occur in a slug, so ``MEMBER.NODE`` names the peer unambiguously.
+    """
+    return posixpath.join(workdir, RUN_DIR, peer.replace("/", ".") + ".pid")
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,9 @@ class System(Protocol):
         """Run ``argv``; with ``pidfile``, supervised (see the module notes). -1 after a timeout."""
         ...
 
-    def stop(self, pidfile: str, int_seconds: float, term_seconds: float) -> tuple[bool, str]:
-        """Stop the command of ``pidfile``: (nothing of it runs any more, what happened)."""
+    def stop(self, pidfile: str, int_seconds: float, term_seconds: float, owner: str | None = None) -> tuple[bool, str]:
+        """Stop the command of ``pidfile``: (nothing of it runs any more, what happened). With ``owner``,
+        only a process of that user (a pidfile its login could have written never makes root signal another's)."""
         ...
 
     def pidfile(self, path: str) -> PidFile | None: ...
@@ -64,9 +79,13 @@ class System(Protocol):
 
     def alive(self, pids: Iterable[int]) -> set[int]: ...
 
-    def makedirs(self, path: str) -> None:
-        """Make ``path`` (and its parents) private to this node's user, when missing."""
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        """Make ``path`` (and its parents) when missing."""
         ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def remove_tree(self, path: str) -> None: ...
 
 
 def parse_pidfile(data: bytes) -> PidFile | None:
@@ -157,13 +176,15 @@ class LocalSystem:
         content = f"{pid}\n{run_id if run_id is not None else ''}\n{process_start(pid) or ''}\n".encode()
         _write_atomically(path, content, 0o600)
 
-    def stop(self, pidfile: str, int_seconds: float, term_seconds: float) -> tuple[bool, str]:
+    def stop(self, pidfile: str, int_seconds: float, term_seconds: float, owner: str | None = None) -> tuple[bool, str]:
         info = self.pidfile(pidfile)
         if info is None:
             return True, "not running"
         if not info.started or process_start(info.pid) != info.started:
             _remove(pidfile)
             return True, "not running"
+        if owner is not None and _process_user(info.pid) != owner:
+            return False, f"pid {info.pid} is not {owner}'s: not signalled"
         for sig, seconds in ((signal.SIGINT, int_seconds), (signal.SIGTERM, term_seconds), (signal.SIGKILL, 5)):
             try:
                 os.kill(info.pid, sig)
@@ -210,8 +231,28 @@ class LocalSystem:
     def alive(self, pids: Iterable[int]) -> set[int]:
         return {pid for pid in pids if process_start(pid) is not None}
 
-    def makedirs(self, path: str) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    def makedirs(self, path: str, mode: int = 0o700) -> None:
+        os.makedirs(path, mode=mode, exist_ok=True)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def remove_tree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_user(pid: int) -> str | None:
+    """The login name of ``pid``'s real user, None when unknown."""
+    import pwd
+
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Uid:"):
+                    return pwd.getpwuid(int(line.split()[1])).pw_name
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _base_environment() -> dict[str, str]:

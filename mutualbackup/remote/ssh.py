@@ -21,46 +21,20 @@ import shlex
 import signal
 import socket
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import paramiko
 
-from mutualbackup.errors import HostKeyMismatch, OperationFailed, TransportError
+from mutualbackup.errors import HostKeyMismatch, TransportError
 from mutualbackup.inventory.model import Node
 from mutualbackup.node.protocol import FAILED, ProtocolError, Reply, decode_event, encode_request, reply_of
 from mutualbackup.remote.channel import pump
-from mutualbackup.remote.transport import Result, command_line
 
 KEEPALIVE_SECONDS = 10
 """Interval of SSH keepalive messages on an idle connection."""
 
 TCP_USER_TIMEOUT_MS = 60_000
 """Linux: drop the connection when sent data (keepalives) stays unacknowledged this long."""
-
-REMOTE_KILL_GRACE_SECONDS = 5
-"""After a remote timeout's SIGTERM, SIGKILL follows this much later."""
-
-FILE_TIMEOUT_SECONDS = 120.0
-"""home(), read_file() and write_file() give up after this long (a hung NFS home, say)."""
-
-_CHUNK = 1 << 16
-_POLL_SECONDS = 0.05
-
-_READ_FILE_SCRIPT = 'if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 3; fi; exec cat -- "$1"'
-_READ_FILE_MISSING = 3
-
-_WRITE_FILE_SCRIPT = """set -e
-umask 077
-case "$1" in /*) ;; *) set -- "./$1" "$2" ;; esac
-dir=$(dirname -- "$1")
-[ -d "$dir" ] || mkdir -p -m 700 -- "$dir"
-tmp=$(mktemp "$dir/.mutualbackup-tmp.XXXXXX")
-trap 'rm -f -- "$tmp"' EXIT
-cat > "$tmp"
-chmod -- "$2" "$tmp"
-mv -f -- "$tmp" "$1"
-trap - EXIT
-"""
 
 
 def parse_host_key(host_key: str) -> paramiko.PKey:
@@ -176,7 +150,6 @@ class SSHTransport:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._home: str | None = None
-        self.describe_node = True  # until the node has joined, each request describes it (its own config wins)
 
     def __enter__(self) -> SSHTransport:
         return self
@@ -292,60 +265,6 @@ class SSHTransport:
 
     # -- commands -----------------------------------------------------------
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | Iterable[bytes] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        on_stderr_line: Callable[[str], None] | None = None,
-    ) -> Result:
-        """Run ``argv`` on the node and wait for it; see :meth:`Transport.run`.
-
-        Returns a Result with the remote exit status (128 + N when killed by signal N),
-        or -1 when ``timeout`` expired or the connection was lost (stderr then ends
-        with a line saying which). ``on_stderr_line`` is called in this thread for
-        each stderr line, without its line ending, as lines arrive.
-        Raises TransportError when the node cannot be reached, HostKeyMismatch when
-        its host key is not the pinned one.
-        """
-        argv = tuple(argv)
-        words: tuple[str, ...] = argv
-        if timeout is not None:
-            # Closing the channel does not signal a command without a terminal
-            # (nor can a root session receive SSH "signal" requests): the node's
-            # own timeout ends it; it starts later, so the local deadline is first.
-            # (A zero duration would mean "no limit" to timeout: clamp it.)
-            remote = f"{max(timeout, 0.001):.3f}"
-            words = ("timeout", "-k", str(REMOTE_KILL_GRACE_SECONDS), "--", remote, *argv)
-        line = command_line(words, env, cwd)
-        live, channel = self._open_channel()
-        try:
-            channel.exec_command(line)
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            channel.close()
-            raise TransportError(f"cannot start a command on {self.node_name} ({self._where}): {error}") from error
-        pumped = pump(channel, live, stdin, timeout, on_stderr_line)
-        code = pumped.exit_code
-        notes: list[str] = []
-        if pumped.timed_out:
-            code = -1
-            notes.append(f"mutualbackup: {self.node_name}: timed out after {timeout:g}s")
-        elif code < 0:
-            code = -1
-            if pumped.lost or not live.is_active():
-                notes.append(f"mutualbackup: connection to {self.node_name} ({self._where}) lost")
-            else:
-                notes.append(f"mutualbackup: {self.node_name}: the command ended without an exit status")
-        err = pumped.stderr
-        if notes:
-            if err and not err.endswith(b"\n"):
-                err += b"\n"
-            err += "\n".join(notes).encode() + b"\n"
-        return Result(argv=argv, exit_code=code, stdout=pumped.stdout, stderr=err)
-
     def request(
         self,
         kind: str,
@@ -356,7 +275,6 @@ class SSHTransport:
         feed: Iterable[bytes] = (),
     ) -> Reply:
         """Ask the node's ``mutualbackup-node serve`` for ``kind``; see :meth:`Transport.request`."""
-        args = {**args, "node_config": node_config(self.node)} if self.describe_node else dict(args)
         live, channel = self._open_channel()
         try:
             channel.exec_command(f"mutualbackup-node serve {kind}")
@@ -367,7 +285,7 @@ class SSHTransport:
         replies: list[Reply] = []
 
         def stdin() -> Iterator[bytes]:
-            yield encode_request(kind, args)
+            yield encode_request(kind, args, self.node.name)
             yield from feed
             while not answered.wait(0.5) and not channel.closed:  # stdin stays open while the request runs
                 pass
@@ -399,54 +317,6 @@ class SSHTransport:
 
     # -- files --------------------------------------------------------------
 
-    def home(self) -> str:
-        """The login user's home directory on the node (asked once, then cached)."""
-        if self._home is None:
-            result = self.run(["sh", "-c", 'printf %s "$HOME"'], timeout=FILE_TIMEOUT_SECONDS)
-            home = result.stdout.decode("utf-8", "replace")
-            if not result.ok or not home.startswith("/"):
-                raise OperationFailed(
-                    f"cannot find the home directory of {self.node.user} on {self.node_name} "
-                    f"(exit {result.exit_code}): {result.stderr_tail(5)}"
-                )
-            self._home = home
-        return self._home
-
-    def read_file(self, path: str) -> bytes | None:
-        """The content of ``path`` on the node, or None when it does not exist.
-
-        Raises OperationFailed when it exists but cannot be read.
-        """
-        result = self.run(["sh", "-c", _READ_FILE_SCRIPT, "sh", path], timeout=FILE_TIMEOUT_SECONDS)
-        if result.exit_code == _READ_FILE_MISSING:
-            return None
-        if not result.ok:
-            raise OperationFailed(
-                f"cannot read {path} on {self.node_name} (exit {result.exit_code}):\n{result.stderr_tail()}"
-            )
-        return result.stdout
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Replace ``path`` on the node atomically with ``data``, with permissions ``mode``.
-
-        Creates the parent directory (mode 0700) when missing, writes a temporary
-        file next to the target (umask 077), chmods it, then renames it over the
-        target. ``data`` travels over stdin. Raises OperationFailed on failure.
-        """
-        result = self.run(
-            ["sh", "-c", _WRITE_FILE_SCRIPT, "sh", path, f"{mode:o}"], stdin=data, timeout=FILE_TIMEOUT_SECONDS
-        )
-        if not result.ok:
-            raise OperationFailed(
-                f"cannot write {path} on {self.node_name} (exit {result.exit_code}):\n{result.stderr_tail()}"
-            )
-
     def __repr__(self) -> str:
         return f"SSHTransport({self.node_name!r}, {self._where}, key_file={shlex.quote(self.key_file)})"
 
-
-def node_config(node: Node) -> dict[str, str]:
-    """What a node that has not joined yet is told about itself (a joined node ignores it)."""
-    return {"member": node.member, "node": node.slug, "user": node.user, "authorized_keys": node.authorized_keys,
-            "work": node.workdir, "state": node.workdir, "borg": node.borg,
-            "storage": node.storage.path if node.storage is not None else ""}

@@ -3,42 +3,28 @@
 Borg always runs on the node that receives the files (the *destination*) and reads the
 repository on a replica's host over SSH: plaintext never passes through the host or the
 coordinator. Onto the source itself borg uses the source's own key; onto any other node (or
-with ``--recovery``) a temporary key (:mod:`~mutualbackup.restore.temporary_key`; the whole
-story is in ARCHITECTURE.md, "Restores"). The request is checked first
+with ``--recovery``) a key made for this restore, and the passphrase sealed for that node
+(:mod:`~mutualbackup.restore.sealed`; the whole story is in ARCHITECTURE.md, "Restores"). The request is checked first
 (:mod:`~mutualbackup.restore.request`), then each replica is tried in turn
 (:mod:`~mutualbackup.restore.attempt`).
 """
 
 from __future__ import annotations
 
-
-import contextlib
-import datetime as dt
 import logging
-import secrets
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from mutualbackup import borg
 from mutualbackup.borg import ExtractProgress
 from mutualbackup.context import Context
-from mutualbackup.restore.recovery_file import RecoveryFile
+from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.inventory.model import Node
-from mutualbackup.restore.attempt import RestoreResult, RestoreJob
+from mutualbackup.node.restore import seal_for_node
+from mutualbackup.restore.attempt import RestoreJob, RestoreResult
+from mutualbackup.restore.kit import RecoveryFile
 from mutualbackup.restore.request import checked_request
-from mutualbackup.restore.temporary_key import (
-    Access, Delegated, EarlyGrant, HostGrant, authorised, expanded, new_restore_key,
-    read_source_passphrase, remove_temporary,
-)
-from mutualbackup.remote.transport import Transport
+from mutualbackup.restore.sealed import Seal, sealed_by_source
 
 log = logging.getLogger("mutualbackup.restore.extract")
-
-
-# --- choosing a replica ---------------------------------------------------------------
-
-
-# --- restore --------------------------------------------------------------------------
 
 
 def restore(
@@ -60,89 +46,49 @@ def restore(
 ) -> RestoreResult:
     """Extract ``archive`` (default: the latest) of ``source`` into ``directory`` on ``destination``.
 
-    ``source`` is a Node, or only its name when it is gone from the inventory
-    (then ``recovery`` is required). Raises UsageError (exit 2) for a refused
-    request (another member without ``allow_other_member``, or one that hosts a
-    replica of the source, see :func:`~mutualbackup.restore.request.check_other_member`; a recovery file that
-    disagrees with the inventory, see :func:`mutualbackup.restore.recovery_file.usable_hosts`; a
-    non-empty target without ``force``; a relative directory) and OperationFailed
-    when the restore fails; the history records every attempted restore, with who asked.
+    ``source`` is a Node, or only its name when it is gone from the inventory (then ``recovery``,
+    the opened recovery kit, is required). Raises UsageError (exit 2) for a refused request (see
+    :mod:`~mutualbackup.restore.request`; a non-empty target without ``force``) and
+    OperationFailed when the restore fails; the history records every attempted restore, with who asked.
     """
     source_name = source if isinstance(source, str) else source.name
     source_node = source if isinstance(source, Node) else None
-    hosts, repository_path = checked_request(ctx, source_name, source_node, destination, directory, replica,
-                                              recovery, allow_other_member)
+    hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
+                                   allow_other_member)
     other_member = destination.member != source_name.split("/", 1)[0]
-    delegated = recovery is not None or destination.name != source_name
+    sealed = recovery is not None or destination.name != source_name
     detail: dict[str, object] = {
         "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
         "requested_by": requested_by, "other_member": other_member, "recovery": recovery is not None,
-        "access": "temporary key" if delegated else "source key",
+        "access": "sealed passphrase" if sealed else "source key",
     }
-    job = RestoreJob(ctx, source_name, destination, directory, hosts, repository_path, archive, tuple(paths), dry_run,
-               detail, recovery, on_progress, on_line)
-    transport = ctx.connect(destination)
-    try:
-        if not delegated:
-            assert source_node is not None
-            workdir = expanded(transport, source_node.workdir)
-            access = Access(env=borg.client_env(borg.SourcePaths(workdir)), prepare=None if dry_run else (directory, force))
-            try:
-                return job.run(transport, access)
-            finally:
-                job.release()
-        return _restore_delegated(job, transport, source_node, force)
-    finally:
-        transport.close()
+    seal = _sealing(ctx, source_node, destination, recovery) if sealed else None
+    job = RestoreJob(ctx, source_name, destination, directory, hosts, archive, tuple(paths), dry_run, force, detail,
+                     recovery, seal, on_progress, on_line)
+    return job.run()
 
 
-def _restore_delegated(job: "RestoreJob", transport: Transport, source_node: Node | None, force: bool) -> RestoreResult:
-    """The temporary-key restore: borg extract starts as soon as the destination is connected.
+def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: RecoveryFile | None
+             ) -> Callable[[Node], Seal]:
+    """How each replica's restore gets the passphrase sealed for ``destination``: from the kit an admin opened
+    here (with that repository's key, for a repository that lost its own), else sealed by the source itself."""
+    if not destination.node_key:
+        raise UsageError(f"{destination.name} has no node_key in the inventory: a passphrase travels only sealed for "
+                         "the node that uses it. Join the node (`mutualbackup-node join`) and paste its node_key")
+    if recovery is not None:
+        def from_kit(host: Node) -> Seal:
+            entry = recovery.repository(host.name)
+            secret = {"passphrase": recovery.passphrase, "key": entry.key if entry is not None else ""}
+            return lambda: seal_for_node(destination.node_key, secret)
 
-    A key pair is made in memory; then, all at once, the first replica's host
-    accepts its public half, the passphrase is read from the source, and borg
-    extract starts on the destination with the private key on its stdin; its
-    ssh waits (the gate of :func:`node_commands.delegated_argv`) until the host's
-    line is in and the passphrase has followed on stdin. The same round trip
-    checks the target and removes the temporary directory. The host's line is
-    withdrawn in the background as soon as borg reports on the archive (its
-    connection is up): when all goes well, nothing is left to do once borg ends.
-    """
-    restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), secrets.token_hex(4))
-    key = new_restore_key(borg.restore_comment(job.source, restore_id))
-    with contextlib.ExitStack() as cleanup, ThreadPoolExecutor(max_workers=3, thread_name_prefix="restore") as pool:
-        first = job.hosts[0]
-        early = EarlyGrant(pool, authorised(job.ctx, first, job.source, job.repository_path(first), key.public_key, restore_id))
-        cleanup.callback(early.close)
-        workdir = pool.submit(_connected_workdir, transport, job.destination)
-        if job.recovery is None and source_node is not None:
-            secret = pool.submit(read_source_passphrase, job.ctx, source_node)
-            passphrase: Callable[[], bytes] = secret.result
-        else:
-            assert job.recovery is not None
-            known = job.recovery.passphrase.encode("utf-8")
-            passphrase = lambda: known  # noqa: E731
-        delegated = Delegated.under(workdir.result(), restore_id, job.hosts, key)
+        return from_kit
+    if source is None:
+        raise OperationFailed("a source gone from the inventory is restored with its recovery kit")
+    cached: list[str] = []
 
-        def grant(host: Node, path: str) -> contextlib.AbstractContextManager[HostGrant]:
-            if host is first:
-                return early.take()
-            return authorised(job.ctx, host, job.source, path, key.public_key, restore_id)
+    def by_source() -> str:
+        if not cached:
+            cached.append(sealed_by_source(ctx, source, destination))
+        return cached[0]
 
-        access = Access(env={}, passphrase=passphrase, grant=grant, name="temporary key",
-                        prepare=None if job.dry_run else (job.directory, force), delegated=delegated)
-        try:
-            return job.run(transport, access)
-        finally:
-            revoked = pool.submit(job.release)
-            if delegated.left_behind:
-                remove_temporary(transport, job.destination, delegated.tmp)
-            revoked.result()
-
-
-def _connected_workdir(transport: Transport, destination: Node) -> str:
-    """The destination's workdir, ``~`` expanded; the connection is opened either way."""
-    transport.connect()
-    return expanded(transport, destination.workdir)
-
-
+    return lambda host: by_source

@@ -7,6 +7,8 @@ member also holds a replica of the source. A recovery file never chooses a repos
 
 from __future__ import annotations
 
+import posixpath
+
 import logging
 from typing import Callable
 
@@ -15,7 +17,7 @@ from mutualbackup.context import Context
 from mutualbackup.errors import UsageError
 from mutualbackup.inventory.model import Node
 from mutualbackup.restore import recovery_file
-from mutualbackup.restore.recovery_file import RecoveryFile
+from mutualbackup.restore.kit import RecoveryFile
 from mutualbackup.restore.replicas import choose_replica
 
 log = logging.getLogger("mutualbackup.restore")
@@ -28,6 +30,9 @@ def checked_request(
     """The replicas to try and where each holds the repository, once the request is checked (UsageError)."""
     if not directory.startswith("/"):
         raise UsageError(f"the target directory must be absolute, got {directory!r}")
+    if posixpath.normpath(directory) in ("/", "//"):
+        raise UsageError(f"a restore goes into a new directory ({destination.name}:/srv/restore, say), never over "
+                         "the live system (/): restore there, then copy back what you need")
     if recovery is not None and recovery.source != source_name:
         raise UsageError(f"the recovery file is for {recovery.source}, not {source_name}")
     if source_node is None and recovery is None:
@@ -78,6 +83,13 @@ def check_other_member(
             f"restoring {source} onto {destination.name} would show {source_member}'s plaintext to {destination.member} "
             f"and send it {source}'s passphrase: {consequence}.\n"
             f"Add --allow-other-member only once {source_member} agreed; the history records it and who asked."
+        )
+    if recovery is None:
+        raise UsageError(
+            f"restoring {source} onto {destination.name}, a node of another member, needs {source_member}'s recovery "
+            f"kit opened by one of its admins: bring the kit (made by `mutualbackup keys export {source}`) and an "
+            f"admin's SSH key, and add --recovery KIT --identity KEY. {source_member}'s nodes never send their "
+            "passphrase to another member's node by themselves."
         )
     log.warning(
         "restoring %s onto %s (--allow-other-member): %s sees the plaintext and receives the passphrase; %s",

@@ -1,0 +1,284 @@
+"""Getting data back, on the nodes: extract onto this node, hold a restore's line on a host, seal secrets.
+
+- ``extract`` (the destination, as root): borg extract into a new directory, with this node's own
+  key and passphrase when it is the source, else with a key pair it makes for this one restore
+  (the public half goes to the coordinator, which has the host accept it for a while) and the
+  passphrase sealed for this node's key (by the source, or by an admin's recovery kit);
+- ``grant`` (the replica's host): a temporary restricted line for that public key, held while the
+  coordinator's session lasts, withdrawn when it says so or goes away;
+- ``seal`` (the source): its passphrase sealed for another node of its member;
+- ``export_kit`` (the source): the recovery kit, sealed for the member's admins pinned at join.
+
+A passphrase leaves its source only sealed; the coordinator relays ciphertext.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import posixpath
+import shlex
+from typing import Any, Mapping
+
+from mutualbackup import borg
+from mutualbackup.node.requests import (
+    Args, Failed, Refused, Session, flag, host_of, node_name, request, source_of, text,
+)
+from mutualbackup.node.source import paths, result_data
+
+RESTORE_TIMEOUT = 24 * 3600
+SECRET_WAIT = 600.0  # how long a sealed restore waits for its passphrase before it gives up
+TARGET_NOT_EMPTY = 202
+
+
+# --- extract -------------------------------------------------------------------------------------
+
+
+@request("extract", "source")
+def extract(session: Session, args: Args) -> Mapping[str, Any]:
+    """Extract an archive (the latest when none is named) of ``source`` from ``host`` into ``target``."""
+    host = host_of(args)
+    source = source_of(args)
+    target = _absolute(text(args, "target"))
+    dry_run, force = flag(args, "dry_run"), flag(args, "force")
+    archive = text(args, "archive", optional=True)
+    wanted = args.get("paths", [])
+    if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
+        raise Refused("'paths' must be a list of paths")
+    sealed = flag(args, "sealed")
+    if not sealed and source != session.config.name:
+        raise Refused(f"{session.config.name} restores {source} only with a sealed passphrase")
+    if not dry_run:
+        _prepare_target(session, target, force)
+    member, slug = source.split("/")
+    url = borg.url_of(host, posixpath.join(host.storage.path if host.storage else "", member, slug))
+    if not sealed:
+        return _extract(session, url, archive, wanted, target, dry_run, borg.client_env(paths(session)), None)
+    with _Temporary(session, host, source) as temporary:
+        secret = temporary.receive()
+        return _extract(session, url, archive, wanted, target, dry_run, temporary.env, secret)
+
+
+def _absolute(path: str) -> str:
+    """The target: an absolute path, never the root of the live system (also through a symlink)."""
+    if not path.startswith("/") or "\x00" in path:
+        raise Refused("the target must be an absolute path")
+    if os.path.realpath(path) == "/":
+        raise Refused("a restore goes into a new directory, never over the live system (/)")
+    return os.path.normpath(path)
+
+
+def _prepare_target(session: Session, target: str, force: bool) -> None:
+    try:
+        session.system.makedirs(target, 0o755)
+        present = session.system.listdir(target)
+    except OSError as exc:
+        raise Failed(f"cannot create {target}: {exc.strerror}") from None
+    if present and not force:
+        raise Failed(f"target not empty: {target}")
+
+
+def _extract(session: Session, url: str, archive: str, wanted: list[str], target: str, dry_run: bool,
+             env: Mapping[str, str], secret: dict[str, Any] | None) -> Mapping[str, Any]:
+    """List (for the latest archive, or a missing key), import the kit's key if needed, then extract."""
+    config = session.config
+
+    def run(argv, **options):  # noqa: ANN001, ANN202 - one borg command with the passphrase on a fresh pipe
+        if secret is None:
+            return session.system.run(argv, env=env, **options)
+        read, write = os.pipe()
+        os.write(write, secret["passphrase"].encode("utf-8"))
+        os.close(write)
+        try:
+            return session.system.run(argv, env={**env, "BORG_PASSPHRASE_FD": str(read)}, pass_fds=(read,), **options)
+        finally:
+            os.close(read)
+
+    if not archive or (secret is not None and secret.get("key")):
+        listed = run(borg.list_argv(config.borg, url), timeout=600)
+        if listed.exit_code == borg.REPO_KEY_MISSING and secret is not None and secret.get("key"):
+            imported = session.system.run(borg.key_import_argv(config.borg, url), env=env,
+                                          stdin=str(secret["key"]).encode(), timeout=600)
+            if not borg.succeeded(imported.exit_code):
+                return {"list": result_data(imported), "step": "key import"}
+            listed = run(borg.list_argv(config.borg, url), timeout=600)
+        if not borg.succeeded(listed.exit_code):
+            return {"list": result_data(listed), "step": "list"}
+        names = [a.name for a in borg.parse_list_json(listed.stdout)]
+        if not names:
+            return {"no_archive": True}
+        if archive and archive not in names:
+            return {"no_such_archive": archive}
+        archive = archive or names[-1]
+    argv = borg.extract_argv(config.borg, url, archive, wanted, dry_run=dry_run)
+    done = run(argv, cwd="/" if dry_run else target, timeout=RESTORE_TIMEOUT,
+               on_stderr_line=lambda line: session.emit("line", text=line))
+    return {"archive": archive, **result_data(done)}
+
+
+class _Temporary:
+    """A key pair for one restore, in a 0700 directory of the root-only state; gone when the restore ends."""
+
+    def __init__(self, session: Session, host, source: str) -> None:  # noqa: ANN001
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.session = session
+        self.restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), os.urandom(4).hex())
+        self.directory = posixpath.join(session.config.state, f"restore-{self.restore_id}.tmp")
+        key = Ed25519PrivateKey.generate()
+        self.private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                         serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        self.public_key = public.decode("ascii")
+        self.host = host
+        self.source = source
+
+    def __enter__(self) -> "_Temporary":
+        self.session.system.makedirs(self.directory, 0o700)
+        self.session.system.write(posixpath.join(self.directory, "id_ed25519"), self.private, 0o600)
+        self.session.system.write(posixpath.join(self.directory, "known_hosts"),
+                                  (borg.known_hosts_line(self.host) + "\n").encode(), 0o600)
+        self.session.emit("key", public_key=self.public_key, restore_id=self.restore_id)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.system.remove_tree(self.directory)
+
+    @property
+    def env(self) -> dict[str, str]:
+        key, known = posixpath.join(self.directory, "id_ed25519"), posixpath.join(self.directory, "known_hosts")
+        env = borg.base_env()
+        env.update({"BORG_RSH": shlex.join(borg.ssh_words(key, known)),
+                    "BORG_BASE_DIR": posixpath.join(self.directory, "borg")})
+        return env
+
+    def receive(self) -> dict[str, Any]:
+        """The sealed secret the coordinator relays (opened with this node's identity), or Failed."""
+        line = self.session.next_line(SECRET_WAIT)
+        if line is None:
+            raise Failed("the coordinator sent no passphrase: nothing was restored")
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise Refused("the passphrase message is not JSON") from None
+        if not isinstance(message, dict) or "refused" in message:
+            raise Failed(str(message.get("refused") if isinstance(message, dict) else "no passphrase"))
+        return open_sealed(self.session, str(message.get("sealed", "")))
+
+
+# --- the host's temporary line --------------------------------------------------------------------
+
+
+@request("grant", "host")
+def grant(session: Session, args: Args) -> Mapping[str, Any]:
+    """Add a restore's temporary line for ``public_key`` on ``source``'s repository; hold it until the coordinator
+    says ``withdraw`` or goes away; then remove it."""
+    from mutualbackup.node.host import edit_block, remove_line, repository_of
+
+    source, path = repository_of(session, args)
+    key = text(args, "public_key")
+    restore_id = text(args, "restore_id")
+    if borg.restore_id_time(restore_id) is None:
+        raise Refused("not a restore id")
+    try:
+        line = borg.restore_line(session.config.borg, path, key, source, restore_id)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+    now = dt.datetime.now(dt.timezone.utc)
+    edit_block(session, lambda lines: borg.with_restore_line(lines, line, now))
+    session.emit("added")
+    try:
+        session.next_line(borg.RESTORE_LINE_LIFETIME.total_seconds())
+    finally:
+        remove_line(session, line)
+    return {"removed": True}
+
+
+# --- sealing ---------------------------------------------------------------------------------------
+
+
+def open_sealed(session: Session, sealed: str) -> dict[str, Any]:
+    """A secret sealed for this node (its age identity), as the JSON object it holds."""
+    import pyrage
+    from pyrage import x25519
+
+    data = session.system.read(session.config.identity_file)
+    if data is None:
+        raise Failed("this node has no sealing identity: run `mutualbackup-node join` again")
+    try:
+        identity = x25519.Identity.from_str(data.decode("ascii").strip())
+        opened = pyrage.decrypt(sealed.encode("ascii"), [identity])
+        secret = json.loads(opened.decode("utf-8"))
+    except Exception:  # noqa: BLE001 - pyrage raises its own types; say nothing of the content
+        raise Failed("the passphrase was not sealed for this node (wrong node key?): nothing was restored") from None
+    if not isinstance(secret, dict) or not isinstance(secret.get("passphrase"), str):
+        raise Failed("the sealed message holds no passphrase")
+    return secret
+
+
+def seal_for_node(node_key: str, secret: Mapping[str, Any]) -> str:
+    """``secret`` (a JSON object) sealed for a node's age key (``age1…``), armored."""
+    import pyrage
+    from pyrage import x25519
+
+    return pyrage.encrypt(json.dumps(dict(secret)).encode("utf-8"), [x25519.Recipient.from_str(node_key)],
+                          armored=True).decode("ascii")
+
+
+def _passphrase(session: Session) -> str:
+    data = session.system.read(paths(session).passphrase)
+    if not data:
+        raise Failed("this source has no passphrase yet (was `mutualbackup apply` run?)")
+    return data.decode("utf-8").strip()
+
+
+@request("seal", "source")
+def seal(session: Session, args: Args) -> Mapping[str, Any]:
+    """This source's passphrase sealed for another node of its own member (its ``node_key``)."""
+    from mutualbackup.inventory.value_checks import check_node_key
+
+    member, slug = node_name(args.get("node"), "node")
+    if member != session.config.member:
+        raise Refused(f"{member}/{slug} is not a node of {session.config.member}: a passphrase is sealed for the "
+                      "member's own nodes only (another member restores with the admins' recovery kit)")
+    try:
+        node_key = check_node_key(text(args, "node_key"))
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+    return {"sealed": seal_for_node(node_key, {"passphrase": _passphrase(session)})}
+
+
+@request("export_kit", "source")
+def export_kit(session: Session, args: Args) -> Mapping[str, Any]:
+    """The recovery kit (passphrase and every replica's repository key), sealed for the admins pinned at join."""
+    import pyrage
+    from pyrage import ssh
+
+    from mutualbackup.restore.kit import RecoveryFile, RecoveryRepository, render
+
+    admins = session.config.admins
+    if not admins:
+        raise Failed("no admin is pinned on this node: run `mutualbackup-node join` with the member's file")
+    hosts = args.get("hosts")
+    if not isinstance(hosts, list) or not hosts:
+        raise Refused("'hosts' must list the replica hosts")
+    repositories = []
+    for value in hosts:
+        host = host_of({"host": value})
+        url = borg.repository_url_for(session.config.member, session.config.node, host)
+        exported = session.system.run(borg.key_export_argv(session.config.borg, url), env=borg.client_env(paths(session)),
+                                      timeout=300)
+        if not borg.succeeded(exported.exit_code):
+            raise Failed(f"{host.name}: borg key export exited {exported.exit_code}: {borg.exit_hint(exported.exit_code)}")
+        repository_id, key = borg.parse_key_export(exported.stdout)
+        path = posixpath.join(host.storage.path if host.storage else "", session.config.member, session.config.node)
+        repositories.append(RecoveryRepository(host.name, path, url, repository_id, key))
+    kit = RecoveryFile(source=session.config.name, federation=text(args, "federation", optional=True),
+                       exported=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+                       passphrase=_passphrase(session), repositories=tuple(repositories))
+    recipients = [ssh.Recipient.from_str(admin.key) for admin in admins]
+    sealed = pyrage.encrypt(render(kit).encode("utf-8"), recipients, armored=True).decode("ascii")
+    return {"kit": sealed, "admins": [a.name for a in admins],
+            "repositories": [{"host": r.host, "path": r.path, "repository_id": r.repository_id} for r in repositories]}
