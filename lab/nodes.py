@@ -207,7 +207,8 @@ class Lab:
              "--host-key", str(node.host_key_file) + ".pub", "--sudoers", self.sudoers_file(node),
              "--program", self.program],
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        )
+            env={**os.environ, "PATH": f"{Path(self.program).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"},
+        )  # the admin has mutualbackup-node on the PATH, as the nodes' sshd has
         if done.returncode != 0:
             raise LabError(f"join of {node.name} failed: {done.stderr.strip()}")
         printed = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line and not line.startswith("#"))

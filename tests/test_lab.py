@@ -142,7 +142,7 @@ def test_before_its_join_a_node_lets_nobody_in_and_after_it_only_the_coordinator
     lab.join_alone(node)
     lines = node.authorized_keys.read_text().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f'command="/usr/bin/sudo -n -- {lab.program} serve --config {node.node_config}",restrict ')
+    assert lines[0].startswith(f'command="mutualbackup-node serve --config {node.node_config}",restrict ')
     assert lines[0].split()[-3:-1] == lab.coordinator_public_key.split()[:2]
     assert lab.coordinator_public_key.endswith(" mutualbackup-coordinator")
     assert lab.coordinator_public_key.split()[:2] == Path(f"{lab.coordinator_key}.pub").read_text().split()[:2]

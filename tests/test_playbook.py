@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(l
     node_key = first.stdout.split("node_key: ")[1].split("'")[0].split('"')[0]
     assert node_key.startswith("age1")
     [line] = node.authorized_keys.read_text().splitlines()
-    assert line.startswith('command="') and f"{lab.program} serve --config {node.node_config}" in line
+    assert re.match(rf'command="(\S*/)?mutualbackup-node serve --config {re.escape(str(node.node_config))}"', line)
     assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
     assert oct(node.authorized_keys.stat().st_mode & 0o777) == "0o600"
     assert oct(node.storage.stat().st_mode & 0o777) == "0o700"

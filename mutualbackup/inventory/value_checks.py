@@ -13,7 +13,6 @@ import binascii
 import ipaddress
 import re
 import unicodedata
-import zoneinfo
 
 from mutualbackup.inventory.units import quote
 
@@ -257,6 +256,8 @@ def check_timezone(text: str) -> str:
     """An IANA time zone name known to this system (``Europe/Paris``), or ``UTC``."""
     if text == "UTC":
         return text
+    import zoneinfo  # here: the node program checks names with this module, and never a time zone
+
     try:
         zoneinfo.ZoneInfo(text)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):

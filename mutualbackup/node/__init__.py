@@ -6,3 +6,7 @@ forced command) answers a fixed set of requests with structured arguments, valid
 runs on the node, progress and results go back, and no shell, no file read and no secret ever.
 See ARCHITECTURE.md, "The node program".
 """
+
+DEFAULT_CONFIG = "/etc/mutualbackup-node"
+CONFIG_FILE = "node.json"
+ENVIRONMENT = "MUTUALBACKUP_NODE_CONFIG"  # another configuration directory (the lab's nodes share a machine)

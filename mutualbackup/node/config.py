@@ -18,11 +18,10 @@ import posixpath
 import stat
 from dataclasses import asdict, dataclass, field
 
-DEFAULT_CONFIG = "/etc/mutualbackup-node"
+from mutualbackup.node import CONFIG_FILE, DEFAULT_CONFIG, ENVIRONMENT  # noqa: F401 - the node's constants
+
 DEFAULT_STATE = "/var/lib/mutualbackup-node"
-CONFIG_FILE = "node.json"
 IDENTITY_FILE = "identity"  # the node's age X25519 identity (sealing key), in the state directory
-ENVIRONMENT = "MUTUALBACKUP_NODE_CONFIG"  # another configuration directory (the lab's nodes share a machine)
 FORMAT = 1
 
 

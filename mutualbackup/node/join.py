@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from mutualbackup.node.config import (
-    CONFIG_FILE, DEFAULT_STATE, Admin, NodeConfig, config_directory, write_config,
+    CONFIG_FILE, DEFAULT_CONFIG, DEFAULT_STATE, Admin, NodeConfig, config_directory, write_config,
 )
 
 COORDINATOR_COMMENT = "mutualbackup-coordinator"
 DEFAULT_SUDOERS = "/etc/sudoers.d/mutualbackup-node"
+PROGRAM = "mutualbackup-node"
 _SUDOERS_SAFE = re.compile(r"/[A-Za-z0-9/._-]+")
 DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
 
@@ -90,8 +91,7 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
-    sudo = shutil.which("sudo") if config.sudo else None
-    if config.sudo and sudo is None:
+    if config.sudo and shutil.which("sudo") is None:
         raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
                         "through one sudo rule, for backups that read every file)")
     watched = (config.authorized_keys, os.path.join(directory, CONFIG_FILE), args.sudoers, config.identity_file,
@@ -103,7 +103,7 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
             _owned_directory(path, account)
     if config.sudo:
         _install_sudo_rule(Path(args.sudoers), config, directory)
-    _install_forced_line(config, account, forced_command(config, directory, sudo))
+    _install_forced_line(config, account, forced_command(config, directory))
     write_config(config, directory)
     return host_key, node_key, _footprint(watched) != before
 
@@ -202,11 +202,12 @@ def _owned_directory(path: str, account: pwd.struct_passwd) -> None:
     os.chmod(path, 0o700)
 
 
-def forced_command(config: NodeConfig, directory: str, sudo: str | None) -> str:
-    """What sshd runs for the coordinator's key, whatever it asks: ``serve``, as root (through the one sudo rule
-    when the login is not root); ``serve`` drops to the login at once for a request that does not need root."""
-    serve = f"{config.program} serve --config {directory}"
-    return f"{sudo} -n -- {serve}" if sudo else serve
+def forced_command(config: NodeConfig, directory: str) -> str:
+    """What sshd runs for the coordinator's key, whatever it asks: ``mutualbackup-node serve`` (its absolute
+    path when the program is not the one on the PATH; ``--config`` when the directory is not the default)."""
+    on_path = shutil.which(PROGRAM)
+    program = PROGRAM if on_path and os.path.realpath(on_path) == os.path.realpath(config.program) else config.program
+    return f"{program} serve" + (f" --config {directory}" if directory != DEFAULT_CONFIG else "")
 
 
 def _install_forced_line(config: NodeConfig, account: pwd.struct_passwd, command: str) -> None:

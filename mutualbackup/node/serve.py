@@ -1,8 +1,8 @@
 """``mutualbackup-node serve``: answer one request of the coordinator, then exit.
 
-Run by sshd as the forced command of the coordinator's key, as root (through the node's one sudo
-rule when its login is not root), whatever the coordinator asked to run: the request, its name
-and its arguments, is the first line of stdin. A request that does not need root drops to the
+Run by sshd as the forced command of the coordinator's key, whatever the coordinator asked to
+run, as the node's login, which hands over at once to root through the node's one sudo rule: the
+request, its name and its arguments, is the first line of stdin. A request that does not need root drops to the
 node's login before it runs. The reply goes to stdout as JSON lines
 (:mod:`~mutualbackup.node.protocol`). When stdin ends before the request is done, the
 coordinator is gone: supervised commands are stopped.
@@ -149,8 +149,10 @@ def import_handlers(kind: str | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``mutualbackup-node serve [REQUEST] [--config DIR]``: the coordinator's forced command.
 
-    sshd runs it as root (through the node's one sudo rule when the login is not root); the request's
-    name comes from its first line; a request that does not need root drops to the login before it runs.
+    sshd runs it as the node's login, which hands over at once, stdin untouched, to
+    ``sudo -n PROGRAM serve --config DIR`` (the one sudo rule ``join`` installs: ``cli.to_root``); as root,
+    the request's name comes from its first line, and a request that does not need root drops to the login
+    before it runs.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: borg must stop cleanly on SIGINT

@@ -17,7 +17,6 @@ import posixpath
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -146,11 +145,13 @@ class LocalSystem:
                    threading.Thread(target=_lines, args=(process.stderr, err, on_stderr_line), daemon=True)]
         if stdin is not None:
             threads.append(threading.Thread(target=_feed, args=(process.stdin, stdin), daemon=True))
+        ended = threading.Event()  # set the moment the command exits: no poll interval added to any command
+        threads.append(threading.Thread(target=lambda: (process.wait(), ended.set()), daemon=True))
         for thread in threads:
             thread.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         note = b""
-        while process.poll() is None:
+        while not ended.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 _end(process, (signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, 10))
                 note = f"mutualbackup-node: timed out after {timeout:g}s\n".encode()
@@ -159,7 +160,7 @@ class LocalSystem:
                 _end(process, (signal.SIGINT, ORPHAN_INT_SECONDS), (signal.SIGTERM, 10), (signal.SIGKILL, 10))
                 note = b"mutualbackup-node: the coordinator went away: stopped\n"
                 break
-            self.gone.wait(_POLL) if supervised else time.sleep(_POLL)
+            ended.wait(_POLL)
         process.wait()
         for thread in threads:
             thread.join(timeout=10)
@@ -216,6 +217,8 @@ class LocalSystem:
     def create(self, path: str, data: bytes, mode: int = 0o600) -> bool:
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        import tempfile
+
         fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=directory)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -313,6 +316,8 @@ def _feed(stream, data: bytes) -> None:  # noqa: ANN001
 def _write_atomically(path: str, data: bytes, mode: int) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    import tempfile
+
     fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
