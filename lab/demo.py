@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     borg = shutil.which("borg") or str(Path(sys.executable).parent / "borg")
     federation_doc, member_docs = load_docs(Path(args.inventory))
     with Lab(root / "lab", borg=borg) as lab:
-        step(f"starting {sum(len(m.get('nodes', [])) for m in member_docs.values())} nodes as sshd daemons on 127.0.0.1")
+        step(f"starting {sum(len(m.get('nodes', [])) for m in member_docs.values())} nodes as sshd daemons on 127.0.0.1, "
+             "each joined by its member's admin: mutualbackup-node join --node MEMBER/NODE --member-file … "
+             "--coordinator-key …")
         fed = build(lab, federation_doc, member_docs, root)
         for name, node in sorted(fed.nodes.items()):
-            print(f"  {name:<20} 127.0.0.1:{node.port}")
+            print(f"  {name:<20} 127.0.0.1:{node.port}  login {node.user}  node_key {node.node_key[:16]}…")
         seed_data(fed)
         for command in (["check"], ["plan"], ["apply"], ["apply"], ["run"], ["status"]):
             mb(fed, *command)

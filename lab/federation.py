@@ -76,7 +76,7 @@ def build(
         for node_doc in member["nodes"]:
             lab_node = nodes[f"{member['member']}/{node_doc['name']}"]
             node_doc["node_key"] = lab.join(lab_node, inventory / "members" / f"{stem}.yml")
-        _dump(inventory / "members" / f"{stem}.yml", member)
+        write_signed(lab, inventory / "members" / f"{stem}.yml", member)
     if start:
         lab.start_all()
     return LabFederation(lab=lab, inventory=inventory, state=state, metrics_port=port, nodes=nodes)
@@ -112,9 +112,18 @@ def add_node(fed: LabFederation, stem: str, node_doc: dict[str, Any], *, replace
     _dump(path, member)
     node = fed.nodes[f"{member['member']}/{entry['name']}"]
     entry["node_key"] = fed.lab.join(node, path)
-    _dump(path, member)
+    write_signed(fed.lab, path, member)
     fed.lab.start(node)
     return node
+
+
+def write_signed(lab: Lab, path: Path, member: Mapping[str, Any], admin: str | None = None) -> None:
+    """Write a member file and sign it as one of its admins would (``admin``, else its first)."""
+    from mutualbackup.inventory.signatures import sign
+
+    _dump(path, member)
+    name = admin or str((member.get("admins") or [{"name": "admin"}])[0]["name"])
+    sign(str(path), str(lab.admin_key(str(member["member"]), name)))
 
 
 def load_docs(directory: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

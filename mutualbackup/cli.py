@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from typing import Sequence
@@ -19,9 +20,9 @@ from typing import Sequence
 from mutualbackup import __version__
 from mutualbackup.context import Context, require_placeable, ssh_connector
 from mutualbackup.report.text import (
-    print_backup, print_drills, print_ledger, print_plan, print_restore, print_status, print_verify,
+    print_backup, print_doctor, print_drills, print_ledger, print_plan, print_restore, print_status, print_verify,
 )
-from mutualbackup.errors import InventoryError, MutualBackupError, UsageError
+from mutualbackup.errors import InventoryError, MutualBackupError, OperationFailed, UsageError
 from mutualbackup.state.history import History
 from mutualbackup.inventory.load import load_inventory
 from mutualbackup.inventory.model import Federation
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("ledger", cmd_ledger, "per member: capacity lent, used by others, used elsewhere by its own sources")
     p.add_argument("--json", action="store_true")
+    p = command("sign", cmd_sign, "sign a member file as one of its admins (members/NAME.yml.sig)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
+    p = command("doctor", cmd_doctor, "check each node: reachable, host key, versions, clock, free space on hosts")
+    p.add_argument("nodes", nargs="*", metavar="NODE")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -148,14 +155,71 @@ def open_context(args: argparse.Namespace, federation: Federation | None = None)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mutualbackup.inventory.signatures import member_signature_problems
+
     federation = load(args)
-    placement = place(federation)
-    require_placeable(federation, placement)
+    unsigned = member_signature_problems(federation)
+    try:
+        placement = place(federation)
+        require_placeable(federation, placement)
+    except InventoryError as exc:
+        raise InventoryError(unsigned + list(exc.problems)) from None
+    if unsigned:
+        raise InventoryError(unsigned)
     print(
         f"{federation.directory}: ok — {len(federation.members)} members, {len(federation.sources())} sources, "
         f"{len(federation.hosts())} hosts, {len(placement.pairs())} replicas"
     )
     return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from mutualbackup.inventory.signatures import SignatureError, agent_keys, fingerprint, sign
+
+    admins = _admins_of(args.file)
+    if args.key:
+        key, agent_key = args.key, None
+        public = _public_of(args.key)
+    else:
+        held = [k for k in agent_keys() if k in admins]
+        if not held:
+            raise UsageError(f"the ssh-agent holds no key of {args.file}'s admins; add one (ssh-add) or give --key KEY")
+        key, agent_key, public = None, held[0], held[0]
+    try:
+        target = sign(args.file, key, agent_key)
+    except (SignatureError, OSError) as exc:
+        raise OperationFailed(f"cannot sign {args.file}: {exc}") from None
+    signer = admins.get(public or "", None)
+    print(f"wrote {target}: signed by {signer or 'a key that is not one of its admins'} ({fingerprint(public)})"
+          if public else f"wrote {target}")
+    if public and signer is None:
+        print(f"warning: {args.file} lists no admin with this key: `mutualbackup check` and its nodes will refuse it",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _admins_of(path: str) -> dict[str, str]:
+    """``TYPE BASE64`` → admin name, from the member file (read as YAML, no more)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    admins = document.get("admins") if isinstance(document, dict) else None
+    return {" ".join(str(a.get("key", "")).split()[:2]): str(a.get("name")) for a in admins or [] if isinstance(a, dict)}
+
+
+def _public_of(key: str) -> str | None:
+    """The public key (``TYPE BASE64``) of a private key file (its .pub, else asked of ssh-keygen)."""
+    try:
+        with open(key + ".pub", encoding="ascii") as handle:
+            return " ".join(handle.read().split()[:2])
+    except OSError:
+        done = subprocess.run(["ssh-keygen", "-y", "-f", key], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return " ".join(done.stdout.split()[:2]) if done.returncode == 0 else None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -322,6 +386,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
     return print_verify(verify(ctx, sources))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mutualbackup.jobs.doctor import doctor
+
+    ctx = open_context(args)
+    nodes = [ctx.node(name) for name in args.nodes] if args.nodes else list(ctx.federation.nodes())
+    checkups = doctor(ctx, nodes)
+    if args.json:
+        print(json.dumps([c.to_json() for c in checkups], indent=2))
+    else:
+        print_doctor(checkups)
+    return 0 if all(c.ok for c in checkups) else 1
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:

@@ -139,6 +139,7 @@ class FakeWorld:
         self.rules: list[Rule] = []
         self.calls: list[Call] = []
         self.unreachable: set[str] = set()
+        self.free: dict[str, int] = {}  # node -> bytes free on its storage's disk (default 10 TiB)
         self.local = False  # True: commands and files are run and kept on this machine, as on a real node
         self.modes: dict[tuple[str, str], int] = {}
         self.directories: set[tuple[str, str]] = set()
@@ -365,6 +366,9 @@ class FakeSystem:
         prefix = path.rstrip("/") + "/"
         return sorted({p[len(prefix):].split("/")[0] for (n, p) in self.world.files if n == self.node.name
                        and p.startswith(prefix)})
+
+    def free_space(self, path: str) -> int:
+        return self.world.free.get(self.node.name, 10 * 1024**4)
 
     def remove_tree(self, path: str) -> None:
         prefix = path.rstrip("/") + "/"

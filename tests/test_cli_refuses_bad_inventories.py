@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from signkit import admin_key, sign_inventory
 from labkit import mb
 
 VALID = Path(__file__).parent / "inventories" / "three-members"
@@ -69,8 +70,11 @@ def test_a_placement_that_cannot_be_satisfied_is_refused_with_the_source_named(t
     assert not (tmp_path / "state").exists()
 
 
-def test_the_valid_fixture_passes_check(tmp_path: Path) -> None:
+def test_the_valid_fixture_passes_check_once_its_admins_signed_it(tmp_path: Path) -> None:
     inventory = hostile_inventory(tmp_path, "coopcycle.yml", "", "")
+    code, out, err = mb(inventory, "check")
+    assert code == 2 and "coopcycle.yml:1: not signed" in err and "mutualbackup sign" in err
+    sign_inventory(inventory, admin_key(tmp_path / "keys"))
     code, out, err = mb(inventory, "check")
     assert code == 0, err
     assert "ok" in out

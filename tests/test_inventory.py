@@ -190,7 +190,8 @@ def test_member_files_are_read_in_name_order_and_hidden_files_are_skipped(tmp_pa
     second = MEMBER.replace("coopcycle", "zeta").replace("paris-nord", "lyon").replace(
         "203.0.113.10", "203.0.113.20").replace(ed25519_host_key(1), ed25519_host_key(2))
     first = MEMBER.replace("coopcycle", "alpha")
-    directory = write_inventory(tmp_path, {"b.yml": second, "a.yml": first, ".#a.yml": "not: [yaml"})
+    directory = write_inventory(tmp_path, {"zeta.yml": second, "alpha.yml": first, ".#alpha.yml": "not: [yaml",
+                                           "alpha.yml.sig": "a signature"})
     (tmp_path / "members" / "README.md").write_text("not a member file")
 
     assert [member.name for member in load_inventory(directory).members] == ["alpha", "zeta"]
@@ -391,14 +392,33 @@ def test_a_node_name_used_twice_in_a_member_is_refused_at_the_second_naming_the_
     ]
 
 
-def test_a_member_defined_in_two_files_is_refused_in_the_second_naming_the_first(tmp_path):
-    directory = write_inventory(tmp_path, {"a.yml": MEMBER, "b.yml": MEMBER.replace("web1", "web2")})
-    first = os.path.join(directory, "members", "a.yml")
-    second = os.path.join(directory, "members", "b.yml")
+def test_a_second_file_claiming_a_member_is_refused_its_name_binds_it(tmp_path):
+    directory = write_inventory(tmp_path, {"coopcycle.yml": MEMBER, "mallory.yml": MEMBER.replace("web1", "web2")})
+    second = os.path.join(directory, "members", "mallory.yml")
 
     assert problems_of(directory) == [
-        f'{second}:1: member "coopcycle" is already defined at {first}:1; each member has exactly one file'
+        f'{second}:1: this file says member "coopcycle", and its name says "mallory": members/NAME.yml holds '
+        "member NAME (rename the file, or correct member:)"
     ]
+
+
+@pytest.mark.parametrize("make", ["dangling symlink", "symlink to a file outside", "directory", "fifo"])
+def test_anything_but_a_regular_file_under_members_is_an_error_never_a_silent_skip(tmp_path, make):
+    directory = write_inventory(tmp_path, {"coopcycle.yml": MEMBER})
+    outside = tmp_path / "outside.yml"
+    outside.write_text(MEMBER.replace("coopcycle", "x"))
+    path = Path(directory) / "members" / "x.yml"
+    if make == "dangling symlink":
+        path.symlink_to(tmp_path / "nowhere.yml")
+    elif make == "symlink to a file outside":
+        path.symlink_to(outside)
+    elif make == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    [problem] = problems_of(directory)
+    kind = {"directory": "a directory", "fifo": "not a regular file"}.get(make, "a symlink")
+    assert problem == f"{path}:1: a member file must be a regular file, and this is {kind}; replace it with the file itself"
 
 
 @pytest.mark.parametrize(
@@ -465,7 +485,7 @@ def test_a_wrong_default_is_reported_once_in_federation_yml_and_not_in_every_mem
     federation_text = FEDERATION + "  capacity: lots\n"
     member = edited(MEMBER, "      capacity: 500GiB\n", "")
     other = member.replace("coopcycle", "framasoft")
-    directory = write_inventory(tmp_path, {"a.yml": member, "b.yml": other}, federation_text)
+    directory = write_inventory(tmp_path, {"coopcycle.yml": member, "framasoft.yml": other}, federation_text)
 
     problems = problems_of(directory)
 
@@ -483,8 +503,8 @@ def test_every_problem_in_every_file_is_reported_at_once_in_file_and_line_order(
         MEMBER.replace("coopcycle", "framasoft"), "paths: [/etc]", 'paths: ["/srv/$(touch /tmp/pwned)"]'
     )
     bad_paths = edited(bad_paths, "port: 22", "port: true")
-    directory = write_inventory(tmp_path, {"a.yml": bad_name, "b.yml": bad_paths}, federation_text)
-    names = ("federation.yml", "members/a.yml", "members/b.yml")
+    directory = write_inventory(tmp_path, {"coopcycle.yml": bad_name, "framasoft.yml": bad_paths}, federation_text)
+    names = ("federation.yml", "members/coopcycle.yml", "members/framasoft.yml")
     where = {name: os.path.join(directory, *name.split("/")) for name in names}
 
     with pytest.raises(InventoryError) as caught:
@@ -493,9 +513,9 @@ def test_every_problem_in_every_file_is_reported_at_once_in_file_and_line_order(
     lines = [problem.split(": ", 1)[0] for problem in caught.value.problems]
     assert lines == [
         f"{where['federation.yml']}:4",
-        f"{where['members/a.yml']}:5",
-        f"{where['members/b.yml']}:7",
-        f"{where['members/b.yml']}:11",
+        f"{where['members/coopcycle.yml']}:5",
+        f"{where['members/framasoft.yml']}:7",
+        f"{where['members/framasoft.yml']}:11",
     ]
     assert caught.value.exit_code == 2
     assert str(caught.value) == "\n".join(caught.value.problems)

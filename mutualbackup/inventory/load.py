@@ -95,7 +95,12 @@ def _one_server_one_node(members: list[Member]) -> list[str]:
 
 
 def _member_files(members_dir: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """The member files (``*.yml``, sorted, hidden files skipped) and ``(path, [problem])`` pairs."""
+    """The member files (``*.yml``, sorted) and ``(path, [problem])`` pairs.
+
+    Only regular files are read: a symlink (it could point outside the inventory, or nowhere), a
+    directory or anything else under ``members/`` is an error, never a silent skip. Hidden files
+    (an editor's) and the signatures (``*.yml.sig``) are skipped.
+    """
     try:
         names = sorted(os.listdir(members_dir))
     except FileNotFoundError:
@@ -107,17 +112,41 @@ def _member_files(members_dir: str) -> tuple[list[str], list[tuple[str, list[str
     problems: list[tuple[str, list[str]]] = []
     for name in names:
         path = os.path.join(members_dir, name)
-        if name.startswith("."):
+        if name.startswith(".") or name.endswith(".yml.sig"):
             continue
-        if name.endswith(".yml") and os.path.isfile(path):
+        kind = _kind_of(path)
+        if name.endswith(".yml") and kind == "file":
             files.append(path)
+        elif name.endswith(".yml"):
+            problems.append((path, [f"{path}:1: a member file must be a regular file, and this is {kind}; "
+                                    "replace it with the file itself"]))
         elif name.endswith(".yaml"):
             message = "member files must end in .yml, so this one would be ignored; rename it"
             problems.append((path, [f"{path}:1: {message}"]))
+        elif kind != "file":
+            problems.append((path, [f"{path}:1: only member files (MEMBER.yml) and their signatures belong in "
+                                    f"members/, and this is {kind}; move it away"]))
     if not files and not problems:
         message = "no member files (*.yml) found; add one MEMBER.yml per member"
         problems.append((members_dir, [f"{members_dir}:1: {message}"]))
     return files, problems
+
+
+def _kind_of(path: str) -> str:
+    """``file`` for a regular file, else what it is (never following a symlink)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "unreadable"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
 
 
 def _root(reader: Reader, expected: str) -> yaml.Node | None:
@@ -184,7 +213,11 @@ def _read_member_file(reader: Reader, defaults: Defaults | None, first_seen: dic
     name = site = None
     if "member" in values:
         name = reader.parsed(values["member"], "member", "a name", value_checks.check_slug)
-        if name is not None and name in first_seen:
+        stem = os.path.basename(reader.file).removesuffix(".yml")
+        if name is not None and name != stem:
+            reader.error(values["member"], f'this file says member "{name}", and its name says "{stem}": '
+                                           f"members/NAME.yml holds member NAME (rename the file, or correct member:)")
+        elif name is not None and name in first_seen:
             reader.error(
                 values["member"],
                 f'member "{name}" is already defined at {first_seen[name]}; each member has exactly one file',

@@ -229,7 +229,13 @@ def hello(session: Session, args: Args) -> Mapping[str, Any]:
     """Who this node is, its versions and clock (``mutualbackup doctor``); ``{"borg": false}`` skips borg's."""
     from mutualbackup import __version__
 
-    answer = {"node": session.config.name, "member": session.config.member, "version": __version__, "time": time.time()}
+    answer: dict[str, Any] = {"node": session.config.name, "member": session.config.member, "version": __version__,
+                              "time": time.time()}
+    if session.config.storage:
+        try:
+            answer["storage_free"] = session.system.free_space(session.config.storage)
+        except OSError as exc:
+            answer["storage_error"] = f"{session.config.storage}: {exc.strerror}"
     if args.get("borg", True) is not False:
         version = session.system.run((session.config.borg, "--version"), timeout=60)
         answer["borg"] = version.stdout.decode("utf-8", "replace").strip() if version.ok else None

@@ -86,6 +86,10 @@ class System(Protocol):
 
     def remove_tree(self, path: str) -> None: ...
 
+    def free_space(self, path: str) -> int:
+        """Bytes free (for this user) on the filesystem of ``path``; OSError when it cannot be read."""
+        ...
+
 
 def parse_pidfile(data: bytes) -> PidFile | None:
     """The content of a pidfile, or None when it is empty or garbled."""
@@ -242,6 +246,10 @@ class LocalSystem:
 
     def remove_tree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+    def free_space(self, path: str) -> int:
+        found = os.statvfs(path)
+        return found.f_bavail * found.f_frsize
 
 
 def _process_user(pid: int) -> str | None:

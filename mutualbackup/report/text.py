@@ -6,6 +6,7 @@ import sys
 from typing import Callable, Sequence
 
 from mutualbackup.inventory.units import format_duration, format_size
+from mutualbackup.jobs.doctor import Checkup
 from mutualbackup.jobs.runs import RunOutcome
 from mutualbackup.plan.placement import Change, Placement
 from mutualbackup.inventory.model import Federation
@@ -127,3 +128,20 @@ def print_verify(outcomes: Sequence[RunOutcome], out: Callable[[str], None] = pr
         for line in (bad[0].error or "").splitlines():
             err(f"  {line}")
     return 1 if failed else 0
+
+
+def print_doctor(checkups: Sequence[Checkup]) -> None:
+    """One line per node (versions, clock, free space), then each problem with what to do."""
+    for found in checkups:
+        facts = []
+        if found.reachable:
+            facts.append(f"node {found.node_version}")
+            facts.append(found.borg_version or "no borg")
+            if found.clock_skew_seconds is not None:
+                facts.append(f"clock {found.clock_skew_seconds:+.1f}s")
+            if found.storage_free_bytes is not None:
+                facts.append(f"{format_size(found.storage_free_bytes)} free")
+        print(f"{found.node}  {'ok' if found.ok else 'PROBLEM'}  {'  '.join(facts)}".rstrip())
+        for problem in found.problems:
+            for number, line in enumerate(problem.splitlines()):
+                print(("  - " if number == 0 else "    ") + line)

@@ -1,0 +1,132 @@
+"""Member files signed by their admins: OpenSSH file signatures (``ssh-keygen -Y``), nothing of our own.
+
+``members/NAME.yml.sig`` beside ``members/NAME.yml``, made by
+``ssh-keygen -Y sign -n mutualbackup-member -f KEY members/NAME.yml`` (or ``mutualbackup sign``).
+A signature verifies against a set of admins' keys: ``allowed_signers`` lines naming the member as
+the principal, for this namespace only. The coordinator's ``check`` verifies each file against its
+own ``admins:``; a node verifies the file it is given against the admins it pinned at join.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from mutualbackup.inventory.model import Federation
+
+NAMESPACE = "mutualbackup-member"
+SIGNATURE_SUFFIX = ".sig"
+TIMEOUT = 30
+
+
+class SignatureError(Exception):
+    """The signature is missing, malformed, or not made by one of the keys given."""
+
+
+def allowed_signers(principal: str, keys: Iterable[str]) -> str:
+    """``ssh-keygen``'s allowed-signers text: each key may sign for ``principal`` in our namespace only."""
+    return "".join(f'{principal} namespaces="{NAMESPACE}" {" ".join(key.split()[:2])}\n' for key in keys)
+
+
+def verify(data: bytes, signature: bytes, principal: str, keys: Iterable[str]) -> str:
+    """The SHA256 fingerprint of the key among ``keys`` that signed ``data``; SignatureError otherwise."""
+    keys = list(keys)
+    if not keys:
+        raise SignatureError("there is no admin key to check the signature against")
+    if not signature.strip():
+        raise SignatureError("the file is not signed")
+    if b"BEGIN SSH SIGNATURE" not in signature:
+        raise SignatureError("the signature file is not an OpenSSH signature")
+    with tempfile.TemporaryDirectory(prefix="mutualbackup-verify-") as scratch:
+        signers, signed = os.path.join(scratch, "allowed_signers"), os.path.join(scratch, "file.sig")
+        with open(signers, "w", encoding="utf-8") as handle:
+            handle.write(allowed_signers(principal, keys))
+        with open(signed, "wb") as handle:
+            handle.write(signature)
+        done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principal, "-n", NAMESPACE,
+                               "-s", signed], input=data, capture_output=True, timeout=TIMEOUT)
+    said = (done.stdout + done.stderr).decode("utf-8", "replace")
+    if done.returncode != 0:
+        raise SignatureError("the signature does not match: the file changed after it was signed, or it was "
+                             "signed by a key that is not one of the admins")
+    found = re.search(r"SHA256:[A-Za-z0-9+/=]+", said)
+    return found.group(0) if found else ""
+
+
+def fingerprint(key: str) -> str:
+    """``SHA256:…`` of an OpenSSH public key, as ssh-keygen prints it."""
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+
+
+def sign(path: str, key: str | None = None, agent_key: str | None = None) -> str:
+    """Sign the file ``path`` with the private key file ``key``, or with ``agent_key`` (a public key held by
+    the ssh-agent); writes ``PATH.sig`` (replacing an older one) and returns its path."""
+    target = path + SIGNATURE_SUFFIX
+    with tempfile.TemporaryDirectory(prefix="mutualbackup-sign-") as scratch:
+        copy = os.path.join(scratch, os.path.basename(path))
+        with open(path, "rb") as source, open(copy, "wb") as handle:
+            handle.write(source.read())
+        if agent_key is not None:
+            public = os.path.join(scratch, "key.pub")
+            with open(public, "w", encoding="ascii") as handle:
+                handle.write(agent_key + "\n")
+            argv = ["ssh-keygen", "-Y", "sign", "-U", "-f", public, "-n", NAMESPACE, copy]
+        else:
+            argv = ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, copy]
+        done = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+        if done.returncode != 0:
+            raise SignatureError(done.stderr.decode("utf-8", "replace").strip() or "ssh-keygen could not sign")
+        with open(copy + SIGNATURE_SUFFIX, "rb") as handle:
+            signature = handle.read()
+    temporary = target + ".new"
+    with open(temporary, "wb") as handle:
+        handle.write(signature)
+    os.replace(temporary, target)
+    return target
+
+
+def agent_keys() -> list[str]:
+    """The public keys the ssh-agent holds (``TYPE BASE64``); [] without an agent."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    done = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=TIMEOUT)
+    if done.returncode != 0:
+        return []
+    return [" ".join(line.split()[:2]) for line in done.stdout.splitlines() if len(line.split()) >= 2]
+
+
+def member_signature_problems(federation: "Federation") -> list[str]:
+    """Each member file checked against its own ``admins:``, as ``FILE:1: what is wrong, what to do``."""
+    problems = []
+    for member in federation.members:
+        path = member.where.file if member.where is not None else ""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            with open(path + SIGNATURE_SUFFIX, "rb") as handle:
+                signature = handle.read()
+        except FileNotFoundError:
+            problems.append(f"{path}:1: not signed (no {os.path.basename(path)}{SIGNATURE_SUFFIX}): one of "
+                            f"{member.name}'s admins reviews it and signs it: mutualbackup sign {path}")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}:1: cannot read it or its signature: {exc.strerror}")
+            continue
+        if not member.admins:
+            problems.append(f"{path}:1: names no admins: add admins: (the member's people and their SSH keys), "
+                            "then one of them signs the file")
+            continue
+        try:
+            verify(data, signature, member.name, [admin.key for admin in member.admins])
+        except SignatureError as exc:
+            problems.append(f"{path}:1: {exc}; one of {member.name}'s admins reviews it and signs it again: "
+                            f"mutualbackup sign {path}")
+    return problems
