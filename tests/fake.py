@@ -520,6 +520,66 @@ HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9ok
 GIB = 1024**3
 
 
+def host_key_of(node: str) -> str:
+    """A well-formed ed25519 public host key of its own for each fake node (one server, one node)."""
+    import base64
+    import hashlib
+    import struct
+
+    kind = b"ssh-ed25519"
+    blob = struct.pack(">I", len(kind)) + kind + struct.pack(">I", 32) + hashlib.sha256(node.encode()).digest()
+    return "ssh-ed25519 " + base64.b64encode(blob).decode("ascii")
+
+
+def render_inventory(federation: Federation, directory: str) -> None:
+    """``federation.yml`` and ``members/*.yml`` describing ``federation`` as far as its nodes read them, each member
+    file signed by the fake admin: what the coordinator hands a node, as on a real federation."""
+    import os
+
+    import yaml
+
+    from mutualbackup.inventory.signatures import sign
+
+    os.makedirs(os.path.join(directory, "members"), exist_ok=True)
+    coordinator = federation.coordinator
+    with open(os.path.join(directory, "federation.yml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump({"federation": federation.name, "coordinator": {
+            "ssh_key": coordinator.ssh_key, "state": coordinator.state, "timezone": coordinator.timezone}}, handle)
+    key = os.path.join(directory, ".admin_ed25519")
+    if not os.path.exists(key):
+        with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as handle:
+            handle.write(admin_key()[0])
+    for member in federation.members:
+        path = os.path.join(directory, "members", f"{member.name}.yml")
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump({"member": member.name, "contact": member.contact or f"ops@{member.name}.example",
+                            "site": member.site, "admins": [{"name": a.name, "key": a.key} for a in member.admins],
+                            "nodes": [_node_document(node) for node in member.nodes]}, handle, sort_keys=False)
+        sign(path, key)
+
+
+def _node_document(node: Node) -> dict[str, object]:
+    document: dict[str, object] = {"name": node.slug, "address": node.address, "port": node.port, "user": node.user,
+                                   "host_key": node.host_key}
+    if node.node_key:
+        document["node_key"] = node.node_key
+    if node.backup is not None:
+        backup = node.backup
+        section: dict[str, object] = {"paths": list(backup.paths), "compression": backup.compression}
+        if backup.exclude:
+            section["exclude"] = list(backup.exclude)
+        if backup.before:
+            section["before"] = list(backup.before)
+        kept = {name: getattr(backup.retention, name) for name in ("hourly", "daily", "weekly", "monthly", "yearly")
+                if getattr(backup.retention, name)}
+        if kept:
+            section["retention"] = kept
+        document["backup"] = section
+    if node.storage is not None:
+        document["storage"] = {"path": node.storage.path, "capacity": f"{node.storage.capacity}B"}
+    return document
+
+
 def make_federation(
     members: int = 3,
     sources_per_member: int = 1,
@@ -542,21 +602,39 @@ def make_federation(
     for m in range(members):
         member = f"coop{m}"
         nodes = [Node(member=member, slug="store", address=f"192.0.2.{m + 1}", port=22, user="mutualbackup",
-                      host_key=HOST_KEY, site=f"site-{m}", node_key=node_key_of(f"{member}/store"),
+                      host_key=host_key_of(f"{member}/store"), site=f"site-{m}", node_key=node_key_of(f"{member}/store"),
                       storage=Storage(path="/srv/mutualbackup", capacity=2000 * GIB,
                                       max_concurrent=max_concurrent(m), bandwidth=bandwidth(m)))]
         for j in range(sources_per_member):
             nodes.append(Node(member=member, slug=f"src{j}", address=f"198.51.{m}.{j + 1}", port=22, user="root",
-                              host_key=HOST_KEY, site=f"site-{m}", backup=make_backup(m, j),
+                              host_key=host_key_of(f"{member}/src{j}"), site=f"site-{m}", backup=make_backup(m, j),
                               node_key=node_key_of(f"{member}/src{j}")))
         result.append(Member(name=member, contact=f"ops@{member}.example", site=f"site-{m}", nodes=tuple(nodes),
                              admins=(Admin("admin", admin_key()[1]),)))
-    return Federation(
+    federation = Federation(
         name="fake-federation",
         coordinator=Coordinator(ssh_key="/nonexistent", state="/nonexistent", timezone=timezone),
         members=tuple(result),
-        directory=directory,
+        directory=directory or _scratch_directory(),
     )
+    render_inventory(federation, federation.directory)
+    return federation
+
+
+def signed_again(federation: Federation) -> Federation:
+    """``federation`` (changed in memory by a test) written and signed again where its nodes read it."""
+    render_inventory(federation, federation.directory)
+    return federation
+
+
+def _scratch_directory() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="mutualbackup-fake-inventory-")
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
 
 
 class Harness:

@@ -76,6 +76,7 @@ from mutualbackup.borg.exits import (  # noqa: F401
     CHECKPOINT_MINUTES,
     UNREACHABLE,
     REPO_KEY_MISSING,
+    ARCHIVE_DOES_NOT_EXIST,
     EXIT_HINTS,
     exit_hint,
 )

@@ -37,6 +37,7 @@ connection to it broke): a restore may try the next replica."""
 
 
 REPO_KEY_MISSING = 44
+ARCHIVE_DOES_NOT_EXIST = 31  # borg 1.4, BORG_EXIT_CODES=modern: Archive.DoesNotExist
 """borg's RepoKeyNotFoundError: the repository's own key is gone (``--recovery`` imports the exported one)."""
 
 

@@ -4,8 +4,8 @@ The coordinator asks for the request by name (the SSH command, which the forced 
 to ``serve`` as ``SSH_ORIGINAL_COMMAND``), then writes one JSON line on stdin:
 ``{"request": KIND, "args": {...}}``, and keeps stdin open while the request runs (a request
 may read further lines from it; its end means the coordinator is gone, and the node stops what
-it runs). The node writes JSON lines on stdout: events as they happen (``{"event": "line",
-"text": ...}`` for borg's log lines, others per request), then one ``{"event": "result", "ok":
+it runs). The node writes JSON lines on stdout: events as they happen (``{"event": "lines",
+"lines": [...]}`` for borg's log lines, batched, others per request), then one ``{"event": "result", "ok":
 ..., "code": ..., "error": ..., "data": {...}}``. Codes: 0 done, 1 failed, 2 refused (a request
 the node does not take, or arguments it does not accept: nothing ran).
 
@@ -78,6 +78,13 @@ def decode_event(line: bytes) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("event"), str):
         raise ProtocolError(f"the node printed something that is not an event: {line[:120]!r}")
     return data
+
+
+def log_lines(event: Mapping[str, Any]) -> list[str]:
+    """borg's log lines an event carries (none for other events)."""
+    if event.get("event") != "lines" or not isinstance(event.get("lines"), list):
+        return []
+    return [str(line) for line in event["lines"]]
 
 
 def reply_of(kind: str, event: Mapping[str, Any]) -> Reply:

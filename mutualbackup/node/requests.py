@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -81,6 +82,33 @@ class Session:
     def next_line(self, timeout: float | None = None) -> bytes | None:
         """The coordinator's next line on stdin, None when it ended (or after ``timeout``)."""
         return self._feed(timeout) if self._feed is not None else None
+
+
+class LineBatch:
+    """borg's log lines, sent as one ``lines`` event at most every ``every`` seconds and at the end: one SSH
+    packet for many lines (a restore's ``--list --progress`` says hundreds, on a machine borg keeps busy)."""
+
+    def __init__(self, session: Session, every: float = 0.1) -> None:
+        self.session, self.every = session, every
+        self.pending: list[str] = []
+        self.sent = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            self.pending.append(line)
+            if time.monotonic() - self.sent >= self.every:
+                self._send()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._send()
+
+    def _send(self) -> None:
+        if self.pending:
+            self.session.emit("lines", lines=self.pending)
+            self.pending = []
+        self.sent = time.monotonic()
 
 
 def handle(kind: str, args: Args, session: Session, addressed: str) -> Reply:

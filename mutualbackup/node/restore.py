@@ -19,16 +19,20 @@ import json
 import os
 import posixpath
 import shlex
+import threading
 from typing import Any, Mapping
 
 from mutualbackup import borg
 from mutualbackup.node.requests import (
-    Args, Failed, Refused, Session, flag, host_of, node_name, request, source_of, text,
+    Args, Failed, LineBatch, Refused, Session, flag, host_of, node_name, request, source_of, text,
 )
 from mutualbackup.node.source import paths, result_data
 
 RESTORE_TIMEOUT = 24 * 3600
 SECRET_WAIT = 600.0  # how long a sealed restore waits for its passphrase before it gives up
+# borg's ssh, as BORG_RSH: waits until GATE.go (the host's line is in, the passphrase known) or GATE.no (give up)
+GATE_SCRIPT = ('until [ -e "$0.go" ]; do [ -e "$0.no" ] && { echo "mutualbackup-node: the restore was called off" >&2; '
+               'exit 255; }; sleep 0.02; done; exec "$@"')
 TARGET_NOT_EMPTY = 202
 
 
@@ -54,10 +58,9 @@ def extract(session: Session, args: Args) -> Mapping[str, Any]:
     member, slug = source.split("/")
     url = borg.url_of(host, posixpath.join(host.storage.path if host.storage else "", member, slug))
     if not sealed:
-        return _extract(session, url, archive, wanted, target, dry_run, borg.client_env(paths(session)), None)
+        return _extract(session, url, archive, wanted, target, dry_run, borg.client_env(paths(session)), _Known(None))
     with _Temporary(session, host, source) as temporary:
-        secret = temporary.receive()
-        return _extract(session, url, archive, wanted, target, dry_run, temporary.env, secret)
+        return _extract(session, url, archive, wanted, target, dry_run, temporary.env, temporary.secret)
 
 
 def _absolute(path: str) -> str:
@@ -80,41 +83,125 @@ def _prepare_target(session: Session, target: str, force: bool) -> None:
 
 
 def _extract(session: Session, url: str, archive: str, wanted: list[str], target: str, dry_run: bool,
-             env: Mapping[str, str], secret: dict[str, Any] | None) -> Mapping[str, Any]:
-    """List (for the latest archive, or a missing key), import the kit's key if needed, then extract."""
+             env: Mapping[str, str], secret: "_Known | _Awaited") -> Mapping[str, Any]:
+    """List (for the latest archive), then extract; a kit's key imported if the repository lost its own.
+
+    With a passphrase still to come (``_Awaited``), the first borg command starts at once: its ssh waits at
+    the gate while the host's line and the sealed passphrase arrive, so that borg's start-up overlaps them."""
     config = session.config
 
-    def run(argv, **options):  # noqa: ANN001, ANN202 - one borg command with the passphrase on a fresh pipe
-        if secret is None:
+    def run(argv, **options):  # noqa: ANN001, ANN202 - one borg command, the passphrase on a fresh pipe
+        if secret.value is None and isinstance(secret, _Known):
             return session.system.run(argv, env=env, **options)
         read, write = os.pipe()
-        os.write(write, secret["passphrase"].encode("utf-8"))
-        os.close(write)
         try:
+            secret.when_known(lambda value: _give(write, value["passphrase"]))
             return session.system.run(argv, env={**env, "BORG_PASSPHRASE_FD": str(read)}, pass_fds=(read,), **options)
         finally:
             os.close(read)
+            secret.finished()
 
-    if not archive or (secret is not None and secret.get("key")):
-        listed = run(borg.list_argv(config.borg, url), timeout=600)
-        if listed.exit_code == borg.REPO_KEY_MISSING and secret is not None and secret.get("key"):
-            imported = session.system.run(borg.key_import_argv(config.borg, url), env=env,
-                                          stdin=str(secret["key"]).encode(), timeout=600)
-            if not borg.succeeded(imported.exit_code):
-                return {"list": result_data(imported), "step": "key import"}
-            listed = run(borg.list_argv(config.borg, url), timeout=600)
-        if not borg.succeeded(listed.exit_code):
-            return {"list": result_data(listed), "step": "list"}
+    def with_key(argv, **options):  # noqa: ANN001, ANN202 - a kit's key imported when the repository lost its own
+        done = run(argv, **options)
+        secret.raise_if_refused()
+        key = secret.value.get("key") if secret.value else None
+        if done.exit_code != borg.REPO_KEY_MISSING or not key:
+            return done, None
+        imported = session.system.run(borg.key_import_argv(config.borg, url), env=env, stdin=str(key).encode(),
+                                      timeout=600)
+        if not borg.succeeded(imported.exit_code):
+            return None, {"list": result_data(imported), "step": "key import"}
+        return run(argv, **options), None
+
+    if not archive:
+        listed, failed = with_key(borg.list_argv(config.borg, url), timeout=600)
+        if failed or not borg.succeeded(listed.exit_code):
+            return failed or {"list": result_data(listed), "step": "list"}
         names = [a.name for a in borg.parse_list_json(listed.stdout)]
         if not names:
             return {"no_archive": True}
-        if archive and archive not in names:
-            return {"no_such_archive": archive}
-        archive = archive or names[-1]
+        archive = names[-1]
     argv = borg.extract_argv(config.borg, url, archive, wanted, dry_run=dry_run)
-    done = run(argv, cwd="/" if dry_run else target, timeout=RESTORE_TIMEOUT,
-               on_stderr_line=lambda line: session.emit("line", text=line))
+    lines = LineBatch(session)
+    try:
+        done, failed = with_key(argv, cwd="/" if dry_run else target, timeout=RESTORE_TIMEOUT, on_stderr_line=lines)
+    finally:
+        lines.flush()
+    if failed:
+        return failed
+    if done.exit_code == borg.ARCHIVE_DOES_NOT_EXIST:
+        return {"no_such_archive": archive}
     return {"archive": archive, **result_data(done)}
+
+
+def _give(write: int, passphrase: str) -> None:
+    try:
+        os.write(write, passphrase.encode("utf-8"))
+    finally:
+        os.close(write)
+
+
+class _Known:
+    """A passphrase already at hand (or none needed: the source's own file)."""
+
+    def __init__(self, value: dict[str, Any] | None) -> None:
+        self.value = value
+
+    def when_known(self, give: Any) -> None:
+        give(self.value)
+
+    def finished(self) -> None:
+        pass
+
+    def raise_if_refused(self) -> None:
+        pass
+
+
+class _Awaited:
+    """The sealed passphrase the coordinator relays, received (and opened) while borg starts; borg's ssh waits at
+    a gate (``GATE.go``, or ``GATE.no`` to give up) until the host's line is in and the passphrase is known."""
+
+    def __init__(self, session: Session, gate: str) -> None:
+        self.session, self.gate = session, gate
+        self.value: dict[str, Any] | None = None
+        self.refused: Exception | None = None
+        self.thread: threading.Thread | None = None
+
+    def when_known(self, give: Any) -> None:
+        def receive() -> None:
+            if self.value is None and self.refused is None:
+                try:
+                    self.value = self._receive()
+                except (Failed, Refused) as exc:
+                    self.refused = exc
+            opened = self.gate + (".go" if self.value is not None else ".no")
+            with open(opened, "w", encoding="ascii"):
+                pass
+            if self.value is not None:
+                give(self.value)
+
+        self.thread = threading.Thread(target=receive, name="passphrase", daemon=True)
+        self.thread.start()
+
+    def finished(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def raise_if_refused(self) -> None:
+        if self.refused is not None:
+            raise self.refused
+
+    def _receive(self) -> dict[str, Any]:
+        line = self.session.next_line(SECRET_WAIT)
+        if line is None:
+            raise Failed("the coordinator sent no passphrase: nothing was restored")
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise Refused("the passphrase message is not JSON") from None
+        if not isinstance(message, dict) or "refused" in message:
+            raise Failed(str(message.get("refused") if isinstance(message, dict) else "no passphrase"))
+        return open_sealed(self.session, str(message.get("sealed", "")))
 
 
 class _Temporary:
@@ -134,6 +221,7 @@ class _Temporary:
         self.public_key = public.decode("ascii")
         self.host = host
         self.source = source
+        self.secret = _Awaited(session, posixpath.join(self.directory, "gate"))
 
     def __enter__(self) -> "_Temporary":
         self.session.system.makedirs(self.directory, 0o700)
@@ -148,24 +236,12 @@ class _Temporary:
 
     @property
     def env(self) -> dict[str, str]:
+        """borg's environment: this restore's key and pinned host, its ssh behind the gate."""
         key, known = posixpath.join(self.directory, "id_ed25519"), posixpath.join(self.directory, "known_hosts")
         env = borg.base_env()
-        env.update({"BORG_RSH": shlex.join(borg.ssh_words(key, known)),
+        env.update({"BORG_RSH": shlex.join(["sh", "-c", GATE_SCRIPT, self.secret.gate, *borg.ssh_words(key, known)]),
                     "BORG_BASE_DIR": posixpath.join(self.directory, "borg")})
         return env
-
-    def receive(self) -> dict[str, Any]:
-        """The sealed secret the coordinator relays (opened with this node's identity), or Failed."""
-        line = self.session.next_line(SECRET_WAIT)
-        if line is None:
-            raise Failed("the coordinator sent no passphrase: nothing was restored")
-        try:
-            message = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise Refused("the passphrase message is not JSON") from None
-        if not isinstance(message, dict) or "refused" in message:
-            raise Failed(str(message.get("refused") if isinstance(message, dict) else "no passphrase"))
-        return open_sealed(self.session, str(message.get("sealed", "")))
 
 
 # --- the host's temporary line --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from mutualbackup.inventory import value_checks
 from mutualbackup.inventory.model import Backup, Retention
 from mutualbackup.node.protocol import pack
 from mutualbackup.node.requests import (
-    Args, Failed, Refused, Session, host_of, integer, node_name, number, request, text,
+    Args, Failed, LineBatch, Refused, Session, host_of, integer, node_name, number, request, text,
 )
 from mutualbackup.node.system import pidfile_path
 from mutualbackup.remote.transport import Result
@@ -48,10 +48,15 @@ def borg_on(session: Session, args: Args, argv_of, *, timeout: float, supervised
     extra: dict[str, Any] = {}
     if supervised:
         extra = {"pidfile": source_pidfile(session, host.name), "run_id": integer(args, "run_id", optional=True)}
-    if on_line:
-        extra["on_stderr_line"] = lambda line: session.emit("line", text=line)
-    result = session.system.run(argv_of(session.config.borg, url), env=borg.client_env(paths(session)),
-                                timeout=timeout, **extra)
+    lines = LineBatch(session) if on_line else None
+    if lines is not None:
+        extra["on_stderr_line"] = lines
+    try:
+        result = session.system.run(argv_of(session.config.borg, url), env=borg.client_env(paths(session)),
+                                    timeout=timeout, **extra)
+    finally:
+        if lines is not None:
+            lines.flush()
     return result_data(result)
 
 

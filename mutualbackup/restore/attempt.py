@@ -18,7 +18,7 @@ from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed, TransportError, UsageError
 from mutualbackup.inventory.model import Node
 from mutualbackup.jobs.runs import RecordedRun, record_failure
-from mutualbackup.node.protocol import Reply
+from mutualbackup.node.protocol import Reply, log_lines
 from mutualbackup.node.requests import host_ref
 from mutualbackup.remote.transport import reply_result
 from mutualbackup.restore.kit import RecoveryFile
@@ -139,7 +139,7 @@ class RestoreJob:
         if self.seal is None:
             with self.ctx.session(self.destination) as transport:
                 return transport.request("extract", {**args, "sealed": False}, timeout=RESTORE_TIMEOUT + 120,
-                                         on_event=lambda event: feed(str(event.get("text", ""))) if event.get("event") == "line" else None)
+                                         on_event=lambda event: [feed(line) for line in log_lines(event)])
         sealed = SealedRestore(self.ctx, self.destination, host, self.source, self.seal(host), feed,
                                lambda: progress.opened)
         return sealed.run(args, RESTORE_TIMEOUT + 120)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError, OperationFailed
 from mutualbackup.inventory.model import Node
-from mutualbackup.node.protocol import FAILED, Reply
+from mutualbackup.node.protocol import FAILED, Reply, log_lines
 
 log = logging.getLogger("mutualbackup.restore")
 
@@ -70,8 +70,9 @@ class SealedRestore:
                                       args=(str(event.get("public_key", "")), str(event.get("restore_id", ""))))
             self.threads.append(thread)
             thread.start()
-        elif event.get("event") == "line":
-            self.on_line(str(event.get("text", "")))
+        elif log_lines(event):
+            for line in log_lines(event):
+                self.on_line(line)
             if self.connected():
                 self.withdraw.set()  # sshd reads authorized_keys only at login: the line has done its work
 
@@ -87,7 +88,7 @@ class SealedRestore:
             self.withdraw.set()
             self.to_destination.put(_message(refused=str(exc)))
             return
-        while not self.granted.wait(0.1):
+        while not self.granted.wait(0.01):
             if not holder.is_alive():
                 self.to_destination.put(_message(refused=self.grant_error or f"{self.host.name} did not accept the key"))
                 return

@@ -1,0 +1,136 @@
+"""What a node obeys: its member's file, signed by an admin the node pinned at join.
+
+A request that depends on what the member decided (what to back up and how, what to keep, where
+a passphrase may go) carries ``signed``: the member file's bytes, its signature, and the
+federation's ``federation.yml`` (for the defaults the member file leaves to it). The node
+verifies the signature against the admins it pinned (``ssh-keygen -Y verify``), reads the file as
+the coordinator's ``check`` reads it, and acts only on its own entry there. ``before:`` and
+``exclude`` come only from the member's file, never from the federation's defaults; a retention
+left to the defaults must keep at least a week. A file signed by a pinned admin that names other
+admins re-pins them: admins rotate by signing, never by the coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from mutualbackup.inventory.model import Backup, Member, Node, Retention
+from mutualbackup.node.requests import Refused, Session
+
+WEEK_SECONDS = 7 * 86400
+
+
+class NotSigned(Refused):
+    """The request has no valid signed member file, or disagrees with it: nothing ran."""
+
+
+@dataclass(frozen=True)
+class Signed:
+    """This node's member file, verified: the member, this node's entry, and what the file itself says."""
+
+    member: Member
+    node: Node
+    own_keys: frozenset[str]  # the keys of this node's backup: section written in the member's file itself
+    signer: str  # SHA256 fingerprint of the admin's key that signed
+
+    @property
+    def backup(self) -> Backup:
+        """What this node backs up, and how: the member's file, never the federation's defaults for commands
+        and exclusions."""
+        if self.node.backup is None:
+            raise NotSigned(f"{self.member.name}'s signed file does not make {self.node.name} a source: nothing was done")
+        backup = self.node.backup
+        return replace(backup, before=backup.before if "before" in self.own_keys else (),
+                       exclude=backup.exclude if "exclude" in self.own_keys else ())
+
+    @property
+    def retention(self) -> Retention:
+        retention = self.backup.retention
+        if "retention" not in self.own_keys and not keeps_a_week(retention):
+            raise NotSigned(f"the federation's default retention keeps less than a week, and {self.member.name}'s "
+                            "signed file sets none for this node: sign a retention in it; nothing was pruned")
+        return retention
+
+
+def keeps_a_week(retention: Retention) -> bool:
+    """Whether ``retention`` keeps at least the last week of backups (a floor for defaults the member did not sign)."""
+    return (retention.daily >= 7 or retention.hourly >= 168 or retention.weekly >= 1 or retention.monthly >= 1
+            or retention.yearly >= 1)
+
+
+def verified(session: Session, args: Mapping[str, Any]) -> Signed:
+    """The signed member file this request carries, verified against the admins this node pinned; NotSigned
+    when there is none, or it does not verify, or it is not this node's member's."""
+    from mutualbackup.inventory.signatures import SignatureError, verify
+
+    config = session.config
+    material = args.get("signed")
+    if not isinstance(material, dict) or not all(isinstance(material.get(k), str)
+                                                 for k in ("file", "signature", "federation")):
+        raise NotSigned(f"the request carries no signed member file: {config.member}'s nodes act only on what "
+                        "its admins signed; nothing was done")
+    text = material["file"].encode("utf-8")
+    try:
+        signer = verify(text, material["signature"].encode("utf-8"), config.member, [a.key for a in config.admins])
+    except SignatureError as exc:
+        raise NotSigned(f"{config.member}'s member file is refused: {exc} (this node accepts only the admins "
+                        f"pinned at join: {', '.join(a.name for a in config.admins) or 'none'}); nothing was done") from None
+    member = _load(config.member, text, material["federation"].encode("utf-8"))
+    nodes = [n for n in member.nodes if n.slug == config.node]
+    if not nodes:
+        raise NotSigned(f"{config.member}'s signed file has no node {config.node}: nothing was done")
+    signed = Signed(member, nodes[0], _own_backup_keys(text, config.node), signer)
+    _repin(session, member)
+    return signed
+
+
+def _load(member: str, text: bytes, federation: bytes) -> Member:
+    """The member file read as ``check`` reads it (the federation's defaults under it)."""
+    from mutualbackup.errors import InventoryError
+    from mutualbackup.inventory.load import load_inventory
+
+    with tempfile.TemporaryDirectory(prefix="mutualbackup-signed-") as scratch:
+        os.makedirs(os.path.join(scratch, "members"))
+        with open(os.path.join(scratch, "federation.yml"), "wb") as handle:
+            handle.write(federation)
+        with open(os.path.join(scratch, "members", f"{member}.yml"), "wb") as handle:
+            handle.write(text)
+        try:
+            loaded = load_inventory(scratch)
+        except InventoryError as exc:
+            problems = "; ".join(p.replace(scratch + os.sep, "") for p in exc.problems[:3])
+            raise NotSigned(f"{member}'s signed file does not read: {problems}; nothing was done") from None
+    return next(m for m in loaded.members if m.name == member)
+
+
+def _own_backup_keys(text: bytes, slug: str) -> frozenset[str]:
+    import yaml
+
+    document = yaml.safe_load(text)
+    for entry in document.get("nodes") or []:
+        if isinstance(entry, dict) and entry.get("name") == slug and isinstance(entry.get("backup"), dict):
+            return frozenset(entry["backup"])
+    return frozenset()
+
+
+def _repin(session: Session, member: Member) -> None:
+    """The admins of a file a pinned admin signed become the pinned ones (as root; a host's login cannot)."""
+    from mutualbackup.node.config import Admin, write_config
+
+    config = session.config
+    admins = tuple(Admin(a.name, a.key) for a in member.admins)
+    if admins == config.admins or os.geteuid() != 0 or not config.directory:
+        return
+    updated = replace(config, admins=admins)
+    write_config(updated, config.directory)
+    session.config = updated
+    session.emit("repinned", admins=[a.name for a in admins])
+
+
+def must_match(signed: Signed, what: str, asked: object, signed_value: object) -> None:
+    if asked != signed_value:
+        raise NotSigned(f"the request disagrees with {signed.member.name}'s signed file on {what} "
+                        f"(asked {asked!r}, signed {signed_value!r}): nothing was done")
