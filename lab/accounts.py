@@ -62,8 +62,18 @@ def sudoers_file(name: str) -> str:
     """A path in /etc/sudoers.d for one lab node's rule (no dot: sudo would skip it), removed at exit."""
     path = f"/etc/sudoers.d/mutualbackup-lab-{os.getpid()}-{name}"
     with _lock:
+        if not _sudoers:
+            _sweep()
         _sudoers.add(path)
     return path
+
+
+def _sweep() -> None:
+    """Remove the rules of lab processes that died without cleaning up (killed): their PID is gone."""
+    for path in Path("/etc/sudoers.d").glob("mutualbackup-lab-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
 
 
 def the_python() -> list[Path]:

@@ -36,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except InventoryError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -48,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `mutualbackup plan | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush does not fail again
+        os.close(devnull)
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,14 +148,18 @@ def load(args: argparse.Namespace) -> Federation:
 
 
 def open_context(args: argparse.Namespace, federation: Federation | None = None) -> Context:
-    """Inventory + state + SSH connector; raises InventoryError when the placement is impossible."""
+    """Inventory + state + SSH connector. A source the inventory cannot place (any more) fails nothing here:
+    it keeps the replicas it has, and the commands that place (plan, apply, status) report it."""
     federation = federation or load(args)
     state = getattr(args, "state", None) or federation.coordinator.state
-    if not os.path.exists(os.path.join(state, "history.sqlite3")):
-        require_placeable(federation, place(federation))  # refuse before creating any state
-    ctx = Context(federation, History(state), ssh_connector(federation))
-    require_placeable(federation, ctx.placement)
-    return ctx
+    return Context(federation, History(state), ssh_connector(federation))
+
+
+def report_unplaceable(ctx: Context) -> bool:
+    """Each source that cannot get all its replicas, on stderr (it keeps those it has); whether there is one."""
+    for problem in ctx.placement.problems:
+        print(f"warning: {problem}; it keeps the replicas it has", file=sys.stderr)
+    return bool(ctx.placement.problems)
 
 
 # --- commands -----------------------------------------------------------------
@@ -231,10 +242,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "replicas": {s: list(h) for s, h in sorted(ctx.placement.replicas.items())},
             "used_bytes": ctx.placement.used,
             "changes": [{"change": c.kind, "source": c.source, "target": c.target, "previous": c.previous or None} for c in changes],
+            "unplaceable": [{"source": p.source, "problem": str(p)} for p in ctx.placement.problems],
         }, indent=2))
-        return 0
+        return 1 if report_unplaceable(ctx) else 0
     print_plan(ctx.federation, ctx.placement, changes)
-    return 0
+    return 1 if report_unplaceable(ctx) else 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -249,7 +261,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"FAILED {line}", file=sys.stderr)
     if not report.changes and not report.failures:
         print("nothing to change: the world matches the plan")
-    return 1 if report.failures else 0
+    unplaceable = report_unplaceable(ctx)
+    return 1 if report.failures or unplaceable else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -291,7 +304,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print_status(rows, now)
     failed_drill = any(r.drill_state == "failed" for r in rows)
-    return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill else 1
+    unplaceable = report_unplaceable(ctx)
+    return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill and not unplaceable else 1
 
 
 def cmd_archives(args: argparse.Namespace) -> int:

@@ -38,6 +38,21 @@ class Context:
             self._placement = place(self.federation, self.history.placement(), self.history.repository_sizes())
         return self._placement
 
+    def signed(self, member: str) -> dict[str, str]:
+        """What a node of ``member`` verifies before it acts: the member file as its admins signed it (read now,
+        from the inventory's directory), its signature, and ``federation.yml`` (the defaults under it)."""
+        directory = self.federation.directory
+
+        def read(*parts: str) -> str:
+            try:
+                with open(os.path.join(directory, *parts), encoding="utf-8") as handle:
+                    return handle.read()
+            except (OSError, UnicodeDecodeError):
+                return ""
+
+        return {"file": read("members", f"{member}.yml"), "signature": read("members", f"{member}.yml.sig"),
+                "federation": read("federation.yml")}
+
     def replicas_of(self, source: str) -> tuple[str, ...]:
         """The hosts recorded for ``source`` by the last ``apply`` (what exists in the world)."""
         return self.history.placement().get(source, ())

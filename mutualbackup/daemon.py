@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 from mutualbackup.jobs import maintenance
 from mutualbackup.plan import schedule
 from mutualbackup.jobs.backup import run_backup
-from mutualbackup.context import Context, require_placeable
+from mutualbackup.context import Context
 from mutualbackup.errors import MutualBackupError
 from mutualbackup.plan.due import JobState, PairSummary
 from mutualbackup.inventory.load import load_inventory
@@ -97,6 +97,7 @@ class Daemon:
         self.drills_enabled = drills_enabled
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.reload = threading.Event()  # SIGHUP: re-read the inventory at the next tick, jobs keep running
         self.running: dict[tuple[str, str], RunningJob] = {}
         self._busy_until: dict[tuple[str, str], float] = {}  # replicas held by another live coordinator process
         self._lock = threading.Lock()
@@ -106,20 +107,23 @@ class Daemon:
 
     # --- inventory ------------------------------------------------------------
 
-    def reload_if_changed(self) -> None:
+    def reload_if_changed(self, *, asked: bool = False) -> None:
+        """A new inventory when its files changed (or when ``asked``: SIGHUP); the last valid one stays otherwise."""
         stamp = _stamp(self.ctx.federation.directory)
-        if stamp == self._inventory_stamp:
+        if stamp == self._inventory_stamp and not asked:
             return
         self._inventory_stamp = stamp
         try:
             federation = load_inventory(self.ctx.federation.directory)
             candidate = Context(federation, self.ctx.history, self.ctx.connector)
-            require_placeable(federation, candidate.placement)
+            problems = candidate.placement.problems
         except MutualBackupError as exc:
             self.metrics.inventory_valid = False
             log.error("inventory changed and is now invalid; keeping the last valid one:\n%s", exc)
             return
         log.info("inventory reloaded")
+        for problem in problems:
+            log.warning("%s; it keeps the replicas it has", problem)
         self.ctx = candidate
         self.metrics.federation = federation
         self.metrics.unplaceable = len(candidate.placement.problems)
@@ -305,7 +309,9 @@ class Daemon:
             delay = self.tick
             self.wake.clear()
             try:
-                self.reload_if_changed()
+                asked = self.reload.is_set()
+                self.reload.clear()
+                self.reload_if_changed(asked=asked)
                 now = self.now()
                 self.step(now)
                 wake = self.next_wakeup(now)

@@ -7,7 +7,7 @@ import argparse
 import logging
 import signal
 
-from mutualbackup.context import Context, require_placeable, ssh_connector
+from mutualbackup.context import Context, ssh_connector
 from mutualbackup.daemon import GRACE_SECONDS, Daemon
 from mutualbackup.errors import OperationFailed
 from mutualbackup.inventory.model import Federation
@@ -21,7 +21,8 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     state = getattr(args, "state", None) or federation.coordinator.state
     history = History(state)
     ctx = Context(federation, history, ssh_connector(federation))
-    require_placeable(federation, ctx.placement)
+    for problem in ctx.placement.problems:
+        log.warning("%s; it keeps the replicas it has, and the daemon backs them up", problem)
     for run in history.mark_interrupted():
         log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
     daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
@@ -38,6 +39,12 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
         daemon.stop.set()
         daemon.wake.set()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        log.info("received SIGHUP: re-reading the inventory (running jobs go on)")
+        daemon.reload.set()
+        daemon.wake.set()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:

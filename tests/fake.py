@@ -558,6 +558,32 @@ def render_inventory(federation: Federation, directory: str) -> None:
         sign(path, key)
 
 
+FEDERATION_YML = "federation: fake-federation\ncoordinator: {ssh_key: /nonexistent, state: /nonexistent}\n"
+
+
+def signed_material(directory: str, document: dict[str, object], *, key: bytes | None = None,
+                    federation: str = FEDERATION_YML) -> dict[str, str]:
+    """What the coordinator sends a node with a request that depends on its member's file: ``document`` written
+    as ``members/NAME.yml`` under ``directory``, signed with ``key`` (an OpenSSH private key; the fake admin's by
+    default), and ``federation.yml``."""
+    import os
+
+    import yaml
+
+    from mutualbackup.inventory.signatures import sign
+
+    os.makedirs(os.path.join(directory, "members"), exist_ok=True)
+    secret = os.path.join(directory, ".signer")
+    with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(key or admin_key()[0])
+    path = os.path.join(directory, "members", f"{document['member']}.yml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(document, handle, sort_keys=False)
+    sign(path, secret)
+    with open(path, encoding="utf-8") as text, open(path + ".sig", encoding="utf-8") as signature:
+        return {"file": text.read(), "signature": signature.read(), "federation": federation}
+
+
 def _node_document(node: Node) -> dict[str, object]:
     document: dict[str, object] = {"name": node.slug, "address": node.address, "port": node.port, "user": node.user,
                                    "host_key": node.host_key}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -61,13 +63,20 @@ def test_every_command_refuses_a_hostile_inventory_and_changes_nothing(
     assert not Path("/tmp/pwned").exists()
 
 
-def test_a_placement_that_cannot_be_satisfied_is_refused_with_the_source_named(tmp_path: Path) -> None:
+def test_a_placement_that_cannot_be_satisfied_is_an_error_for_check_and_reported_by_plan_and_status(
+        tmp_path: Path) -> None:
     inventory = hostile_inventory(tmp_path, "coopcycle.yml", "      replicas: 1\n", "      replicas: 5\n")
-    for command in (("check",), ("apply",), ("run",)):
-        code, out, err = mb(inventory, *command)
-        assert code == 2
-        assert re.search(r"coopcycle\.yml:\d+: cannot place coopcycle/web1: it needs 5 replica", err), err
+    code, out, err = mb(inventory, "check")
+    assert code == 2
+    assert re.search(r"coopcycle\.yml:\d+: cannot place coopcycle/web1: it needs 5 replica", err), err
     assert not (tmp_path / "state").exists()
+    for command in (("plan",), ("status",)):  # reported, never a failure of the command itself
+        code, out, err = mb(inventory, *command)
+        assert code == 1, (command, out, err)
+        assert re.search(r"warning: .*coopcycle\.yml:\d+: cannot place coopcycle/web1: it needs 5 replica.*"
+                         r"it keeps the replicas it has", err), err
+    code, out, err = mb(inventory, "plan", "--json")
+    assert code == 1 and [u["source"] for u in json.loads(out)["unplaceable"]] == ["coopcycle/web1"]
 
 
 def test_the_valid_fixture_passes_check_once_its_admins_signed_it(tmp_path: Path) -> None:
@@ -84,3 +93,20 @@ def test_a_missing_inventory_directory_is_a_usage_error(tmp_path: Path) -> None:
     code, out, err = mb(tmp_path / "nowhere", "check")
     assert code == 2
     assert "no inventory directory" in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`mutualbackup plan | head -1`: the reader left; no traceback, no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    inventory = hostile_inventory(tmp_path, "coopcycle.yml", "", "")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "mutualbackup.cli", "--inventory", str(inventory), "plan"],
+                              stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr.decode() and "BrokenPipe" not in done.stderr.decode(), done.stderr
+    assert done.returncode == 0

@@ -380,16 +380,60 @@ def test_a_failing_before_command_fails_the_backup_with_its_stderr_tail_and_make
     original = members.read_text()
     doc = yaml.safe_load(original)
     doc["nodes"][0]["backup"]["before"] = ["echo \"dumping 'db'\"; echo 'pg_dump: error: connection refused' >&2; exit 3"]
-    members.write_text(yaml.safe_dump(doc, sort_keys=False))
+    signature = Path(f"{members}.sig").read_bytes()
+    labfed.write_signed(fed.lab, members, doc)  # alpha's admin signs the new command
     try:
         history = History(fed.state)
         archives_before = set(history.known_archives(SOURCE, HOST))
         code, out, err = mb(fed, "run", SOURCE)
     finally:
         members.write_text(original)
+        Path(f"{members}.sig").write_bytes(signature)
     assert code == 1
     assert "the before: command failed with exit 3, so no backup was made" in err
     assert "pg_dump: error: connection refused" in err
     run = history.runs(kind="backup")[0]
     assert run.result == "failure" and "pg_dump: error: connection refused" in run.error
     assert set(history.known_archives(SOURCE, HOST)) == archives_before
+
+
+def test_sighup_during_a_backup_re_reads_the_inventory_and_the_backup_ends_success(
+    two: LabFederation, tmp_path: Path,
+) -> None:
+    fed = two
+    code, out, err = mb(fed, "run", SOURCE)  # a success first: a failed run before would hold the next one back
+    assert code == 0, out + err
+    big = fed.data_path(SOURCE, "/srv/data") / "holes"
+    big.mkdir()
+    for i in range(3):  # 3 GiB of holes: a backup of a few seconds that writes nearly nothing
+        with open(big / f"part{i}.img", "wb") as f:
+            f.truncate(1024**3)
+    repo = repository(fed, SOURCE, HOST)
+    history = History(fed.state)
+    before = {r.id for r in history.runs(kind="backup")}
+    inventory = fed.inventory / "federation.yml"
+    doc = yaml.safe_load(inventory.read_text())
+    original = inventory.read_text()
+    doc["defaults"]["every"] = "5s"
+    inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
+    daemon = DaemonProcess(fed, tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: serve_holding_lock(fed.lab, fed.nodes[HOST], repo), 60, "a backup in progress")
+        [running] = [r for r in history.runs(kind="backup", result="running")]
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "inventory reloaded" in daemon.text(), 30, "the reload")
+        def finished():  # noqa: ANN202
+            [run] = [r for r in history.runs(kind="backup") if r.id == running.id]
+            return run if run.result != "running" else None
+
+        ended = wait_for(finished, 120, "the backup to end")
+        assert daemon.proc.poll() is None  # still serving
+    finally:
+        shutil.rmtree(big)
+        inventory.write_text(original)
+        code = daemon.stop()
+    log = daemon.text()
+    assert code == 0, log
+    assert "received SIGHUP: re-reading the inventory" in log
+    assert ended.result == "success", ended.error
+    assert running.id not in before and not history.runs(result="running")

@@ -97,6 +97,7 @@ def test_doctor_on_joined_lab_nodes_is_ok_and_names_a_changed_host_key_and_a_hos
     assert [(c["node"], c["ok"]) for c in found] == [("alpha/web", True), ("beta/store", True)]
     assert all(c["node_version"] == __version__ and c["borg_version"].startswith("borg 1.4.") for c in found)
     assert found[1]["storage_free_bytes"] > GIB and found[0]["storage_free_bytes"] is None
+    assert all(c["member_file_signer"].startswith("SHA256:") for c in found)  # each node accepts its member's file
 
     path = fed.inventory / "members" / "beta.yml"
     original = path.read_text()
@@ -111,3 +112,4 @@ def test_doctor_on_joined_lab_nodes_is_ok_and_names_a_changed_host_key_and_a_hos
     assert code == 1
     assert "alpha/web  PROBLEM" in out and "host key" in out and "host_key:" in out
     assert "beta/store  PROBLEM" in out and "it still lends" in out and "lower storage.capacity" in out
+    assert "beta's member file is refused" in out and "`mutualbackup sign`" in out  # edited, not signed again

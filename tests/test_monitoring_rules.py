@@ -74,6 +74,7 @@ EXPECTED_ALERTS = {
     "MutualbackupRestoreDrillOverdue": {"ticket"},
     "MutualbackupCoordinatorDown": {"page"},
     "MutualbackupInventoryInvalid": {"ticket"},
+    "MutualbackupSourcesUnplaceable": {"ticket"},
 }
 EXPECTED_DASHBOARDS = {
     "federation-overview.json": ("mutualbackup-overview", {}),

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from fake import admin_key, signed_material
 from mutualbackup import borg
-from mutualbackup.node.config import Admin, NodeConfig, write_config
+from mutualbackup.node.config import Admin, NodeConfig, load_config, write_config
 from mutualbackup.node.protocol import DONE, FAILED, REFUSED
 from mutualbackup.node.requests import Session, handle
 from mutualbackup.node.restore import open_sealed, seal_for_node
@@ -33,7 +34,7 @@ def config(tmp_path: Path, **changes: Any) -> NodeConfig:
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
     values = dict(member="coop", node="store", user="root", authorized_keys=str(tmp_path / "keys" / "authorized_keys"),
                   work=str(tmp_path / "work"), state=str(tmp_path / "state"), borg="borg",
-                  storage=str(tmp_path / "storage"), admins=(Admin("alice", KEY),))
+                  storage=str(tmp_path / "storage"), admins=(Admin("admin", admin_key()[1]),))
     values.update(changes)
     return NodeConfig(**values)
 
@@ -147,6 +148,17 @@ def identity(node: NodeConfig) -> str:
     return str(made.to_public())
 
 
+def coop_file(store_key: str = "", **backup: Any) -> dict[str, Any]:
+    """coop's member file as its admin signs it: a host ``store`` and a source ``web1``."""
+    store: dict[str, Any] = {"name": "store", "address": "192.0.2.1", "user": "mb", "host_key": KEY,
+                             "storage": {"path": "/srv/mb", "capacity": "10GiB"}}
+    if store_key:
+        store["node_key"] = store_key
+    return {"member": "coop", "site": "here", "admins": [{"name": "admin", "key": admin_key()[1]}],
+            "nodes": [store, {"name": "web1", "address": "192.0.2.2", "user": "mb", "host_key": OTHER,
+                              "backup": {"paths": ["/etc"], **backup}}]}
+
+
 def test_a_passphrase_sealed_for_a_node_opens_only_with_that_nodes_identity(tmp_path: Path) -> None:
     mine, theirs = config(tmp_path / "a"), config(tmp_path / "b")
     for node in (mine, theirs):
@@ -169,7 +181,12 @@ def test_a_source_seals_its_passphrase_for_its_own_members_nodes_only(tmp_path: 
     ask = Conversation(node).ask
     refused = ask("seal", {"node": "mallory/laptop", "node_key": node_key})
     assert refused.code == REFUSED and "member's own nodes only" in (refused.error or "")
-    sealed = ask("seal", {"node": "coop/store", "node_key": node_key})
+    signed = signed_material(str(tmp_path / "inv"), coop_file(store_key=node_key))
+    unsigned = ask("seal", {"node": "coop/store", "node_key": node_key})
+    assert unsigned.code == REFUSED and "no signed member file" in (unsigned.error or "")
+    undeclared = ask("seal", {"node": "coop/store", "node_key": identity(config(tmp_path / "u")), "signed": signed})
+    assert undeclared.code == REFUSED and "no node store with that node_key" in (undeclared.error or "")
+    sealed = ask("seal", {"node": "coop/store", "node_key": node_key, "signed": signed})
     assert sealed.code == DONE and "s3cret" not in json.dumps(sealed.data)
     assert open_sealed(Conversation(other).session, sealed.data["sealed"])["passphrase"] == "s3cret"
 
@@ -293,3 +310,112 @@ def test_serve_imports_only_the_module_that_answers_the_request(tmp_path: Path) 
     loaded = set(eval(done.stdout))  # noqa: S307 - our own printed list
     assert "mutualbackup.node.source" in loaded
     assert not loaded & {"mutualbackup.node.drill", "mutualbackup.node.restore", "mutualbackup.node.host"}
+
+
+# --- the member's signed file is the node's only authority ------------------------------------------------
+
+
+HOST = {"name": "other/store", "address": "192.0.2.9", "port": 22, "user": "mb", "host_key": KEY, "storage": "/srv/mb"}
+
+
+def other_key() -> bytes:
+    """An OpenSSH private key that is nobody's pinned admin."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+
+
+def public_of(private: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key(private, None)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def backup_args(signed: dict | None, **spec: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {"host": HOST, "archive": "web1-2026-12-06T03:00:00", "timeout": 60, "run_id": 1,
+                            "backup": {"paths": ["/etc"], "exclude": [], "compression": "zstd,3", "before": [], **spec}}
+    if signed is not None:
+        args["signed"] = signed
+    return args
+
+
+@pytest.mark.parametrize("attack, why", [
+    ("unsigned", "no signed member file"),
+    ("tampered", "signature"),
+    ("other key", "signature"),
+    ("another member's file", 'says member "other"'),
+    ("before added", "disagrees with coop's signed file on before"),
+    ("other paths", "disagrees with coop's signed file on paths"),
+])
+def test_a_backup_that_is_not_what_the_member_signed_is_refused_before_anything_runs(
+        tmp_path: Path, attack: str, why: str) -> None:
+    node = config(tmp_path, node="web1")
+    signed = signed_material(str(tmp_path / "inv"), coop_file())
+    spec: dict[str, Any] = {}
+    if attack == "unsigned":
+        signed = None
+    elif attack == "tampered":
+        signed["file"] = signed["file"].replace("- /etc", "- /etc\n      before: [touch /tmp/pwned]")
+    elif attack == "other key":
+        document = coop_file(before=["touch /tmp/pwned"])
+        document["admins"] = [{"name": "mallory", "key": public_of(key := other_key())}]
+        signed = signed_material(str(tmp_path / "evil"), document, key=key)
+    elif attack == "another member's file":
+        signed = signed_material(str(tmp_path / "evil"), {**coop_file(), "member": "other"})
+    elif attack == "before added":
+        spec = {"before": ["touch /tmp/pwned"]}
+    elif attack == "other paths":
+        spec = {"paths": ["/nonexistent"]}
+    conversation = Conversation(node)
+    reply = conversation.ask("backup", backup_args(signed, **spec))
+    assert reply.code == REFUSED and why in (reply.error or ""), reply.error
+    assert reply.data == {"not_signed": True} and "nothing was done" in (reply.error or "")
+    assert not any(Path(node.state).iterdir()) and not conversation.events  # no key, no passphrase, no command
+
+
+def test_prune_keeps_what_the_member_signed_and_nothing_less(tmp_path: Path) -> None:
+    node = config(tmp_path, node="web1")
+    signed = signed_material(str(tmp_path / "inv"), coop_file(retention={"daily": 7, "monthly": 6}))
+    args = {"host": HOST, "retention": {"daily": 1}, "run_id": 1, "timeout": 60, "signed": signed}
+    reply = Conversation(node).ask("prune", args)
+    assert reply.code == REFUSED and "disagrees with coop's signed file on retention" in (reply.error or "")
+    assert not any(Path(node.state).iterdir())
+
+
+def test_a_default_retention_that_keeps_less_than_a_week_is_refused_unless_the_member_signs_it(tmp_path: Path) -> None:
+    node = config(tmp_path, node="web1")
+    short = "federation: fake-federation\ncoordinator: {ssh_key: /x, state: /x}\ndefaults: {retention: {daily: 1}}\n"
+    signed = signed_material(str(tmp_path / "inv"), coop_file(), federation=short)
+    args = {"host": HOST, "retention": {"daily": 1}, "run_id": 1, "timeout": 60, "signed": signed}
+    reply = Conversation(node).ask("prune", args)
+    assert reply.code == REFUSED and "keeps less than a week" in (reply.error or "")
+    hidden = short.replace("defaults: {retention: {daily: 1}}", "defaults: {before: [touch /tmp/pwned]}")
+    reply = Conversation(node).ask("backup", backup_args(signed_material(str(tmp_path / "i2"), coop_file(),
+                                                                         federation=hidden)))
+    assert reply.code == REFUSED and 'defaults cannot hold "before"' in (reply.error or "")
+
+
+def test_admins_rotate_only_by_a_pinned_admins_signature_and_are_pinned_again(tmp_path: Path) -> None:
+    directory = tmp_path / "config"
+    directory.mkdir()
+    write_config(config(tmp_path, node="store"), str(directory))
+    node = load_config(str(directory), trusted=False)
+    new = other_key()
+    rotated = coop_file()
+    rotated["admins"] = [{"name": "bob", "key": public_of(new)}]
+    by_mallory = signed_material(str(tmp_path / "m"), rotated, key=new)
+    assert Conversation(node).ask("prepare", {"hosts": [], "signed": by_mallory}).code == REFUSED
+    assert load_config(str(directory), trusted=False).admins == node.admins  # nothing pinned
+    by_admin = signed_material(str(tmp_path / "a"), rotated)
+    conversation = Conversation(node)
+    assert conversation.ask("prepare", {"hosts": [], "signed": by_admin}).code == DONE
+    assert [a.name for a in load_config(str(directory), trusted=False).admins] == ["bob"]
+    assert ("repinned", {"admins": ["bob"]}) in conversation.events
+    again = load_config(str(directory), trusted=False)
+    old = signed_material(str(tmp_path / "o"), coop_file())  # the former admin can no longer sign
+    assert Conversation(again).ask("prepare", {"hosts": [], "signed": old}).code == REFUSED
+    assert Conversation(again).ask("prepare", {"hosts": [], "signed": by_mallory}).code == DONE

@@ -39,6 +39,8 @@ RETENTION_KEYS = ("hourly", "daily", "weekly", "monthly", "yearly")
 _NO_DEFAULT = {
     "paths": 'defaults cannot hold "paths": each source lists its own in its backup: section',
     "path": 'defaults cannot hold "path": each host gives its own in its storage: section',
+    "before": 'defaults cannot hold "before": what runs on a member\'s nodes is written in its own signed file',
+    "exclude": 'defaults cannot hold "exclude": what a member leaves out is written in its own signed file',
 }
 _INVALID = object()  # a default that is present but wrong: reported once, never merged
 Defaults = dict[str, object]

@@ -24,7 +24,7 @@ from mutualbackup.context import Context
 from mutualbackup.inventory.model import Backup, Node
 from mutualbackup.jobs.control import JobControl
 from mutualbackup.jobs.crash_cleanup import source_role
-from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted, running
+from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted, refused_by_node, running
 from mutualbackup.node.requests import host_ref
 from mutualbackup.remote.transport import Result, reply_result
 
@@ -111,7 +111,7 @@ def _create(
     aborted(control)
     archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
     args = {"host": host_ref(host), "archive": archive, "timeout": timeout, "run_id": run_id,
-            "backup": backup_spec(source.backup)}
+            "backup": backup_spec(source.backup), "signed": ctx.signed(source.member)}
     with ctx.session(source, control) as transport:
         with running(control, source, source_role(host.name)):
             reply = transport.request("backup", args, timeout=timeout + REPLY_MARGIN)
@@ -120,13 +120,15 @@ def _create(
         command = reply.data["before"].get("command", "")
         raise RunFailed(f"the before: command failed with exit {done.exit_code}, so no backup was made.\n"
                         f"command: {command}\n{done.stderr_tail()}".strip(), done.exit_code)
+    if reply.data.get("not_signed"):
+        refused_by_node(ctx.history, source, host, reply.error or "", started)
     if not reply.ok and "create" not in reply.data:
         raise RunFailed(reply.error or f"{source.name} did not back up", None if not reply.data.get("lost") else -1)
     return reply_result(reply, "create")
 
 
 def backup_spec(backup: Backup) -> dict[str, object]:
-    """What a source is told to back up (issue 13: what its member signed)."""
+    """What a source is told to back up: its node checks it against what its member signed."""
     return {"paths": list(backup.paths), "exclude": list(backup.exclude), "compression": backup.compression,
             "before": list(backup.before)}
 

@@ -35,6 +35,7 @@ class Checkup:
     clock_skew_seconds: float | None = None
     storage_free_bytes: int | None = None
     storage_lent_left_bytes: int | None = None
+    member_file_signer: str | None = None  # the admin key's fingerprint the node accepted the member file from
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -59,7 +60,7 @@ def check_node(ctx: Context, node: Node, lent_left: int | None) -> Checkup:
     try:
         with ctx.session(node) as transport:
             asked = time.time()
-            reply = transport.request("hello", {}, timeout=HELLO_TIMEOUT)
+            reply = transport.request("hello", {"signed": ctx.signed(node.member)}, timeout=HELLO_TIMEOUT)
             answered = time.time()
     except HostKeyMismatch as exc:
         found.problems.append(f"{exc}\n→ if the server was reinstalled, check its new key out of band, then put it in "
@@ -75,6 +76,7 @@ def check_node(ctx: Context, node: Node, lent_left: int | None) -> Checkup:
         return found
     found.reachable = True
     _versions(found, reply.data)
+    _member_file(found, node, reply.data)
     _clock(found, reply.data, asked, answered)
     if node.storage is not None:
         _storage(found, reply.data, lent_left)
@@ -92,6 +94,15 @@ def _versions(found: Checkup, data: dict[str, Any]) -> None:
         found.problems.append("borg does not run on the node\n→ install borgbackup 1.4 (playbooks/join.yml does it)")
     elif not found.borg_version.split()[-1].startswith("1.4."):
         found.problems.append(f"{found.borg_version} on the node\n→ install borgbackup 1.4")
+
+
+def _member_file(found: Checkup, node: Node, data: dict[str, Any]) -> None:
+    if data.get("member_file"):
+        found.member_file_signer = str(data["member_file"])
+    elif data.get("member_file_error"):
+        found.problems.append(f"{data['member_file_error']}\n→ one of {node.member}'s admins signs members/"
+                              f"{node.member}.yml (`mutualbackup sign`); after losing every admin key, run "
+                              "`mutualbackup-node join` again on the node")
 
 
 def _clock(found: Checkup, data: dict[str, Any], asked: float, answered: float) -> None:

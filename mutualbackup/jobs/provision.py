@@ -112,7 +112,7 @@ def _init_repositories(ctx: Context, source: Node, previous: Sequence[str], repo
 def _prepare_source(ctx: Context, transport: Transport, source: Node, targets: Sequence[str], report: ApplyReport) -> str:
     """The source's key, passphrase and pinned hosts, made on the source; its public key."""
     hosts = [host_ref(ctx.federation.node(t)) for t in targets]
-    reply = transport.request("prepare", {"hosts": hosts}, timeout=300)
+    reply = transport.request("prepare", {"hosts": hosts, "signed": ctx.signed(source.member)}, timeout=300)
     if not reply.ok:
         raise OperationFailed(reply.error or f"{source.name} could not be prepared")
     for change in reply.data.get("changes", []):

@@ -22,7 +22,7 @@ from mutualbackup.context import Context
 from mutualbackup.inventory.model import Backup, Node
 from mutualbackup.jobs.archives import archive_entries, borg_ok, list_archives, live_bytes, recorded_archives
 from mutualbackup.jobs.crash_cleanup import source_role
-from mutualbackup.jobs.runs import RecordedRun, RunOutcome, aborted, running
+from mutualbackup.jobs.runs import RecordedRun, RunOutcome, aborted, refused_by_node, running
 from mutualbackup.node.requests import host_ref
 from mutualbackup.plan.compaction_rules import ArchiveChanges, archive_changes, guard_problems
 from mutualbackup.plan.retention import plan_prune
@@ -60,8 +60,11 @@ def _prune(ctx: Context, run: RecordedRun, source: Node, host: Node, clock: Call
         try:
             with running(control, source, source_role(host.name)):
                 reply = transport.request("prune", {"host": host_ref(host), "retention": retention_of(source.backup),
-                                                    "run_id": run.id, "timeout": PRUNE_TIMEOUT},
+                                                    "run_id": run.id, "timeout": PRUNE_TIMEOUT,
+                                                    "signed": ctx.signed(source.member)},
                                           timeout=PRUNE_TIMEOUT + 120)
+            if reply.data.get("not_signed"):
+                refused_by_node(ctx.history, source, host, reply.error or "", clock())
             result = reply_result(reply)
             aborted(control)
             borg_ok(result, "borg prune")
@@ -142,7 +145,7 @@ def _explain_unfinished_prunes(
 
 
 def retention_of(backup: Backup) -> dict[str, int]:
-    """What a source is told to keep (issue 13: what its member signed)."""
+    """What a source is told to keep: its node checks it against what its member signed."""
     retention = backup.retention
     return {name: getattr(retention, name) for name in ("hourly", "daily", "weekly", "monthly", "yearly")
             if getattr(retention, name)}

@@ -177,3 +177,13 @@ def record_failure(history: History, kind: str, source: str, target: str, error:
     """A failed run that never started work (nothing could be reached, or the request was refused)."""
     run_id = history.start_run(kind, source, target)
     history.finish_run(run_id, "failure", error=error, detail=detail, **fields)  # type: ignore[arg-type]
+
+
+def refused_by_node(history: History, source: Node, host: Node, error: str, now: float) -> None:
+    """A node refused to act on its member's file (unsigned, tampered with, or not what the request says):
+    logged and alerted once per streak; the run fails with the node's words."""
+    log.error("%s refused the job: %s", source.name, error)
+    first = error.splitlines()[0] if error else "refused"
+    alerts = [a for a in history.alerts() if a["kind"] == "member-file-refused" and a["source"] == source.name]
+    if not alerts or alerts[0]["message"] != first:
+        history.add_alert(source.name, host.name, "member-file-refused", first, now=now)

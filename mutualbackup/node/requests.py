@@ -126,7 +126,8 @@ def handle(kind: str, args: Args, session: Session, addressed: str) -> Reply:
     try:
         return Reply(kind, DONE, None, dict(found.handler(session, args)))
     except Refused as exc:
-        return Reply(kind, REFUSED, f"{session.config.name} refused {kind!r}: {exc}")
+        data = {"not_signed": True} if type(exc).__name__ == "NotSigned" else {}
+        return Reply(kind, REFUSED, f"{session.config.name} refused {kind!r}: {exc}", data)
     except Failed as exc:
         return Reply(kind, FAILED, str(exc))
     except Exception as exc:  # a bug, or the system refused (a permission): say so, never a half answer

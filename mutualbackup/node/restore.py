@@ -312,8 +312,9 @@ def _passphrase(session: Session) -> str:
 
 @request("seal", "source")
 def seal(session: Session, args: Args) -> Mapping[str, Any]:
-    """This source's passphrase sealed for another node of its own member (its ``node_key``)."""
+    """This source's passphrase sealed for another node of its own member (its ``node_key``, as the member signed it)."""
     from mutualbackup.inventory.value_checks import check_node_key
+    from mutualbackup.node.authority import NotSigned, verified
 
     member, slug = node_name(args.get("node"), "node")
     if member != session.config.member:
@@ -323,6 +324,10 @@ def seal(session: Session, args: Args) -> Mapping[str, Any]:
         node_key = check_node_key(text(args, "node_key"))
     except ValueError as exc:
         raise Refused(str(exc)) from None
+    signed = verified(session, args)
+    if not any(n.slug == slug and n.node_key == node_key for n in signed.member.nodes):
+        raise NotSigned(f"{member}'s signed file has no node {slug} with that node_key: the passphrase is sealed "
+                        "only for a node its admins declared; nothing was sealed")
     return {"sealed": seal_for_node(node_key, {"passphrase": _passphrase(session)})}
 
 

@@ -65,7 +65,11 @@ def borg_on(session: Session, args: Args, argv_of, *, timeout: float, supervised
 
 @request("prepare", "source")
 def prepare(session: Session, args: Args) -> Mapping[str, Any]:
-    """The source's key (made once), its passphrase (made once, here only), and its replica hosts pinned."""
+    """The source's key (made once), its passphrase (made once, here only), and its replica hosts pinned;
+    the member's signed file checked (and its admins re-pinned when a pinned admin signed new ones)."""
+    from mutualbackup.node.authority import verified
+
+    verified(session, args)
     hosts = args.get("hosts")
     if not isinstance(hosts, list):
         raise Refused("'hosts' must be a list of hosts")
@@ -114,8 +118,14 @@ def init(session: Session, args: Args) -> Mapping[str, Any]:
 @request("backup", "source")
 def backup(session: Session, args: Args) -> Mapping[str, Any]:
     """The ``before:`` commands, then ``borg create`` of the named archive, supervised, within ``timeout``."""
+    from mutualbackup.node.authority import must_match, verified
+
     host = host_of(args)
-    spec = _backup_spec(args)
+    asked = _backup_spec(args)
+    signed = verified(session, args)
+    spec = signed.backup
+    for field in ("paths", "exclude", "before", "compression"):
+        must_match(signed, field, getattr(asked, field), getattr(spec, field))
     archive = text(args, "archive")
     if not re.fullmatch(rf"{re.escape(session.config.node)}-\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d", archive):
         raise Refused(f"archive names are {session.config.node}-YYYY-MM-DDTHH:MM:SS, not {archive!r}")
@@ -170,8 +180,12 @@ def info(session: Session, args: Args) -> Mapping[str, Any]:
 
 @request("prune", "source")
 def prune(session: Session, args: Args) -> Mapping[str, Any]:
-    """``borg prune`` of this source's archives with the retention given, supervised."""
-    retention = _retention(args)
+    """``borg prune`` of this source's archives with the retention its member signed, supervised."""
+    from mutualbackup.node.authority import must_match, verified
+
+    signed = verified(session, args)
+    retention = signed.retention
+    must_match(signed, "retention", _retention(args), retention)
     glob = f"{session.config.node}-*"
     return borg_on(session, args, lambda b, url: borg.prune_argv(b, url, retention, glob),
                    timeout=number(args, "timeout") or 1.0, supervised=True)
@@ -231,7 +245,8 @@ def stop(session: Session, args: Args) -> Mapping[str, Any]:
 
 @request("hello", "any")
 def hello(session: Session, args: Args) -> Mapping[str, Any]:
-    """Who this node is, its versions and clock (``mutualbackup doctor``); ``{"borg": false}`` skips borg's."""
+    """Who this node is, its versions and clock (``mutualbackup doctor``), and whether it accepts the member file
+    it is given (``signed``); ``{"borg": false}`` skips borg's."""
     from mutualbackup import __version__
 
     answer: dict[str, Any] = {"node": session.config.name, "member": session.config.member, "version": __version__,
@@ -244,4 +259,11 @@ def hello(session: Session, args: Args) -> Mapping[str, Any]:
     if args.get("borg", True) is not False:
         version = session.system.run((session.config.borg, "--version"), timeout=60)
         answer["borg"] = version.stdout.decode("utf-8", "replace").strip() if version.ok else None
+    if "signed" in args:  # would this node obey its member's file as the coordinator has it?
+        from mutualbackup.node.authority import NotSigned, verified
+
+        try:
+            answer["member_file"] = verified(session, args).signer
+        except NotSigned as exc:
+            answer["member_file_error"] = str(exc)
     return answer

@@ -104,6 +104,11 @@ def place(
             best = _best_host(source, hosts, chosen, size, result.used)
             if best is None:
                 result.problems.append(_explain(source, hosts, chosen, size, result.used))
+                # what it has, it keeps: a recorded replica refused only for room stays until a valid one exists
+                for name in current.get(source.name, ()):
+                    if name in hosts and name not in chosen and len(chosen) < source.backup.replicas:
+                        chosen.append(name)
+                        result.used[name] += size
                 break
             chosen.append(best)
             result.used[best] += size

@@ -134,7 +134,8 @@ def sealed_by_source(ctx: Context, source: Node, destination: Node) -> str:
                               "join`) and paste the node_key it printed into its member file")
     try:
         with ctx.session(source) as transport:
-            reply = transport.request("seal", {"node": destination.name, "node_key": destination.node_key}, timeout=120)
+            reply = transport.request("seal", {"node": destination.name, "node_key": destination.node_key,
+                                               "signed": ctx.signed(source.member)}, timeout=120)
     except MutualBackupError as exc:
         raise OperationFailed(
             f"restoring onto another node needs {source.name}'s passphrase, sealed by {source.name} for "
