@@ -282,6 +282,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for target in targets:
             if args.replica and target.name != args.replica:
                 continue
+            holder = job_in_progress(ctx, source.name, target.name)
+            if holder:
+                print(f"{source.name} → {target.name}  not started: {holder}; run it again once that ends",
+                      file=sys.stderr)
+                outcomes.append(None)
+                continue
             outcome = run_backup(ctx, source, target)
             outcomes.append(outcome)
             if not args.json:
@@ -291,6 +297,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes if o is not None], indent=2))
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
+
+
+def job_in_progress(ctx: Context, source: str, target: str) -> str | None:
+    """Who runs a job on this replica now (the daemon, or another ``run``): one job per replica at a time."""
+    from mutualbackup.state.processes import run_owner_alive
+
+    for run in ctx.history.runs(source=source, target=target, result="running"):
+        if run_owner_alive(run):
+            started = time.strftime("%H:%M:%S", time.localtime(run.started))
+            return f"its {run.kind} (run {run.id}, started {started}) is in progress in coordinator process {run.pid}"
+    return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -305,7 +322,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_status(rows, now)
     failed_drill = any(r.drill_state == "failed" for r in rows)
     unplaceable = report_unplaceable(ctx)
-    return 0 if rows and all(r.state == "ok" for r in rows) and not failed_drill and not unplaceable else 1
+    refused = any(r.compaction_refused for r in rows)
+    return 0 if rows and all(r.state == "ok" for r in rows) and not (failed_drill or unplaceable or refused) else 1
 
 
 def cmd_archives(args: argparse.Namespace) -> int:

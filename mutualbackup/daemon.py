@@ -40,6 +40,7 @@ from mutualbackup.jobs import drill, prune
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.jobs.control import JobControl
+from mutualbackup.state.history import StateDamaged
 
 log = logging.getLogger("mutualbackup.daemon")
 
@@ -48,6 +49,7 @@ GRACE_SECONDS = 60.0
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
 FIRST_RUN_TIMEOUT = 24 * 3600.0  # a replica's first backup: no measured duration yet
+COPY_EVERY = 3600.0  # how often the state's consistent copy is refreshed (History.save_copy)
 BUSY_RETRY = 300.0  # a replica held by a live `mutualbackup run` is tried again after this long
 ABORT_BUDGET = 30.0  # at most this much (and half) of the grace period is kept for aborting jobs cleanly
 
@@ -104,6 +106,7 @@ class Daemon:
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement,
                                      unplaceable=len(ctx.placement.problems))
         self._inventory_stamp = _stamp(ctx.federation.directory)
+        self._copied: float | None = None  # monotonic time of the last copy of the state
 
     # --- inventory ------------------------------------------------------------
 
@@ -303,12 +306,24 @@ class Daemon:
     def now(self) -> dt.datetime:
         return _utc(self.clock())
 
+    def keep_copy(self) -> None:
+        """The state's consistent copy, at start and every :data:`COPY_EVERY`: the way back from a damaged file."""
+        stamp = time.monotonic()
+        if self._copied is not None and stamp - self._copied < COPY_EVERY:
+            return
+        self._copied = stamp
+        if not self.ctx.history.save_copy():
+            log.error("the state database %s no longer reads whole: its copy was not refreshed (the previous one "
+                      "is kept); `mutualbackup status` says what to do", self.ctx.history.path)
+
     def serve(self) -> int:
-        """Tick until :attr:`stop` is set, then :meth:`shutdown`; returns the exit code (0)."""
+        """Tick until :attr:`stop` is set, then :meth:`shutdown`; returns the exit code (0; 1 when the state
+        database turned out damaged: nothing can be recorded any more, so the daemon stops and says why)."""
         while not self.stop.is_set():
             delay = self.tick
             self.wake.clear()
             try:
+                self.keep_copy()
                 asked = self.reload.is_set()
                 self.reload.clear()
                 self.reload_if_changed(asked=asked)
@@ -317,6 +332,11 @@ class Daemon:
                 wake = self.next_wakeup(now)
                 if wake is not None:
                     delay = min(delay, max(0.05, (wake - now).total_seconds()))
+            except StateDamaged as exc:
+                log.error("stopping: %s", exc)
+                self.stop.set()
+                self.shutdown()
+                return 1
             except Exception:
                 log.exception("scheduler tick failed; trying again next tick")
             self.wake.wait(delay)

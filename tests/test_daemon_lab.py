@@ -420,6 +420,8 @@ def test_sighup_during_a_backup_re_reads_the_inventory_and_the_backup_ends_succe
     try:
         wait_for(lambda: serve_holding_lock(fed.lab, fed.nodes[HOST], repo), 60, "a backup in progress")
         [running] = [r for r in history.runs(kind="backup", result="running")]
+        code, out, err = mb(fed, "run", SOURCE)  # one job per replica: `run` says who holds it, starts nothing
+        assert code == 1 and f"{SOURCE} → {HOST}  not started: its backup (run {running.id}" in err, err
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "inventory reloaded" in daemon.text(), 30, "the reload")
         def finished():  # noqa: ANN202

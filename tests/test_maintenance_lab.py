@@ -161,6 +161,14 @@ def test_compaction_refuses_after_a_hand_deletion_with_the_sources_key_and_nothi
     assert alerts and victim in alerts[0]["message"]
     run = ctx.history.last_run("compact", SOURCE, HOST)
     assert run.result == "failure" and victim in run.error
+    code, out, err = mb(fed, "status")  # heard: in status, and exported for the MutualbackupCompactionBlocked alert
+    assert code == 1 and "COMPACTION REFUSED" in out and victim in out and "mutualbackup verify" in out
+    from mutualbackup.report.metrics import MetricsSource, build_registry
+    from prometheus_client import generate_latest
+
+    exported = generate_latest(build_registry(MetricsSource(ctx.history, ctx.federation,
+                                                            placement=ctx.history.placement))).decode()
+    assert f'mutualbackup_compaction_blocked{{source="{SOURCE}",target="{HOST}"}} 1.0' in exported
 
 
 def test_compaction_refuses_an_archive_deleted_and_recreated_under_its_name_and_nothing_is_lost(fed: LabFederation) -> None:

@@ -75,6 +75,8 @@ EXPECTED_ALERTS = {
     "MutualbackupCoordinatorDown": {"page"},
     "MutualbackupInventoryInvalid": {"ticket"},
     "MutualbackupSourcesUnplaceable": {"ticket"},
+    "MutualbackupCompactionBlocked": {"page"},
+    "MutualbackupHostUnreachable": {"ticket"},
 }
 EXPECTED_DASHBOARDS = {
     "federation-overview.json": ("mutualbackup-overview", {}),

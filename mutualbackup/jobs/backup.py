@@ -70,6 +70,9 @@ def run_backup(
     abort the job. Never raises for a failed backup.
     """
     assert source.backup is not None
+    last = ctx.history.last_run("backup", source.name, host.name)
+    if last is not None and int(last.started) >= int(clock()):  # archive names carry the second: never one twice
+        time.sleep(max(0.0, min(1.0, int(last.started) + 1 - clock())))
     with RecordedRun(ctx.history, "backup", source.name, host.name, clock=clock, control=control, logger=log) as run:
         _back_up(ctx, run, source, host, timeout, clock, control)
     done = run.outcome

@@ -42,6 +42,8 @@ class ReplicaStatus:
     # Files the last successful backup could not read (borg's warning): how many, and the first paths.
     unreadable_files: int = 0
     unreadable_paths: tuple[str, ...] = ()
+    # The guard of promise 3 refused the latest compaction of this replica: why, and the way back.
+    compaction_refused: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -113,6 +115,8 @@ def compute_status(
             failures = history.consecutive_failures("backup", source.name, target)
             error = last.error if last is not None and not last.succeeded else None
             skipped = _detail(success).get("unreadable_paths") or ()
+            compact = history.last_run("compact", source.name, target)
+            refused = compact.error if compact is not None and _detail(compact).get("refused") else None
             rows.append(
                 ReplicaStatus(
                     source=source.name,
@@ -131,6 +135,7 @@ def compute_status(
                     drill_error=drill.error,
                     unreadable_files=int(_detail(success).get("unreadable_files") or 0),
                     unreadable_paths=tuple(str(p) for p in skipped),
+                    compaction_refused=refused,
                 )
             )
     return rows

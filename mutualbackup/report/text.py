@@ -58,6 +58,8 @@ def print_status(rows, now: float) -> None:  # noqa: ANN001
             more = ", …" if r.unreadable_files > len(r.unreadable_paths) else ""
             print(f"    warning: {r.unreadable_files} file(s) could not be read and are not in the archive: "
                   f"{', '.join(r.unreadable_paths)}{more}")
+        if r.compaction_refused:
+            print("    COMPACTION REFUSED: " + "\n    ".join(r.compaction_refused.splitlines()))
     drills = {r.source: r for r in rows}
     if drills:
         print()

@@ -10,6 +10,11 @@ Crash safety: WAL journal with ``synchronous=FULL``: a run is committed when it
 starts (``running``) and when it ends, so a ``kill -9`` loses no completed run;
 on start the daemon calls :meth:`History.mark_interrupted` for runs left
 ``running`` by a process that is gone.
+
+Damage: the daemon keeps a consistent copy beside the file (:meth:`History.save_copy`, SQLite's
+backup API, checked before it replaces the previous copy). A file SQLite cannot read (damaged
+pages, not a database), or one truncated to nothing, is :class:`StateDamaged`: a message that says
+what happened and the way back, never a traceback and never a silent fresh start.
 """
 
 from __future__ import annotations
@@ -30,6 +35,29 @@ from mutualbackup.state.schema import SCHEMA
 from mutualbackup.plan.due import PairSummary
 
 FILENAME = "history.sqlite3"
+COPY = FILENAME + ".copy"  # the daemon's last consistent copy (save_copy)
+DAMAGE = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+class StateDamaged(OperationFailed):
+    """The state database cannot be read; the message says how to get back to a working state."""
+
+
+def damaged(path: Path, what: str) -> StateDamaged:
+    """The error for a damaged state file at ``path``, with the way back (the daemon's copy, when there is one)."""
+    copy = path.with_name(COPY)
+    if copy.is_file():
+        taken = time.strftime("%Y-%m-%d %H:%M", time.localtime(copy.stat().st_mtime))
+        way_back = (f"The daemon's last consistent copy is {copy} (taken {taken}). Stop the daemon, then put the "
+                    f"copy in its place, keeping the damaged file aside:\n"
+                    f"  mv {path} {path}.damaged && cp {copy} {path}\n"
+                    "Runs recorded since the copy was taken are lost from the history (their archives are on the "
+                    "hosts); `mutualbackup status` then works again.")
+    else:
+        way_back = (f"There is no copy of it ({copy} is missing: the daemon makes one). Stop the daemon and move the "
+                    f"damaged file aside to start with an empty state:\n  mv {path} {path}.damaged\n"
+                    "then run `mutualbackup apply`: the history starts again, the repositories on the hosts stay.")
+    return StateDamaged(f"the state database {path} {what}; nothing was changed.\n{way_back}")
 
 
 SUCCESSFUL = ("success", "warning")
@@ -70,6 +98,10 @@ class History:
 
     def __init__(self, state_dir: str | os.PathLike[str]):
         self.path = Path(state_dir) / FILENAME
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise damaged(self.path, "is empty (truncated to 0 bytes)")
+        if not self.path.exists() and self.path.with_name(COPY).is_file():
+            raise damaged(self.path, "is missing, while the daemon's copy of it is there")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
@@ -78,6 +110,10 @@ class History:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
             self._migrate()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") in DAMAGE:
+                raise damaged(self.path, f"cannot be read ({exc})") from None
+            raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
         except (OSError, sqlite3.Error) as exc:
             raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
         self._lock = threading.RLock()
@@ -97,7 +133,7 @@ class History:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._readable():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -107,8 +143,43 @@ class History:
             self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._readable():
             return self._db.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _readable(self) -> Iterator[None]:
+        """SQLite's "malformed" or "not a database" as :class:`StateDamaged`."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") in DAMAGE:
+                raise damaged(self.path, f"is damaged ({exc})") from None
+            raise
+
+    def save_copy(self) -> bool:
+        """A consistent copy of the database beside it (SQLite's backup API), checked before it replaces the
+        previous copy; False (the previous copy kept) when the database itself no longer reads whole."""
+        copy, partial = self.path.with_name(COPY), self.path.with_name(COPY + ".tmp")
+        partial.unlink(missing_ok=True)
+        try:
+            target = sqlite3.connect(partial)
+            try:
+                with self._lock, self._readable():
+                    self._db.backup(target)
+                checked = target.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                target.close()
+        except (StateDamaged, sqlite3.DatabaseError):
+            partial.unlink(missing_ok=True)
+            return False
+        if checked != "ok":
+            partial.unlink(missing_ok=True)
+            return False
+        os.chmod(partial, 0o600)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, copy)
+        return True
 
     # --- runs ---------------------------------------------------------------
 
@@ -378,10 +449,10 @@ class History:
         One read transaction; writers of other connections are not blocked (WAL),
         writers of this object wait until the block ends.
         """
-        with self._lock:
+        with self._lock, self._readable():
             self._db.execute("BEGIN")
             try:
-                yield lambda sql, args=(): self._db.execute(sql, args).fetchall()
+                yield lambda sql, args=(): self._query(sql, args)
             finally:
                 self._db.execute("ROLLBACK")
 
