@@ -38,6 +38,10 @@ class Context:
             self._placement = place(self.federation, self.history.placement(), self.history.repository_sizes())
         return self._placement
 
+    def reset_placement(self) -> None:
+        """Forget the computed placement: the recorded one changed under it."""
+        self._placement = None
+
     def signed(self, member: str) -> dict[str, str]:
         """What a node of ``member`` verifies before it acts: the member file as its admins signed it (read now,
         from the inventory's directory), its signature, and ``federation.yml`` (the defaults under it)."""

@@ -24,5 +24,7 @@ def test_the_wheel_holds_the_product_and_no_lab_code(tmp_path: Path):
     code = [n for n in names if n.endswith(".py")]
     assert "mutualbackup/cli.py" in code and "mutualbackup/jobs/backup.py" in code
     assert [n for n in code if not n.startswith("mutualbackup/")] == []
+    shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("mutualbackup/scripts/")}
+    assert {p.name for p in (REPO / "mutualbackup" / "scripts").iterdir() if p.suffix in (".sh", ".py")} <= shipped
     texts = {n: zipfile.ZipFile(wheel).read(n).decode() for n in code}
     assert [n for n, text in texts.items() if "PermitRootLogin" in text or "/usr/sbin/sshd" in text] == []

@@ -1,7 +1,8 @@
 """What a host reads of a repository's own files, without borg and without any key: size and
 last write of its segments, who holds its lock, its ``transactions`` log.
 
-Each is a small POSIX ``sh`` program run on the host (argv here) and a pure parser of its output.
+Each is a small POSIX ``sh`` program run on the host (in :mod:`mutualbackup.scripts`; its argv here)
+and a pure parser of its output.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from mutualbackup import scripts
 
-_REPOSITORY_FACTS = r"""cd -- "$1" 2>/dev/null || exit 3
-[ -f config ] && [ -d data ] || exit 4
-exec find data -type f -printf '%T@ %s\n'
-"""
+
 
 REPOSITORY_MISSING = 3
 
@@ -29,7 +28,7 @@ def repository_facts_argv(path: str) -> tuple[str, ...]:
     Exits :data:`REPOSITORY_MISSING` when the directory is gone and
     :data:`REPOSITORY_NOT_BORG` when it holds no borg repository.
     """
-    return ("sh", "-c", _REPOSITORY_FACTS, "sh", path)
+    return ("sh", "-c", scripts.text("repository_facts.sh"), "sh", path)
 
 
 @dataclass(frozen=True)
@@ -52,25 +51,7 @@ def parse_repository_facts(stdout: bytes) -> RepositoryFacts:
     return RepositoryFacts(count, total, newest)
 
 
-# borg's own host id: its patched getfqdn (the canonical name of gethostname(), not
-# socket.getfqdn()) and uuid.getnode(), exactly as borg/platform/base.py computes it.
-_HOST_ID_PY = (
-    "import socket, uuid\n"
-    "name = socket.gethostname()\n"
-    "try:\n"
-    "    addrs = socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM, 0, socket.AI_CANONNAME)\n"
-    "except OSError:\n"
-    "    addrs = []\n"
-    "name = next((a[3] for a in addrs if a[3]), name)\n"
-    "print('%s@%d' % (name, uuid.getnode()))\n"
-)
 
-_LOCK_LISTING = r"""cd -- "$1" 2>/dev/null || exit 3
-printf '%s\n' "${BORG_HOST_ID:-$(python3 -c "$2" 2>/dev/null)}"
-for f in lock.exclusive/*; do [ -e "$f" ] && printf 'exclusive %s\n' "${f#lock.exclusive/}"; done
-if [ -f lock.roster ]; then printf 'roster '; tr -d '\n' < lock.roster; echo; fi
-exit 0
-"""
 
 
 def lock_listing_argv(path: str) -> tuple[str, ...]:
@@ -79,7 +60,7 @@ def lock_listing_argv(path: str) -> tuple[str, ...]:
     The id is computed as borg does (``BORG_HOST_ID``, else ``FQDN@uuid.getnode()``); an empty
     line when it cannot be (no ``python3``): then no holder is this host's, and no lock is broken.
     """
-    return ("sh", "-c", _LOCK_LISTING, "sh", path, _HOST_ID_PY)
+    return ("sh", "-c", scripts.text("lock_listing.sh"), "sh", path, scripts.text("host_id.py"))
 
 
 @dataclass(frozen=True)
@@ -124,12 +105,6 @@ def parse_lock_listing(stdout: bytes) -> tuple[str, list[LockHolder]]:
     return hostname, holders
 
 
-_TRANSACTIONS = r"""cd -- "$1" 2>/dev/null || exit 3
-[ -f config ] && [ -d data ] || exit 4
-date -u +%s
-if [ -f transactions ]; then cat transactions; fi
-exit 0
-"""
 
 
 def transactions_argv(path: str) -> tuple[str, ...]:
@@ -139,7 +114,7 @@ def transactions_argv(path: str) -> tuple[str, ...]:
     ``--append-only`` serve (every write of a source's key); nothing a key holder can
     send removes a line. Exits like :func:`repository_facts_argv` for a missing repository.
     """
-    return ("sh", "-c", _TRANSACTIONS, "sh", path)
+    return ("sh", "-c", scripts.text("transactions.sh"), "sh", path)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ For each host: one forced-command line per replica inside a managed block of its
 ``authorized_keys`` (every other line untouched), and the parent directory of
 the repositories. Then ``borg init`` of each new repository, run from the source.
 A second run finds everything in place and changes nothing.
+
+With an empty state (the coordinator lost its disk), the hosts are asked first which
+repositories they hold (:func:`adopt`): placement then starts from where the data is, each
+found repository is adopted as it is (no ``borg init``, no upload again), and one run per
+replica is rebuilt from the repository's size and last write, so that status and metrics
+have something to say until the next backup.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
     ``borg init`` of each new repository from its source; the placement that exists is recorded.
     """
     report = ApplyReport()
+    if not ctx.history.placement():
+        adopt(ctx, report)
     public_keys: dict[str, str] = {}
     for source in ctx.federation.sources():
         try:
@@ -146,3 +154,49 @@ def _init_repository(transport: Transport, source: Node, host: Node, report: App
             result = reply_result(reply, key)
             raise OperationFailed(f"{what} {host.name} (borg exit {result.exit_code}: "
                                   f"{borg.exit_hint(result.exit_code)})\n{result.stderr_tail()}")
+
+
+def adopt(ctx: Context, report: ApplyReport) -> None:
+    """The replicas the hosts already hold, recorded as the placement to keep (an empty state: the
+    coordinator's disk was lost); a host that cannot be asked is skipped, and says so."""
+    from mutualbackup.plan.placement import place
+
+    sources = {s.name: s for s in ctx.federation.sources()}
+    found: dict[str, list[str]] = {}
+    sizes: dict[tuple[str, str], tuple[int, float | None]] = {}
+    for host in ctx.federation.hosts():
+        try:
+            with ctx.session(host) as transport:
+                reply = transport.request("repositories", {}, timeout=900)
+        except MutualBackupError as exc:
+            report.failures.append(f"{host.name}: cannot list the repositories it holds: {exc}")
+            continue
+        if not reply.ok:
+            report.failures.append(f"{host.name}: cannot list the repositories it holds: {reply.error}")
+            continue
+        for repository in reply.data.get("repositories", []):
+            source = str(repository.get("source"))
+            if source in sources:
+                found.setdefault(source, []).append(host.name)
+                sizes[(source, host.name)] = (int(repository.get("bytes") or 0), repository.get("last_write"))
+    if not found:
+        return
+    measured = {source: max(sizes[(source, h)][0] for h in hosts) for source, hosts in found.items()}
+    kept = place(ctx.federation, found, measured).replicas
+    adopted = {source: tuple(h for h in hosts if h in kept.get(source, ())) for source, hosts in found.items()}
+    ctx.history.set_placement({source: hosts for source, hosts in adopted.items() if hosts})
+    for source, hosts in sorted(adopted.items()):
+        for host in hosts:
+            size, last_write = sizes[(source, host)]
+            _rebuilt_run(ctx, source, host, size, last_write)
+            report.changes.append(f"= adopted     {source} → {host} (its repository was there: {size} bytes)")
+    ctx.reset_placement()
+
+
+def _rebuilt_run(ctx: Context, source: str, host: str, size: int, last_write: float | None) -> None:
+    """What the lost history can be rebuilt from: the repository's last write, as a successful backup."""
+    if last_write is None:
+        return
+    run = ctx.history.start_run("backup", source, host, started=float(last_write))
+    ctx.history.finish_run(run, "success", ended=float(last_write), repository_bytes=size,
+                           detail={"rebuilt": "from the repository on the host, after the state was lost"})

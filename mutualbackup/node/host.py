@@ -93,6 +93,34 @@ def repo_facts(session: Session, args: Args) -> Mapping[str, Any]:
     return result_data(session.system.run(borg.repository_facts_argv(path), timeout=LIST_TIMEOUT))
 
 
+@request("repositories", "host")
+def repositories(session: Session, args: Args) -> Mapping[str, Any]:
+    """Every repository this host holds (STORAGE/MEMBER/NODE with a borg repository in it): its source, size
+    and last write — what a coordinator that lost its state adopts instead of uploading everything again."""
+    from mutualbackup.inventory.value_checks import check_slug
+
+    storage, found = session.config.storage, []
+    for member in sorted(_entries(session, storage)):
+        for node in sorted(_entries(session, f"{storage}/{member}")):
+            try:
+                source = f"{check_slug(member)}/{check_slug(node)}"
+            except ValueError:
+                continue  # not a name the coordinator gives: not ours
+            facts = session.system.run(borg.repository_facts_argv(repository_path(session.config, source)),
+                                       timeout=LIST_TIMEOUT)
+            if facts.ok and member != session.config.member:
+                parsed = borg.parse_repository_facts(facts.stdout)
+                found.append({"source": source, "bytes": parsed.bytes, "last_write": parsed.last_write})
+    return {"repositories": found}
+
+
+def _entries(session: Session, path: str) -> list[str]:
+    try:
+        return session.system.listdir(path)
+    except OSError:
+        return []
+
+
 @request("repo_check", "host")
 def repo_check(session: Session, args: Args) -> Mapping[str, Any]:
     """``borg check --repository-only`` on the host, without any key, supervised; the facts first."""

@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "export_kit": (SOURCE, "restore"),
     "authorize": (HOST, "host"),
     "repo_facts": (HOST, "host"),
+    "repositories": (HOST, "host"),
     "repo_check": (HOST, "host"),
     "transactions": (HOST, "host"),
     "compact": (HOST, "host"),

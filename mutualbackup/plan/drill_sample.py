@@ -160,28 +160,16 @@ def verify_sample(items: Sequence[Item], extracted: dict[str, Observation], live
     return verdict
 
 
-# The inspection script: for each archive path P, the extracted copy (SCRATCH/P) then the
-# live file (/P), six NUL-terminated fields each: type, octal mode, size, mtime, link target, sha256.
-INSPECT_SCRIPT = r"""scratch=$1; shift
-for p do
-  for f in "$scratch/$p" "/$p"; do
-    if [ -L "$f" ] || [ -e "$f" ]; then
-      find "$f" -maxdepth 0 -printf '%y\0%m\0%s\0%T@\0%l\0'
-      if [ -f "$f" ] && [ ! -L "$f" ] && h=$(sha256sum < "$f"); then printf '%.64s\0' "$h"; else printf '\0'; fi
-    else
-      printf -- '-\0\0\0\0\0\0'
-    fi
-  done
-done
-"""
 
 
 def inspect_argv(scratch: str, paths: Sequence[str]) -> tuple[str, ...]:
-    return ("sh", "-c", INSPECT_SCRIPT, "sh", scratch, *paths)
+    from mutualbackup import scripts
+
+    return ("sh", "-c", scripts.text("drill_inspect.sh"), "sh", scratch, *paths)
 
 
 def parse_inspection(stdout: bytes, paths: Sequence[str]) -> tuple[dict[str, Observation], dict[str, Observation]]:
-    """(extracted, live) observations per archive path from :data:`INSPECT_SCRIPT`'s output."""
+    """(extracted, live) observations per archive path from ``scripts/drill_inspect.sh``'s output."""
     fields = stdout.split(b"\0")
     if fields and fields[-1] == b"":
         fields.pop()

@@ -1,0 +1,16 @@
+"""The small programs a node runs on its own files, kept as readable files (``sh -n`` and a real run test
+each: tests/test_scripts.py): what a host reads of a repository without a key, and a drill's inspection.
+
+:func:`text` gives a program's text, passed to ``sh -c`` (or ``python3 -c``) with its arguments after it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+
+
+@cache
+def text(name: str) -> str:
+    """The program ``name`` (e.g. ``"repository_facts.sh"``) as it ships in this package."""
+    return files(__name__).joinpath(name).read_text(encoding="utf-8")
