@@ -20,7 +20,7 @@ from typing import Sequence
 from mutualbackup import __version__
 from mutualbackup.context import Context, require_placeable, ssh_connector
 from mutualbackup.report.text import (
-    print_backup, print_doctor, print_drills, print_ledger, print_plan, print_restore, print_status, print_verify,
+    print_backup, print_doctor, print_drills, print_ledger, print_moves, print_plan, print_restore, print_status, print_verify,
 )
 from mutualbackup.errors import InventoryError, MutualBackupError, OperationFailed, UsageError
 from mutualbackup.state.history import History
@@ -243,9 +243,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "used_bytes": ctx.placement.used,
             "changes": [{"change": c.kind, "source": c.source, "target": c.target, "previous": c.previous or None} for c in changes],
             "unplaceable": [{"source": p.source, "problem": str(p)} for p in ctx.placement.problems],
+            "moves": [{k: m[k] for k in ("source", "old", "new", "reason", "started")} for m in ctx.history.moves()],
+            "orphans": [{"source": o["source"], "host": o["host"], "bytes": o["bytes"]} for o in ctx.history.orphans()],
         }, indent=2))
         return 1 if report_unplaceable(ctx) else 0
     print_plan(ctx.federation, ctx.placement, changes)
+    print_moves(ctx.history.moves(), ctx.history.orphans())
     return 1 if report_unplaceable(ctx) else 0
 
 
@@ -320,6 +323,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_json() for r in rows], indent=2))
     else:
         print_status(rows, now)
+        print_moves(ctx.history.moves(), ())
     failed_drill = any(r.drill_state == "failed" for r in rows)
     unplaceable = report_unplaceable(ctx)
     refused = any(r.compaction_refused for r in rows)

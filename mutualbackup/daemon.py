@@ -36,7 +36,8 @@ from mutualbackup.plan.due import JobState, PairSummary
 from mutualbackup.inventory.load import load_inventory
 from mutualbackup.report.metrics import MetricsSource
 from mutualbackup.jobs.crash_cleanup import clean_up_pair
-from mutualbackup.jobs import drill, prune
+from mutualbackup.jobs import drill, moves, prune
+from mutualbackup.plan.moves import hosts_down, plan_moves
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.jobs.control import JobControl
@@ -49,6 +50,8 @@ GRACE_SECONDS = 60.0
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
 FIRST_RUN_TIMEOUT = 24 * 3600.0  # a replica's first backup: no measured duration yet
+MAX_MOVES = 2  # replicas moved at a time (make before break: each costs a full first backup)
+MOVES_EVERY = 60.0  # how often the placement is compared with the federation for replicas to move
 COPY_EVERY = 3600.0  # how often the state's consistent copy is refreshed (History.save_copy)
 BUSY_RETRY = 300.0  # a replica held by a live `mutualbackup run` is tried again after this long
 ABORT_BUDGET = 30.0  # at most this much (and half) of the grace period is kept for aborting jobs cleanly
@@ -107,6 +110,7 @@ class Daemon:
                                      unplaceable=len(ctx.placement.problems))
         self._inventory_stamp = _stamp(ctx.federation.directory)
         self._copied: float | None = None  # monotonic time of the last copy of the state
+        self._moves_looked: float | None = None  # fake-clock time of the last look for replicas to move
 
     # --- inventory ------------------------------------------------------------
 
@@ -199,8 +203,38 @@ class Daemon:
         if self.drills_enabled:
             chosen += [("drill", source, target, "drill_every", 0.0) for source, target in schedule.select_drills(
                 fed, drill.drills_due(fed, history, now), self._drill_replica, occupancy, now, tz)]
+        chosen += self._moves(now)
         started = [self._start(*job) for job in chosen]
         return [job for job in started if job is not None]
+
+    def _moves(self, now: dt.datetime) -> list[tuple[str, str, str, str, float]]:
+        """The next step of each move under way whose turn it is, and new moves (at most :data:`MAX_MOVES` at
+        a time) when a replica stopped being valid: jobs ``move`` SOURCE -> NEW HOST."""
+        history, stamp = self.ctx.history, now.timestamp()
+        moving = history.moves()
+        self.metrics.moves_in_progress = len(moving)
+        if self._moves_looked is not None and stamp - self._moves_looked < MOVES_EVERY:
+            return []
+        self._moves_looked = stamp
+        fed = self.ctx.federation
+        jobs = []
+        for move in moving:
+            if (move["source"], move["new"]) in self.running or move["source"] not in {s.name for s in fed.sources()}:
+                continue
+            if move["new"] not in history.placement().get(move["source"], ()) or moves.new_replica_healthy(
+                    self.ctx, move):
+                jobs.append(("move", move["source"], move["new"], f"move from {move['old']}", 0.0))
+        if len(moving) < MAX_MOVES:
+            contact, failed = history.host_contacts()
+            _placement, wanted = plan_moves(fed, history.placement(), {(m["source"], m["old"]): m["new"] for m in moving},
+                                            history.repository_sizes(), hosts_down(fed, contact, failed, stamp))
+            for move in wanted[:MAX_MOVES - len(moving)]:
+                history.start_move(move.source, move.old, move.new, move.reason, now=stamp)
+                log.info("moving %s's replica from %s to %s (%s): make before break", move.source, move.old,
+                         move.new, move.reason)
+                jobs.append(("move", move.source, move.new, f"move from {move.old}", 0.0))
+            self.metrics.moves_in_progress = len(moving) + len(wanted[:MAX_MOVES - len(moving)])
+        return jobs
 
     def _drill_replica(self, source: str) -> str:
         """The replica a drill of ``source`` reads from (the freshest healthy one); "" when none."""
@@ -291,6 +325,15 @@ class Daemon:
         ctx = self.ctx
         maintenance.maintain_replica(ctx, ctx.federation.node(job.source), ctx.federation.node(job.target),
                                      clock=self.clock, control=job.control, proceed=lambda: not self._stopping(job))
+
+    def _move_job(self, job: RunningJob, estimate: float) -> None:
+        """A move's next step (make the new replica, or give the old one up)."""
+        for move in self.ctx.history.moves():
+            if move["source"] == job.source and move["new"] == job.target:
+                try:
+                    moves.advance(self.ctx, move, clock=self.clock)
+                except MutualBackupError as exc:
+                    log.warning("move %s → %s: %s (tried again later)", job.source, job.target, exc)
 
     def _drill_job(self, job: RunningJob, estimate: float) -> None:
         drill.run_drill(self.ctx, self.ctx.federation.node(job.source), clock=self.clock, control=job.control)
@@ -410,6 +453,7 @@ JOB_KINDS: dict[str, tuple[Callable[[Daemon, RunningJob, float], None], bool]] =
     "backup": (Daemon._backup_job, True),
     "maintenance": (Daemon._maintenance_job, True),
     "drill": (Daemon._drill_job, False),
+    "move": (Daemon._move_job, False),
 }
 """Each job kind: what its thread runs, and whether a bad last run of its replica is cleaned up first."""
 

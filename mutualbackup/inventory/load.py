@@ -32,7 +32,7 @@ BACKUP_KEYS = (
     "paths", "exclude", "estimate", "replicas", "every", "window", "rpo",
     "retention", "compression", "check_every", "drill_every", "before",
 )  # fmt: skip
-STORAGE_KEYS = ("path", "capacity", "max_concurrent", "bandwidth")
+STORAGE_KEYS = ("path", "capacity", "max_concurrent", "bandwidth", "draining", "host_down_after")
 DEFAULT_KEYS = tuple(key for key in BACKUP_KEYS + STORAGE_KEYS if key not in ("paths", "path"))
 RETENTION_KEYS = ("hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -394,6 +394,14 @@ def _read_retention(reader: Reader, node: yaml.Node, label: str) -> Retention | 
     return Retention(**counts)  # type: ignore[arg-type]
 
 
+def _read_flag(reader: Reader, node: yaml.Node, label: str) -> bool | None:
+    """``true`` or ``false``."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+        return node.value.lower() in ("true", "yes", "on")
+    reader.error(node, f"{label} must be true or false")
+    return None
+
+
 def _parsed(expected: str, parse: Callable[[str], object]) -> Callable[[Reader, yaml.Node, str], object]:
     return lambda reader, node, label: reader.parsed(node, label, expected, parse)
 
@@ -418,4 +426,6 @@ _SETTINGS: dict[str, Callable[[Reader, yaml.Node, str], object]] = {
     "capacity": _parsed("a size like 500GiB", _positive(parse_size, "capacity")),
     "max_concurrent": lambda r, n, label: r.integer(n, label, 1),
     "bandwidth": _parsed("a bandwidth like 100Mbit", _positive(parse_bandwidth, "bandwidth")),
+    "draining": lambda r, n, label: _read_flag(r, n, label),
+    "host_down_after": _parsed("a duration like 3d", _positive(parse_duration, "host_down_after")),
 }

@@ -92,6 +92,8 @@ class Storage:
     capacity: int  # bytes
     max_concurrent: int = 2
     bandwidth: int | None = None  # bits per second
+    draining: bool = False  # its member takes it out: every replica moves away (make before break)
+    host_down_after: float = 3 * 86400.0  # unreachable for longer than this: its replicas move elsewhere
 
 
 @dataclass(frozen=True)

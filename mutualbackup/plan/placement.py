@@ -15,7 +15,7 @@ Rules (SPEC.md "Placement"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from mutualbackup.inventory.model import Federation, Node
 
@@ -66,17 +66,20 @@ def place(
     federation: Federation,
     current: Mapping[str, Sequence[str]] | None = None,
     sizes: Mapping[str, int] | None = None,
+    unavailable: Collection[str] = (),
 ) -> Placement:
     """Choose hosts for every source's replicas.
 
     ``current`` is the placement recorded in the state (source -> hosts); ``sizes``
     maps a source to its measured repository size in bytes. Sources are placed
     largest first (then by name), which packs better and keeps the result stable.
-    Never raises for an unsatisfiable placement: it returns ``problems``.
+    Never raises for an unsatisfiable placement: it returns ``problems``. A host that is draining, or
+    in ``unavailable`` (unreachable for longer than its ``host_down_after``), takes no replica, and
+    the replicas it holds are not kept.
     """
     current = current or {}
     sizes = sizes or {}
-    hosts = {h.name: h for h in federation.hosts()}
+    hosts = {h.name: h for h in federation.hosts() if h.name not in unavailable and not _draining(h)}
     result = Placement(used={name: 0 for name in hosts})
     sources = sorted(federation.sources(), key=lambda s: (-source_size(s, sizes), s.name))
 
@@ -114,6 +117,10 @@ def place(
             result.used[best] += size
         result.replicas[source.name] = tuple(chosen)
     return result
+
+
+def _draining(host: Node) -> bool:
+    return bool(host.storage is not None and getattr(host.storage, "draining", False))
 
 
 def _refusal(

@@ -32,6 +32,20 @@ def print_plan(federation: Federation, placement: Placement, changes: Sequence[C
         print(f"{symbol} {c.source} → {c.target}{extra}")
 
 
+def print_moves(moves, orphans) -> None:  # noqa: ANN001 - rows of the history
+    """Replicas being moved (make before break), and the repositories moves gave up."""
+    if moves:
+        print()
+    for m in moves:
+        print(f"moving {m['source']}: {m['old']} → {m['new']} ({m['reason']}; the old replica is given up once "
+              "the new one is backed up)")
+    if orphans:
+        print("\nrepositories given up by a move (kept on their hosts; the owning members decide):")
+    for o in orphans:
+        size = format_size(o["bytes"]) if o["bytes"] else "size unknown"
+        print(f"  {o['source']} on {o['host']}  {size}")
+
+
 def print_backup(o) -> None:  # noqa: ANN001
     """One line per backup run by ``mutualbackup run``: its result, archive, sizes and time; the error on stderr."""
     if o.ok:

@@ -323,6 +323,48 @@ class History:
             result.setdefault(row["source"], []).append(row["target"])
         return {source: tuple(hosts) for source, hosts in result.items()}
 
+    # --- replica moves (make before break) and the repositories they gave up ------------------
+
+    def moves(self) -> list[sqlite3.Row]:
+        """The moves in progress: source, old, new, reason, started."""
+        return self._query("SELECT * FROM moves ORDER BY started, source")
+
+    def start_move(self, source: str, old: str, new: str, reason: str, *, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO moves (source, old, new, reason, started) VALUES (?, ?, ?, ?, ?)",
+                       (source, old, new, reason, now or time.time()))
+
+    def add_replica(self, source: str, host: str, *, now: float | None = None) -> None:
+        """Record one more replica of ``source`` (a move's new one), after those it has."""
+        placement = self.placement()
+        if host not in placement.get(source, ()):
+            self.set_placement({**placement, source: (*placement.get(source, ()), host)}, now=now)
+
+    def end_move(self, source: str, old: str, *, size: int | None, now: float | None = None) -> None:
+        """The move is done: ``old`` is no longer a replica of ``source``, and its repository an orphan."""
+        placement = self.placement()
+        kept = tuple(h for h in placement.get(source, ()) if h != old)
+        self.set_placement({**placement, source: kept}, now=now)
+        with self._tx() as db:
+            db.execute("DELETE FROM moves WHERE source = ? AND old = ?", (source, old))
+            db.execute("INSERT OR REPLACE INTO orphans (source, host, bytes, released) VALUES (?, ?, ?, ?)",
+                       (source, old, size, now or time.time()))
+
+    def orphans(self) -> list[sqlite3.Row]:
+        """Repositories a move gave up (source, host, bytes, released): the owning members decide."""
+        return self._query("SELECT * FROM orphans ORDER BY host, source")
+
+    def host_contacts(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Per host: the newest successful run on it, and the newest failed one (for ``host_down_after``)."""
+        contact, failed = {}, {}
+        for row in self._query("SELECT target, result, MAX(started) AS t FROM runs WHERE target != '' AND "
+                               "kind IN ('backup', 'check', 'prune', 'compact') GROUP BY target, result"):
+            if row["result"] in SUCCESSFUL:
+                contact[row["target"]] = max(contact.get(row["target"], 0.0), row["t"])
+            elif row["result"] == "failure":
+                failed[row["target"]] = max(failed.get(row["target"], 0.0), row["t"])
+        return contact, failed
+
     def set_placement(self, replicas: Mapping[str, Sequence[str]], *, now: float | None = None) -> None:
         """Replace the recorded placement; keeps ``created`` of replicas that stay."""
         old = {(r["source"], r["target"]): r["created"] for r in self._query("SELECT * FROM replicas")}

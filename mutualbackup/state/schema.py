@@ -49,4 +49,19 @@ CREATE TABLE IF NOT EXISTS alerts (
     kind TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS moves (   -- replicas being moved, make before break (plan/moves.py, jobs/moves.py)
+    source TEXT NOT NULL,
+    old TEXT NOT NULL,               -- given up once the new replica is healthy
+    new TEXT NOT NULL,
+    reason TEXT NOT NULL,            -- left, draining, unreachable, full
+    started REAL NOT NULL,
+    PRIMARY KEY (source, old)
+);
+CREATE TABLE IF NOT EXISTS orphans ( -- repositories given up by a move: never deleted by the coordinator
+    source TEXT NOT NULL,
+    host TEXT NOT NULL,
+    bytes INTEGER,                   -- its last measured size
+    released REAL NOT NULL,
+    PRIMARY KEY (source, host)
+);
 """
