@@ -8,6 +8,7 @@ invalid nothing runs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import contextlib
 import json
 import logging
@@ -34,7 +35,7 @@ log = logging.getLogger("mutualbackup")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
+    setup_logging(getattr(args, "verbose", False), getattr(args, "log_format", "text"))
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--inventory", metavar="DIR", default=argparse.SUPPRESS, help="inventory directory")
     common.add_argument("--state", metavar="DIR", default=argparse.SUPPRESS, help="state directory")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log lines as text (default; plain under systemd) or one JSON object a line")
 
     parser = argparse.ArgumentParser(prog="mutualbackup", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"mutualbackup {__version__}")
@@ -117,20 +120,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sign", cmd_sign, "sign a member file as one of its admins (members/NAME.yml.sig)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
+    p = command("ansible-inventory", cmd_ansible_inventory,
+                "the nodes as an Ansible inventory (script protocol: --list, or --host NAME)")
+    p.add_argument("--list", action="store_true", dest="list_all")
+    p.add_argument("--host", metavar="NAME")
     p = command("doctor", cmd_doctor, "check each node: reachable, host key, versions, clock, free space on hosts")
     p.add_argument("nodes", nargs="*", metavar="NODE")
     p.add_argument("--json", action="store_true")
     return parser
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Plain lines under systemd (no colours, no timestamps: the journal adds them)."""
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(message)s"
+def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
+    """Plain lines under systemd (no colours, no timestamps: the journal adds them); with ``json``, one JSON
+    object a line (time, level, event, source, target, result, duration, error)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLines())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     else:
-        fmt = "%(asctime)s %(levelname)-7s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per record: what a log pipeline indexes without parsing sentences."""
+
+    FIELDS = ("source", "target", "result", "duration", "error")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                    timespec="milliseconds"),
+                "level": record.levelname.lower(), "event": getattr(record, "event", None) or record.name,
+                "message": record.getMessage()}
+        line.update({key: getattr(record, key) for key in self.FIELDS if getattr(record, key, None) is not None})
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(line, ensure_ascii=False)
 
 
 # --- loading ------------------------------------------------------------------
@@ -422,6 +449,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
     return print_verify(verify(ctx, sources))
+
+
+def cmd_ansible_inventory(args: argparse.Namespace) -> int:
+    from mutualbackup.report.ansible import ansible_inventory, host_name, host_vars
+
+    federation = load(args)
+    if args.host:
+        found = [n for n in federation.nodes() if host_name(n) == args.host]
+        print(json.dumps(host_vars(federation, found[0]) if found else {}, indent=2))
+        return 0
+    print(json.dumps(ansible_inventory(federation), indent=2))
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -111,6 +111,7 @@ class Daemon:
         self._inventory_stamp = _stamp(ctx.federation.directory)
         self._copied: float | None = None  # monotonic time of the last copy of the state
         self._moves_looked: float | None = None  # fake-clock time of the last look for replicas to move
+        self.heartbeat: Callable[[], None] = lambda: None  # called every loop (systemd's watchdog)
 
     # --- inventory ------------------------------------------------------------
 
@@ -152,14 +153,22 @@ class Daemon:
         if summaries is None:
             summaries = self.ctx.history.pair_summaries("backup")
         occupied = set(self.running) | self._busy()
+        # A move's new replica is due at once (inside its window), not in a first run's spread slot: the source
+        # has backups already, and the old replica waits for this one.
+        arriving = {(m["source"], m["new"]): m["started"] for m in self.ctx.history.moves()}
         states = {}
         for source, targets in self._placement().items():
             for target in targets:
                 summary = summaries.get((source, target))
+                last_success = summary.last_success if summary and summary.last_success else None
+                if last_success is None and (source, target) in arriving:
+                    node = self.ctx.federation.node(source)
+                    assert node.backup is not None
+                    last_success = arriving[(source, target)] - node.backup.every
                 states[(source, target)] = JobState(
                     source=source,
                     target=target,
-                    last_success=_utc(summary.last_success) if summary and summary.last_success else None,
+                    last_success=_utc(last_success) if last_success else None,
                     last_attempt=_utc(summary.last_attempt) if summary and summary.last_attempt else None,
                     consecutive_failures=summary.failures if summary else 0,
                     running=(source, target) in occupied,
@@ -366,6 +375,7 @@ class Daemon:
             delay = self.tick
             self.wake.clear()
             try:
+                self.heartbeat()
                 self.keep_copy()
                 asked = self.reload.is_set()
                 self.reload.clear()

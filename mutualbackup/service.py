@@ -13,6 +13,7 @@ from mutualbackup.errors import OperationFailed
 from mutualbackup.inventory.model import Federation
 from mutualbackup.report.metrics import start_metrics_server
 from mutualbackup.state.history import History
+from mutualbackup.systemd_notify import Notifier
 
 log = logging.getLogger("mutualbackup.daemon")
 
@@ -33,9 +34,13 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
         raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
     log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
              len(federation.sources()), address, port, daemon.grace)
+    systemd = Notifier()
+    systemd.ready(f"{len(federation.sources())} source(s), metrics on {address}:{port}")
+    daemon.heartbeat = systemd.ping
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)
+        systemd.stopping()
         daemon.stop.set()
         daemon.wake.set()
 

@@ -219,7 +219,7 @@ def test_the_broken_replica_is_failing_and_nothing_else_is(week) -> None:
     end = (T0 + 7 * DAY + dt.timedelta(hours=6)).timestamp()
     states = {(r.source, r.target): r for r in compute_status(h.federation, h.placement, h.history, end)}
     broken = states.pop((BROKEN[0], broken_target))
-    assert broken.state == "failing" and "exited 14" in broken.last_error
+    assert broken.state == "failing" and "disk is full" in broken.last_error and "(exit 14)" in broken.last_error
     assert {r.state for r in states.values()} <= {"ok"}
 
 

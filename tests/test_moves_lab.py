@@ -124,3 +124,29 @@ def test_a_member_that_leaves_gives_its_replicas_away_and_nothing_else_fails(fed
     assert min(seen) >= 1  # only the departed member's replica was ever missing
     assert healthy(history, now) == 2
     wait_for(lambda: mb(fed, "status")[0] == 0, 10, "status ok")
+
+
+@pytest.fixture(scope="module")
+def fed3(tmp_path_factory: pytest.TempPathFactory, borg_path: str) -> Iterator[LabFederation]:
+    yield from three_hosts(tmp_path_factory, borg_path, "dies")
+
+
+def test_a_host_down_for_longer_than_host_down_after_has_its_replicas_made_again_elsewhere(
+        fed3: LabFederation) -> None:
+    fed = fed3
+    history = History(fed.state)
+    [first, second] = history.placement()[SOURCE]
+    member = first.split("/")[0]
+    path = fed.inventory / "members" / f"{member}.yml"
+    document = yaml.safe_load(path.read_text())
+    document["nodes"][0]["storage"]["host_down_after"] = "2s"
+    write_signed(fed.lab, path, document)
+    fed.lab.stop(fed.nodes[first])  # the server dies for good
+    code, out, err = mb(fed, "run", SOURCE, "--replica", first)  # an attempt fails: it is down, not just idle
+    assert code == 1 and first in err
+    time.sleep(2.5)  # longer than its host_down_after since it was last reached
+    history, seen = run_daemon_until_moved(fed, first)
+    now = history.placement()[SOURCE]
+    assert first not in now and second in now and len(now) == 2 and healthy(history, now) == 2
+    assert min(seen) >= 1  # the dead host's replica was the only one ever missing
+    assert [(o["source"], o["host"]) for o in history.orphans()] == [(SOURCE, first)]

@@ -71,6 +71,8 @@ def run_backup(
     """
     assert source.backup is not None
     last = ctx.history.last_run("backup", source.name, host.name)
+    if last is not None and last.result == "failure" and DISK_FULL in (last.error or ""):
+        _roll_back(ctx, source, host, clock, control)  # room may be back: the stale transaction must go first
     if last is not None and int(last.started) >= int(clock()):  # archive names carry the second: never one twice
         time.sleep(max(0.0, min(1.0, int(last.started) + 1 - clock())))
     with RecordedRun(ctx.history, "backup", source.name, host.name, clock=clock, control=control, logger=log) as run:
@@ -93,6 +95,12 @@ def _back_up(ctx: Context, run: RecordedRun, source: Node, host: Node, timeout: 
     said = borg.parse_log(result.stderr)
     if not borg.succeeded(exit_code) and control is not None and control.is_aborted:
         raise RunFailed(f"aborted: {control.reason}; borg exited {exit_code} (a checkpoint archive may remain)", exit_code)
+    if not borg.succeeded(exit_code) and host_disk_full(result.stderr, exit_code):
+        rolled_back = _roll_back(ctx, source, host, clock, control)
+        raise RunFailed(f"{host.name}{DISK_FULL} (exit {exit_code}). "
+                        f"{rolled_back} Earlier archives are intact; the next backup succeeds once {host.name} has room: "
+                        f"its member frees space on that disk, or lowers storage.capacity, or sets draining: true so "
+                        f"that its replicas move.\n{said.tail()}".strip(), exit_code, alert="host-disk-full")
     if not borg.succeeded(exit_code):
         raise RunFailed(f"borg create exited {exit_code}: {borg.exit_hint(exit_code)}\n{said.tail()}".strip(), exit_code)
     stats = borg.parse_create_json(result.stdout)
@@ -103,6 +111,30 @@ def _back_up(ctx: Context, run: RecordedRun, source: Node, host: Node, timeout: 
         deduplicated_bytes=stats.deduplicated_bytes, repository_bytes=stats.repository_bytes, nfiles=stats.nfiles,
     )
     ctx.history.record_archives(source.name, host.name, [(stats.name, run.started, stats.id)], now=clock())
+
+
+DISK_FULL = "'s disk is full: borg create could not write there"
+
+
+def host_disk_full(stderr: bytes, exit_code: int) -> bool:
+    """Whether borg create failed because the host's disk (not the replica's quota, not the source's disk) is full:
+    borg's own free-space check (exit 14), or ENOSPC reported by the remote ``borg serve``."""
+    if exit_code == 14:
+        return True
+    enospc = b"No space left on device" in stderr or b"Errno 28" in stderr
+    return enospc and (b"Remote:" in stderr or b"borg/remote.py" in stderr)  # raised in the host's borg serve
+
+
+def _roll_back(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> str:
+    """The failed transaction dropped on the host at once (a key-free repository check), so that the next backup
+    does not meet it; what happened, in a sentence."""
+    from mutualbackup.jobs.maintenance import repository_check
+
+    checked = repository_check(ctx, source, host, clock, control)
+    if checked.ok:
+        return f"What it had written was rolled back on {host.name} (a repository check, without any key)."
+    return (f"Rolling it back on {host.name} failed too ({(checked.error or '').splitlines()[0] if checked.error else 'no room'}); "
+            "the next backup tries again first.")
 
 
 def _create(

@@ -83,7 +83,7 @@ def check_replica(
     ctx: Context, source: Node, host: Node, *, clock: Callable[[], float] = time.time, control: JobControl | None = None
 ) -> list[RunOutcome]:
     """``repo-check`` on the host (no key), then ``check`` of the archives from the source."""
-    repository = _repository_check(ctx, source, host, clock, control)
+    repository = repository_check(ctx, source, host, clock, control)
     step = _run_of(ctx, "check", source, host, clock, control)
     if not repository.ok:
         return [repository, step.fail(f"not checked further: the repository check on {host.name} failed:\n{repository.error}")]
@@ -106,7 +106,8 @@ def check_replica(
     return [repository, step.outcome]
 
 
-def _repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> RunOutcome:
+def repository_check(ctx: Context, source: Node, host: Node, clock: Callable[[], float], control: JobControl | None) -> RunOutcome:
+    """``borg check --repository-only`` on the host, without any key (it also drops an uncommitted transaction)."""
     step = _run_of(ctx, "repo-check", source, host, clock, control)
 
     def body() -> RunOutcome:

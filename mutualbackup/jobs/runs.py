@@ -70,7 +70,8 @@ class RecordedRun:
         self.saved: dict[str, object] = {}  # detail recorded while running (see :meth:`save`), kept at the end
         self.outcome: RunOutcome | None = None
         if self.log is not None:
-            self.log.info("%-7s start  %s -> %s", kind, source, target or "-")
+            self.log.info("%-7s start  %s -> %s", kind, source, target or "-",
+                          extra={"event": f"{kind} start", "source": source, "target": target or None})
 
     @property
     def aborted(self) -> bool:
@@ -142,14 +143,16 @@ class RecordedRun:
         duration = ended - self.started
         self.outcome = RunOutcome(self.kind, self.source, self.target, result, duration, error, merged or {}, exit_code,
                                   dict(fields))
+        facts = {"event": f"{self.kind} end", "source": self.source, "target": self.target or None, "result": result,
+                 "duration": round(duration, 3), "error": error.splitlines()[0] if error else None}
         if self.log is None:
             pass
         elif result in ("success", "warning"):
             self.log.info("%-7s end    %s -> %s  %s  %.1fs%s", self.kind, self.source, self.target or "-", result,
-                          duration, f"  {note}" if note else "")
+                          duration, f"  {note}" if note else "", extra=facts)
         else:
             self.log.warning("%-7s end    %s -> %s  %s  %.1fs: %s", self.kind, self.source, self.target or "-", result,
-                        duration, error.splitlines()[0] if error else "")
+                             duration, error.splitlines()[0] if error else "", extra=facts)
         return self.outcome
 
 
