@@ -45,3 +45,22 @@ def test_a_two_line_script_is_an_inventory_for_ansible(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert set(seen["_meta"]["hostvars"]) == set(json.loads(mb(INVENTORY, "ansible-inventory", "--list")[1])["coopcycle"]["hosts"])
+
+
+def test_the_inventory_wins_over_the_join_playbooks_defaults(tmp_path: Path) -> None:
+    """Ansible's precedence: the script's host variables above playbooks/group_vars/all.yml (the defaults)."""
+    program = shutil.which("ansible-inventory", path=str(Path(sys.executable).parent))
+    if program is None:
+        pytest.skip("ansible-core is not installed")
+    script = tmp_path / "federation.py"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m mutualbackup.cli --inventory {INVENTORY} "
+                      "ansible-inventory \"$@\"\n")
+    script.chmod(0o755)
+    playbooks = Path(__file__).resolve().parent.parent / "playbooks"
+    done = subprocess.run([program, "-i", str(script), "--playbook-dir", str(playbooks), "--host", "web1.coopcycle"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(done.stdout)
+    assert merged["mutualbackup_node"] == "coopcycle/web1"  # not the default ""
+    assert merged["mutualbackup_config_dir"] == "/etc/mutualbackup-node"  # a default still applies

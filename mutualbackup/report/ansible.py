@@ -34,18 +34,24 @@ def host_vars(federation: Federation, node: Node) -> dict[str, Any]:
     }
     if node.storage is not None:
         variables["mutualbackup_storage_path"] = node.storage.path
+    pubkey = _coordinator_pubkey(federation)
+    if pubkey:  # a host variable: it wins over the playbook's defaults (group_vars/all.yml)
+        variables["mutualbackup_coordinator_pubkey"] = pubkey
     return variables
+
+
+def _coordinator_pubkey(federation: Federation) -> str:
+    """The coordinator's public key, when this machine has it (else the playbook asks for it with -e)."""
+    try:
+        with open(os.path.expanduser(federation.coordinator.ssh_key) + ".pub", encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def ansible_inventory(federation: Federation) -> dict[str, Any]:
     """``--list``: every group with its hosts, and every host's variables under ``_meta``."""
-    groups: dict[str, Any] = {"all": {"children": ["ungrouped"], "vars": {}}}
-    pubkey = os.path.expanduser(federation.coordinator.ssh_key) + ".pub"
-    try:
-        with open(pubkey, encoding="utf-8") as handle:
-            groups["all"]["vars"]["mutualbackup_coordinator_pubkey"] = handle.read().strip()
-    except OSError:
-        pass  # the playbook then asks for it (-e mutualbackup_coordinator_pubkey=...)
+    groups: dict[str, Any] = {"all": {"children": ["ungrouped"]}}
     hostvars: dict[str, Any] = {}
     for member in federation.members:
         groups[group_name(member.name)] = {"hosts": [host_name(n) for n in member.nodes]}
