@@ -31,7 +31,9 @@ from typing import Any, Callable
 
 import paramiko
 
-from benchkit import add_lab_arguments, cli, rotating, run_lab_bench, source_env, write_data
+from benchkit import (
+    add_lab_arguments, applied_and_backed_up, rotating, run_lab_bench, source_env, timed, write_data,
+)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
 from lab import federation as labfed
 from lab.nodes import Lab
@@ -58,12 +60,6 @@ def build(root: Path, borg: str) -> tuple[Lab, labfed.LabFederation]:
     return lab, labfed.build(lab, federation, members, root)
 
 
-def timed(action: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
 def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
     from mutualbackup import borg as borg_layer
     from mutualbackup.context import Context, ssh_connector
@@ -74,10 +70,7 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
     lab, fed = build(root, borg)
     with lab:
         written = write_data(fed.data_path(SOURCE, "/srv/data"), size_mb)
-        for args in (("apply",), ("run",)):
-            code, out, err = cli(fed.inventory, *args)
-            if code != 0:
-                raise SystemExit(f"mutualbackup {args[0]} failed:\n{out}{err}")
+        applied_and_backed_up(fed.inventory)
         federation = load_inventory(str(fed.inventory))
         ctx = Context(federation, History(fed.state), ssh_connector(federation))
         source, host = ctx.node(SOURCE), ctx.node(HOST)

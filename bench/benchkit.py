@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,21 @@ def cli(inventory: Path, *args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = mutualbackup_main(["--inventory", str(inventory), *args])
     return code, out.getvalue(), err.getvalue()
+
+
+def applied_and_backed_up(inventory: Path) -> None:
+    """``mutualbackup apply`` then ``run`` of the bench's federation; SystemExit with their words when one fails."""
+    for args in (("apply",), ("run",)):
+        code, out, err = cli(inventory, *args)
+        if code != 0:
+            raise SystemExit(f"mutualbackup {args[0]} failed:\n{out}{err}")
+
+
+def timed(action: Callable[[], None]) -> float:
+    """Seconds ``action`` took (wall clock)."""
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
 
 
 def source_env(state: Path) -> dict[str, str]:

@@ -30,11 +30,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchkit import add_lab_arguments, cli, rotating, run_lab_bench, source_env, write_data
+from benchkit import (
+    add_lab_arguments, applied_and_backed_up, cli, rotating, run_lab_bench, source_env, timed, write_data,
+)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives beside the product
 from lab import federation as labfed
 from lab.nodes import Lab
@@ -71,21 +72,12 @@ def bare_extract(fed: labfed.LabFederation, url: str, target: Path) -> None:
                    stdin=subprocess.DEVNULL, capture_output=True)
 
 
-def timed(action: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
 def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
     lab, fed = build(root, borg)
     with lab:
         data = fed.data_path(SOURCE, "/srv/data")
         written = write_data(data, size_mb)
-        for args in (("apply",), ("run",)):
-            code, out, err = cli(fed.inventory, *args)
-            if code != 0:
-                raise SystemExit(f"mutualbackup {args[0]} failed:\n{out}{err}")
+        applied_and_backed_up(fed.inventory)
         code, out, err = cli(fed.inventory, "archives", SOURCE, "--json")
         archive = json.loads(out)["archives"][-1]["name"]
         node = fed.nodes[HOST]

@@ -32,7 +32,8 @@ def test_list_gives_groups_by_member_and_role_and_each_nodes_address(tmp_path: P
     assert code == 0 and json.loads(out) == web1
 
 
-def test_a_two_line_script_is_an_inventory_for_ansible(tmp_path: Path) -> None:
+def ansible_and_script(tmp_path: Path) -> tuple[str, Path]:
+    """The real ``ansible-inventory``, and the two-line executable a federation's repository would hold."""
     program = shutil.which("ansible-inventory", path=str(Path(sys.executable).parent))
     if program is None:
         pytest.skip("ansible-core is not installed")
@@ -40,6 +41,11 @@ def test_a_two_line_script_is_an_inventory_for_ansible(tmp_path: Path) -> None:
     script.write_text(f"#!/bin/sh\nexec {sys.executable} -m mutualbackup.cli --inventory {INVENTORY} "
                       "ansible-inventory \"$@\"\n")
     script.chmod(0o755)
+    return program, script
+
+
+def test_a_two_line_script_is_an_inventory_for_ansible(tmp_path: Path) -> None:
+    program, script = ansible_and_script(tmp_path)
     done = subprocess.run([program, "-i", str(script), "--list", "--limit", "coopcycle"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
@@ -49,13 +55,7 @@ def test_a_two_line_script_is_an_inventory_for_ansible(tmp_path: Path) -> None:
 
 def test_the_inventory_wins_over_the_join_playbooks_defaults(tmp_path: Path) -> None:
     """Ansible's precedence: the script's host variables above playbooks/group_vars/all.yml (the defaults)."""
-    program = shutil.which("ansible-inventory", path=str(Path(sys.executable).parent))
-    if program is None:
-        pytest.skip("ansible-core is not installed")
-    script = tmp_path / "federation.py"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m mutualbackup.cli --inventory {INVENTORY} "
-                      "ansible-inventory \"$@\"\n")
-    script.chmod(0o755)
+    program, script = ansible_and_script(tmp_path)
     playbooks = Path(__file__).resolve().parent.parent / "playbooks"
     done = subprocess.run([program, "-i", str(script), "--playbook-dir", str(playbooks), "--host", "web1.coopcycle"],
                           capture_output=True, text=True, timeout=120,
