@@ -88,6 +88,13 @@ def test_a_draining_host_ends_with_no_replica_having_never_reduced_the_healthy_c
     document = yaml.safe_load(path.read_text())
     document["nodes"][0]["storage"]["draining"] = True
     write_signed(fed.lab, path, document)  # its own member takes it out
+    code, out, err = mb(fed, "apply")  # the sysadmin applies it: nothing is given up before its move is done
+    assert code == 0, out + err
+    assert f"moving      {SOURCE}: {first} → " in out and "once the new one is healthy" in out
+    assert line_for(fed, first) and history.placement()[SOURCE][:2] == (first, second)
+    assert [(m["source"], m["old"], m["reason"]) for m in history.moves()] == [(SOURCE, first, "draining")]
+    code, out, err = mb(fed, "apply")
+    assert code == 0 and "moving" not in out, out + err  # the move is under way, not started twice
     history, seen = run_daemon_until_moved(fed, first)
     now = history.placement()[SOURCE]
     assert first not in now and second in now and len(now) == 2

@@ -16,6 +16,7 @@ have something to say until the next backup.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -54,20 +55,19 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
     report = ApplyReport()
     if not ctx.history.placement():
         adopt(ctx, report)
+    targets = _targets(ctx, report)
     public_keys: dict[str, str] = {}
     for source in ctx.federation.sources():
         try:
             with ctx.session(source) as transport:
-                public_keys[source.name] = _prepare_source(
-                    ctx, transport, source, ctx.placement.replicas.get(source.name, ()), report
-                )
+                public_keys[source.name] = _prepare_source(ctx, transport, source, targets.get(source.name, ()), report)
         except MutualBackupError as exc:
             report.failures.append(f"{source.name}: {exc}")
     sizes = ctx.history.repository_sizes()
     for host in ctx.federation.hosts():
         try:
             with ctx.session(host) as transport:
-                _prepare_host(transport, host, _replicas_of(ctx, host, public_keys, sizes), report)
+                _prepare_host(transport, host, _replicas_of(ctx, targets, host, public_keys, sizes), report)
         except MutualBackupError as exc:
             report.failures.append(f"{host.name}: {exc}")
     previous = ctx.history.placement()
@@ -76,18 +76,52 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
         if source.name not in public_keys:  # not reached: what existed stays recorded
             recorded[source.name] = tuple(previous.get(source.name, ()))
             continue
-        recorded[source.name] = _init_repositories(ctx, source, previous.get(source.name, ()), report)
+        recorded[source.name] = _init_repositories(ctx, source, targets.get(source.name, ()), previous.get(source.name, ()),
+                                                   report)
     ctx.history.set_placement(recorded)
     return report
 
 
-def _replicas_of(ctx: Context, host: Node, public_keys: Mapping[str, str], sizes: Mapping[str, int]) -> list[dict]:
+def _targets(ctx: Context, report: ApplyReport) -> dict[str, tuple[str, ...]]:
+    """The hosts each source's replicas are on once ``apply`` is done: the placement, except that a
+    replica which stopped being valid (its host draining, full or down) is not replaced here but moved
+    by the daemon, make before break — apply keeps it and records the move; the new replica comes
+    with the move, under the daemon's limit on moves at a time."""
+    from mutualbackup.plan.moves import hosts_down, plan_moves
+
+    history, federation = ctx.history, ctx.federation
+    recorded = history.placement()
+    if not recorded:
+        return dict(ctx.placement.replicas)
+    moving = {(m["source"], m["old"]): m["new"] for m in history.moves()}
+    contact, failed = history.host_contacts()
+    placement, wanted = plan_moves(federation, recorded, moving, history.repository_sizes(),
+                                   hosts_down(federation, contact, failed, time.time()))
+    for move in wanted:
+        history.start_move(move.source, move.old, move.new, move.reason)
+        report.changes.append(f"~ moving      {move.source}: {move.old} → {move.new} ({move.reason}); the daemon makes "
+                              f"the new replica, and gives up the one on {move.old} once the new one is healthy")
+    hosts = {h.name for h in federation.hosts()}
+    targets = {}
+    for source, chosen in placement.replicas.items():
+        leaving = [(old, new) for (s, old), new in moving.items() if s == source]
+        leaving += [(m.old, m.new) for m in wanted if m.source == source]
+        not_yet = {new for _old, new in leaving if new not in recorded.get(source, ())}
+        kept_old = [old for old, _new in leaving if old in hosts and old not in chosen]
+        keep = [h for h in chosen if h not in not_yet] + kept_old
+        held = recorded.get(source, ())
+        targets[source] = (*(h for h in held if h in keep), *(h for h in keep if h not in held))  # recorded order first
+    return targets
+
+
+def _replicas_of(ctx: Context, targets: Mapping[str, Sequence[str]], host: Node, public_keys: Mapping[str, str],
+                 sizes: Mapping[str, int]) -> list[dict]:
     """The replicas ``host`` holds: each source with its key (None when it could not be reached: the host
     keeps the line it has) and its quota."""
     assert host.storage is not None
     replicas = []
-    for source_name, targets in sorted(ctx.placement.replicas.items()):
-        if host.name not in targets:
+    for source_name, hosts in sorted(targets.items()):
+        if host.name not in hosts:
             continue
         source = ctx.federation.node(source_name)
         replicas.append({"source": source_name, "public_key": public_keys.get(source_name),
@@ -95,9 +129,9 @@ def _replicas_of(ctx: Context, host: Node, public_keys: Mapping[str, str], sizes
     return replicas
 
 
-def _init_repositories(ctx: Context, source: Node, previous: Sequence[str], report: ApplyReport) -> tuple[str, ...]:
+def _init_repositories(ctx: Context, source: Node, targets: Sequence[str], previous: Sequence[str],
+                       report: ApplyReport) -> tuple[str, ...]:
     """``borg init`` of each planned repository of ``source`` that is new; the replicas that exist now."""
-    targets = ctx.placement.replicas.get(source.name, ())
     ok: list[str] = []
     with ctx.session(source) as transport:
         for target in targets:
