@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sign", cmd_sign, "sign a member file as one of its admins (members/NAME.yml.sig)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
+    p = command("accept-deletion", cmd_accept_deletion,
+                "as one of the source's member's admins, accept the deletions a refused compaction listed")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--replica", metavar="HOST")
+    p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
     p = command("ansible-inventory", cmd_ansible_inventory,
                 "the nodes as an Ansible inventory (script protocol: --list, or --host NAME)")
     p.add_argument("--list", action="store_true", dest="list_all")
@@ -234,6 +239,34 @@ def cmd_sign(args: argparse.Namespace) -> int:
         print(f"warning: {args.file} lists no admin with this key: `mutualbackup check` and its nodes will refuse it",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_accept_deletion(args: argparse.Namespace) -> int:
+    from mutualbackup.inventory.signatures import agent_keys
+    from mutualbackup.jobs.acceptance import accept, refusals
+
+    ctx = open_context(args)
+    source = ctx.source(args.source)
+    if args.replica is not None and args.replica not in ctx.replicas_of(source.name):
+        raise UsageError(f"{args.replica} holds no replica of {source.name} (its replicas: "
+                         f"{', '.join(ctx.replicas_of(source.name)) or 'none'})")
+    found = refusals(ctx, source, args.replica)
+    if not found:
+        raise UsageError(f"nothing to accept: no compaction of {source.name}"
+                         f"{' on ' + args.replica if args.replica else ''} is refused now (see `mutualbackup status`)")
+    admins = {" ".join(a.key.split()[:2]) for a in ctx.federation.member(source.member).admins}
+    key, agent_key = args.key, None
+    if key is None:
+        held = [k for k in agent_keys() if k in admins]
+        if not held:
+            raise UsageError(f"the ssh-agent holds no key of {source.member}'s admins; add one (ssh-add) or give --key KEY")
+        agent_key = held[0]
+    for refusal in found:
+        print(refusal.statement(ctx.federation.name), end="")
+        signer = accept(ctx, refusal, key=key, agent_key=agent_key)
+        print(f"accepted by {signer}: the next compaction of {refusal.source} on {refusal.host} frees this data for "
+              "good; anything deleted beyond it is refused again\n")
     return 0
 
 

@@ -198,6 +198,40 @@ def test_compaction_refuses_an_archive_deleted_and_recreated_under_its_name_and_
     assert len(logged) == len(DATED) + 1 + 3  # creates, the prune, and the three others
 
 
+def test_only_the_members_admin_accepts_a_deliberate_deletion_and_the_next_compaction_frees_it(
+        fed: LabFederation) -> None:
+    ctx = context(fed)
+    refused = ctx.history.last_run("compact", SOURCE, HOST)
+    detail = json.loads(refused.detail)
+    assert detail["refused"] and detail["vanished"] and detail["replaced"]
+    assert "mutualbackup accept-deletion alpha/web" in refused.error
+    on_disk = snapshot(repo_dir(fed))
+    # the coordinator's operator with another member's admin key, or the coordinator's own key: refused
+    for key in (fed.lab.admin_key("beta", "admin"), fed.lab.coordinator_key):
+        code, out, err = mb(fed, "accept-deletion", SOURCE, "--key", str(key))
+        assert code == 1 and "only one of alpha's admins" in err and "nothing recorded" in err, out + err
+    assert ctx.history.last_run("accept-deletion", SOURCE, HOST) is None
+    assert mb(fed, "status")[0] == 1
+    code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--key", str(fed.lab.admin_key("alpha", "admin")))
+    assert code == 0, out + err
+    assert "archives gone: web-2025-02-10T10:00:00" in out and "accepted by admin" in out
+    accepted = ctx.history.last_run("accept-deletion", SOURCE, HOST)
+    assert "BEGIN SSH SIGNATURE" in json.loads(accepted.detail)["signature"]  # kept for audit
+    code, out, err = mb(fed, "status")
+    assert "COMPACTION REFUSED" not in out, out
+    code, out, err = mb(fed, "accept-deletion", SOURCE)
+    assert code == 2 and "nothing to accept" in err
+    assert snapshot(repo_dir(fed)) == on_disk  # accepting frees nothing by itself
+    outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))
+    assert outcome.result == "success", outcome.error
+    assert outcome.detail["compacted"] is True and outcome.detail["freed_bytes"] > 0
+    # what was not accepted is refused again: a new hand deletion after the acceptance
+    victim = archives(fed)[0]
+    assert borg_as_source(fed, "delete", f"{url(fed)}::{victim}").returncode == 0
+    outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST), force=True)
+    assert outcome.result == "failure" and victim in outcome.error
+
+
 def test_verify_checks_the_repository_on_the_host_and_the_archives_from_the_source(fed: LabFederation) -> None:
     code, out, err = mb(fed, "verify")
     assert code == 0, err

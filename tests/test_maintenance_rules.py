@@ -145,6 +145,9 @@ def run(kind: str, result: str = "success", size: int | None = 100, detail: str 
         ([run("prune", "failure", size=None, detail='{"verified": false}'), run("prune", size=90, detail='{"verified": true}')], 90),
         ([run("prune", size=50, detail='{"pruned": []}')], None),  # older prunes, before verification: not a baseline
         ([run("backup", size=10)], None),
+        # a member's admin accepted (signed) a refused compaction's live size: the new baseline until the next prune
+        ([run("accept-deletion", size=None, detail='{"live_bytes": 40}'), run("prune", size=90, detail='{"verified": true}')], 40),
+        ([run("accept-deletion", "failure", size=None, detail='{"live_bytes": 40}')], None),
     ],
 )
 def test_the_volume_baseline_is_only_a_size_measured_after_a_verified_prune(runs, baseline) -> None:
@@ -155,6 +158,8 @@ def test_a_passed_guard_remembers_the_last_transaction_it_accounted_for() -> Non
     assert checked_through([run("compact", "failure", detail='{"transactions_checked": 9}'),
                             run("compact", detail='{"transactions_checked": 4}')]) == 4
     assert checked_through([run("compact", detail='{"compacted": true}')]) == -1
+    assert checked_through([run("accept-deletion", detail='{"transactions_checked": 12}'),
+                            run("compact", detail='{"transactions_checked": 4}')]) == 12  # accepted, signed
 
 
 def test_the_hosts_transactions_log_parses_with_the_hosts_clock() -> None:

@@ -27,12 +27,12 @@ class SignatureError(Exception):
     """The signature is missing, malformed, or not made by one of the keys given."""
 
 
-def allowed_signers(principal: str, keys: Iterable[str]) -> str:
-    """``ssh-keygen``'s allowed-signers text: each key may sign for ``principal`` in our namespace only."""
-    return "".join(f'{principal} namespaces="{NAMESPACE}" {" ".join(key.split()[:2])}\n' for key in keys)
+def allowed_signers(principal: str, keys: Iterable[str], namespace: str = NAMESPACE) -> str:
+    """``ssh-keygen``'s allowed-signers text: each key may sign for ``principal`` in ``namespace`` only."""
+    return "".join(f'{principal} namespaces="{namespace}" {" ".join(key.split()[:2])}\n' for key in keys)
 
 
-def verify(data: bytes, signature: bytes, principal: str, keys: Iterable[str]) -> str:
+def verify(data: bytes, signature: bytes, principal: str, keys: Iterable[str], *, namespace: str = NAMESPACE) -> str:
     """The SHA256 fingerprint of the key among ``keys`` that signed ``data``; SignatureError otherwise."""
     keys = list(keys)
     if not keys:
@@ -44,10 +44,10 @@ def verify(data: bytes, signature: bytes, principal: str, keys: Iterable[str]) -
     with tempfile.TemporaryDirectory(prefix="mutualbackup-verify-") as scratch:
         signers, signed = os.path.join(scratch, "allowed_signers"), os.path.join(scratch, "file.sig")
         with open(signers, "w", encoding="utf-8") as handle:
-            handle.write(allowed_signers(principal, keys))
+            handle.write(allowed_signers(principal, keys, namespace))
         with open(signed, "wb") as handle:
             handle.write(signature)
-        done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principal, "-n", NAMESPACE,
+        done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principal, "-n", namespace,
                                "-s", signed], input=data, capture_output=True, timeout=TIMEOUT)
     said = (done.stdout + done.stderr).decode("utf-8", "replace")
     if done.returncode != 0:
@@ -66,7 +66,7 @@ def fingerprint(key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 
 
-def sign(path: str, key: str | None = None, agent_key: str | None = None) -> str:
+def sign(path: str, key: str | None = None, agent_key: str | None = None, *, namespace: str = NAMESPACE) -> str:
     """Sign the file ``path`` with the private key file ``key``, or with ``agent_key`` (a public key held by
     the ssh-agent); writes ``PATH.sig`` (replacing an older one) and returns its path."""
     target = path + SIGNATURE_SUFFIX
@@ -78,9 +78,9 @@ def sign(path: str, key: str | None = None, agent_key: str | None = None) -> str
             public = os.path.join(scratch, "key.pub")
             with open(public, "w", encoding="ascii") as handle:
                 handle.write(agent_key + "\n")
-            argv = ["ssh-keygen", "-Y", "sign", "-U", "-f", public, "-n", NAMESPACE, copy]
+            argv = ["ssh-keygen", "-Y", "sign", "-U", "-f", public, "-n", namespace, copy]
         else:
-            argv = ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, copy]
+            argv = ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", namespace, copy]
         done = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
         if done.returncode != 0:
             raise SignatureError(done.stderr.decode("utf-8", "replace").strip() or "ssh-keygen could not sign")

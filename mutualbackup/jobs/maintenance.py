@@ -189,12 +189,13 @@ def _compact(ctx: Context, run: RecordedRun, source: Node, host: Node, force: bo
     refusal = {"compacted": False, "vanished": list(changed.vanished), "replaced": list(changed.replaced),
                "baseline_bytes": baseline, "live_bytes": live}
     problems = guard_problems(changed.vanished, baseline, live, replaced=changed.replaced)
+    path = borg.repository_path(source, host)
     if problems:
+        problems += _host_side_anyway(ctx, run, source, host, path, pair_runs, refusal)
         _refuse(ctx, run, source, host, problems, refusal, clock)
         return
     pruned = _pruned_since_compaction(ctx, source, host, ctx.history.known_archives(source.name, host.name))
     aborted(control)
-    path = borg.repository_path(source, host)
     with ctx.session(host, control) as transport:
         checked = _host_side_guard(ctx, run, transport, source, host, path, pair_runs, refusal)
         if checked is None:
@@ -220,18 +221,43 @@ def _host_side_guard(
     pair_runs: Sequence[Run], refusal: dict[str, object],
 ) -> int | None:
     """The host-side rule of the guard: the last transaction it accounts for, or None after refusing."""
+    transactions, problems = _foreign(run, transport, host, path, pair_runs, refusal)
+    if problems:
+        _refuse(ctx, run, source, host, problems, refusal, run.clock)
+        return None
+    return max((t.number for t in transactions), default=checked_through(pair_runs))
+
+
+def _foreign(
+    run: RecordedRun, transport: Transport, host: Node, path: str, pair_runs: Sequence[Run], refusal: dict[str, object],
+) -> tuple[list[borg.Transaction], list[str]]:
+    """The host's transactions, and the problems of those no run of the coordinator accounts for (their numbers
+    go into ``refusal``)."""
     clock = run.clock
     asked = clock()
     host_now, transactions = _transactions(transport, host, path)
     offset = host_now - (asked + clock()) / 2
     windows = [run_window(r, clock()) for r in pair_runs if r.kind in WRITING_KINDS]
     foreign = foreign_transactions(transactions, checked_through(pair_runs), windows, offset)
-    if foreign:
-        problems = guard_problems((), None, None, foreign=foreign, offset=offset)
-        refusal["foreign_transactions"] = [t.number for t in foreign]
-        _refuse(ctx, run, source, host, problems, refusal, clock)
-        return None
-    return max((t.number for t in transactions), default=checked_through(pair_runs))
+    if not foreign:
+        return transactions, []
+    refusal["foreign_transactions"] = [t.number for t in foreign]
+    return transactions, guard_problems((), None, None, foreign=foreign, offset=offset)
+
+
+def _host_side_anyway(
+    ctx: Context, run: RecordedRun, source: Node, host: Node, path: str, pair_runs: Sequence[Run],
+    refusal: dict[str, object],
+) -> list[str]:
+    """When the source side already refuses: the host side too, so that one refusal lists everything a
+    member's admin may then accept at once (best effort: a host that does not answer adds nothing)."""
+    try:
+        with ctx.session(host, run.control) as transport:
+            return _foreign(run, transport, host, path, pair_runs, refusal)[1]
+    except (TransportError, RunFailed) as exc:
+        log.info("compaction of %s on %s refused; the host's transactions log could not be read as well: %s",
+                 source.name, host.name, exc)
+        return []
 
 
 def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool = False) -> str:
@@ -245,6 +271,9 @@ def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool
         f"then run `mutualbackup verify {source.name}`. Compaction stays refused until the archives are back"
         + (f"; a write in the host's log stays unexplained until its line is removed from {path}/transactions "
            "(do that only once you know who made it, and after the rollback if it deleted anything)." if foreign else ".")
+        + f"\nIf the deletion was deliberate, one of {source.member}'s admins accepts exactly this with their SSH key: "
+        f"`mutualbackup accept-deletion {source.name} --replica {host.name} --key ~/.ssh/id_ed25519`; the next "
+        "compaction then frees it for good."
     )
 
 

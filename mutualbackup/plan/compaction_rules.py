@@ -27,6 +27,7 @@ from mutualbackup.state.history import Run
 SHRINK_TOLERANCE = (1024**2, 0.01)  # bytes, fraction: a smaller live size is "shrunk"
 TRANSACTION_SLACK = 60.0  # seconds around a run's window: host clock drift since the commit, rounding
 WRITING_KINDS = ("backup", "prune")  # the coordinator's runs that commit into a repository
+ACCEPTED = "accept-deletion"  # a member's admin accepted a refused compaction's deletions (jobs/acceptance.py)
 UNCERTAIN_END_CAP = 12 * 3600.0
 """The longest a run whose end is not known (still ``running``, or ``interrupted`` by a crash: its
 recorded end is the restart) counts as writing: 12 h, the backup job's own timeout, and thrice the
@@ -134,7 +135,8 @@ def run_window(run: Run, now: float, cap: float = UNCERTAIN_END_CAP) -> tuple[fl
 
 
 def baseline_bytes(runs: Sequence[Run]) -> int | None:
-    """The live size measured after the coordinator's last *verified* prune; None when unknown.
+    """The live size measured after the coordinator's last *verified* prune, or accepted (signed) by one of
+    the member's admins since; None when unknown.
 
     Verified: the prune found every recorded archive with its recorded id before it ran, removed
     only what the retention deletes, and measured the size before listing what remained. A backup's
@@ -143,13 +145,15 @@ def baseline_bytes(runs: Sequence[Run]) -> int | None:
     for run in runs:  # newest first
         if run.kind == "prune" and run.succeeded and run.repository_bytes is not None and _detail(run).get("verified"):
             return run.repository_bytes
+        if run.kind == ACCEPTED and run.succeeded and _detail(run).get("live_bytes") is not None:
+            return int(_detail(run)["live_bytes"])  # the size a member's admin accepted, signed
     return None
 
 
 def checked_through(runs: Sequence[Run]) -> int:
     """The highest transaction number a passed guard already accounted for (-1: none)."""
     for run in runs:  # newest first
-        if run.kind == "compact" and run.succeeded and "transactions_checked" in _detail(run):
+        if run.kind in ("compact", ACCEPTED) and run.succeeded and "transactions_checked" in _detail(run):
             return int(_detail(run)["transactions_checked"])
     return -1
 

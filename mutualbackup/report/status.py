@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from mutualbackup.state.history import History, Run
+from mutualbackup.plan.compaction_rules import ACCEPTED
 from mutualbackup.inventory.model import Federation
 
 FAILING_AFTER = 2
@@ -117,6 +118,9 @@ def compute_status(
             skipped = _detail(success).get("unreadable_paths") or ()
             compact = history.last_run("compact", source.name, target)
             refused = compact.error if compact is not None and _detail(compact).get("refused") else None
+            accepted = history.last_run(ACCEPTED, source.name, target, successful=True)
+            if refused and accepted is not None and (accepted.started, accepted.id) > (compact.started, compact.id):
+                refused = None  # a member's admin accepted it: the next compaction frees it
             rows.append(
                 ReplicaStatus(
                     source=source.name,

@@ -412,6 +412,16 @@ class History:
                     (now or time.time(), source, target, name),
                 )
 
+    def accept_deletion(self, source: str, target: str, vanished: Sequence[str], replaced: Sequence[str], *,
+                        now: float | None = None) -> None:
+        """A member's admin accepted these deletions (``accept-deletion``): the archives gone count as pruned,
+        and those re-created lose their recorded id (the next listing records the new one)."""
+        self.mark_pruned(source, target, vanished, now=now)
+        with self._tx() as db:
+            for name in replaced:
+                db.execute("UPDATE archives SET archive_id = NULL WHERE source = ? AND target = ? AND name = ?",
+                           (source, target, name))
+
     def known_archives(self, source: str, target: str) -> dict[str, tuple[float, float | None]]:
         """name -> (created, pruned) for archives the coordinator has seen in this repository."""
         rows = self._query("SELECT name, created, pruned FROM archives WHERE source = ? AND target = ?", (source, target))

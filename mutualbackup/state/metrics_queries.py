@@ -44,6 +44,7 @@ _LATEST = {
     "repo_check": ("repo-check", f"AND {_FINISHED}"),
     "repo_check_ok": ("repo-check", f"AND {_OK}"),
     "compact": ("compact", f"AND {_FINISHED}"),
+    "accepted": ("accept-deletion", f"AND {_OK}"),
 }
 _LATEST_SQL = (
     "WITH pairs(source, target) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))\n"
@@ -95,9 +96,9 @@ def read_replica_facts(query: Query, pairs: Sequence[Pair]) -> dict[Pair, Replic
     runs = {row["id"]: row for row in query(_RUNS_BY_ID_SQL, (json.dumps(sorted(ids)),))} if ids else {}
     facts = {}
     for row in latest:
-        attempt, finished, success, checked, repo_check, repo_check_ok, compact = (
+        attempt, finished, success, checked, repo_check, repo_check_ok, compact, accepted = (
             runs.get(row[c]) for c in ("attempt", "finished", "success", "checked", "repo_check", "repo_check_ok",
-                                       "compact"))
+                                       "compact", "accepted"))
         measured = [runs[row[c]] for c in ("measured_backup", "measured_prune") if row[c] is not None]
         newest_measure = max(measured, key=lambda r: (r["started"], r["id"]), default=None)
         facts[(row["source"], row["target"])] = ReplicaFacts(
@@ -112,7 +113,8 @@ def read_replica_facts(query: Query, pairs: Sequence[Pair]) -> dict[Pair, Replic
             archive=(success["original_bytes"], success["compressed_bytes"] or 0, success["deduplicated_bytes"] or 0)
             if success is not None and success["original_bytes"] is not None else None,
             unreadable_files=int(success["unreadable"] or 0) if success is not None else None,
-            compaction_blocked=compact is not None and compact["result"] == "failure" and bool(compact["refused"]),
+            compaction_blocked=compact is not None and compact["result"] == "failure" and bool(compact["refused"])
+            and (accepted is None or (accepted["started"], accepted["id"]) < (compact["started"], compact["id"])),
             last_contact=max((r["started"] for r in (success, repo_check_ok) if r is not None), default=None),
         )
     return facts
