@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 
 from mutualbackup.inventory.model import Backup, Coordinator, Federation, Member, Node, Storage, Where
 from mutualbackup.plan.placement import diff, place
+from bench.plain_placement import plain_place as reference_place
 
 GiB = 1024**3
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
@@ -129,3 +133,64 @@ def test_diff_names_new_removed_and_moved_replicas() -> None:
         ("+", "n/n", "c/1", ""),
         ("-", "z/z", "b/1", ""),
     ]
+
+
+FAIRNESS = [
+    node("p", "src", "paris", source=50, replicas=1), node("p", "st", "lille", host=1000),  # p consumes 50, lends 0
+    node("q", "st", "lyon", host=55),  # holds p's replica (q lends 50), and has no room for more
+    node("r", "st", "nantes", host=200),  # r neither lends nor consumes
+    node("a", "web", "brest", source=10, replicas=1),
+]
+
+
+def test_fairness_prefers_a_member_in_credit_to_a_less_filled_host_of_a_member_in_debt() -> None:
+    result = place(federation(*FAIRNESS), {"p/src": ("q/st",)})
+    assert result.replicas["a/web"] == ("r/st",)  # p/st is the least filled (1 %), but p consumes more than it lends
+    assert result.replicas["p/src"] == ("q/st",)  # stickiness first: fairness never moves a valid replica
+    assert place(federation(*FAIRNESS)).replicas["a/web"] == ("p/st",)  # from scratch nobody is in debt
+
+
+def test_fairness_never_overrides_the_site_rules() -> None:
+    nodes = [*FAIRNESS[:3], node("r", "st", "brest", host=200), FAIRNESS[4]]  # r is now at the source's site
+    assert place(federation(*nodes), {"p/src": ("q/st",)}).replicas["a/web"] == ("p/st",)
+
+
+def random_federation(seed: int) -> tuple[Federation, dict, dict]:
+    """A random federation, a random recorded placement (some of it no longer valid), and random sizes."""
+    rng = random.Random(seed)
+    sites = [f"s{i}" for i in range(rng.randint(1, 6))]
+    capacities = [rng.choice((50, 100, 200, 500)) for _ in range(4)] if rng.random() < 0.7 else None
+    nodes = []
+    for m in range(rng.randint(2, 14)):
+        for n in range(rng.randint(1, 3)):
+            is_source, is_host = rng.random() < 0.7, rng.random() < 0.5
+            nodes.append(node(f"m{m}", f"n{n}", rng.choice(sites),
+                              source=rng.randint(0, 60) if is_source or not is_host else None,
+                              replicas=rng.randint(1, 3),
+                              host=(rng.choice(capacities) if capacities else rng.randint(1, 600)) if is_host else None))
+    fed = federation(*nodes)
+    hosts = [h.name for h in fed.hosts()]
+    current = {s.name: tuple(rng.sample(hosts, min(len(hosts), rng.randint(0, 2)))) for s in fed.sources()
+               if hosts and rng.random() < 0.5}
+    sizes = {s.name: rng.randint(0, 80) * GiB for s in fed.sources() if rng.random() < 0.3}
+    if rng.random() < 0.3 and hosts:
+        drained = fed.node(rng.choice(hosts))
+        current = {**current}
+        fed = federation(*[dataclasses.replace(n, storage=dataclasses.replace(n.storage, draining=True))
+                           if n is drained else n for n in nodes])
+    return fed, current, sizes
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_indexed_placement_decides_exactly_as_the_plain_search(seed: int) -> None:
+    fed, current, sizes = random_federation(seed)
+    down = {h.name for h in fed.hosts()[:1]} if seed % 5 == 0 else set()
+    ours, reference = place(fed, current, sizes, down), reference_place(fed, current, sizes, down)
+    assert ours.replicas == reference.replicas
+    assert ours.used == reference.used
+    assert [str(p) for p in ours.problems] == [str(p) for p in reference.problems]
+
+
+@pytest.mark.parametrize("nodes, current, sizes, expected", CASES)
+def test_the_table_decides_the_same_with_the_plain_search(nodes, current, sizes, expected) -> None:
+    assert place(federation(*nodes), current, sizes).replicas == reference_place(federation(*nodes), current, sizes).replicas

@@ -8,6 +8,7 @@ Nothing in this module does I/O.
 
 from __future__ import annotations
 
+from functools import cached_property
 from dataclasses import dataclass, field
 
 
@@ -166,26 +167,49 @@ class Federation:
     members: tuple[Member, ...]
     directory: str = ""  # the inventory directory it was loaded from
 
+    # The look-ups below are computed once per (immutable) federation: a daemon tick or a placement at a
+    # thousand members asks for them thousands of times.
+
     def nodes(self) -> tuple[Node, ...]:
-        return tuple(node for member in self.members for node in member.nodes)
+        return self._nodes
 
     def node(self, name: str) -> Node:
         """The node called ``MEMBER/NODE``; KeyError when there is none."""
-        for node in self.nodes():
-            if node.name == name:
-                return node
-        raise KeyError(name)
+        return self._by_name[name]
 
     def sources(self) -> tuple[Node, ...]:
-        return tuple(node for node in self.nodes() if node.is_source)
+        return self._sources
 
     def hosts(self) -> tuple[Node, ...]:
-        return tuple(node for node in self.nodes() if node.is_host)
+        return self._hosts
 
     def member(self, name: str) -> Member:
+        return self._members[name]
+
+    @cached_property
+    def _nodes(self) -> tuple[Node, ...]:
+        return tuple(node for member in self.members for node in member.nodes)
+
+    @cached_property
+    def _by_name(self) -> dict[str, Node]:
+        found: dict[str, Node] = {}
+        for node in self._nodes:
+            found.setdefault(node.name, node)  # the first, as a scan would (check reports duplicates)
+        return found
+
+    @cached_property
+    def _sources(self) -> tuple[Node, ...]:
+        return tuple(node for node in self._nodes if node.is_source)
+
+    @cached_property
+    def _hosts(self) -> tuple[Node, ...]:
+        return tuple(node for node in self._nodes if node.is_host)
+
+    @cached_property
+    def _members(self) -> dict[str, Member]:
+        found: dict[str, Member] = {}
         for member in self.members:
-            if member.name == name:
-                return member
-        raise KeyError(name)
+            found.setdefault(member.name, member)
+        return found
 
 

@@ -7,6 +7,8 @@ Rules (SPEC.md "Placement"):
   is already placed there, using the measured repository size, else ``estimate``);
 - soft: avoid the source's site, then the sites of the replicas already chosen,
   when the federation allows it;
+- fairness: then prefer hosts of members who lend as much as they consume, or more, to hosts of
+  members in debt (:func:`members_in_debt`);
 - among valid hosts, prefer the least filled (fraction of capacity used after
   placing), then the name, so the result is deterministic;
 - sticky: an existing replica stays where it is while it is still valid.
@@ -14,8 +16,9 @@ Rules (SPEC.md "Placement"):
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from mutualbackup.inventory.model import Federation, Node
 
@@ -82,9 +85,28 @@ def place(
     hosts = {h.name: h for h in federation.hosts() if h.name not in unavailable and not _draining(h)}
     result = Placement(used={name: 0 for name in hosts})
     sources = sorted(federation.sources(), key=lambda s: (-source_size(s, sizes), s.name))
+    kept = keep_valid(sources, current, hosts, sizes, result.used)
+    index = _Index(hosts, result.used, members_in_debt(federation, kept, sizes))
+    for source in sources:
+        assert source.backup is not None
+        size = source_size(source, sizes)
+        chosen = kept[source.name]
+        while len(chosen) < source.backup.replicas:
+            best = index.best(source, chosen, size)
+            if best is None:
+                result.problems.append(_explain(source, hosts, chosen, size, result.used))
+                keep_what_it_has(source, current, hosts, chosen, size, result.used, index.add)
+                break
+            chosen.append(best)
+            index.add(best, size)
+        result.replicas[source.name] = tuple(chosen)
+    return result
 
-    # First pass: keep every still-valid existing replica, so stickiness never
-    # depends on the order in which sources are visited.
+
+def keep_valid(sources: Sequence[Node], current: Mapping[str, Sequence[str]], hosts: Mapping[str, Node],
+               sizes: Mapping[str, int], used: dict[str, int]) -> dict[str, list[str]]:
+    """The first pass: every still-valid recorded replica is kept (and its size counted on its host) before
+    anything new is chosen, so that stickiness never depends on the order in which sources are visited."""
     kept: dict[str, list[str]] = {}
     for source in sources:
         assert source.backup is not None
@@ -94,29 +116,43 @@ def place(
             host = hosts.get(name)
             if host is None or len(chosen) >= source.backup.replicas:
                 continue
-            if _refusal(source, host, chosen, hosts, size, result.used) is None:
+            if _refusal(source, host, chosen, hosts, size, used) is None:
                 chosen.append(name)
-                result.used[name] += size
+                used[name] += size
         kept[source.name] = chosen
+    return kept
 
-    for source in sources:
-        assert source.backup is not None
+
+def keep_what_it_has(source: Node, current: Mapping[str, Sequence[str]], hosts: Mapping[str, Node],
+                     chosen: list[str], size: int, used: dict[str, int],
+                     count: Callable[[str, int], None] | None = None) -> None:
+    """A source that cannot be placed keeps the recorded replicas refused only for room, until a valid host
+    exists: it never loses a replica because the federation changed."""
+    assert source.backup is not None
+    for name in current.get(source.name, ()):
+        if name in hosts and name not in chosen and len(chosen) < source.backup.replicas:
+            chosen.append(name)
+            if count is not None:
+                count(name, size)
+            else:
+                used[name] += size
+
+
+def members_in_debt(federation: Federation, kept: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> set[str]:
+    """Members whose sources use more room on others' hosts than their own hosts give others, counting the
+    replicas placement keeps (the ledger's balance, with placement's sizes): their hosts come after the
+    hosts of members who lend as much as they consume, or more (fairness; see ARCHITECTURE.md)."""
+    balance: dict[str, int] = {}
+    for source_name, held in kept.items():
+        if not held:
+            continue
+        source = federation.node(source_name)
         size = source_size(source, sizes)
-        chosen = kept[source.name]
-        while len(chosen) < source.backup.replicas:
-            best = _best_host(source, hosts, chosen, size, result.used)
-            if best is None:
-                result.problems.append(_explain(source, hosts, chosen, size, result.used))
-                # what it has, it keeps: a recorded replica refused only for room stays until a valid one exists
-                for name in current.get(source.name, ()):
-                    if name in hosts and name not in chosen and len(chosen) < source.backup.replicas:
-                        chosen.append(name)
-                        result.used[name] += size
-                break
-            chosen.append(best)
-            result.used[best] += size
-        result.replicas[source.name] = tuple(chosen)
-    return result
+        for host in held:
+            lender = federation.node(host).member
+            balance[lender] = balance.get(lender, 0) + size
+            balance[source.member] = balance.get(source.member, 0) - size
+    return {member for member, value in balance.items() if value < 0}
 
 
 def _draining(host: Node) -> bool:
@@ -137,20 +173,84 @@ def _refusal(
     return None
 
 
-def _best_host(
-    source: Node, hosts: Mapping[str, Node], chosen: Sequence[str], size: int, used: Mapping[str, int]
-) -> str | None:
-    candidates = [h for h in hosts.values() if h.name not in chosen and _refusal(source, h, chosen, hosts, size, used) is None]
-    if not candidates:
-        return None
-    chosen_sites = {hosts[c].site for c in chosen}
+class _Index:
+    """The valid hosts, indexed so that each choice looks at a handful of them, not at all of them.
 
-    def preference(host: Node) -> tuple[int, int, float, str]:
-        assert host.storage is not None
-        fill = (used[host.name] + size) / host.storage.capacity if host.storage.capacity else 1.0
-        return (host.site == source.site, host.site in chosen_sites, fill, host.name)
+    The preference (SPEC: avoid the source's site, then the chosen replicas' sites; then fairness; then the
+    least filled after placing, then the name) is a key ``(site tier, in debt, (used + size) / capacity,
+    name)``. Hosts are grouped by (in debt, capacity): inside a group, the fill after placing orders exactly
+    as ``used`` does, so each group is a list sorted by (used, name). A choice walks each group from its
+    least used host, skipping the few it may not use (the source's member, the members already chosen) and
+    those of a worse site tier than the best the group has, and stops at the first full one (all after it
+    are full too). Cost per choice: the number of distinct (in debt, capacity) pairs, plus what it skips —
+    people write capacities as ``500G`` or ``2T``, so a federation has a few of them; one where every host
+    has its own capacity costs a scan of every host per choice, as a plain search would.
+    """
 
-    return min(candidates, key=preference).name
+    def __init__(self, hosts: Mapping[str, Node], used: dict[str, int], debt: Collection[str]) -> None:
+        self.hosts, self.used = hosts, used
+        self.group_of: dict[str, tuple[bool, int]] = {}
+        self.groups: dict[tuple[bool, int], list[tuple[int, str]]] = {}
+        self.sites: dict[tuple[bool, int], dict[str, int]] = {}  # hosts per site, per group
+        for name, host in hosts.items():
+            assert host.storage is not None
+            group = (host.member in debt, host.storage.capacity)
+            self.group_of[name] = group
+            self.groups.setdefault(group, []).append((used[name], name))
+            sites = self.sites.setdefault(group, {})
+            sites[host.site] = sites.get(host.site, 0) + 1
+        for entries in self.groups.values():
+            entries.sort()
+
+    def add(self, name: str, size: int) -> None:
+        """Count a replica of ``size`` bytes on ``name``."""
+        entries = self.groups[self.group_of[name]]
+        del entries[bisect.bisect_left(entries, (self.used[name], name))]
+        self.used[name] += size
+        bisect.insort(entries, (self.used[name], name))
+
+    def best(self, source: Node, chosen: Sequence[str], size: int) -> str | None:
+        """The preferred valid host for one more replica of ``source`` (None: none is valid)."""
+        excluded_members = {source.member, *(self.hosts[c].member for c in chosen)}
+        chosen_sites = {self.hosts[c].site for c in chosen}
+        best: tuple[tuple[bool, bool], bool, float, str] | None = None
+        for (in_debt, capacity), entries in self.groups.items():
+            found = self._best_in_group(entries, self.sites[(in_debt, capacity)], source.site, chosen_sites,
+                                        excluded_members, capacity, size)
+            if found is None:
+                continue
+            tier, used, name = found
+            key = (tier, in_debt, (used + size) / capacity if capacity else 1.0, name)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[3]
+
+    def _best_in_group(self, entries: Sequence[tuple[int, str]], sites: Mapping[str, int], own_site: str,
+                       chosen_sites: Collection[str], excluded_members: Collection[str], capacity: int,
+                       size: int) -> tuple[tuple[bool, bool], int, str] | None:
+        """The group's preferred valid host: (site tier, used, name)."""
+        goal = _best_tier(sites, own_site, chosen_sites)
+        best: tuple[tuple[bool, bool], int, str] | None = None
+        for used, name in entries:
+            if used + size > capacity:
+                break  # the group is sorted by used: every host after this one is full too
+            host = self.hosts[name]
+            if host.member in excluded_members:
+                continue
+            tier = (host.site == own_site, host.site in chosen_sites)
+            if best is None or tier < best[0]:
+                best = (tier, used, name)
+                if tier == goal:
+                    break  # none after it can be better: same tier, more used (or the same, and a later name)
+        return best
+
+
+def _best_tier(sites: Mapping[str, int], own_site: str, chosen_sites: Collection[str]) -> tuple[bool, bool]:
+    """The best site tier any host of a group has: (at the source's site, at a chosen replica's site)."""
+    if len(sites) > len({own_site, *chosen_sites} & sites.keys()):
+        return (False, False)
+    present = [(site == own_site, site in chosen_sites) for site in {own_site, *chosen_sites} & sites.keys()]
+    return min(present)
 
 
 def _explain(source: Node, hosts: Mapping[str, Node], chosen: Sequence[str], size: int, used: Mapping[str, int]) -> Problem:
