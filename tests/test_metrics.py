@@ -497,3 +497,42 @@ def test_a_broken_history_gives_a_500_not_a_dead_server(tmp_path: Path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_the_latest_runs_kept_between_scrapes_equal_the_full_query_at_every_step(tmp_path: Path):
+    """LatestRuns reads only what changed since the last scrape; at every step of a random history (runs
+    of every kind, started out of order, in progress, finished, interrupted; replicas added) it must give
+    exactly what the indexed query over the whole history gives."""
+    import random
+
+    from mutualbackup.state.metrics_queries import LatestRuns
+
+    rng = random.Random(7)
+    history = History(tmp_path / "state")
+    latest = LatestRuns()
+    pairs = [("a/web", "b/st"), ("a/web", "c/st"), ("d/db", "b/st")]
+    kinds = ("backup", "backup", "prune", "check", "repo-check", "compact", "accept-deletion", "drill")
+    in_progress: list[int] = []
+    now = 1_000_000.0
+    for step in range(400):
+        now += rng.uniform(0, 100)
+        if in_progress and rng.random() < 0.4:
+            run_id = in_progress.pop(rng.randrange(len(in_progress)))
+            result = rng.choice(("success", "warning", "failure", "interrupted"))
+            if result == "interrupted":
+                history.mark_interrupted(now=now) if rng.random() < 0.1 else history.finish_run(run_id, result)
+            else:
+                history.finish_run(run_id, result, repository_bytes=rng.choice((None, rng.randint(1, 10**9))),
+                                   original_bytes=rng.choice((None, 5)),
+                                   detail={"refused": True} if rng.random() < 0.3 else {"unreadable_files": 2})
+            in_progress = [r.id for r in history.running()]
+        else:
+            source, target = rng.choice(pairs)
+            started = now - rng.uniform(0, 5000)  # adopted or rebuilt runs start in the past
+            in_progress.append(history.start_run(rng.choice(kinds), source, target, started=started))
+        if step == 200:
+            pairs.append(("e/app", "c/st"))  # a replica added later: read whole the first time
+        with history.snapshot() as query:
+            asked = rng.sample(pairs, rng.randint(1, len(pairs)))
+            running = [r.id for r in history.running()]
+            assert latest.read(query, asked, running) == read_replica_facts(query, asked), step

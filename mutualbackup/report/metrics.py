@@ -62,7 +62,7 @@ from mutualbackup.report.ledger import Ledger, compute_ledger
 from mutualbackup.inventory.model import Federation
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.state.metrics_queries import (
-    DURATION_BUCKETS, Pair, ReplicaFacts, RunningRun, RunTally, RunTotals, read_drills, read_replica_facts, read_running,
+    DURATION_BUCKETS, LatestRuns, Pair, ReplicaFacts, RunningRun, RunTally, RunTotals, read_drills, read_replica_facts, read_running,
 )
 
 log = logging.getLogger("mutualbackup.report.metrics")
@@ -118,6 +118,7 @@ class FederationMetrics:
     def __init__(self, source: MetricsSource):
         self.source = source
         self.totals = RunTotals()
+        self.latest = LatestRuns()
 
     def warm(self) -> None:
         """Sum the history once now (what the first scrape would otherwise do)."""
@@ -131,8 +132,8 @@ class FederationMetrics:
         placement = known_placement(fed, src.placement())
         pairs = [(s, t) for s, targets in sorted(placement.items()) for t in targets]
         with src.history.snapshot() as query:
-            facts = read_replica_facts(query, pairs)
             running = read_running(query)
+            facts = self.latest.read(query, pairs, (r.id for r in running))
             tallies = self.totals.read(query, (r.id for r in running if r.kind == "backup"))
             drills = read_drills(query)
         member_of = {node.name: node.member for node in fed.nodes()}
@@ -172,29 +173,30 @@ def _replica_families(
                      "1 when the latest compaction of the replica was refused by the guard (deletions it cannot explain)",
                      _TWO)
     empty, no_runs = ReplicaFacts(), RunTally()
+    # rows appended directly (label values are tuples already): ten thousand replicas make 130 000 rows
     for pair in pairs:
         source, target = pair
         four = (source, target, member_of[source], member_of[target])
         fact = facts.get(pair, empty)
         if fact.last_success is not None:
-            last_success.add(four, fact.last_success)
+            last_success.rows.append((four, fact.last_success))
         if fact.last_attempt is not None:
-            last_attempt.add(four, fact.last_attempt)
+            last_attempt.rows.append((four, fact.last_attempt))
         tally = tallies.get(pair, no_runs)
-        runs_total.add(four + ("success",), tally.success)
-        runs_total.add(four + ("failure",), tally.failure)
-        duration.add_histogram(pair, list(zip(DURATION_BUCKETS, tally.buckets)), tally.count, tally.seconds)
+        runs_total.rows.append(((*four, "success"), tally.success))
+        runs_total.rows.append(((*four, "failure"), tally.failure))
+        duration.rows.append((pair, list(zip(DURATION_BUCKETS, tally.buckets)), tally.count, tally.seconds))
         if fact.archive is not None:
-            original.add(pair, fact.archive[0])
-            compressed.add(pair, fact.archive[1])
-            dedup.add(pair, fact.archive[2])
+            original.rows.append((pair, fact.archive[0]))
+            compressed.rows.append((pair, fact.archive[1]))
+            dedup.rows.append((pair, fact.archive[2]))
         if fact.repository_bytes is not None:
-            repo_size.add(four, fact.repository_bytes)
+            repo_size.rows.append((four, fact.repository_bytes))
         if fact.last_check_success is not None:
-            check.add(pair, fact.last_check_success)
+            check.rows.append((pair, fact.last_check_success))
         if fact.unreadable_files is not None:
-            unreadable.add(pair, fact.unreadable_files)
-        blocked.add(pair, 1 if fact.compaction_blocked else 0)
+            unreadable.rows.append((pair, fact.unreadable_files))
+        blocked.rows.append((pair, 1 if fact.compaction_blocked else 0))
     return [last_success, last_attempt, runs_total, duration, original, compressed, dedup, repo_size, check,
             unreadable, blocked]
 

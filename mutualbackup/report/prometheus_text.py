@@ -75,27 +75,69 @@ def _labels(names: Sequence[str], values: Sequence[str]) -> str:
     return ",".join(f'{name}="{_escape(value)}"' for name, value in zip(names, values))
 
 
-def render_text(families: Iterable[Family]) -> bytes:
-    """The Prometheus text exposition (format 0.0.4) of ``families``."""
+class TextCache:
+    """What one server's scrapes have in common, kept between them: each label set's text, and each
+    histogram row's lines (a replica's duration histogram is 14 lines that change only when one of its
+    backups ends). Bounded: emptied when it holds far more than one scrape needs. Thread-safe enough: a
+    lost race writes the same text twice."""
+
+    def __init__(self) -> None:
+        self.labels: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+        self.histograms: dict[tuple, str] = {}
+        self.used = 0
+
+    def trim(self) -> None:
+        if len(self.labels) + len(self.histograms) > 4 * max(self.used, 1000):
+            self.labels.clear()
+            self.histograms.clear()
+
+
+def render_text(families: Iterable[Family], cache: TextCache | None = None) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of ``families``.
+
+    The same replica's labels appear in a dozen families: each label set is written once per call (once
+    per server with ``cache``, which keeps histogram rows too)."""
+    cache = cache or TextCache()
     out: list[str] = []
+    written = cache.labels
+    histograms = cache.histograms
+    rows = 0
+
+    def labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+        text = written.get((names, values))
+        if text is None:
+            text = written[(names, values)] = _labels(names, values)
+        return text
+
     for family in families:
-        name = family.name
+        name, names = family.name, family.labels
+        rows += len(family.rows)
         out.append(f"# HELP {name} {_escape_help(family.help)}\n")
         out.append(f"# TYPE {name} {family.kind}\n")
         if family.kind == "histogram":
             for values, buckets, count, total in family.rows:
-                base = _labels(family.labels, values)
-                sep = "," if base else ""
-                for bound, cumulative in buckets:
-                    out.append(f'{name}_bucket{{{base}{sep}le="{format_bound(bound)}"}} {cumulative}\n')
-                out.append(f'{name}_bucket{{{base}{sep}le="+Inf"}} {count}\n')
-                braces = f"{{{base}}}" if base else ""
-                out.append(f"{name}_sum{braces} {format_number(total)}\n{name}_count{braces} {count}\n")
+                key = (name, names, values, tuple(buckets), count, total)
+                chunk = histograms.get(key)
+                if chunk is None:
+                    chunk = histograms[key] = _histogram_row(name, labels(names, values), buckets, count, total)
+                out.append(chunk)
+        elif names:
+            for values, value in family.rows:
+                out.append(f"{name}{{{labels(names, values)}}} {format_number(value)}\n")
         else:
             for values, value in family.rows:
-                braces = f"{{{_labels(family.labels, values)}}}" if family.labels else ""
-                out.append(f"{name}{braces} {format_number(value)}\n")
+                out.append(f"{name} {format_number(value)}\n")
+    cache.used = rows
+    cache.trim()
     return "".join(out).encode("utf-8")
+
+
+def _histogram_row(name: str, base: str, buckets: Sequence[tuple[float, int]], count: int, total: float) -> str:
+    head = f"{name}_bucket{{{base}{',' if base else ''}le=\""
+    lines = [f'{head}{format_bound(bound)}"}} {cumulative}\n' for bound, cumulative in buckets]
+    braces = f"{{{base}}}" if base else ""
+    lines.append(f'{head}+Inf"}} {count}\n{name}_sum{braces} {format_number(total)}\n{name}_count{braces} {count}\n')
+    return "".join(lines)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -106,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found: the metrics are at /metrics\n", "text/plain; charset=utf-8")
             return
         try:
-            body = render_text(self.server.families())
+            body = render_text(self.server.families(), self.server.cache)
         except Exception:  # a broken scrape must not kill the server thread
             log.exception("cannot compute the metrics")
             self._send(500, b"cannot compute the metrics; see the coordinator's log\n", "text/plain; charset=utf-8")
@@ -135,6 +177,7 @@ class _MetricsServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], families: Callable[[], Iterable[Family]], family: int):
         self.address_family = family
         self.families = families
+        self.cache = TextCache()
         super().__init__(address, _Handler)
 
 
