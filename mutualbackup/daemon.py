@@ -41,6 +41,7 @@ from mutualbackup.plan.moves import hosts_down, plan_moves
 from mutualbackup.plan.placement import known_placement
 from mutualbackup.restore.replicas import choose_replica
 from mutualbackup.jobs.control import JobControl
+from mutualbackup.state.run_index import RunIndex
 from mutualbackup.state.history import StateDamaged
 
 log = logging.getLogger("mutualbackup.daemon")
@@ -106,6 +107,9 @@ class Daemon:
         self.running: dict[tuple[str, str], RunningJob] = {}
         self._busy_until: dict[tuple[str, str], float] = {}  # replicas held by another live coordinator process
         self._lock = threading.Lock()
+        self.index = RunIndex(ctx.history)  # what each tick asks of the history, kept up to date
+        self._states: dict[tuple[str, str], tuple[tuple, JobState]] = {}  # per replica: its inputs, its state
+        self._due_memo: dict = {}  # next attempts that do not depend on the time (plan/due.py); per inventory
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement,
                                      unplaceable=len(ctx.placement.problems))
         self._inventory_stamp = _stamp(ctx.federation.directory)
@@ -133,6 +137,8 @@ class Daemon:
         for problem in problems:
             log.warning("%s; it keeps the replicas it has", problem)
         self.ctx = candidate
+        self._states.clear()
+        self._due_memo.clear()
         self.metrics.federation = federation
         self.metrics.unplaceable = len(candidate.placement.problems)
         self.metrics.inventory_valid = True
@@ -151,28 +157,36 @@ class Daemon:
         """What select_jobs needs per replica; any running job (backup, maintenance, or a drill reading
         from it) occupies it, and so does a replica another live coordinator process holds."""
         if summaries is None:
-            summaries = self.ctx.history.pair_summaries("backup")
+            summaries = self.index.pair_summaries("backup")
         occupied = set(self.running) | self._busy()
         # A move's new replica is due at once (inside its window), not in a first run's spread slot: the source
         # has backups already, and the old replica waits for this one.
         arriving = {(m["source"], m["new"]): m["started"] for m in self.ctx.history.moves()}
         states = {}
+        known = self._states  # the same inputs as at the last tick give the same state (most replicas, most ticks)
         for source, targets in self._placement().items():
             for target in targets:
-                summary = summaries.get((source, target))
+                pair = (source, target)
+                summary = summaries.get(pair)
+                inputs = (summary, pair in occupied, arriving.get(pair))
+                held = known.get(pair)
+                if held is not None and held[0] == inputs:
+                    states[pair] = held[1]
+                    continue
                 last_success = summary.last_success if summary and summary.last_success else None
-                if last_success is None and (source, target) in arriving:
+                if last_success is None and pair in arriving:
                     node = self.ctx.federation.node(source)
                     assert node.backup is not None
-                    last_success = arriving[(source, target)] - node.backup.every
-                states[(source, target)] = JobState(
+                    last_success = arriving[pair] - node.backup.every
+                states[pair] = JobState(
                     source=source,
                     target=target,
                     last_success=_utc(last_success) if last_success else None,
                     last_attempt=_utc(summary.last_attempt) if summary and summary.last_attempt else None,
                     consecutive_failures=summary.failures if summary else 0,
-                    running=(source, target) in occupied,
+                    running=pair in occupied,
                 )
+                known[pair] = (inputs, states[pair])
         return states
 
     def occupancy(self) -> schedule.Occupancy:
@@ -197,21 +211,21 @@ class Daemon:
         self.reap()
         if self.stop.is_set():
             return []
-        fed, history = self.ctx.federation, self.ctx.history
+        fed = self.ctx.federation
         tz = ZoneInfo(fed.coordinator.timezone)
-        summaries = history.pair_summaries("backup")
+        summaries = self.index.pair_summaries("backup")
         placement = self._placement()
         occupancy = self.occupancy()
         chosen = [("backup", job.source, job.target, job.reason, job.estimated_seconds) for job in schedule.select_jobs(
-            fed, placement, self.job_states(summaries), now, tz, sizes=history.repository_sizes(), max_per_source=1,
-            occupancy=occupancy,
+            fed, placement, self.job_states(summaries), now, tz, sizes=self.index.repository_sizes(), max_per_source=1,
+            occupancy=occupancy, memo=self._due_memo,
         )]
         if self.maintenance_enabled:
             chosen += [("maintenance", source, target, "check_every", 0.0) for source, target in schedule.select_maintenance(
-                fed, placement, summaries, history.pair_summaries("check"), occupancy, now, tz)]
+                fed, placement, summaries, self.index.pair_summaries("check"), occupancy, now, tz)]
         if self.drills_enabled:
             chosen += [("drill", source, target, "drill_every", 0.0) for source, target in schedule.select_drills(
-                fed, drill.drills_due(fed, history, now), self._drill_replica, occupancy, now, tz)]
+                fed, drill.drills_due(fed, self.index, now), self._drill_replica, occupancy, now, tz)]
         chosen += self._moves(now)
         started = [self._start(*job) for job in chosen]
         return [job for job in started if job is not None]
@@ -234,9 +248,9 @@ class Daemon:
                     self.ctx, move):
                 jobs.append(("move", move["source"], move["new"], f"move from {move['old']}", 0.0))
         if len(moving) < MAX_MOVES:
-            contact, failed = history.host_contacts()
+            contact, failed = self.index.host_contacts()
             _placement, wanted = plan_moves(fed, history.placement(), {(m["source"], m["old"]): m["new"] for m in moving},
-                                            history.repository_sizes(), hosts_down(fed, contact, failed, stamp))
+                                            self.index.repository_sizes(), hosts_down(fed, contact, failed, stamp))
             for move in wanted[:MAX_MOVES - len(moving)]:
                 history.start_move(move.source, move.old, move.new, move.reason, now=stamp)
                 log.info("moving %s's replica from %s to %s (%s): make before break", move.source, move.old,
@@ -257,11 +271,10 @@ class Daemon:
         fed = self.ctx.federation
         tz = ZoneInfo(fed.coordinator.timezone)
         placement = self._placement()
-        wakes = [schedule.next_wakeup(fed, placement, self.job_states(), now, tz)]
+        wakes = [schedule.next_wakeup(fed, placement, self.job_states(), now, tz, memo=self._due_memo)]
         if self.maintenance_enabled:
-            history = self.ctx.history
-            wakes.append(schedule.maintenance_wakeup(fed, placement, history.pair_summaries("backup"),
-                                                     history.pair_summaries("check"), set(self.running), now, tz))
+            wakes.append(schedule.maintenance_wakeup(fed, placement, self.index.pair_summaries("backup"),
+                                                     self.index.pair_summaries("check"), set(self.running), now, tz))
         return min((w for w in wakes if w is not None), default=None)
 
     # --- jobs -------------------------------------------------------------------

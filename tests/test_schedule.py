@@ -551,3 +551,25 @@ def test_next_wakeup_ignores_jobs_due_now_and_running_ones():
     placements = {"a/x": ["h/h"], "a/y": ["h/h"]}
     states = {("a/x", "h/h"): done("a/x", "h/h", 25), ("a/y", "h/h"): running("a/y", "h/h")}
     assert next_wakeup(fed, placements, states, NOW, PARIS) is None
+
+
+def test_a_remembered_next_attempt_is_the_one_computed_at_every_moment() -> None:
+    """The daemon remembers next attempts between ticks (plan/due.py): whatever the moment it is asked, a
+    remembered one equals what next_attempt computes then, for replicas that succeeded, failed, or never ran."""
+    import random
+
+    from mutualbackup.plan.due import remembered_next_attempt
+
+    rng = random.Random(3)
+    memo: dict = {}
+    backups = [backup(), backup("6h"), backup("24h", None), backup("3h", "22:00-04:00")]
+    start = paris(2025, 3, 28)
+    for _ in range(3000):
+        chosen = rng.choice(backups)
+        success = start + dt.timedelta(hours=rng.randint(0, 200)) if rng.random() < 0.8 else None
+        failures = rng.choice((0, 0, 1, 3))
+        attempt = (success or start) + dt.timedelta(minutes=rng.randint(1, 600)) if failures else success
+        state = JobState(SRC, rng.choice(("a/st", "b/st")), success, attempt, failures)
+        now = start + dt.timedelta(minutes=rng.randint(0, 20000))  # across the spring DST change
+        assert remembered_next_attempt(memo, SRC, chosen, state, PARIS, now) == next_attempt(SRC, chosen, state, PARIS, now)
+    assert memo  # it did remember

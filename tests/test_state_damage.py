@@ -112,6 +112,6 @@ def test_the_daemon_keeps_a_copy_and_stops_saying_why_when_the_state_is_damaged(
     def broken(*_args, **_kwargs):  # noqa: ANN002, ANN003
         raise StateDamaged("the state database X is damaged (database disk image is malformed); nothing was changed.")
 
-    h.history.pair_summaries = broken  # type: ignore[method-assign]
+    h.history.snapshot = broken  # type: ignore[method-assign]  # what the daemon reads at every tick
     assert h.daemon.serve() == 1
     assert h.daemon.stop.is_set()

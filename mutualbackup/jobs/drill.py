@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mutualbackup.context import Context
 from mutualbackup.state.history import History
@@ -38,6 +38,9 @@ from mutualbackup.node.requests import host_ref
 from mutualbackup.restore.replicas import latest_listing
 from mutualbackup.jobs.control import JobControl
 from mutualbackup.remote.transport import Transport
+
+if TYPE_CHECKING:
+    from mutualbackup.state.run_index import RunIndex
 
 log = logging.getLogger("mutualbackup.jobs.drill")
 
@@ -49,40 +52,31 @@ DRILL_TIMEOUT = 6 * 3600
 # --- pure: what to sample, what is due, what went wrong -----------------------------
 
 
-def drills_due(federation: Federation, history: History, now: float | dt.datetime) -> list[str]:
+def drills_due(federation: Federation, history: History | RunIndex, now: float | dt.datetime) -> list[str]:
     """Sources whose drill is due at ``now`` (epoch seconds, or an aware datetime), most overdue first.
 
     Due: at least one successful backup, and no successful drill within
-    ``drill_every``; a failed drill is retried after ``min(drill_every, RETRY_AFTER)``.
+    ``drill_every``; a failed (or interrupted) drill is retried after ``min(drill_every, RETRY_AFTER)``.
     The daemon should not start a source's drill while that source's backup runs
-    (both lock the repository; borg would wait up to ``--lock-wait``).
+    (both lock the repository; borg would wait up to ``--lock-wait``). ``history`` is the history itself,
+    or the daemon's :class:`~mutualbackup.state.run_index.RunIndex` of it (the same answers, kept up to date).
     """
     if isinstance(now, dt.datetime):
         now = now.timestamp()
+    drills = history.drills()
     due: list[tuple[float, str]] = []
     for source in federation.sources():
         assert source.backup is not None
-        backups = [r for r in history.runs(kind="backup", source=source.name, limit=50) if r.succeeded]
-        if not backups:
+        success, attempt, backed_up = drills.get(source.name, (None, None, False))
+        if not backed_up:
             continue
-        success = _last_drill(history, source.name, successful=True)
-        attempt = _last_drill(history, source.name, successful=False)
-        since = success.started if success is not None else -math.inf  # never drilled: as soon as there is a backup
+        since = success if success is not None else -math.inf  # never drilled: as soon as there is a backup
         if now - since < source.backup.drill_every:
             continue
-        if attempt is not None and now - attempt.started < min(source.backup.drill_every, RETRY_AFTER):
+        if attempt is not None and now - attempt < min(source.backup.drill_every, RETRY_AFTER):
             continue
         due.append((since, source.name))
     return [name for _, name in sorted(due)]
-
-
-def _last_drill(history: History, source: str, *, successful: bool):  # -> Run | None
-    for run in history.runs(kind="drill", source=source, limit=20):
-        if run.result == "running":
-            continue
-        if not successful or run.succeeded:
-            return run
-    return None
 
 
 # --- running a drill --------------------------------------------------------------------

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from mutualbackup.inventory.model import Federation, Node
 from mutualbackup.plan.due import (
-    JobState, PairSummary, estimate_seconds, failing, maintenance_due, next_attempt,
+    JobState, PairSummary, estimate_seconds, failing, maintenance_due, remembered_next_attempt,
 )
 from mutualbackup.plan.windows import (
     UTC, as_utc, clear_of_window, in_window, next_occurrence, occurrence_containing, window_closed,
@@ -111,6 +111,7 @@ def select_jobs(
     sizes: Mapping[str, int] | None = None,
     max_per_source: int | None = None,
     occupancy: Occupancy | None = None,
+    memo: dict | None = None,
 ) -> list[Job]:
     """The backups to start at ``now``, in the order to start them.
 
@@ -133,7 +134,7 @@ def select_jobs(
     hosts = {node.name: node for node in federation.hosts()}
     if occupancy is None:
         occupancy = Occupancy.of((("backup", s, t) for (s, t), state in states.items() if state.running), global_limit)
-    candidates = _due_backups(federation, hosts, placements, states, now, tz, sizes)
+    candidates = _due_backups(federation, hosts, placements, states, now, tz, sizes, memo)
     selected: list[Job] = []
     for job in candidates:
         if occupancy.full:
@@ -147,6 +148,7 @@ def select_jobs(
 def _due_backups(
     federation: Federation, hosts: Mapping[str, Node], placements: Mapping[str, Sequence[str]],
     states: Mapping[tuple[str, str], JobState], now: dt.datetime, tz: ZoneInfo, sizes: Mapping[str, int] | None,
+    memo: dict | None = None,
 ) -> list[Job]:
     """The replicas whose backup is due at ``now`` inside their window, in the order to start them."""
     candidates: list[Job] = []
@@ -163,7 +165,7 @@ def _due_backups(
             state = states.get((node.name, target)) or JobState(node.name, target)
             if state.running:
                 continue
-            due = next_attempt(node.name, backup, state, tz, now)
+            due = remembered_next_attempt(memo, node.name, backup, state, tz, now)
             if due > now:
                 continue
             estimate = estimate_seconds(size, host.storage.bandwidth)
@@ -267,6 +269,7 @@ def next_wakeup(
     states: Mapping[tuple[str, str], JobState],
     now: dt.datetime,
     tz: ZoneInfo,
+    memo: dict | None = None,
 ) -> dt.datetime | None:
     """The earliest instant after ``now`` at which a job that is idle now becomes startable.
 
@@ -287,7 +290,7 @@ def next_wakeup(
             state = states.get((node.name, target)) or JobState(node.name, target)
             if target not in hosts or state.running:
                 continue
-            due = next_attempt(node.name, backup, state, tz, now)
+            due = remembered_next_attempt(memo, node.name, backup, state, tz, now)
             if due <= now:
                 if in_window(backup, tz, now):
                     continue

@@ -117,6 +117,7 @@ class History:
         except (OSError, sqlite3.Error) as exc:
             raise OperationFailed(f"cannot open the state database {self.path}: {exc}") from None
         self._lock = threading.RLock()
+        self._placement_read: tuple[tuple[int, int], dict[str, tuple[str, ...]]] | None = None
 
     def _migrate(self) -> None:
         """Bring a database made by an older version up to :data:`SCHEMA` (additive, idempotent)."""
@@ -317,11 +318,24 @@ class History:
     # --- placement ----------------------------------------------------------
 
     def placement(self) -> dict[str, tuple[str, ...]]:
-        """The recorded placement: source -> hosts, in the order they were chosen."""
-        result: dict[str, list[str]] = {}
-        for row in self._query("SELECT source, target FROM replicas ORDER BY source, position"):
-            result.setdefault(row["source"], []).append(row["target"])
-        return {source: tuple(hosts) for source, hosts in result.items()}
+        """The recorded placement: source -> hosts, in the order they were chosen (read again only when the
+        database changed: the daemon asks at every tick)."""
+        with self._lock:
+            version = self._version()
+            if self._placement_read is not None and self._placement_read[0] == version:
+                return dict(self._placement_read[1])
+            result: dict[str, list[str]] = {}
+            for row in self._query("SELECT source, target FROM replicas ORDER BY source, position"):
+                result.setdefault(row["source"], []).append(row["target"])
+            placement = {source: tuple(hosts) for source, hosts in result.items()}
+            self._placement_read = (version, placement)
+            return dict(placement)
+
+    def _version(self) -> tuple[int, int]:
+        """Changes whenever the database does: another connection's commit (SQLite's ``data_version``), or one
+        of this connection's own changes."""
+        with self._readable():
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._db.total_changes
 
     # --- replica moves (make before break) and the repositories they gave up ------------------
 
@@ -476,6 +490,17 @@ class History:
             )
             for r in rows
         }
+
+    def drills(self) -> dict[str, tuple[float | None, float | None, bool]]:
+        """Per source: (start of its last successful drill, start of its last drill that ended in any way,
+        whether it has a successful backup), for :func:`~mutualbackup.jobs.drill.drills_due`."""
+        rows = self._query(
+            """SELECT source,
+                   MAX(CASE WHEN kind = 'drill' AND result IN ('success', 'warning') THEN started END) AS success,
+                   MAX(CASE WHEN kind = 'drill' AND result != 'running' THEN started END) AS ended,
+                   MAX(kind = 'backup' AND result IN ('success', 'warning')) AS backed_up
+               FROM runs WHERE kind IN ('drill', 'backup') GROUP BY source""")
+        return {r["source"]: (r["success"], r["ended"], bool(r["backed_up"])) for r in rows}
 
     def interrupt_own_runs(self, message: str, *, now: float | None = None) -> list[Run]:
         """Mark the runs this process left ``running`` as ``interrupted`` with ``message``; return them."""
