@@ -60,7 +60,7 @@ def build(root: Path, borg: str) -> tuple[Lab, labfed.LabFederation]:
     return lab, labfed.build(lab, federation, members, root)
 
 
-def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
+def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, full_repeat: int = 3) -> dict[str, Any]:
     from mutualbackup import borg as borg_layer
     from mutualbackup.context import Context, ssh_connector
     from mutualbackup.inventory.load import load_inventory
@@ -89,6 +89,14 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
             if outcome.result != "success":
                 raise SystemExit(f"mutualbackup run failed: {outcome.error}")
 
+        program = str(Path(sys.executable).with_name("mutualbackup"))
+
+        def whole_process() -> None:
+            done = subprocess.run([program, "--inventory", str(fed.inventory), "run", SOURCE],
+                                  stdin=subprocess.DEVNULL, capture_output=True)
+            if done.returncode != 0:
+                raise SystemExit(f"mutualbackup run failed: {done.stdout.decode()[-1000:]}{done.stderr.decode()[-2000:]}")
+
         probe = _probe(root, fed)
         kept = SSHTransport(source, str(lab.coordinator_key))
 
@@ -101,7 +109,7 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
             if stdout.channel.recv_exit_status() != 0:
                 raise SystemExit("true failed through the plain login")
 
-        ways: dict[str, Callable[[], None]] = {"bare": bare, "mutualbackup": through_serve}
+        ways: dict[str, Callable[[], None]] = {"bare": bare, "mutualbackup": through_serve, "process": whole_process}
         starts: dict[str, Callable[[], None]] = {"serve hello, kept connection": hello,
                                                  "plain login, kept connection": plain_true}
         try:
@@ -115,6 +123,13 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
                     times[name].append(timed(ways[name]))
                 for name in rotating(list(starts), round_):
                     times[name].append(timed(starts[name]))
+            full: dict[str, list[float]] = {"bare": [], "process": []}
+            data = fed.data_path(SOURCE, "/srv/data")
+            for round_ in range(full_repeat):  # new data each time: borg finds nothing to deduplicate
+                for name in rotating(list(full), round_):
+                    write_data(data / "new", full_mb, small_files=0)
+                    wait_for_next_second()
+                    full[name].append(timed(ways[name]))
         finally:
             kept.close()
             probe.close()
@@ -127,6 +142,12 @@ def run(size_mb: int, repeat: int, root: Path, borg: str) -> dict[str, Any]:
         "overhead_seconds": round(medians["mutualbackup"] - medians["bare"], 3),
         "paired_overhead_seconds": round(statistics.median(
             m - b for m, b in zip(times["mutualbackup"], times["bare"])), 3),
+        "process_overhead_seconds": round(medians["process"] - medians["bare"], 3),
+        "paired_process_overhead_seconds": round(statistics.median(
+            m - b for m, b in zip(times["process"], times["bare"])), 3),
+        "full_mb": full_mb,
+        "full_seconds": {name: [round(v, 3) for v in values] for name, values in full.items()},
+        "full_ratio": round(statistics.median(full["process"]) / statistics.median(full["bare"]), 3) if full_repeat else None,
         "serve_start_seconds": round(medians["serve hello, kept connection"] - medians["plain login, kept connection"], 3),
         "goal_seconds": GOAL_SECONDS,
     }
@@ -160,7 +181,13 @@ def report(result: dict[str, Any]) -> str:
         f"  bare borg create on the source                  {m['bare']:6.3f} s",
         f"  mutualbackup run (SSH, serve, sudo, state)      {m['mutualbackup']:6.3f} s"
         f"  +{result['overhead_seconds']:.3f} s (paired +{result['paired_overhead_seconds']:.3f} s)",
+        f"  mutualbackup run, the whole process             {m['process']:6.3f} s"
+        f"  +{result['process_overhead_seconds']:.3f} s (paired +{result['paired_process_overhead_seconds']:.3f} s)",
         f"  goal: at most +{result['goal_seconds']} s",
+        *([f"a full backup of {result['full_mb']} MiB of new data, median of {len(result['full_seconds']['bare'])}: "
+           f"bare {statistics.median(result['full_seconds']['bare']):.2f} s, the whole mutualbackup run "
+           f"{statistics.median(result['full_seconds']['process']):.2f} s: ×{result['full_ratio']} (goal: ≤ ×1.03)"]
+          if result["full_ratio"] else []),
         f"  the node program's start: serve answering hello {m['serve hello, kept connection'] * 1000:6.1f} ms, "
         f"`true` on a plain login {m['plain login, kept connection'] * 1000:6.1f} ms "
         f"(+{result['serve_start_seconds'] * 1000:.0f} ms)",
@@ -171,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--full-mb", type=int, default=1024, help="new data per full backup (default 1 GiB)")
+    parser.add_argument("--full-repeat", type=int, default=3, help="full backups each way (0: none)")
     add_lab_arguments(parser)
     args = parser.parse_args(argv)
-    return run_lab_bench(args, "backup-bench-", lambda root: run(args.size_mb, args.repeat, root, args.borg), report)
+    return run_lab_bench(args, "backup-bench-", lambda root: run(args.size_mb, args.repeat, root, args.borg,
+                                                                       args.full_mb, args.full_repeat), report)
 
 
 if __name__ == "__main__":
