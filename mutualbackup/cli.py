@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=float, default=15.0, help=argparse.SUPPRESS)
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may finish before they are aborted (default 60)")
+    p.add_argument("--max-jobs", type=int, metavar="N",
+                   help="jobs at once (default: every host's max_concurrent together, between 8 and 256)")
     p = command("verify", cmd_verify, "borg check of the repositories (on the host, and the archives from the source)")
     p.add_argument("sources", nargs="*", metavar="SOURCE")
     p = command("status", cmd_status, "state of each source × replica")

@@ -46,7 +46,6 @@ from mutualbackup.state.history import StateDamaged
 
 log = logging.getLogger("mutualbackup.daemon")
 
-GLOBAL_LIMIT = 8
 GRACE_SECONDS = 60.0
 MIN_JOB_TIMEOUT = 3600.0
 MAX_JOB_TIMEOUT = 48 * 3600.0
@@ -87,7 +86,7 @@ class Daemon:
         *,
         tick: float = 15.0,
         grace: float = GRACE_SECONDS,
-        global_limit: int = GLOBAL_LIMIT,
+        global_limit: int | None = None,
         clock: Callable[[], float] = time.time,
         timeout_for: Callable[[float], float] = job_timeout,
         maintenance_enabled: bool = True,
@@ -96,7 +95,8 @@ class Daemon:
         self.ctx = ctx
         self.tick = tick
         self.grace = grace
-        self.global_limit = global_limit
+        self.fixed_limit = global_limit  # None: every host's max_concurrent together (plan/schedule.global_limit_for)
+        self.global_limit = global_limit or schedule.global_limit_for(ctx.federation)
         self.clock = clock
         self.timeout_for = timeout_for
         self.maintenance_enabled = maintenance_enabled
@@ -137,6 +137,7 @@ class Daemon:
         for problem in problems:
             log.warning("%s; it keeps the replicas it has", problem)
         self.ctx = candidate
+        self.global_limit = self.fixed_limit or schedule.global_limit_for(federation)
         self._states.clear()
         self._due_memo.clear()
         self.metrics.federation = federation

@@ -26,14 +26,15 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
         log.warning("%s; it keeps the replicas it has, and the daemon backs them up", problem)
     for run in history.mark_interrupted():
         log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
-    daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS))
+    daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS),
+                    global_limit=getattr(args, "max_jobs", None))
     address, port = federation.coordinator.metrics_address
     try:
         server, _thread = start_metrics_server(address, port, daemon.metrics)
     except OSError as exc:
         raise OperationFailed(f"cannot serve /metrics on {address}:{port}: {exc}") from None
-    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs",
-             len(federation.sources()), address, port, daemon.grace)
+    log.info("daemon started: %d source(s), metrics on http://%s:%d/metrics, grace %.0fs, at most %d jobs at once",
+             len(federation.sources()), address, port, daemon.grace, daemon.global_limit)
     systemd = Notifier()
     systemd.ready(f"{len(federation.sources())} source(s), metrics on {address}:{port}")
     daemon.heartbeat = systemd.ping

@@ -44,6 +44,7 @@ def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(l
         "-e", f"mutualbackup_state_dir={node.state} mutualbackup_sudoers={lab.sudoers_file(node)}",
         "-e", f"mutualbackup_host_key_file={node.host_key_file}.pub",
         "-e", f"mutualbackup_coordinator_pubkey='{lab.coordinator_public_key}'",
+        "-e", f"mutualbackup_keys_out={tmp_path / 'joined'}",
     ]
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible"))
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
@@ -51,6 +52,8 @@ def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(l
     assert f"host_key: {node.host_key}" in first.stdout
     node_key = first.stdout.split("node_key: ")[1].split("'")[0].split('"')[0]
     assert node_key.startswith("age1")
+    written = (tmp_path / "joined" / "coop.web1.yml").read_text()  # on the machine running Ansible, to paste
+    assert f"host_key: {node.host_key}" in written and f"node_key: {node_key}" in written
     [line] = node.authorized_keys.read_text().splitlines()
     assert re.match(rf'command="(\S*/)?mutualbackup-node serve --config {re.escape(str(node.node_config))}"', line)
     assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
@@ -66,3 +69,67 @@ def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(l
     assert "changed=0" in second.stdout
     assert f"node_key: {node_key}" in second.stdout  # the sealing key is made once
     assert node.authorized_keys.read_text() == line + "\n"
+
+
+COORDINATOR = Path(__file__).parent.parent / "playbooks" / "coordinator.yml"
+
+
+def test_the_coordinator_playbook_parses() -> None:
+    result = subprocess.run([ansible_playbook(), "--syntax-check", "-i", "localhost,", str(COORDINATOR)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.lab
+def test_the_coordinator_playbook_prepares_the_machine_with_its_apt_pip_and_user_tasks(tmp_path: Path) -> None:
+    """Run for real on this machine (as root, as CI is): the apt, pip and user tasks included, into directories
+    of the test; the user it makes is removed afterwards. A second run changes nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("the coordinator playbook makes a system user: it needs root")
+    user = "mbcoordtest"
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
+                    str(Path(__file__).parent.parent)], check=True, timeout=300, capture_output=True)
+    [wheel] = wheels.glob("mutualbackup-*.whl")
+    venv, etc, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
+    inventory = Path(__file__).parent / "inventories" / "three-members"
+    argv = [
+        ansible_playbook(), "-i", "localhost,", "-c", "local", str(COORDINATOR),
+        "-e", f"ansible_python_interpreter={sys.executable}",
+        "-e", f"mutualbackup_package={wheel} mutualbackup_pip_args=--no-deps mutualbackup_python={sys.executable}",
+        "-e", f"mutualbackup_venv={venv} mutualbackup_user={user} mutualbackup_etc={etc} mutualbackup_state={state}",
+        "-e", f"mutualbackup_inventory_src={inventory} mutualbackup_unit_dir={tmp_path / 'systemd'}",
+        "-e", "mutualbackup_start=false mutualbackup_manage_prometheus=true mutualbackup_manage_grafana=true",
+        "-e", f"mutualbackup_prometheus_dir={tmp_path / 'prometheus'} mutualbackup_grafana_provisioning="
+              f"{tmp_path / 'grafana'} mutualbackup_grafana_dashboards={tmp_path / 'dashboards'}",
+    ]
+    (tmp_path / "prometheus").mkdir()
+    (tmp_path / "systemd").mkdir()
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible"))
+    try:
+        first = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        key = etc / "id_ed25519"
+        assert f"coordinator_pubkey: {key.with_suffix('.pub').read_text().strip()}" in first.stdout
+        owner = subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout.strip()
+        assert key.stat().st_uid == int(owner) and oct(key.stat().st_mode & 0o777) == "0o600"
+        assert state.stat().st_uid == int(owner) and oct(state.stat().st_mode & 0o777) == "0o700"
+        unit = (tmp_path / "systemd" / "mutualbackup.service").read_text()
+        assert f"ExecStart={venv}/bin/mutualbackup daemon" in unit and f"User={user}\n" in unit
+        assert f"ReadWritePaths={state}" in unit and f"MUTUALBACKUP_INVENTORY={etc}/inventory" in unit
+        assert (etc / "inventory" / "federation.yml").is_file()
+        assert (tmp_path / "prometheus" / "mutualbackup-alerts.yml").is_file()
+        assert (tmp_path / "prometheus" / "prometheus.yml").is_file()
+        assert sorted(p.name for p in (tmp_path / "dashboards").iterdir()) == ["federation-overview.json", "host.json",
+                                                                              "member.json"]
+        assert (tmp_path / "grafana" / "datasources" / "mutualbackup.yml").is_file()
+        # the package the pip task installed is the one the unit runs (its dependencies are this test's own)
+        [site] = venv.glob("lib/python*/site-packages")
+        (site / "test-dependencies.pth").write_text(next(p for p in sys.path if p.endswith("site-packages")) + "\n")
+        version = subprocess.run([str(venv / "bin" / "mutualbackup"), "--version"], capture_output=True, text=True)
+        assert version.returncode == 0 and version.stdout.startswith("mutualbackup "), version.stderr
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        assert second.returncode == 0 and re.search(r"changed=0\b", second.stdout), second.stdout + second.stderr
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)

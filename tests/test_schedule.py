@@ -573,3 +573,18 @@ def test_a_remembered_next_attempt_is_the_one_computed_at_every_moment() -> None
         now = start + dt.timedelta(minutes=rng.randint(0, 20000))  # across the spring DST change
         assert remembered_next_attempt(memo, SRC, chosen, state, PARIS, now) == next_attempt(SRC, chosen, state, PARIS, now)
     assert memo  # it did remember
+
+
+def test_the_daemon_runs_as_many_jobs_at_once_as_the_hosts_take_between_8_and_256() -> None:
+    from mutualbackup.plan.schedule import global_limit_for
+
+    def hosts(count: int, each: int) -> Federation:
+        members = tuple(Member(f"m{i}", "", "s", (Node(member=f"m{i}", slug="st", address="192.0.2.1", port=22, user="u",
+                                                       host_key="ssh-ed25519 AAAA", site="s",
+                                                       storage=Storage(path="/srv", capacity=1, max_concurrent=each)),))
+                        for i in range(count))
+        return Federation("f", Coordinator("/k", "/s"), members)
+
+    assert global_limit_for(hosts(2, 2)) == 8  # a small federation keeps the floor
+    assert global_limit_for(hosts(10, 3)) == 30
+    assert global_limit_for(hosts(1000, 2)) == 256  # the coordinator's threads and sessions, bounded

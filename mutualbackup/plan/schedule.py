@@ -54,6 +54,19 @@ def _reason(state: JobState) -> str:
     return "never" if state.last_success is None else "due"
 
 
+GLOBAL_LIMIT_FLOOR, GLOBAL_LIMIT_CAP = 8, 256
+
+
+def global_limit_for(federation: Federation) -> int:
+    """How many jobs the daemon runs at once: every host's ``max_concurrent`` together, between 8 and 256.
+
+    Each job costs the coordinator a thread and an SSH session that carries requests and replies, never the
+    data (borg sends it from the source to the host): a federation of a thousand hosts must not be held to
+    a handful of backups at a time, or its night cannot end in its window (bench/night_bench.py)."""
+    total = sum(h.storage.max_concurrent for h in federation.hosts() if h.storage is not None)
+    return max(GLOBAL_LIMIT_FLOOR, min(GLOBAL_LIMIT_CAP, total))
+
+
 @dataclass
 class Occupancy:
     """What runs now, counted the way every limit reads it: jobs per host, per source, maintenance per host, in all.
