@@ -371,7 +371,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 outcomes.append(None)
                 continue
-            outcome = run_backup(ctx, source, target)
+            progress = job_progress(f"{source.name} → {target.name}  ")
+            with progress.beside_logs() if progress is not None else contextlib.nullcontext():
+                outcome = run_backup(ctx, source, target, on_progress=progress)
             outcomes.append(outcome)
             if not args.json:
                 print_backup(outcome)
@@ -380,6 +382,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes if o is not None], indent=2))
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
+
+
+def job_progress(label: str):  # noqa: ANN201 - TerminalProgress | None
+    """A backup's progress line on an operator's terminal (stderr); None when stderr is not one (a pipe, a
+    journal): then only the result lines are printed."""
+    if not sys.stderr.isatty():
+        return None
+    from mutualbackup.terminal import TerminalProgress, format_create_progress
+
+    return TerminalProgress(sys.stderr, describe=lambda progress, seconds: label + format_create_progress(progress,
+                                                                                                          seconds))
 
 
 def job_in_progress(ctx: Context, source: str, target: str) -> str | None:

@@ -1,4 +1,8 @@
-"""On an operator's terminal: a progress line that log lines go above, and who is at the keyboard."""
+"""On an operator's terminal: a progress line that log lines go above, and who is at the keyboard.
+
+Written here rather than taken from rich or tqdm: one line rewritten with ``\r`` at most five times a second,
+erased for log lines from other threads (:meth:`TerminalProgress.beside_logs`), and nothing at all when the
+output is not a terminal — a few dozen lines, where either library would add an import to every command."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from mutualbackup.borg import ExtractProgress
+from mutualbackup.borg import CreateProgress, ExtractProgress
 
 
 def requested_by() -> str:
@@ -35,6 +39,15 @@ def format_progress(progress: ExtractProgress, seconds: float) -> str:
     return f"{progress.files} item(s)  {format_size(progress.bytes_done)}{total}  {format_size(int(rate))}/s"
 
 
+def format_create_progress(progress: CreateProgress, seconds: float) -> str:
+    """One progress line of a backup: files and bytes read, bytes new to the repository, the read rate."""
+    from mutualbackup.inventory.units import format_size
+
+    rate = progress.original_bytes / seconds if seconds > 0 else 0.0
+    return (f"{progress.files} file(s)  {format_size(progress.original_bytes)} read  "
+            f"{format_size(progress.deduplicated_bytes)} new  {format_size(int(rate))}/s")
+
+
 class TerminalProgress:
     """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses.
 
@@ -43,22 +56,30 @@ class TerminalProgress:
     line first and draws it again after (log lines come from other threads too).
     """
 
-    def __init__(self, stream, clock: Callable[[], float] = time.monotonic) -> None:  # noqa: ANN001
+    def __init__(self, stream, clock: Callable[[], float] = time.monotonic,  # noqa: ANN001
+                 describe: Callable[..., str] = format_progress) -> None:
         self.stream = stream
         self.clock = clock
+        self.describe = describe  # (progress, seconds) -> the line
         self.started = clock()
         self.shown = 0.0
         self.width = 0
         self.text = ""
         self.lock = threading.RLock()
 
-    def __call__(self, progress: ExtractProgress) -> None:
+    def __call__(self, progress: ExtractProgress | CreateProgress) -> None:
         now = self.clock()
         if now - self.shown < 0.2:
             return
         self.shown = now
         with self.lock:
-            self._write(format_progress(progress, now - self.started))
+            self._write(self.describe(progress, now - self.started)[:self.columns()])
+
+    def columns(self) -> int:
+        """The terminal's width (a line longer than it would wrap, and \r would not erase it)."""
+        import shutil
+
+        return max(20, shutil.get_terminal_size((120, 24)).columns - 1)
 
     def _write(self, text: str) -> None:
         self.stream.write("\r" + text.ljust(self.width))

@@ -66,6 +66,7 @@ from mutualbackup.borg.output import (  # noqa: F401
     Entry,
     parse_catalogue,
     mode_bits,
+    CreateProgress,
     ExtractProgress,
     parse_key_export,
     error_lines,

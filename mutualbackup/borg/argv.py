@@ -20,9 +20,11 @@ def init_argv(borg: str, url: str) -> tuple[str, ...]:
     return (borg, "init", "--encryption=repokey-blake2", url)
 
 
-def create_argv(borg: str, url: str, archive: str, backup: Backup) -> tuple[str, ...]:
+def create_argv(borg: str, url: str, archive: str, backup: Backup, *, progress: bool = False) -> tuple[str, ...]:
+    """``progress``: borg also reports on stderr as it goes (JSON ``archive_progress`` lines, for a terminal)."""
     argv: list[str] = [
-        borg, "create", "--json", "--log-json", "--lock-wait", str(LOCK_WAIT), "--compression", backup.compression,
+        borg, "create", "--json", "--log-json", *(["--progress"] if progress else []), "--lock-wait", str(LOCK_WAIT),
+        "--compression", backup.compression,
     ]
     for pattern in backup.exclude:
         argv += ["--exclude", pattern]

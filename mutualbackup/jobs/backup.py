@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from mutualbackup import borg
 from mutualbackup.context import Context
@@ -25,6 +25,7 @@ from mutualbackup.inventory.model import Backup, Node
 from mutualbackup.jobs.control import JobControl
 from mutualbackup.jobs.crash_cleanup import source_role
 from mutualbackup.jobs.runs import RecordedRun, RunFailed, aborted, refused_by_node, running
+from mutualbackup.node.protocol import log_lines
 from mutualbackup.node.requests import host_ref
 from mutualbackup.remote.transport import Result, reply_result
 
@@ -62,12 +63,14 @@ def run_backup(
     timeout: float = BACKUP_TIMEOUT,
     clock: Callable[[], float] = time.time,
     control: JobControl | None = None,
+    on_progress: Callable[[borg.CreateProgress], None] | None = None,
 ) -> Outcome:
     """Back ``source`` up into its repository on ``host``; record and return the outcome.
 
     ``timeout`` bounds the whole job (``before:`` commands and borg); ``clock``
     gives the times recorded (and the archive name); ``control`` lets the daemon
-    abort the job. Never raises for a failed backup.
+    abort the job; ``on_progress`` (an operator's terminal) hears borg's progress as it goes. Never raises
+    for a failed backup.
     """
     assert source.backup is not None
     last = ctx.history.last_run("backup", source.name, host.name)
@@ -76,7 +79,7 @@ def run_backup(
     if last is not None and int(last.started) >= int(clock()):  # archive names carry the second: never one twice
         time.sleep(max(0.0, min(1.0, int(last.started) + 1 - clock())))
     with RecordedRun(ctx.history, "backup", source.name, host.name, clock=clock, control=control, logger=log) as run:
-        _back_up(ctx, run, source, host, timeout, clock, control)
+        _back_up(ctx, run, source, host, timeout, clock, control, on_progress)
     done = run.outcome
     assert done is not None
     if done.result == "failure" and done.exit_code is not None and borg.classify_exit(done.exit_code) == "error":
@@ -87,9 +90,10 @@ def run_backup(
 
 
 def _back_up(ctx: Context, run: RecordedRun, source: Node, host: Node, timeout: float,
-             clock: Callable[[], float], control: JobControl | None) -> None:
+             clock: Callable[[], float], control: JobControl | None,
+             on_progress: Callable[[borg.CreateProgress], None] | None = None) -> None:
     """The ``before:`` commands and borg create; the run's verdict from borg's exit code and output."""
-    result = _create(ctx, source, host, run.id, run.started, timeout, clock, control)
+    result = _create(ctx, source, host, run.id, run.started, timeout, clock, control, on_progress)
     exit_code = result.exit_code
     verdict = borg.classify_exit(exit_code)
     said = borg.parse_log(result.stderr)
@@ -140,6 +144,7 @@ def _roll_back(ctx: Context, source: Node, host: Node, clock: Callable[[], float
 def _create(
     ctx: Context, source: Node, host: Node, run_id: int, started: float, timeout: float,
     clock: Callable[[], float], control: JobControl | None,
+    on_progress: Callable[[borg.CreateProgress], None] | None = None,
 ) -> Result:
     """Ask the source for the ``before:`` commands, then ``borg create``; the Result of borg create."""
     assert source.backup is not None
@@ -147,9 +152,17 @@ def _create(
     archive = borg.archive_name(source, dt.datetime.fromtimestamp(started, dt.timezone.utc))
     args = {"host": host_ref(host), "archive": archive, "timeout": timeout, "run_id": run_id,
             "backup": backup_spec(source.backup), "signed": ctx.signed(source.member)}
+    heard = None
+    if on_progress is not None:
+        args["progress"] = True
+        progress = borg.CreateProgress()
+
+        def heard(event: Mapping[str, Any]) -> None:
+            if any([progress.feed(line) for line in log_lines(event)]):
+                on_progress(progress)
     with ctx.session(source, control) as transport:
         with running(control, source, source_role(host.name)):
-            reply = transport.request("backup", args, timeout=timeout + REPLY_MARGIN)
+            reply = transport.request("backup", args, timeout=timeout + REPLY_MARGIN, on_event=heard)
     if "before" in reply.data:
         done = reply_result(reply, "before")
         command = reply.data["before"].get("command", "")

@@ -138,9 +138,16 @@ def backup(session: Session, args: Args) -> Mapping[str, Any]:
         if not done.ok:
             return {"before": {"command": command, **result_data(done)}}
     url = borg.repository_url_for(session.config.member, session.config.node, host)
-    created = session.system.run(borg.create_argv(session.config.borg, url, archive, spec),
-                                 env=borg.client_env(paths(session)), timeout=max(1.0, deadline - time.monotonic()),
-                                 pidfile=pidfile, run_id=run_id)
+    progress = args.get("progress") is True  # an operator watches: borg's progress lines are sent as they come
+    lines = LineBatch(session, every=0.5) if progress else None
+    try:
+        created = session.system.run(borg.create_argv(session.config.borg, url, archive, spec, progress=progress),
+                                     env=borg.client_env(paths(session)),
+                                     timeout=max(1.0, deadline - time.monotonic()), pidfile=pidfile, run_id=run_id,
+                                     on_stderr_line=lines)
+    finally:
+        if lines is not None:
+            lines.flush()
     return {"create": result_data(created)}
 
 
