@@ -20,15 +20,7 @@ def plain_place(
     sizes: Mapping[str, int] | None = None,
     unavailable: Collection[str] = (),
 ) -> Placement:
-    """Choose hosts for every source's replicas.
-
-    ``current`` is the placement recorded in the state (source -> hosts); ``sizes``
-    maps a source to its measured repository size in bytes. Sources are placed
-    largest first (then by name), which packs better and keeps the result stable.
-    Never raises for an unsatisfiable placement: it returns ``problems``. A host that is draining, or
-    in ``unavailable`` (unreachable for longer than its ``host_down_after``), takes no replica, and
-    the replicas it holds are not kept.
-    """
+    """``plan.placement.place`` as it was: the same rules, every choice a scan of every valid host."""
     current = current or {}
     sizes = sizes or {}
     hosts = {h.name: h for h in federation.hosts() if h.name not in unavailable and not _draining(h)}

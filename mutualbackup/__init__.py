@@ -1,3 +1,20 @@
 """mutualbackup: encrypted backups of a federation's servers onto each other's disks."""
 
 __version__ = "0.1.0"
+
+
+def leave(code: int) -> None:
+    """End the program now with ``code``, its output flushed: both executables call it once their work is
+    recorded (SQLite commits as it goes), skipping the interpreter's cleanup — tens of milliseconds of every
+    backup job spent collecting objects and joining finished threads."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

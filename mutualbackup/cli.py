@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from mutualbackup import __version__
+from mutualbackup import __version__, leave
 from mutualbackup.context import Context, require_placeable, ssh_connector
 from mutualbackup.report.text import (
     print_backup, print_doctor, print_drills, print_ledger, print_moves, print_plan, print_restore, print_status, print_verify,
@@ -59,21 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The ``mutualbackup`` executable: :func:`main`, then out at once. Everything is recorded and flushed by
-    then (SQLite commits as it goes); what the interpreter would still do — collect every object, join
-    paramiko's finished threads — is tens of milliseconds of every backup job for nothing."""
-    code = main()
-    exit_now(code)
-
-
-def exit_now(code: int) -> None:
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    """The ``mutualbackup`` executable: :func:`main`, then out at once (:func:`mutualbackup.leave`)."""
+    leave(main())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,14 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> None:
     """The ``mutualbackup-node`` executable: :func:`main`, then out at once (its reply is written and flushed;
-    the interpreter's own cleanup would only add to every request's time)."""
-    code = main()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    see :func:`mutualbackup.leave`)."""
+    from mutualbackup import leave
+
+    leave(main())
 
 
 def to_root(args: list[str]) -> None:
