@@ -322,7 +322,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.provision import apply
     ctx = open_context(args)
-    report = apply(ctx)
+    steps = step_progress()
+    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+        report = apply(ctx, on_step=steps)
     for line in report.changes:
         print(line)
     for line in report.notes:
@@ -380,6 +382,16 @@ def job_progress(label: str):  # noqa: ANN201 - TerminalProgress | None
 
     return TerminalProgress(sys.stderr, describe=lambda progress, seconds: label + format_create_progress(progress,
                                                                                                           seconds))
+
+
+def step_progress():  # noqa: ANN201 - TerminalProgress | None
+    """A line saying which step a long command is at, and for how long it has run, on an operator's terminal
+    (stderr); None when stderr is not one."""
+    if not sys.stderr.isatty():
+        return None
+    from mutualbackup.terminal import TerminalProgress
+
+    return TerminalProgress(sys.stderr, describe=lambda text, seconds: f"{text}  ({seconds:.0f} s)", every=0.0)
 
 
 def job_in_progress(ctx: Context, source: str, target: str) -> str | None:
@@ -466,7 +478,13 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
-    outcomes = [run_drill(ctx, source) for source in sources]
+    steps = step_progress()
+    outcomes = []
+    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+        for number, source in enumerate(sources, 1):
+            if steps is not None:
+                steps(f"drill {number} of {len(sources)}: {source.name}")
+            outcomes.append(run_drill(ctx, source))
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes], indent=2))
     else:
@@ -501,7 +519,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
-    return print_verify(verify(ctx, sources))
+    steps = step_progress()
+    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+        outcomes = verify(ctx, sources, on_step=steps)
+    return print_verify(outcomes)
 
 
 def cmd_ansible_inventory(args: argparse.Namespace) -> int:

@@ -57,9 +57,10 @@ class TerminalProgress:
     """
 
     def __init__(self, stream, clock: Callable[[], float] = time.monotonic,  # noqa: ANN001
-                 describe: Callable[..., str] = format_progress) -> None:
+                 describe: Callable[..., str] = format_progress, every: float = 0.2) -> None:
         self.stream = stream
         self.clock = clock
+        self.every = every  # seconds between two updates (0: each step is shown)
         self.describe = describe  # (progress, seconds) -> the line
         self.started = clock()
         self.shown = 0.0
@@ -67,9 +68,9 @@ class TerminalProgress:
         self.text = ""
         self.lock = threading.RLock()
 
-    def __call__(self, progress: ExtractProgress | CreateProgress) -> None:
+    def __call__(self, progress: ExtractProgress | CreateProgress | str) -> None:
         now = self.clock()
-        if now - self.shown < 0.2:
+        if now - self.shown < self.every:
             return
         self.shown = now
         with self.lock:

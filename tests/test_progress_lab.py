@@ -1,5 +1,6 @@
 """`mutualbackup run` on an operator's terminal shows the backup moving (files, bytes read, bytes new, rate),
-rewritten on one line; piped, it prints nothing but its result lines. The whole program, on a pseudo-terminal,
+rewritten on one line, and `verify` and `apply` which step they are at; piped, they print nothing but their
+result lines. The whole program, on a pseudo-terminal,
 against lab nodes over real ssh."""
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def test_a_backup_piped_prints_only_its_result_lines(fed: LabFederation) -> None
     assert done.returncode == 0, done.stdout + done.stderr
     assert "\r" not in done.stdout + done.stderr and " read  " not in done.stdout + done.stderr
     assert [line for line in done.stdout.splitlines() if line.strip()], done.stdout
+
+
+def test_verify_and_apply_on_a_terminal_say_which_step_they_are_at(fed: LabFederation) -> None:
+    code, written = on_a_terminal([PROGRAM, "--inventory", str(fed.inventory), "verify", SOURCE])
+    text = written.decode("utf-8", "replace")
+    assert code == 0, text
+    assert f"\rverify 1 of 1: {SOURCE} on beta/store  (" in text, text
+    code, written = on_a_terminal([PROGRAM, "--inventory", str(fed.inventory), "apply"])
+    text = written.decode("utf-8", "replace")
+    assert code == 0, text
+    assert f"apply: preparing {SOURCE} (1 of 1 sources)" in text and "apply: the replica lines of beta/store" in text
+    done = subprocess.run([PROGRAM, "--inventory", str(fed.inventory), "verify", SOURCE], capture_output=True, text=True)
+    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and "verify 1 of 1" not in done.stderr
 
 
 def test_borgs_progress_lines_make_the_progress_and_its_line() -> None:

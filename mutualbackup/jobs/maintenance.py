@@ -324,12 +324,16 @@ def maintain_replica(
     return outcomes
 
 
-def verify(ctx: Context, sources: Sequence[Node], *, clock: Callable[[], float] = time.time) -> list[RunOutcome]:
-    """``mutualbackup verify``: :func:`check_replica` of every replica of ``sources``."""
+def verify(ctx: Context, sources: Sequence[Node], *, clock: Callable[[], float] = time.time,
+           on_step: Callable[[str], None] | None = None) -> list[RunOutcome]:
+    """``mutualbackup verify``: :func:`check_replica` of every replica of ``sources`` (``on_step`` hears which)."""
+    pairs = [(source, target) for source in sources
+             for target in ctx.replica_hosts(source.name)]  # a host that left is skipped, with a warning
     outcomes: list[RunOutcome] = []
-    for source in sources:
-        for target in ctx.replica_hosts(source.name):  # a host that left is skipped, with a warning
-            outcomes += check_replica(ctx, source, target, clock=clock)
+    for number, (source, target) in enumerate(pairs, 1):
+        if on_step is not None:
+            on_step(f"verify {number} of {len(pairs)}: {source.name} on {target.name}")
+        outcomes += check_replica(ctx, source, target, clock=clock)
     return outcomes
 
 

@@ -46,25 +46,31 @@ def quota_size(source: Node, sizes: Mapping[str, int]) -> int:
     return max(sizes.get(source.name, 0), source.backup.estimate or 0)
 
 
-def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
+def apply(ctx: Context, *, on_step: Callable[[str], None] | None = None) -> ApplyReport:
     """Provision every source and host of the placement. Failures are collected, not raised.
 
     Three passes: the sources (key, passphrase, pinned hosts), the hosts (their lines), then
     ``borg init`` of each new repository from its source; the placement that exists is recorded.
+    ``on_step`` hears what is being done (an operator's terminal).
     """
+    step = on_step or (lambda _text: None)
     report = ApplyReport()
     if not ctx.history.placement():
+        step("asking the hosts which repositories they hold")
         adopt(ctx, report)
     targets = _targets(ctx, report)
     public_keys: dict[str, str] = {}
-    for source in ctx.federation.sources():
+    sources, hosts = ctx.federation.sources(), ctx.federation.hosts()
+    for number, source in enumerate(sources, 1):
+        step(f"apply: preparing {source.name} ({number} of {len(sources)} sources)")
         try:
             with ctx.session(source) as transport:
                 public_keys[source.name] = _prepare_source(ctx, transport, source, targets.get(source.name, ()), report)
         except MutualBackupError as exc:
             report.failures.append(f"{source.name}: {exc}")
     sizes = ctx.history.repository_sizes()
-    for host in ctx.federation.hosts():
+    for number, host in enumerate(hosts, 1):
+        step(f"apply: the replica lines of {host.name} ({number} of {len(hosts)} hosts)")
         try:
             with ctx.session(host) as transport:
                 _prepare_host(transport, host, _replicas_of(ctx, targets, host, public_keys, sizes), report)
@@ -72,7 +78,8 @@ def apply(ctx: Context, *, say: Callable[[str], None] = print) -> ApplyReport:
             report.failures.append(f"{host.name}: {exc}")
     previous = ctx.history.placement()
     recorded: dict[str, tuple[str, ...]] = {}
-    for source in ctx.federation.sources():
+    for number, source in enumerate(sources, 1):
+        step(f"apply: the repositories of {source.name} ({number} of {len(sources)} sources)")
         if source.name not in public_keys:  # not reached: what existed stays recorded
             recorded[source.name] = tuple(previous.get(source.name, ()))
             continue
