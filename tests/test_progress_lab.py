@@ -105,6 +105,41 @@ def test_verify_and_apply_on_a_terminal_say_which_step_they_are_at(fed: LabFeder
     assert done.returncode == 0 and "\r" not in done.stdout + done.stderr and "verify 1 of 1" not in done.stderr
 
 
+def test_the_coordinator_hears_how_far_a_backup_is_never_which_files(fed: LabFederation) -> None:
+    """The node sends borg's progress without the path borg is at, and returns its stderr without them."""
+    from mutualbackup.context import Context, ssh_connector
+    from mutualbackup.inventory.load import load_inventory
+    from mutualbackup.jobs import backup as jobs_backup
+    from mutualbackup.state.history import History
+
+    new_data(fed, "fourth", 200)
+    time.sleep(1.1)
+    heard: list[str] = []
+    seen = jobs_backup.log_lines
+    jobs_backup.log_lines = lambda event: heard.extend(seen(event)) or seen(event)  # type: ignore[assignment]
+    try:
+        federation = load_inventory(str(fed.inventory))
+        ctx = Context(federation, History(fed.state), ssh_connector(federation))
+        outcome = jobs_backup.run_backup(ctx, ctx.node(SOURCE), ctx.node("beta/store"), on_progress=lambda _p: None)
+    finally:
+        jobs_backup.log_lines = seen  # type: ignore[assignment]
+    assert outcome.result == "success", outcome.error
+    assert heard and all('"archive_progress"' in line for line in heard)
+    assert not [line for line in heard if '"path"' in line or "blob-" in line or "/srv" in line]
+
+
+def test_progress_lines_leave_the_node_without_their_paths() -> None:
+    from mutualbackup.node.source import progress_numbers, without_progress
+
+    line = ('{"type": "archive_progress", "original_size": 10, "compressed_size": 9, "deduplicated_size": 8, '
+            '"nfiles": 2, "path": "srv/secret/salaries.ods", "time": 1.0}')
+    assert "salaries" not in progress_numbers(line) and '"nfiles": 2' in progress_numbers(line)
+    assert progress_numbers('{"type": "log_message", "message": "srv/secret"}') is None
+    assert progress_numbers("not json") is None
+    stderr = (line + '\n{"type": "log_message", "levelname": "WARNING", "message": "x"}\n').encode()
+    assert without_progress(stderr) == b'{"type": "log_message", "levelname": "WARNING", "message": "x"}\n'
+
+
 def test_borgs_progress_lines_make_the_progress_and_its_line() -> None:
     progress = CreateProgress()
     assert not progress.feed('{"type": "log_message", "levelname": "INFO", "message": "x"}')

@@ -206,12 +206,11 @@ def mode_bits(mode: str) -> int:
 @dataclass
 class CreateProgress:
     """What ``borg create --log-json --progress`` has said so far (fed line by line): files read, bytes read,
-    bytes new to the repository (what is sent), and the path it is at."""
+    bytes new to the repository (what is sent). Never the path it is at: the node leaves it out."""
 
     files: int = 0
     original_bytes: int = 0
     deduplicated_bytes: int = 0
-    path: str = ""
 
     def feed(self, line: str) -> bool:
         """Take one stderr line; True when it was a progress report."""
@@ -224,7 +223,6 @@ class CreateProgress:
         self.files = int(event.get("nfiles") or 0)
         self.original_bytes = int(event.get("original_size") or 0)
         self.deduplicated_bytes = int(event.get("deduplicated_size") or 0)
-        self.path = str(event.get("path") or "")
         return True
 
 

@@ -8,6 +8,8 @@ state directory; borg reads the passphrase itself (``BORG_PASSCOMMAND``).
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import os
 import re
 import time
@@ -138,17 +140,45 @@ def backup(session: Session, args: Args) -> Mapping[str, Any]:
         if not done.ok:
             return {"before": {"command": command, **result_data(done)}}
     url = borg.repository_url_for(session.config.member, session.config.node, host)
-    progress = args.get("progress") is True  # an operator watches: borg's progress lines are sent as they come
+    progress = args.get("progress") is True  # an operator watches: how far borg is, sent as it goes
     lines = LineBatch(session, every=0.5) if progress else None
+
+    def heard(line: str) -> None:
+        numbers = progress_numbers(line)
+        if numbers is not None and lines is not None:
+            lines(numbers)
+
     try:
         created = session.system.run(borg.create_argv(session.config.borg, url, archive, spec, progress=progress),
                                      env=borg.client_env(paths(session)),
                                      timeout=max(1.0, deadline - time.monotonic()), pidfile=pidfile, run_id=run_id,
-                                     on_stderr_line=lines)
+                                     on_stderr_line=heard if progress else None)
     finally:
         if lines is not None:
             lines.flush()
+    if progress:
+        created = dataclasses.replace(created, stderr=without_progress(created.stderr))
     return {"create": result_data(created)}
+
+
+PROGRESS_FIELDS = ("type", "original_size", "compressed_size", "deduplicated_size", "nfiles", "time", "finished")
+
+
+def progress_numbers(line: str) -> str | None:
+    """borg's ``archive_progress`` line, without the path it is at: the coordinator learns how far a backup
+    is, never which files a member has. None for any other line."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "archive_progress":
+        return None
+    return json.dumps({key: event[key] for key in PROGRESS_FIELDS if key in event})
+
+
+def without_progress(stderr: bytes) -> bytes:
+    """borg's stderr without its progress lines (they name files; the streamed numbers said all of it)."""
+    return b"\n".join(line for line in stderr.split(b"\n") if b'"archive_progress"' not in line)
 
 
 def _backup_spec(args: Args) -> Backup:
