@@ -128,10 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
     p = command("accept-deletion", cmd_accept_deletion,
-                "as one of the source's member's admins, accept the deletions a refused compaction listed")
+                "write the statement of a refused compaction for one of the member's admins to sign, or record "
+                "it signed: the deletions it lists are then freed by the next compaction")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--replica", metavar="HOST")
-    p.add_argument("--key", metavar="KEY", help="an admin's SSH private key (default: the ssh-agent)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--statement", metavar="FILE", help="write the statement to sign into FILE")
+    given.add_argument("--signature", metavar="FILE",
+                       help="the admin's signature of it (ssh-keygen -Y sign -n mutualbackup-accept-deletion)")
     p = command("ansible-inventory", cmd_ansible_inventory,
                 "the nodes as an Ansible inventory (script protocol: --list, or --host NAME)")
     p.add_argument("--list", action="store_true", dest="list_all")
@@ -250,30 +254,34 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_accept_deletion(args: argparse.Namespace) -> int:
-    from mutualbackup.inventory.signatures import agent_keys
-    from mutualbackup.jobs.acceptance import accept, refusals
+    from mutualbackup.jobs.acceptance import NAMESPACE, accept, refusal_of
 
     ctx = open_context(args)
     source = ctx.source(args.source)
     if args.replica is not None and args.replica not in ctx.replicas_of(source.name):
         raise UsageError(f"{args.replica} holds no replica of {source.name} (its replicas: "
                          f"{', '.join(ctx.replicas_of(source.name)) or 'none'})")
-    found = refusals(ctx, source, args.replica)
-    if not found:
-        raise UsageError(f"nothing to accept: no compaction of {source.name}"
-                         f"{' on ' + args.replica if args.replica else ''} is refused now (see `mutualbackup status`)")
-    admins = {" ".join(a.key.split()[:2]) for a in ctx.federation.member(source.member).admins}
-    key, agent_key = args.key, None
-    if key is None:
-        held = [k for k in agent_keys() if k in admins]
-        if not held:
-            raise UsageError(f"the ssh-agent holds no key of {source.member}'s admins; add one (ssh-add) or give --key KEY")
-        agent_key = held[0]
-    for refusal in found:
+    refusal = refusal_of(ctx, source, args.replica)
+    if args.statement:
+        try:
+            with open(args.statement, "w", encoding="utf-8") as handle:
+                handle.write(refusal.statement(ctx.federation.name))
+        except OSError as exc:
+            raise OperationFailed(f"cannot write {args.statement}: {exc.strerror}") from None
         print(refusal.statement(ctx.federation.name), end="")
-        signer = accept(ctx, refusal, key=key, agent_key=agent_key)
-        print(f"accepted by {signer}: the next compaction of {refusal.source} on {refusal.host} frees this data for "
-              "good; anything deleted beyond it is refused again\n")
+        print(f"\nwrote {args.statement}. One of {source.member}'s admins reads it and, on their own machine, signs "
+              f"it:\n  ssh-keygen -Y sign -n {NAMESPACE} -f ~/.ssh/id_ed25519 {os.path.basename(args.statement)}\n"
+              f"then: mutualbackup accept-deletion {source.name} --replica {refusal.host} "
+              f"--signature {args.statement}.sig")
+        return 0
+    try:
+        with open(args.signature, "rb") as handle:
+            signature = handle.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.signature}: {exc.strerror}") from None
+    signer = accept(ctx, refusal, signature)
+    print(f"accepted by {signer}: the next compaction of {refusal.source} on {refusal.host} frees what the statement "
+          "lists for good; anything deleted beyond it is refused again")
     return 0
 
 

@@ -198,28 +198,50 @@ def test_compaction_refuses_an_archive_deleted_and_recreated_under_its_name_and_
     assert len(logged) == len(DATED) + 1 + 3  # creates, the prune, and the three others
 
 
+def sign_statement(path: Path, key: Path) -> Path:
+    """What an admin does on their own machine: sign the statement, in the acceptance's namespace."""
+    done = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "mutualbackup-accept-deletion", "-f", str(key), str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return Path(f"{path}.sig")
+
+
 def test_only_the_members_admin_accepts_a_deliberate_deletion_and_the_next_compaction_frees_it(
-        fed: LabFederation) -> None:
+        fed: LabFederation, tmp_path: Path) -> None:
     ctx = context(fed)
     refused = ctx.history.last_run("compact", SOURCE, HOST)
     detail = json.loads(refused.detail)
     assert detail["refused"] and detail["vanished"] and detail["replaced"]
-    assert "mutualbackup accept-deletion alpha/web" in refused.error
+    assert "mutualbackup accept-deletion alpha/web" in refused.error and "--statement" in refused.error
     on_disk = snapshot(repo_dir(fed))
-    # the coordinator's operator with another member's admin key, or the coordinator's own key: refused
+    statement = tmp_path / "statement"
+    code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--statement", str(statement))
+    assert code == 0, out + err
+    text = statement.read_text()
+    assert '"web-2025-02-10T10:00:00"' in text and "mutualbackup-accept-deletion" in out
+    assert ctx.history.last_run("accept-deletion", SOURCE, HOST) is None  # writing the statement records nothing
+    # signed by another member's admin, or by the coordinator's own key: refused, nothing recorded
     for key in (fed.lab.admin_key("beta", "admin"), fed.lab.coordinator_key):
-        code, out, err = mb(fed, "accept-deletion", SOURCE, "--key", str(key))
+        forged = tmp_path / f"forged-{key.name}"
+        forged.write_text(text)
+        code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--signature",
+                            str(sign_statement(forged, key)))
         assert code == 1 and "only one of alpha's admins" in err and "nothing recorded" in err, out + err
+    edited = tmp_path / "edited"  # the admin's own signature, of a statement that says more than the refusal
+    edited.write_text(text.replace('"web-2025-02-10T10:00:00"', '"web-2025-02-10T10:00:00", "web-2025-03-11T10:00:00"'))
+    code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--signature",
+                        str(sign_statement(edited, fed.lab.admin_key("alpha", "admin"))))
+    assert code == 1 and "nothing recorded" in err
     assert ctx.history.last_run("accept-deletion", SOURCE, HOST) is None
     assert mb(fed, "status")[0] == 1
-    code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--key", str(fed.lab.admin_key("alpha", "admin")))
-    assert code == 0, out + err
-    assert "archives gone: web-2025-02-10T10:00:00" in out and "accepted by admin" in out
+    code, out, err = mb(fed, "accept-deletion", SOURCE, "--replica", HOST, "--signature",
+                        str(sign_statement(statement, fed.lab.admin_key("alpha", "admin"))))
+    assert code == 0 and "accepted by admin" in out, out + err
     accepted = ctx.history.last_run("accept-deletion", SOURCE, HOST)
     assert "BEGIN SSH SIGNATURE" in json.loads(accepted.detail)["signature"]  # kept for audit
     code, out, err = mb(fed, "status")
     assert "COMPACTION REFUSED" not in out, out
-    code, out, err = mb(fed, "accept-deletion", SOURCE)
+    code, out, err = mb(fed, "accept-deletion", SOURCE, "--statement", str(tmp_path / "again"))
     assert code == 2 and "nothing to accept" in err
     assert snapshot(repo_dir(fed)) == on_disk  # accepting frees nothing by itself
     outcome = compact_replica(ctx, ctx.node(SOURCE), ctx.node(HOST))

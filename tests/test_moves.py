@@ -58,3 +58,26 @@ def test_a_source_with_nowhere_to_go_keeps_its_replica() -> None:
                                                                      draining=True)))
     placement, moves = plan_moves(fed, {"a/web": ("b/st",)}, {}, {}, set())
     assert moves == [] and placement.problems  # reported, and nothing is given up
+
+
+def test_apply_keeps_a_replica_it_cannot_move_and_leaves_a_move_to_the_daemon(tmp_path) -> None:  # noqa: ANN001
+    """`apply` never breaks before making: a draining host's replica stays while no other host can take it,
+    and when one can, the move is recorded and the old replica kept until the daemon made the new one."""
+    from mutualbackup.context import Context
+    from mutualbackup.jobs.provision import ApplyReport, _targets
+    from mutualbackup.state.history import History
+
+    alone = federation(node("a", "web", "paris", source=10, replicas=1),
+                       dataclasses.replace(node("b", "st", "x", host=100),
+                                           storage=dataclasses.replace(node("b", "st", "x", host=100).storage,
+                                                                       draining=True)))
+    history = History(tmp_path / "one")
+    history.set_placement({"a/web": ("b/st",)})
+    assert _targets(Context(alone, history, None), ApplyReport()) == {"a/web": ("b/st",)}  # type: ignore[arg-type]
+    assert history.moves() == []
+    history = History(tmp_path / "two")
+    history.set_placement({"a/web": ("b/st",)})
+    report = ApplyReport()
+    assert _targets(Context(three_hosts(b=True), history, None), report) == {"a/web": ("b/st",)}  # type: ignore[arg-type]
+    assert [(m["source"], m["old"], m["reason"]) for m in history.moves()] == [("a/web", "b/st", "draining")]
+    assert any("moving" in line for line in report.changes)

@@ -186,7 +186,9 @@ def _compact(ctx: Context, run: RecordedRun, source: Node, host: Node, force: bo
     ctx.history.record_archives(source.name, host.name, archive_entries(present), now=clock())
     pair_runs = ctx.history.runs(source=source.name, target=host.name)
     baseline = baseline_bytes(pair_runs)
+    listed_ids = {a.name: a.id for a in present}
     refusal = {"compacted": False, "vanished": list(changed.vanished), "replaced": list(changed.replaced),
+               "replaced_ids": {name: listed_ids.get(name) for name in changed.replaced},  # what an admin may accept
                "baseline_bytes": baseline, "live_bytes": live}
     problems = guard_problems(changed.vanished, baseline, live, replaced=changed.replaced)
     path = borg.repository_path(source, host)
@@ -271,8 +273,10 @@ def _refusal(source: Node, host: Node, problems: Sequence[str], *, foreign: bool
         f"then run `mutualbackup verify {source.name}`. Compaction stays refused until the archives are back"
         + (f"; a write in the host's log stays unexplained until its line is removed from {path}/transactions "
            "(do that only once you know who made it, and after the rollback if it deleted anything)." if foreign else ".")
-        + f"\nIf the deletion was deliberate, one of {source.member}'s admins accepts exactly this with their SSH key: "
-        f"`mutualbackup accept-deletion {source.name} --replica {host.name} --key ~/.ssh/id_ed25519`; the next "
+        + f"\nIf the deletion was deliberate, one of {source.member}'s admins accepts exactly this: "
+        f"`mutualbackup accept-deletion {source.name} --replica {host.name} --statement FILE` writes what to sign, the "
+        "admin signs it on their own machine (ssh-keygen -Y sign -n mutualbackup-accept-deletion -f KEY FILE), and "
+        f"`mutualbackup accept-deletion {source.name} --replica {host.name} --signature FILE.sig` records it; the next "
         "compaction then frees it for good."
     )
 

@@ -102,8 +102,8 @@ def _targets(ctx: Context, report: ApplyReport) -> dict[str, tuple[str, ...]]:
         return dict(ctx.placement.replicas)
     moving = {(m["source"], m["old"]): m["new"] for m in history.moves()}
     contact, failed = history.host_contacts()
-    placement, wanted = plan_moves(federation, recorded, moving, history.repository_sizes(),
-                                   hosts_down(federation, contact, failed, time.time()))
+    down = hosts_down(federation, contact, failed, time.time())
+    placement, wanted = plan_moves(federation, recorded, moving, history.repository_sizes(), down)
     for move in wanted:
         history.start_move(move.source, move.old, move.new, move.reason)
         report.changes.append(f"~ moving      {move.source}: {move.old} → {move.new} ({move.reason}); the daemon makes "
@@ -117,6 +117,12 @@ def _targets(ctx: Context, report: ApplyReport) -> dict[str, tuple[str, ...]]:
         kept_old = [old for old, _new in leaving if old in hosts and old not in chosen]
         keep = [h for h in chosen if h not in not_yet] + kept_old
         held = recorded.get(source, ())
+        node = federation.node(source)
+        assert node.backup is not None
+        for host in held:  # no valid host to move it to (the source is reported unplaceable): it stays
+            if len(keep) < node.backup.replicas and host in hosts and host not in keep and (
+                    host in down or federation.node(host).storage.draining):  # type: ignore[union-attr]
+                keep.append(host)
         targets[source] = (*(h for h in held if h in keep), *(h for h in keep if h not in held))  # recorded order first
     return targets
 

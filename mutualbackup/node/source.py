@@ -141,12 +141,18 @@ def backup(session: Session, args: Args) -> Mapping[str, Any]:
             return {"before": {"command": command, **result_data(done)}}
     url = borg.repository_url_for(session.config.member, session.config.node, host)
     progress = args.get("progress") is True  # an operator watches: how far borg is, sent as it goes
-    lines = LineBatch(session, every=0.5) if progress else None
+    lines = LineBatch(session, every=0.0) if progress else None
+    last = [0.0]
 
-    def heard(line: str) -> None:
+    def heard(line: str) -> bool:
+        """Send how far borg is, every PROGRESS_EVERY seconds at most; keep no progress line (False)."""
         numbers = progress_numbers(line)
-        if numbers is not None and lines is not None:
+        if numbers is None:
+            return True
+        if lines is not None and time.monotonic() - last[0] >= PROGRESS_EVERY:
+            last[0] = time.monotonic()
             lines(numbers)
+        return False
 
     try:
         created = session.system.run(borg.create_argv(session.config.borg, url, archive, spec, progress=progress),
@@ -161,6 +167,7 @@ def backup(session: Session, args: Args) -> Mapping[str, Any]:
     return {"create": result_data(created)}
 
 
+PROGRESS_EVERY = 1.0  # seconds: a terminal's line, not a record of each file's size
 PROGRESS_FIELDS = ("type", "original_size", "compressed_size", "deduplicated_size", "nfiles", "time", "finished")
 
 

@@ -55,7 +55,7 @@ class System(Protocol):
 
     def run(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-        stdin: bytes | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], object] | None = None,
         pidfile: str | None = None, run_id: int | None = None, pass_fds: Sequence[int] = (),
     ) -> Result:
         """Run ``argv``; with ``pidfile``, supervised (see the module notes). -1 after a timeout."""
@@ -120,7 +120,7 @@ class LocalSystem:
 
     def run(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-        stdin: bytes | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None, timeout: float | None = None, on_stderr_line: Callable[[str], object] | None = None,
         pidfile: str | None = None, run_id: int | None = None, pass_fds: Sequence[int] = (),
     ) -> Result:
         argv = tuple(argv)
@@ -296,17 +296,21 @@ def _collect(stream, into: list[bytes]) -> None:  # noqa: ANN001
     into.append(stream.read())
 
 
-def _lines(stream, into: list[bytes], callback: Callable[[str], None] | None) -> None:  # noqa: ANN001
+def _lines(stream, into: list[bytes], callback: Callable[[str], object] | None) -> None:  # noqa: ANN001
+    """Collect ``stream`` into ``into``; with ``callback``, each line is handed to it as it comes, and a line it
+    answers False to is not kept (borg's progress lines of a twelve-hour backup: not held in memory)."""
     pending = b""
     while chunk := stream.read1(65536):
-        into.append(chunk)
+        if callback is None:
+            into.append(chunk)
+            continue
         pending += chunk
         *complete, pending = pending.split(b"\n")
         for line in complete:
-            if callback is not None:
-                callback(line.rstrip(b"\r").decode("utf-8", "replace"))
-    if pending and callback is not None:
-        callback(pending.rstrip(b"\r").decode("utf-8", "replace"))
+            if callback(line.rstrip(b"\r").decode("utf-8", "replace")) is not False:
+                into.append(line + b"\n")
+    if pending and (callback is None or callback(pending.rstrip(b"\r").decode("utf-8", "replace")) is not False):
+        into.append(pending)
 
 
 def _feed(stream, data: bytes) -> None:  # noqa: ANN001

@@ -426,15 +426,15 @@ class History:
                     (now or time.time(), source, target, name),
                 )
 
-    def accept_deletion(self, source: str, target: str, vanished: Sequence[str], replaced: Sequence[str], *,
-                        now: float | None = None) -> None:
+    def accept_deletion(self, source: str, target: str, vanished: Sequence[str], replaced: Mapping[str, str | None],
+                        *, now: float | None = None) -> None:
         """A member's admin accepted these deletions (``accept-deletion``): the archives gone count as pruned,
-        and those re-created lose their recorded id (the next listing records the new one)."""
+        and each one re-created is recorded with the id it was accepted with (a later re-creation is a new one)."""
         self.mark_pruned(source, target, vanished, now=now)
         with self._tx() as db:
-            for name in replaced:
-                db.execute("UPDATE archives SET archive_id = NULL WHERE source = ? AND target = ? AND name = ?",
-                           (source, target, name))
+            for name, archive_id in replaced.items():
+                db.execute("UPDATE archives SET archive_id = ? WHERE source = ? AND target = ? AND name = ?",
+                           (archive_id, source, target, name))
 
     def known_archives(self, source: str, target: str) -> dict[str, tuple[float, float | None]]:
         """name -> (created, pruned) for archives the coordinator has seen in this repository."""
