@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import contextlib
 import json
 import logging
 import os
@@ -329,9 +328,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.provision import apply
+    from mutualbackup.terminal import showing
+
     ctx = open_context(args)
     steps = step_progress()
-    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+    with showing(steps):
         report = apply(ctx, on_step=steps)
     for line in report.changes:
         print(line)
@@ -347,6 +348,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.backup import run_backup
+    from mutualbackup.terminal import format_create_progress, progress_line, showing
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
@@ -368,8 +370,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 outcomes.append(None)
                 continue
-            progress = job_progress(f"{source.name} → {target.name}  ")
-            with progress.beside_logs() if progress is not None else contextlib.nullcontext():
+            label = f"{source.name} → {target.name}  "
+            progress = progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
+            with showing(progress):
                 outcome = run_backup(ctx, source, target, on_progress=progress)
             outcomes.append(outcome)
             if not args.json:
@@ -381,25 +384,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
 
 
-def job_progress(label: str):  # noqa: ANN201 - TerminalProgress | None
-    """A backup's progress line on an operator's terminal (stderr); None when stderr is not one (a pipe, a
-    journal): then only the result lines are printed."""
-    if not sys.stderr.isatty():
-        return None
-    from mutualbackup.terminal import TerminalProgress, format_create_progress
-
-    return TerminalProgress(sys.stderr, describe=lambda progress, seconds: label + format_create_progress(progress,
-                                                                                                          seconds))
-
-
 def step_progress():  # noqa: ANN201 - TerminalProgress | None
-    """A line saying which step a long command is at, and for how long it has run, on an operator's terminal
-    (stderr); None when stderr is not one."""
-    if not sys.stderr.isatty():
-        return None
-    from mutualbackup.terminal import TerminalProgress
+    """Which step a long command is at, and for how long it has run, on an operator's terminal (else None)."""
+    from mutualbackup.terminal import progress_line
 
-    return TerminalProgress(sys.stderr, describe=lambda text, seconds: f"{text}  ({seconds:.0f} s)", every=0.0)
+    return progress_line(lambda text, seconds: f"{text}  ({seconds:.0f} s)", every=0.0)
 
 
 def job_in_progress(ctx: Context, source: str, target: str) -> str | None:
@@ -449,7 +438,7 @@ def cmd_archives(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from mutualbackup.restore.extract import restore
     from mutualbackup.restore.recovery_file import open_kit
-    from mutualbackup.terminal import TerminalProgress, requested_by
+    from mutualbackup.terminal import progress_line, requested_by, showing
 
     node_name, sep, directory = args.to.partition(":")
     if not sep or not node_name or not directory:
@@ -468,8 +457,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.source} is not in the inventory; to restore a node that is gone, "
                          "use --recovery KIT --identity KEY (the kit made by `mutualbackup keys export`, opened with "
                          "an admin's SSH key)")
-    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
-    with progress.beside_logs() if progress is not None else contextlib.nullcontext():
+    progress = progress_line()
+    with showing(progress):
         result = restore(ctx, source, destination, directory, archive=args.archive, paths=args.path,
                          replica=args.replica, dry_run=args.dry_run, force=args.force,
                          allow_other_member=args.allow_other_member, recovery=recovery,
@@ -483,12 +472,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_drill(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.drill import run_drill
+    from mutualbackup.terminal import showing
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
     steps = step_progress()
     outcomes = []
-    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+    with showing(steps):
         for number, source in enumerate(sources, 1):
             if steps is not None:
                 steps(f"drill {number} of {len(sources)}: {source.name}")
@@ -524,11 +514,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from mutualbackup.jobs.maintenance import verify
+    from mutualbackup.terminal import showing
 
     ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
     steps = step_progress()
-    with steps.beside_logs() if steps is not None else contextlib.nullcontext():
+    with showing(steps):
         outcomes = verify(ctx, sources, on_step=steps)
     return print_verify(outcomes)
 

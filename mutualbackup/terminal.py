@@ -48,6 +48,25 @@ def format_create_progress(progress: CreateProgress, seconds: float) -> str:
             f"{format_size(progress.deduplicated_bytes)} new  {format_size(int(rate))}/s")
 
 
+def progress_line(describe: Callable[..., str] = format_progress, *, every: float = 0.2, stream=None):  # noqa: ANN001, ANN201
+    """A :class:`TerminalProgress` on ``stream`` (stderr) when it is an operator's terminal; None when it is not
+    (a pipe, cron, the journal): then a command prints nothing but its result lines."""
+    import sys
+
+    stream = stream or sys.stderr
+    return TerminalProgress(stream, describe=describe, every=every) if stream.isatty() else None
+
+
+@contextlib.contextmanager
+def showing(progress: "TerminalProgress | None") -> Iterator["TerminalProgress | None"]:
+    """Inside, log lines go above ``progress``'s line (nothing at all when there is none)."""
+    if progress is None:
+        yield None
+        return
+    with progress.beside_logs():
+        yield progress
+
+
 class TerminalProgress:
     """Rewrites one line of a terminal (at most 5 times a second) as borg extract progresses.
 

@@ -31,7 +31,7 @@ from mutualbackup.context import Context
 from mutualbackup.errors import OperationFailed, UsageError
 from mutualbackup.inventory import signatures
 from mutualbackup.inventory.model import Node
-from mutualbackup.plan.compaction_rules import ACCEPTED as KIND
+from mutualbackup.plan.compaction_rules import ACCEPTED as KIND, run_detail, utc_text
 from mutualbackup.state.history import Run
 
 NAMESPACE = "mutualbackup-accept-deletion"
@@ -52,7 +52,7 @@ class Refusal:
     def statement(self, federation: str) -> str:
         """The text an admin signs: exactly what is accepted, each value JSON (a name cannot forge a line)."""
         return (f"mutualbackup accept-deletion\nfederation: {json.dumps(federation)}\nsource: {json.dumps(self.source)}\n"
-                f"host: {json.dumps(self.host)}\nrefused compaction: run {self.run.id} at {_iso(self.run.started)}\n"
+                f"host: {json.dumps(self.host)}\nrefused compaction: run {self.run.id} at {utc_text(self.run.started)}\n"
                 f"archives gone: {json.dumps(list(self.vanished))}\n"
                 f"archives re-created, with the id each has now: {json.dumps(self.replaced, sort_keys=True)}\n"
                 f"host transactions: {json.dumps(list(self.transactions))}\nlive bytes: {json.dumps(self.live_bytes)}\n")
@@ -73,7 +73,7 @@ def refusal_of(ctx: Context, source: Node, replica: str | None) -> Refusal:
 
 def _refusal(ctx: Context, source: str, host: str) -> Refusal | None:
     compact = ctx.history.last_run("compact", source, host)
-    detail = _detail(compact)
+    detail = run_detail(compact) if compact is not None else {}
     if compact is None or not detail.get("refused") or accepted_after(ctx, source, host, compact):
         return None
     replaced = detail.get("replaced_ids") or {name: None for name in detail.get("replaced") or ()}
@@ -119,14 +119,3 @@ def accept(ctx: Context, refusal: Refusal, signature: bytes, *, clock=time.time)
         detail["transactions_checked"] = max(refusal.transactions)
     ctx.history.finish_run(run_id, "success", detail=detail, ended=clock())
     return signer
-
-
-def _detail(run: Run | None) -> dict:
-    try:
-        return json.loads(run.detail) if run is not None and run.detail else {}
-    except ValueError:
-        return {}
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))

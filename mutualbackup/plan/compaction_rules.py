@@ -91,7 +91,7 @@ def guard_problems(
                 "after a prune of its own, without a deletion of its own"
             )
     if foreign:
-        listed = ", ".join(f"#{t.number} at {_iso(t.time)} (host clock)" for t in foreign[:10])
+        listed = ", ".join(f"#{t.number} at {utc_text(t.time)} (host clock)" for t in foreign[:10])
         more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
         problems.append(
             f"the host's transactions log shows {len(foreign)} write(s) made while the coordinator ran no backup or prune "
@@ -128,7 +128,7 @@ def run_window(run: Run, now: float, cap: float = UNCERTAIN_END_CAP) -> tuple[fl
     when the next one noticed) counts only up to ``started + cap``: a crash and a late restart
     must not turn days of foreign writes into the coordinator's own.
     """
-    if run.ended is not None and not _detail(run).get("end_uncertain"):
+    if run.ended is not None and not run_detail(run).get("end_uncertain"):
         return run.started, run.ended
     end = run.ended if run.ended is not None else now
     return run.started, min(end, run.started + cap)
@@ -143,29 +143,30 @@ def baseline_bytes(runs: Sequence[Run]) -> int | None:
     own measurement is never a baseline: nothing checked the archives when it was taken.
     """
     for run in runs:  # newest first
-        if run.kind == "prune" and run.succeeded and run.repository_bytes is not None and _detail(run).get("verified"):
+        if run.kind == "prune" and run.succeeded and run.repository_bytes is not None and run_detail(run).get("verified"):
             return run.repository_bytes
-        if run.kind == ACCEPTED and run.succeeded and _detail(run).get("live_bytes") is not None:
-            return int(_detail(run)["live_bytes"])  # the size a member's admin accepted, signed
+        if run.kind == ACCEPTED and run.succeeded and run_detail(run).get("live_bytes") is not None:
+            return int(run_detail(run)["live_bytes"])  # the size a member's admin accepted, signed
     return None
 
 
 def checked_through(runs: Sequence[Run]) -> int:
     """The highest transaction number a passed guard already accounted for (-1: none)."""
     for run in runs:  # newest first
-        if run.kind in ("compact", ACCEPTED) and run.succeeded and "transactions_checked" in _detail(run):
-            return int(_detail(run)["transactions_checked"])
+        if run.kind in ("compact", ACCEPTED) and run.succeeded and "transactions_checked" in run_detail(run):
+            return int(run_detail(run)["transactions_checked"])
     return -1
 
 
-def _detail(run: Run) -> dict:
+def run_detail(run: Run) -> dict:
+    """A run's recorded detail (JSON), or {} when it has none or it cannot be read."""
     try:
         return json.loads(run.detail) if run.detail else {}
     except ValueError:
         return {}
 
 
-def _iso(timestamp: float) -> str:
+def utc_text(timestamp: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
