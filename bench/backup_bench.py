@@ -128,6 +128,7 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
             for round_ in range(full_repeat):  # new data each time: borg finds nothing to deduplicate
                 for name in rotating(list(full), round_):
                     write_data(data / "new", full_mb, small_files=0)
+                    subprocess.run(["sync"], check=True)  # its writeback is not timed, whichever way runs next
                     wait_for_next_second()
                     full[name].append(timed(ways[name]))
         finally:

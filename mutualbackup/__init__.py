@@ -7,11 +7,12 @@ def leave(code: int) -> None:
     """End the program now with ``code``, its output flushed: both executables call it once their work is
     recorded (SQLite commits as it goes), skipping the interpreter's cleanup — tens of milliseconds of every
     backup job spent collecting objects and joining finished threads."""
-    import logging
     import os
     import sys
 
-    logging.shutdown()
+    logging = sys.modules.get("logging")  # its handlers flushed, when something used it (not imported for this)
+    if logging is not None:
+        logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

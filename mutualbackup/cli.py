@@ -15,18 +15,19 @@ import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from mutualbackup import __version__, leave
-from mutualbackup.context import Context, require_placeable, ssh_connector
-from mutualbackup.report.text import (
-    print_backup, print_doctor, print_drills, print_ledger, print_moves, print_plan, print_restore, print_status, print_verify,
-)
 from mutualbackup.errors import InventoryError, MutualBackupError, OperationFailed, UsageError
-from mutualbackup.state.history import History
 from mutualbackup.inventory.load import load_inventory
-from mutualbackup.inventory.model import Federation
-from mutualbackup.plan.placement import diff, place
+
+if TYPE_CHECKING:
+    from mutualbackup.context import Connector, Context
+    from mutualbackup.inventory.model import Federation
+    from mutualbackup.remote.transport import Transport
+
+# Each command imports what it uses, when it uses it: a backup's whole process is part of its cost (bench/), and
+# `run` connects to its source before it reads anything else (cmd_run).
 
 log = logging.getLogger("mutualbackup")
 
@@ -189,12 +190,16 @@ def load(args: argparse.Namespace) -> Federation:
     return load_inventory(directory)
 
 
-def open_context(args: argparse.Namespace, federation: Federation | None = None) -> Context:
+def open_context(args: argparse.Namespace, federation: Federation | None = None,
+                 connector: Connector | None = None) -> Context:
     """Inventory + state + SSH connector. A source the inventory cannot place (any more) fails nothing here:
     it keeps the replicas it has, and the commands that place (plan, apply, status) report it."""
+    from mutualbackup.context import Context, ssh_connector
+    from mutualbackup.state.history import History
+
     federation = federation or load(args)
     state = getattr(args, "state", None) or federation.coordinator.state
-    return Context(federation, History(state), ssh_connector(federation))
+    return Context(federation, History(state), connector or ssh_connector(federation))
 
 
 def report_unplaceable(ctx: Context) -> bool:
@@ -208,7 +213,9 @@ def report_unplaceable(ctx: Context) -> bool:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mutualbackup.context import require_placeable
     from mutualbackup.inventory.signatures import member_signature_problems
+    from mutualbackup.plan.placement import place
 
     federation = load(args)
     unsigned = member_signature_problems(federation)
@@ -308,6 +315,9 @@ def _public_of(key: str) -> str | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from mutualbackup.plan.placement import diff
+    from mutualbackup.report.text import print_moves, print_plan
+    
     ctx = open_context(args)
     recorded = ctx.history.placement()
     changes = diff(recorded, ctx.placement.replicas)
@@ -347,10 +357,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    federation = load(args)
+    connector, early = _started_early(federation, args.sources[0] if args.sources else None)
+    try:
+        return _run(args, open_context(args, federation, connector))
+    finally:
+        if early is not None:
+            early.close()  # when no job used it (each job closes its own connection)
+
+
+def _run(args: argparse.Namespace, ctx: Context) -> int:
     from mutualbackup.jobs.backup import run_backup
+    from mutualbackup.report.text import print_backup
     from mutualbackup.terminal import format_create_progress, progress_line, showing
 
-    ctx = open_context(args)
     sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
     if args.replica:
         ctx.node(args.replica)
@@ -384,6 +404,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
 
 
+def _started_early(federation: Federation, first: str | None) -> tuple[Connector, Transport | None]:
+    """The SSH connector, its connection to the first source named already open and that node's program
+    already starting, before anything else is read or imported: the node starts (about 0.1 s: sshd, sudo, Python)
+    while this process reads its state and prepares the request. A name that is no source is left to
+    :meth:`Context.source` to refuse; a failed connection is raised by the job's own request."""
+    from mutualbackup.context import ssh_connector, started_first
+
+    connector = ssh_connector(federation)
+    try:
+        node = federation.node(first) if first else None
+    except KeyError:
+        node = None
+    if node is None or not node.is_source:
+        return connector, None
+    transport = connector(node)
+    transport.start()
+    return started_first(connector, transport), transport
+
+
 def step_progress():  # noqa: ANN201 - TerminalProgress | None
     """Which step a long command is at, and for how long it has run, on an operator's terminal (else None)."""
     from mutualbackup.terminal import progress_line
@@ -403,6 +442,7 @@ def job_in_progress(ctx: Context, source: str, target: str) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_moves, print_status
     from mutualbackup.report.status import compute_status
 
     ctx = open_context(args)
@@ -436,6 +476,7 @@ def cmd_archives(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_restore
     from mutualbackup.restore.extract import restore
     from mutualbackup.restore.recovery_file import open_kit
     from mutualbackup.terminal import progress_line, requested_by, showing
@@ -471,6 +512,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_drills
     from mutualbackup.jobs.drill import run_drill
     from mutualbackup.terminal import showing
 
@@ -513,6 +555,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_verify
     from mutualbackup.jobs.maintenance import verify
     from mutualbackup.terminal import showing
 
@@ -537,6 +580,7 @@ def cmd_ansible_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_doctor
     from mutualbackup.jobs.doctor import doctor
 
     ctx = open_context(args)
@@ -550,6 +594,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
+    from mutualbackup.report.text import print_ledger
     from mutualbackup.report.metrics import read_ledger
 
     ctx = open_context(args)

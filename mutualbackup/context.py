@@ -10,16 +10,17 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from mutualbackup.errors import InventoryError
-from mutualbackup.state.history import History
 from mutualbackup.inventory.model import Federation, Node
-from mutualbackup.plan.placement import Placement, place
-from mutualbackup.jobs.control import JobControl
-from mutualbackup.remote.transport import Transport
 
-Connector = Callable[[Node], Transport]
+if TYPE_CHECKING:  # imported where used: `mutualbackup run` connects before it reads the state (see cmd_run)
+    from mutualbackup.jobs.control import JobControl
+    from mutualbackup.plan.placement import Placement
+    from mutualbackup.remote.transport import Transport
+    from mutualbackup.state.history import History
+
+Connector = Callable[[Node], "Transport"]
 
 log = logging.getLogger("mutualbackup")
 
@@ -35,6 +36,8 @@ class Context:
     def placement(self) -> Placement:
         """Sticky placement: the recorded one, kept where still valid, completed."""
         if self._placement is None:
+            from mutualbackup.plan.placement import place
+
             self._placement = place(self.federation, self.history.placement(), self.history.repository_sizes())
         return self._placement
 
@@ -118,6 +121,8 @@ class Context:
 
 def require_placeable(federation: Federation, placement: Placement) -> None:
     """Raise an InventoryError (exit 2) when some source cannot get its replicas."""
+    from mutualbackup.errors import InventoryError
+
     if placement.problems:
         raise InventoryError([str(p) for p in placement.problems])
 
@@ -130,5 +135,18 @@ def ssh_connector(federation: Federation) -> Connector:
 
     def connect(node: Node) -> Transport:
         return SSHTransport(node, key)
+
+    return connect
+
+
+def started_first(connector: Connector, transport: Transport) -> Connector:
+    """``connector``, except that the first connection asked for ``transport``'s node is ``transport`` itself
+    (one whose request was started early: :meth:`~mutualbackup.remote.transport.Transport.start`)."""
+    pending = [transport]
+
+    def connect(node: Node) -> Transport:
+        if pending and node.name == pending[0].node_name:
+            return pending.pop()
+        return connector(node)
 
     return connect

@@ -404,6 +404,7 @@ class FakeTransport:
         self.node_name = node.name
         self.world = world
         self.closed = False
+        self.started = False
 
     def request(self, kind: str, args: Mapping[str, object], *, timeout: float | None = None,
                 on_event: Callable[[Mapping[str, object]], None] | None = None,
@@ -430,6 +431,9 @@ class FakeTransport:
     def connect(self) -> None:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
+
+    def start(self) -> None:
+        self.started = True
 
     def close(self) -> None:
         self.closed = True

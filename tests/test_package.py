@@ -1,4 +1,4 @@
-"""What ``pip install`` of the product carries: the product, and no lab machinery."""
+"""What ``pip install`` of the product carries, and what its programs import before they do their work."""
 
 from __future__ import annotations
 
@@ -28,3 +28,29 @@ def test_the_wheel_holds_the_product_and_no_lab_code(tmp_path: Path):
     assert {p.name for p in (REPO / "mutualbackup" / "scripts").iterdir() if p.suffix in (".sh", ".py")} <= shipped
     texts = {n: zipfile.ZipFile(wheel).read(n).decode() for n in code}
     assert [n for n, text in texts.items() if "PermitRootLogin" in text or "/usr/sbin/sshd" in text] == []
+
+
+def imported_by(code: str) -> set[str]:
+    """The modules of ours a fresh interpreter holds after ``code``."""
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                          capture_output=True, text=True, check=True)
+    return {name for name in done.stdout.split() if name.startswith(("mutualbackup", "paramiko", "yaml"))}
+
+
+def test_the_command_line_imports_what_a_command_uses_when_it_uses_it():
+    """`mutualbackup run` connects to its source before it reads the state or imports a job (cli.cmd_run): what
+    every command loads first is the inventory's loader, nothing of the state, the jobs, the reports or SSH."""
+    first = imported_by("import mutualbackup.cli")
+    assert "mutualbackup.inventory.load" in first and "yaml" in first
+    for later in ("mutualbackup.state.history", "mutualbackup.jobs.backup", "mutualbackup.report.text",
+                  "mutualbackup.plan.placement", "mutualbackup.remote.ssh", "paramiko"):
+        assert later not in first, later
+    connecting = imported_by("import mutualbackup.cli\nfrom mutualbackup.context import ssh_connector, started_first")
+    assert "mutualbackup.state.history" not in connecting and "mutualbackup.plan.placement" not in connecting
+
+
+def test_a_node_answering_a_backup_imports_no_repository_reading_nor_authorized_keys_code():
+    """The borg layer's modules are imported when one of their names is first used."""
+    loaded = imported_by("from mutualbackup import borg\nborg.create_argv")
+    assert "mutualbackup.borg.argv" in loaded
+    assert not {"mutualbackup.borg.repository_files", "mutualbackup.borg.authorized_keys", "mutualbackup.borg.output"} & loaded

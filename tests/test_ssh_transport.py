@@ -140,6 +140,33 @@ def test_an_unreachable_port_is_a_transport_error_at_once(lab: Lab, node: LabNod
     assert "refused" in str(raised.value)
 
 
+def test_a_request_started_early_raises_what_the_start_met_and_tries_nothing_twice(lab: Lab, node: LabNode) -> None:
+    pinned = node.as_node()
+    lab.change_host_key(node)
+    with SSHTransport(pinned, str(lab.coordinator_key)) as transport:
+        transport.start()  # never raises
+        logins = node.sshd_log.read_text().count("Connection from")
+        with pytest.raises(HostKeyMismatch):
+            transport.request("hello", {}, timeout=30)
+        assert node.sshd_log.read_text().count("Connection from") == logins  # the start's refusal, not a second try
+
+
+def test_a_started_program_that_ended_meanwhile_is_replaced(lab: Lab, node: LabNode, transport: SSHTransport) -> None:
+    transport.start()
+    started = transport._started
+    assert isinstance(started, tuple)
+    started[1].shutdown_write()  # its stdin ends before any request: serve refuses and exits
+    wait_for(lambda: started[1].exit_status_ready(), what="the started serve to exit")
+    assert transport.request("hello", {}, timeout=30).data["node"] == "coop/web1"
+
+
+def test_a_started_program_never_used_ends_with_the_connection(lab: Lab, node: LabNode) -> None:
+    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
+        transport.start()
+        wait_for(lambda: commands_of(lab, node, "mutualbackup-node"), what="the started serve")
+    wait_for(lambda: not commands_of(lab, node, "mutualbackup-node"), what="the unused serve to end with the connection")
+
+
 def test_a_node_dying_mid_request_answers_at_once_that_the_connection_was_lost(
     lab: Lab, node: LabNode, transport: SSHTransport
 ) -> None:

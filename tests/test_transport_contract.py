@@ -39,6 +39,12 @@ def test_a_node_says_who_it_is(transport: Transport) -> None:
     assert reply.code == DONE and reply.data["node"] == transport.node_name
 
 
+def test_a_request_started_early_is_answered_like_any_other(transport: Transport) -> None:
+    transport.start()  # the node's program starts before the request is known (`mutualbackup run`)
+    assert transport.request("hello", {}, timeout=60).data["node"] == transport.node_name
+    assert transport.request("hello", {}, timeout=60).code == DONE  # the next one starts as always
+
+
 def test_a_request_the_node_does_not_take_is_refused_and_nothing_runs(transport: Transport) -> None:
     reply = transport.request("shell", {"command": "id"}, timeout=60)
     assert reply.code == REFUSED and "does not take a request 'shell'" in (reply.error or "")

@@ -155,6 +155,7 @@ class SSHTransport:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._home: str | None = None
+        self._started: tuple[paramiko.Transport, paramiko.Channel] | TransportError | None = None
 
     def __enter__(self) -> SSHTransport:
         return self
@@ -164,6 +165,7 @@ class SSHTransport:
 
     def close(self) -> None:
         """Close the connection, if any; the next call reconnects."""
+        self._started = None
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -280,12 +282,7 @@ class SSHTransport:
         feed: Iterable[bytes] = (),
     ) -> Reply:
         """Ask the node's ``mutualbackup-node serve`` for ``kind``; see :meth:`Transport.request`."""
-        live, channel = self._open_channel()
-        try:
-            channel.exec_command(f"mutualbackup-node serve {kind}")
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            channel.close()
-            raise TransportError(f"cannot ask {self.node_name} ({self._where}) for {kind}: {error}") from error
+        live, channel = self._session(f"mutualbackup-node serve {kind}", f"cannot ask {self.node_name} ({self._where}) for {kind}")
         answered = threading.Event()
         replies: list[Reply] = []
 
@@ -317,8 +314,38 @@ class SSHTransport:
                      {"lost": True})
 
     def connect(self) -> None:
-        """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`run`."""
+        """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`request`."""
         self._transport()
+
+    def start(self) -> None:
+        """Connect and start ``serve`` for the next :meth:`request` now (see :meth:`Transport.start`); what fails
+        is kept for that request to raise."""
+        try:
+            started = self._session("mutualbackup-node serve", f"cannot start serve on {self.node_name} ({self._where})")
+        except TransportError as error:
+            started = error
+        with self._lock:
+            self._started = started
+
+    def _session(self, command: str, failure: str) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """A channel running ``serve`` (the forced command, whatever ``command`` says): the one :meth:`start`
+        opened when it is still open, else a new one."""
+        with self._lock:
+            started, self._started = self._started, None
+        if isinstance(started, TransportError):
+            raise started
+        if started is not None:
+            live, channel = started
+            if live.is_active() and not channel.closed and not channel.exit_status_ready():
+                return live, channel
+            channel.close()
+        live, channel = self._open_channel()
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            channel.close()
+            raise TransportError(f"{failure}: {error}") from error
+        return live, channel
 
     # -- files --------------------------------------------------------------
 

@@ -58,7 +58,12 @@ class Transport(Protocol):
         ...
 
     def connect(self) -> None:
-        """Open the connection now rather than at the first command (raises like :meth:`run`)."""
+        """Open the connection now rather than at the first request (raises like :meth:`request`)."""
+        ...
+
+    def start(self) -> None:
+        """Connect and start the node's program now, for the next :meth:`request`, before it is known: the node
+        starts while the coordinator prepares what to ask. Never raises: that request raises what went wrong."""
         ...
 
     def close(self) -> None:
