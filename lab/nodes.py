@@ -63,6 +63,7 @@ class LabNode:
     node_key: str = ""  # "age1…", once joined
     pid: int | None = None  # of the listening sshd; None when stopped
     extra_host_key_files: list[Path] = field(default_factory=list)
+    admin_keys: Path | None = None  # root's authorized_keys when an admin may log in (Lab.allow_admin_login)
 
     @property
     def name(self) -> str:
@@ -199,6 +200,17 @@ class Lab:
         kind, blob = self.admin_key(member, name).with_suffix(".pub").read_text().split()[:2]
         return f"{kind} {blob}"
 
+    def allow_admin_login(self, node: LabNode) -> Path:
+        """Let ``node``'s member's admin log in as root with their key, as Ansible does to prepare a node (the
+        coordinator and peers never can); the admin's private key. Restarts the node when it runs."""
+        key = self.admin_key(node.member)
+        node.admin_keys = node.dir / "keys" / "admin_authorized_keys"
+        node.admin_keys.parent.mkdir(parents=True, exist_ok=True)
+        node.admin_keys.write_text(key.with_suffix(".pub").read_text())
+        if node.pid is not None:
+            self.restart(node)
+        return key
+
     def join(self, node: LabNode, member_file: Path) -> str:
         """``mutualbackup-node join`` of ``node`` as its member's admin would run it; the node_key it printed."""
         done = subprocess.run(
@@ -282,7 +294,8 @@ class Lab:
                     f"ListenAddress {ADDRESS}",
                     f"HostKey {node.host_key_file}",
                     *(f"HostKey {extra}" for extra in node.extra_host_key_files),
-                    f"AuthorizedKeysFile {node.authorized_keys}",
+                    f"AuthorizedKeysFile {node.authorized_keys}"
+                    + (" .ssh/authorized_keys" if node.admin_keys is not None else ""),  # a login the admin made
                     f"PidFile {node.dir / 'run' / 'sshd.pid'}",
                     "StrictModes no",
                     "UsePAM no",
@@ -297,6 +310,8 @@ class Lab:
                     # node's, would override PATH here, and costs ~0.1 s of CPU per SSH session.
                     f"SetEnv SHLVL=1 PATH={path}",
                     "LogLevel VERBOSE",
+                    *(["Match User root", "    PermitRootLogin prohibit-password",
+                       f"    AuthorizedKeysFile {node.admin_keys}"] if node.admin_keys is not None else []),
                     "",
                 ]
             )

@@ -359,11 +359,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     federation = load(args)
     connector, early = _started_early(federation, args.sources[0] if args.sources else None)
+    ctx = open_context(args, federation, connector)
+    if early is not None:
+        ctx.start(federation.node(early.node_name), early)
     try:
-        return _run(args, open_context(args, federation, connector))
+        return _run(args, ctx)
     finally:
-        if early is not None:
-            early.close()  # when no job used it (each job closes its own connection)
+        ctx.close_started()  # when no job used it (each job closes its own connection)
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
@@ -405,11 +407,11 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _started_early(federation: Federation, first: str | None) -> tuple[Connector, Transport | None]:
-    """The SSH connector, its connection to the first source named already open and that node's program
-    already starting, before anything else is read or imported: the node starts (about 0.1 s: sshd, sudo, Python)
-    while this process reads its state and prepares the request. A name that is no source is left to
-    :meth:`Context.source` to refuse; a failed connection is raised by the job's own request."""
-    from mutualbackup.context import ssh_connector, started_first
+    """The SSH connector, and a transport to the first source named, connected and its program already
+    starting, before anything else is read or imported: the node starts (about 0.1 s: sshd, sudo, Python)
+    while this process reads its state and prepares the request (:meth:`Context.start`). A name that is no
+    source is left to :meth:`Context.source` to refuse; a failed connection is raised by the job's request."""
+    from mutualbackup.context import ssh_connector
 
     connector = ssh_connector(federation)
     try:
@@ -419,8 +421,8 @@ def _started_early(federation: Federation, first: str | None) -> tuple[Connector
     if node is None or not node.is_source:
         return connector, None
     transport = connector(node)
-    transport.start()
-    return started_first(connector, transport), transport
+    transport.start()  # here, before the rest is imported: a thread would share this process's one core with it
+    return connector, transport
 
 
 def step_progress():  # noqa: ANN201 - TerminalProgress | None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -31,6 +32,7 @@ class Context:
     history: History
     connector: Connector
     _placement: Placement | None = field(default=None, repr=False)
+    _early: dict[str, _Started] = field(default_factory=dict, repr=False)
 
     @property
     def placement(self) -> Placement:
@@ -84,7 +86,24 @@ class Context:
         return tuple(hosts)
 
     def connect(self, node: Node) -> Transport:
-        return self.connector(node)
+        """A transport to ``node``: the one :meth:`start` began for it, once it is ready, else a new one."""
+        early = self._early.pop(node.name, None)
+        return early.ready() if early is not None else self.connector(node)
+
+    def start(self, node: Node, started: Transport | None = None) -> None:
+        """Begin the next session to ``node`` now, in the background: connected and its program started
+        (:meth:`Transport.start`) while this process prepares what to ask; the next :meth:`connect` to it takes
+        that session, and raises what went wrong. Never raises itself. ``started``: a transport already started
+        (``mutualbackup run`` starts its source's before it reads the state)."""
+        if node.name not in self._early:
+            self._early[node.name] = _Started(self.connector, node, started)
+
+    def close_started(self) -> None:
+        """Close the sessions :meth:`start` began that no request used, without waiting for one still connecting
+        (an unreachable node takes its whole connect timeout): that one is closed once it is done."""
+        while self._early:
+            _, early = self._early.popitem()
+            early.close()
 
     @contextlib.contextmanager
     def session(self, node: Node, control: JobControl | None = None) -> Iterator[Transport]:
@@ -139,14 +158,41 @@ def ssh_connector(federation: Federation) -> Connector:
     return connect
 
 
-def started_first(connector: Connector, transport: Transport) -> Connector:
-    """``connector``, except that the first connection asked for ``transport``'s node is ``transport`` itself
-    (one whose request was started early: :meth:`~mutualbackup.remote.transport.Transport.start`)."""
-    pending = [transport]
+class _Started:
+    """A session :meth:`Context.start` began: its transport, made and started in a thread of its own."""
 
-    def connect(node: Node) -> Transport:
-        if pending and node.name == pending[0].node_name:
-            return pending.pop()
-        return connector(node)
+    def __init__(self, connector: Connector, node: Node, started: Transport | None) -> None:
+        self.transport = started
+        self.error: Exception | None = None
+        self.thread: threading.Thread | None = None
+        if started is None:
+            self.thread = threading.Thread(target=self._start, args=(connector, node), name=f"start {node.name}",
+                                           daemon=True)
+            self.thread.start()
 
-    return connect
+    def _start(self, connector: Connector, node: Node) -> None:
+        try:
+            self.transport = connector(node)
+            self.transport.start()
+        except Exception as error:  # what connecting to it raises, raised by the request that needs it
+            self.error = error
+
+    def ready(self) -> Transport:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.transport is not None
+        return self.transport
+
+    def close(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            threading.Thread(target=self._close_when_started, daemon=True).start()
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _close_when_started(self) -> None:
+        assert self.thread is not None
+        self.thread.join()
+        if self.transport is not None:
+            self.transport.close()

@@ -45,7 +45,7 @@ def test_the_command_line_imports_what_a_command_uses_when_it_uses_it():
     for later in ("mutualbackup.state.history", "mutualbackup.jobs.backup", "mutualbackup.report.text",
                   "mutualbackup.plan.placement", "mutualbackup.remote.ssh", "paramiko"):
         assert later not in first, later
-    connecting = imported_by("import mutualbackup.cli\nfrom mutualbackup.context import ssh_connector, started_first")
+    connecting = imported_by("import mutualbackup.cli\nfrom mutualbackup.context import ssh_connector")
     assert "mutualbackup.state.history" not in connecting and "mutualbackup.plan.placement" not in connecting
 
 

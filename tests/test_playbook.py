@@ -133,3 +133,90 @@ def test_the_coordinator_playbook_prepares_the_machine_with_its_apt_pip_and_user
     finally:
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", user], capture_output=True)
+
+
+@pytest.mark.lab
+def test_the_join_playbook_prepares_every_node_of_a_member_from_the_federations_inventory_over_ssh(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """As a member's admin prepares its nodes: the federation's inventory as Ansible's (the two-line script), the
+    admin logged in over SSH with become, apt, pip and user tasks included, `--limit` the member. Both nodes end
+    joined (the coordinator's forced line, the node program and borg answering), their keys written out on the
+    machine running Ansible; a second run changes nothing. The two lab nodes share this machine: each gets its
+    own virtualenv, links, directories and login (the user task makes them; they are removed afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("the user task makes a system user and the join writes a sudo rule: it needs root")
+    import yaml
+
+    from lab.federation import write_signed
+
+    logins = {"web1": "mbjoinweb1", "store1": "mbjoinstore1"}
+    wheels = tmp_path / "wheels"  # the package and every dependency, borg included (built once by scripts/setup)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(Path(__file__).parent.parent)],
+                   check=True, timeout=900, capture_output=True)
+    [package] = wheels.glob("mutualbackup-*.whl")
+    nodes = {slug: lab.add_node("coop", slug) for slug in ("web1", "store1")}
+    inventory = tmp_path / "federation"
+    (inventory / "members").mkdir(parents=True)
+    (inventory / "federation.yml").write_text(yaml.safe_dump({
+        "federation": "playbook", "coordinator": {"ssh_key": str(lab.coordinator_key), "state": str(tmp_path / "state")},
+        "defaults": {"replicas": 1}}))
+    entries = []
+    for slug, node in nodes.items():
+        node.user = logins[slug]
+        entry: dict[str, object] = {"name": slug, **node.inventory_fields()}
+        entry["borg"] = str(tmp_path / slug / "bin" / "borg")  # the one the playbook installs and links
+        entry.pop("authorized_keys")  # the login's own ~/.ssh/authorized_keys, as on a real node
+        entry.update({"storage": {"path": str(node.storage), "capacity": "1GiB"}} if slug == "store1"
+                     else {"backup": {"paths": [str(node.data)]}})
+        entries.append(entry)
+    member = {"member": "coop", "contact": "ops@coop.example", "site": "coop",
+              "admins": [{"name": "admin", "key": lab.admin_public_key("coop")}], "nodes": entries}
+    write_signed(lab, inventory / "members" / "coop.yml", member)
+    script = inventory / "federation-inventory"
+    script.write_text(f"#!/bin/sh\nexec {Path(sys.executable).with_name('mutualbackup')} --inventory "
+                      f"\"$(dirname \"$0\")\" ansible-inventory \"$@\"\n")
+    script.chmod(0o755)
+    admin_key = None
+    per_node = {}
+    for slug, node in nodes.items():
+        admin_key = lab.allow_admin_login(node)
+        lab.start(node)
+        own = tmp_path / slug
+        per_node[f"{slug}.coop"] = {
+            "ansible_user": "root", "ansible_python_interpreter": sys.executable,
+            "mutualbackup_venv": str(own / "venv"), "mutualbackup_bin_dir": str(own / "bin"),
+            "mutualbackup_config_dir": str(node.node_config), "mutualbackup_state_dir": str(node.state),
+            "mutualbackup_sudoers": lab.sudoers_file(node), "mutualbackup_host_key_file": f"{node.host_key_file}.pub",
+        }
+        (own / "bin").mkdir(parents=True)
+    machine = tmp_path / "this-machine.yml"  # what differs because both nodes are one machine here
+    machine.write_text(yaml.safe_dump({"all": {"hosts": per_node}}))
+    argv = [ansible_playbook(), "-i", str(script), "-i", str(machine), str(PLAYBOOK), "--limit", "coop",
+            "--forks", "1", "--private-key", str(admin_key),
+            "-e", f"mutualbackup_package={package} mutualbackup_pip_args='--no-index --find-links {wheels}'"]
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible"),
+               ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_SSH_ARGS="-o UserKnownHostsFile=/dev/null",
+               PWD=str(tmp_path))  # run from tmp_path, as from a shell there
+    try:
+        first = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+        for slug, node in nodes.items():
+            written = (tmp_path / "joined" / f"coop.{slug}.yml").read_text()
+            assert f"host_key: {node.host_key}" in written
+            node.node_key = written.split("node_key: ")[1].split()[0]
+            [line] = Path(f"/home/{node.user}/.ssh/authorized_keys").read_text().splitlines()
+            assert line.startswith(f'command="{tmp_path / slug / "bin" / "mutualbackup-node"} serve --config ')
+            assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
+            with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
+                hello = transport.request("hello", {}, timeout=120)  # the program the pip task installed, and borg
+            assert hello.ok and hello.data["node"] == node.name, hello.error
+            assert hello.data["borg"].startswith("borg 1.4"), hello.data
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+        assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
+        recap = [line for line in second.stdout.splitlines() if re.match(r"\S+\.coop\s+:", line)]
+        assert len(recap) == 2 and all(re.search(r"changed=0\b", line) for line in recap), second.stdout[-3000:]
+    finally:
+        for login in logins.values():
+            subprocess.run(["userdel", "-r", login], capture_output=True)
+            subprocess.run(["groupdel", login], capture_output=True)

@@ -28,6 +28,8 @@ from mutualbackup.node.config import (
 
 COORDINATOR_COMMENT = "mutualbackup-coordinator"
 DEFAULT_SUDOERS = "/etc/sudoers.d/mutualbackup-node"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""Where root's tools are, whatever PATH the admin's session has (Ansible's over SSH may lack the sbin ones)."""
 PROGRAM = "mutualbackup-node"
 _SUDOERS_SAFE = re.compile(r"/[A-Za-z0-9/._-]+")
 DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
@@ -91,7 +93,7 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
-    if config.sudo and shutil.which("sudo") is None:
+    if config.sudo and shutil.which("sudo", path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}") is None:
         raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
                         "through one sudo rule, for backups that read every file)")
     watched = (config.authorized_keys, os.path.join(directory, CONFIG_FILE), args.sudoers, config.identity_file,
@@ -249,7 +251,11 @@ def _install_sudo_rule(path: Path, config: NodeConfig, directory: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(rule)
     os.chmod(temporary, 0o440)
-    checked = subprocess.run(["visudo", "-cf", temporary], capture_output=True, text=True)
+    visudo = shutil.which("visudo", path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
+    if visudo is None:
+        os.unlink(temporary)
+        raise JoinError("visudo is not installed (it comes with sudo): install sudo; nothing was installed")
+    checked = subprocess.run([visudo, "-cf", temporary], capture_output=True, text=True)
     if checked.returncode != 0:
         os.unlink(temporary)
         raise JoinError(f"the sudo rule does not check ({checked.stdout.strip()} {checked.stderr.strip()}); nothing was installed")

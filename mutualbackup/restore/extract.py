@@ -65,7 +65,10 @@ def restore(
     seal = _sealing(ctx, source_node, destination, recovery) if sealed else None
     job = RestoreJob(ctx, source_name, destination, directory, hosts, archive, tuple(paths), dry_run, force, detail,
                      recovery, seal, on_progress, on_line)
-    return job.run()
+    try:
+        return job.run()
+    finally:
+        ctx.close_started()  # what a restore started early and did not need (sealed.SealedRestore)
 
 
 def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: RecoveryFile | None
@@ -85,6 +88,7 @@ def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: Rec
     if source is None:
         raise OperationFailed("a source gone from the inventory is restored with its recovery kit")
     cached: list[str] = []
+    ctx.start(source)  # the source's program starts while the destination does: the seal is asked as soon as possible
 
     def by_source() -> str:
         if not cached:

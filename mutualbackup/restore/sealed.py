@@ -44,6 +44,7 @@ class SealedRestore:
     def run(self, args: Mapping[str, Any], timeout: float) -> Reply:
         """The destination's reply; ``data["not_sealed"]`` when the passphrase could not be sealed for it,
         ``data["host_unusable"]`` when the host's line could not be had."""
+        self.ctx.start(self.host)  # its program starts while the destination's does: the grant goes out at once
         try:
             with self.ctx.session(self.destination) as transport:
                 reply = transport.request("extract", {**args, "sealed": True}, timeout=timeout,

@@ -1,0 +1,79 @@
+"""Context.start: a session begun early (its node's program started while the coordinator prepares the
+request) is the one the next connection to that node takes; what went wrong is raised there, never by start."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mutualbackup.context import Context
+from mutualbackup.errors import TransportError
+from mutualbackup.inventory.model import Node
+from mutualbackup.state.history import History
+
+from fake import FakeClock, FakeTransport, FakeWorld, make_federation
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    return FakeWorld(make_federation(2, 1), FakeClock(0.0))
+
+
+def context(tmp_path: Path, world: FakeWorld, connector=None) -> Context:  # noqa: ANN001
+    return Context(world.federation, History(str(tmp_path / "state")), connector or world.connect)
+
+
+def test_the_next_connection_takes_the_started_session_and_only_the_next(tmp_path: Path, world: FakeWorld) -> None:
+    ctx = context(tmp_path, world)
+    node = world.federation.node("coop0/src0")
+    ctx.start(node)
+    first = ctx.connect(node)
+    assert isinstance(first, FakeTransport) and first.started
+    second = ctx.connect(node)
+    assert second is not first and not second.started
+    assert first.request("hello", {}).data["node"] == "coop0/src0"
+
+
+def test_start_never_raises_and_the_connection_that_needs_it_raises_what_it_met(tmp_path: Path, world: FakeWorld) -> None:
+    def refusing(node: Node) -> FakeTransport:
+        raise TransportError(f"cannot connect to {node.name}: connection refused")
+
+    ctx = context(tmp_path, world, refusing)
+    node = world.federation.node("coop0/src0")
+    ctx.start(node)
+    with pytest.raises(TransportError, match="coop0/src0: connection refused"):
+        ctx.connect(node)
+
+
+def test_a_started_session_no_request_used_is_closed(tmp_path: Path, world: FakeWorld) -> None:
+    made: list[FakeTransport] = []
+    ctx = context(tmp_path, world, lambda node: made.append(world.connect(node)) or made[-1])
+    ctx.start(world.federation.node("coop0/src0"))
+    ctx.start(world.federation.node("coop1/src0"))
+    ctx.connect(world.federation.node("coop0/src0"))
+    ctx.close_started()
+    assert [t.closed for t in made] == [False, True]  # the one taken is its job's to close
+
+
+def test_closing_does_not_wait_for_a_session_still_connecting(tmp_path: Path, world: FakeWorld) -> None:
+    """An unreachable node takes its whole connect timeout: the command ends without waiting for it."""
+    release = threading.Event()
+    made: list[FakeTransport] = []
+
+    def slow(node: Node) -> FakeTransport:
+        release.wait(30)
+        made.append(world.connect(node))
+        return made[-1]
+
+    ctx = context(tmp_path, world, slow)
+    ctx.start(world.federation.node("coop0/src0"))
+    ctx.close_started()  # returns at once
+    assert not made
+    release.set()
+    for _ in range(500):
+        if made and made[0].closed:
+            break
+        threading.Event().wait(0.01)
+    assert made and made[0].closed
