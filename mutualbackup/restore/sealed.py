@@ -1,9 +1,10 @@
 """A restore onto a node that is not the source: the destination's key, the host's line, the sealed passphrase.
 
 The destination makes a key pair for this restore and tells its public half; the replica's host
-then holds a temporary line for it (``grant``) while, at the same time, the passphrase is sealed
-for the destination's ``node_key`` (by the source, or by the coordinator from an admin's recovery
-kit); the coordinator relays the ciphertext to the destination, which opens it and runs borg.
+then holds a temporary line for it (``grant``). The passphrase is sealed for the destination's
+``node_key`` (by the source, or by the coordinator from an admin's recovery kit) from the start, while
+the destination starts: it needs nothing of this restore's key. Once the line is in, the coordinator
+relays the ciphertext to the destination, which opens it and runs borg.
 As soon as borg has connected (its first progress), the host's line is withdrawn; it is in any
 case when the restore ends, or when the coordinator's session drops.
 """
@@ -39,12 +40,15 @@ class SealedRestore:
         self.granted = threading.Event()
         self.grant_error: str | None = None
         self.seal_error: str | None = None
+        self.sealed: str | None = None
+        self.sealing = threading.Thread(target=self._seal, name="restore-seal", daemon=True)
         self.threads: list[threading.Thread] = []
 
     def run(self, args: Mapping[str, Any], timeout: float) -> Reply:
         """The destination's reply; ``data["not_sealed"]`` when the passphrase could not be sealed for it,
         ``data["host_unusable"]`` when the host's line could not be had."""
         self.ctx.start(self.host)  # its program starts while the destination's does: the grant goes out at once
+        self.sealing.start()  # for the destination's node_key: it needs nothing of this restore's key
         try:
             with self.ctx.session(self.destination) as transport:
                 reply = transport.request("extract", {**args, "sealed": True}, timeout=timeout,
@@ -52,7 +56,7 @@ class SealedRestore:
         finally:
             self.withdraw.set()
             self.to_destination.put(b"")
-            for thread in self.threads:
+            for thread in (self.sealing, *self.threads):
                 thread.join(timeout=120)
         if self.seal_error is not None:
             return Reply(reply.kind, FAILED, self.seal_error, {"not_sealed": True})
@@ -82,18 +86,23 @@ class SealedRestore:
         holder = threading.Thread(target=self._hold, args=(public_key, restore_id), name="restore-line", daemon=True)
         self.threads.append(holder)
         holder.start()
-        try:
-            sealed = self.seal()
-        except MutualBackupError as exc:
-            self.seal_error = str(exc)
+        self.sealing.join()
+        if self.sealed is None:
             self.withdraw.set()
-            self.to_destination.put(_message(refused=str(exc)))
+            self.to_destination.put(_message(refused=self.seal_error or "the passphrase could not be sealed"))
             return
+        sealed = self.sealed
         while not self.granted.wait(0.01):
             if not holder.is_alive():
                 self.to_destination.put(_message(refused=self.grant_error or f"{self.host.name} did not accept the key"))
                 return
         self.to_destination.put(_message(sealed=sealed))
+
+    def _seal(self) -> None:
+        try:
+            self.sealed = self.seal()
+        except MutualBackupError as exc:
+            self.seal_error = str(exc)
 
     def _hold(self, public_key: str, restore_id: str) -> None:
         """The host's temporary line, held until withdrawn (or the session ends)."""
