@@ -101,8 +101,11 @@ class Context:
     def close_started(self) -> None:
         """Close the sessions :meth:`start` began that no request used, without waiting for one still connecting
         (an unreachable node takes its whole connect timeout): that one is closed once it is done."""
-        while self._early:
-            _, early = self._early.popitem()
+        while True:
+            try:
+                _, early = self._early.popitem()
+            except KeyError:  # none left (another thread may have taken the last one meanwhile)
+                return
             early.close()
 
     @contextlib.contextmanager

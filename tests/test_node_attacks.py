@@ -153,3 +153,19 @@ def test_a_root_only_file_is_backed_up_and_restores_byte_identical(fed: LabFeder
     copy = restored(target, original)
     assert copy.read_bytes() == original.read_bytes()
     assert copy.stat().st_mode & 0o777 == 0o600 and copy.stat().st_uid == 0
+
+
+def test_join_finds_roots_tools_in_the_systems_directories_never_in_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty PATH entry means the current directory: a `visudo` planted there is never the one join checks
+    its sudo rule with (and Ansible's session may have no sbin directory on its PATH at all)."""
+    from mutualbackup.node.join import system_tool
+
+    planted = tmp_path / "visudo"
+    planted.write_text("#!/bin/sh\nexit 0\n")
+    planted.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", ":/usr/bin")
+    found = system_tool("visudo")
+    assert found is not None and found.startswith("/") and Path(found).parent != tmp_path

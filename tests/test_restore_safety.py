@@ -264,3 +264,22 @@ def test_another_members_node_gets_a_restore_only_from_a_kit_and_the_refusal_say
     message = str(error.value)
     assert "recovery kit" in message and "--recovery KIT --identity KEY" in message
     assert ctx.reached == []
+
+
+def test_a_destination_that_refuses_before_its_key_is_what_the_operator_hears_even_when_the_source_is_down(
+    tmp_path: Path,
+) -> None:
+    """The seal is asked at the restore's start; when the destination ends before it needs the passphrase (its
+    target is not empty), its own refusal is the answer, not the seal's failure (which would send the operator
+    to the recovery kit for nothing)."""
+    from fake import FakeClock, FakeWorld
+
+    federation = make_federation(4)
+    world = FakeWorld(federation, FakeClock(1_000_000.0))
+    ctx = context(tmp_path, federation, world.connect)
+    world.unreachable.add(SOURCE)
+    world.files[("coop0/store", "/restore/already-here")] = b"x"
+    with pytest.raises(UsageError) as refused:
+        restore(ctx, ctx.node(SOURCE), ctx.node("coop0/store"), "/restore")
+    assert "not empty" in str(refused.value) and "recovery" not in str(refused.value)
+    assert not [r for r in world.requests if r[1] == "grant"]  # no host line was asked for

@@ -30,6 +30,13 @@ COORDINATOR_COMMENT = "mutualbackup-coordinator"
 DEFAULT_SUDOERS = "/etc/sudoers.d/mutualbackup-node"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """Where root's tools are, whatever PATH the admin's session has (Ansible's over SSH may lack the sbin ones)."""
+
+
+def system_tool(name: str) -> str | None:
+    """The absolute path of one of root's tools: the system's directories first, then the session's PATH (never
+    the current directory, which an empty PATH entry would mean)."""
+    directories = [d for d in (*SYSTEM_PATH.split(":"), *os.environ.get("PATH", "").split(":")) if d.startswith("/")]
+    return shutil.which(name, path=":".join(directories))
 PROGRAM = "mutualbackup-node"
 _SUDOERS_SAFE = re.compile(r"/[A-Za-z0-9/._-]+")
 DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
@@ -93,7 +100,7 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
-    if config.sudo and shutil.which("sudo", path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}") is None:
+    if config.sudo and system_tool("sudo") is None:
         raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
                         "through one sudo rule, for backups that read every file)")
     watched = (config.authorized_keys, os.path.join(directory, CONFIG_FILE), args.sudoers, config.identity_file,
@@ -251,7 +258,7 @@ def _install_sudo_rule(path: Path, config: NodeConfig, directory: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(rule)
     os.chmod(temporary, 0o440)
-    visudo = shutil.which("visudo", path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
+    visudo = system_tool("visudo")
     if visudo is None:
         os.unlink(temporary)
         raise JoinError("visudo is not installed (it comes with sudo): install sudo; nothing was installed")

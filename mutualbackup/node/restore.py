@@ -213,7 +213,7 @@ class _Temporary:
         self.session = session
         self.restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), os.urandom(4).hex())
         self.directory = posixpath.join(session.config.state, f"restore-{self.restore_id}.tmp")
-        self.private, self.public_key = _key_pair(f"mutualbackup-restore-{self.restore_id}")
+        self.private, self.public_key = _key_pair(f"mutualbackup-restore-{self.restore_id}", session.config.state)
         self.host = host
         self.source = source
         self.secret = _Awaited(session, posixpath.join(self.directory, "gate"))
@@ -239,10 +239,12 @@ class _Temporary:
         return env
 
 
-def _key_pair(comment: str) -> tuple[bytes, str]:
+def _key_pair(comment: str, state: str) -> tuple[bytes, str]:
     """A new ed25519 key pair, made by ``ssh-keygen`` (4 ms, where importing a Python library to make it costs
-    30 ms of the restore's start): the private key (OpenSSH format) and the public ``TYPE BASE64``."""
-    with tempfile.TemporaryDirectory(prefix="mutualbackup-restore-key-") as scratch:  # 0700, root's
+    30 ms of the restore's start) in a 0700 directory of the root-only ``state`` (the temporary directory only
+    where there is none: a test's fake node): the private key (OpenSSH format) and the public ``TYPE BASE64``."""
+    where = state if os.path.isdir(state) else None
+    with tempfile.TemporaryDirectory(prefix="restore-key-", suffix=".tmp", dir=where) as scratch:
         path = os.path.join(scratch, "id_ed25519")
         done = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
                               capture_output=True, stdin=subprocess.DEVNULL, timeout=60)

@@ -41,6 +41,7 @@ class SealedRestore:
         self.grant_error: str | None = None
         self.seal_error: str | None = None
         self.sealed: str | None = None
+        self.key_heard = False
         self.sealing = threading.Thread(target=self._seal, name="restore-seal", daemon=True)
         self.threads: list[threading.Thread] = []
 
@@ -58,7 +59,8 @@ class SealedRestore:
             self.to_destination.put(b"")
             for thread in (self.sealing, *self.threads):
                 thread.join(timeout=120)
-        if self.seal_error is not None:
+            self.ctx.close_started()  # the host's session, when the destination ended before its key
+        if self.seal_error is not None and self.key_heard:  # the destination waited for it; else its reply says why
             return Reply(reply.kind, FAILED, self.seal_error, {"not_sealed": True})
         if self.grant_error is not None and not self.granted.is_set():
             return Reply(reply.kind, FAILED, self.grant_error, {"host_unusable": True})
@@ -71,6 +73,7 @@ class SealedRestore:
 
     def _heard(self, event: Mapping[str, Any]) -> None:
         if event.get("event") == "key":
+            self.key_heard = True
             thread = threading.Thread(target=self._authorise, name="restore-authorise", daemon=True,
                                       args=(str(event.get("public_key", "")), str(event.get("restore_id", ""))))
             self.threads.append(thread)
@@ -82,10 +85,12 @@ class SealedRestore:
                 self.withdraw.set()  # sshd reads authorized_keys only at login: the line has done its work
 
     def _authorise(self, public_key: str, restore_id: str) -> None:
-        """The host's line and the sealed passphrase at the same time; then the passphrase to the destination."""
+        """The host's line while the seal ends (it began with the restore); then the passphrase to the destination.
+        No line is asked for when the seal has already failed."""
         holder = threading.Thread(target=self._hold, args=(public_key, restore_id), name="restore-line", daemon=True)
-        self.threads.append(holder)
-        holder.start()
+        if self.sealing.is_alive() or self.sealed is not None:
+            self.threads.append(holder)
+            holder.start()
         self.sealing.join()
         if self.sealed is None:
             self.withdraw.set()
