@@ -169,3 +169,30 @@ def test_join_finds_roots_tools_in_the_systems_directories_never_in_the_current_
     monkeypatch.setenv("PATH", ":/usr/bin")
     found = system_tool("visudo")
     assert found is not None and found.startswith("/") and Path(found).parent != tmp_path
+
+
+def test_join_refuses_a_program_someone_but_root_could_replace(tmp_path: Path) -> None:
+    """The sudo rule runs the program as root: a program in a directory others can write, or not root's, is
+    refused before anything is installed."""
+    from mutualbackup.node.join import JoinError, only_roots
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    program = shared / "mutualbackup-node"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    only_roots(str(program))  # root's, 0755: fine
+    shared.chmod(0o777)
+    with pytest.raises(JoinError, match="not root's alone"):
+        only_roots(str(program))
+    shared.chmod(0o755)
+    os.chown(program, 65534, 65534)
+    with pytest.raises(JoinError, match="uid 65534"):
+        only_roots(str(program))
+    os.chown(program, 0, 0)
+    link = tmp_path / "bin" / "mutualbackup-node"  # the link a playbook makes: the file it leads to counts too
+    link.parent.mkdir()
+    link.symlink_to(program)
+    shared.chmod(0o777)
+    with pytest.raises(JoinError):
+        only_roots(str(link))

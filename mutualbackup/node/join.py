@@ -32,6 +32,24 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """Where root's tools are, whatever PATH the admin's session has (Ansible's over SSH may lack the sbin ones)."""
 
 
+def only_roots(program: str) -> None:
+    """Refuse a program that someone other than root could replace: the sudo rule runs it as root, so whoever may
+    write it, or the directory it is in (the link the rule names, and the file it leads to), would be root."""
+    import stat
+
+    for path in dict.fromkeys((program, os.path.dirname(program), os.path.realpath(program),
+                               os.path.dirname(os.path.realpath(program)))):
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise JoinError(f"{path}: {exc.strerror} (the sudo rule would name it)") from None
+        sticky_directory = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_uid != 0 or (info.st_mode & 0o022 and not sticky_directory):
+            raise JoinError(f"{path} is not root's alone (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}): "
+                            "the sudo rule runs mutualbackup-node as root, so whoever can replace it would be root. "
+                            "Install it where only root can write (chown root, chmod go-w); nothing was installed")
+
+
 def system_tool(name: str) -> str | None:
     """The absolute path of one of root's tools: the system's directories first, then the session's PATH (never
     the current directory, which an empty PATH entry would mean)."""
@@ -100,6 +118,8 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
+    if config.sudo:
+        only_roots(program)
     if config.sudo and system_tool("sudo") is None:
         raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
                         "through one sudo rule, for backups that read every file)")
