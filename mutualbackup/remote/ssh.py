@@ -164,9 +164,9 @@ class SSHTransport:
         self.close()
 
     def close(self) -> None:
-        """Close the connection, if any; the next call reconnects."""
-        self._started = None
+        """Close the connection, if any (a session :meth:`start` opened with it); the next call reconnects."""
         with self._lock:
+            self._started = None
             if self._client is not None:
                 self._client.close()
                 self._client = None
@@ -282,7 +282,8 @@ class SSHTransport:
         feed: Iterable[bytes] = (),
     ) -> Reply:
         """Ask the node's ``mutualbackup-node serve`` for ``kind``; see :meth:`Transport.request`."""
-        live, channel = self._session(f"mutualbackup-node serve {kind}", f"cannot ask {self.node_name} ({self._where}) for {kind}")
+        live, channel = self._session(f"mutualbackup-node serve {kind}",
+                                      f"cannot ask {self.node_name} ({self._where}) for {kind}")
         answered = threading.Event()
         replies: list[Reply] = []
 
