@@ -317,6 +317,7 @@ def _public_of(key: str) -> str | None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from mutualbackup.plan.placement import diff
     from mutualbackup.report.text import print_moves, print_plan
+
     ctx = open_context(args)
     recorded = ctx.history.placement()
     changes = diff(recorded, ctx.placement.replicas)
