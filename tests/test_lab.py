@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -142,7 +143,8 @@ def test_before_its_join_a_node_lets_nobody_in_and_after_it_only_the_coordinator
     lab.join_alone(node)
     lines = node.authorized_keys.read_text().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f'command="mutualbackup-node serve --config {node.node_config}",restrict ')
+    assert re.match(rf'command="/\S+/sudo -n -- {re.escape(lab.program)} serve --config {re.escape(str(node.node_config))}",'
+                    'restrict ', lines[0])  # the sudo rule's own command line: no program of ours starts as the login
     assert lines[0].split()[-3:-1] == lab.coordinator_public_key.split()[:2]
     assert lab.coordinator_public_key.endswith(" mutualbackup-coordinator")
     assert lab.coordinator_public_key.split()[:2] == Path(f"{lab.coordinator_key}.pub").read_text().split()[:2]
@@ -160,6 +162,19 @@ def test_each_node_answers_the_coordinator_key_and_refuses_any_other(lab: Lab, t
         assert answer.ok and answer.data["node"] == node.name, answer.error
         with pytest.raises(TransportError, match="refused the coordinator key"):
             hello(lab, node, stranger)
+
+
+def test_a_line_an_older_join_wrote_still_reaches_root_through_the_logins_step(lab: Lab) -> None:
+    node = lab.add_node("coop", "web1")
+    lab.join_alone(node)
+    lab.start(node)
+    [line] = node.authorized_keys.read_text().splitlines()
+    old = re.sub(r'^command="\S+/sudo -n -- (\S+)', r'command="\1', line)  # `mutualbackup-node serve --config DIR`
+    assert old != line and " serve --config " in old
+    node.authorized_keys.write_text(old + "\n")
+    with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:  # `leftover` needs root
+        reply = transport.request("leftover", {"role": "src/beta/store"}, timeout=60)
+    assert reply.ok and reply.data == {}, reply
 
 
 def test_a_node_reads_only_its_own_authorized_keys(lab: Lab, probe: Path, tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def test_the_join_playbook_joins_the_node_as_its_admin_would_and_is_idempotent(l
     written = (tmp_path / "joined" / "coop.web1.yml").read_text()  # on the machine running Ansible, to paste
     assert f"host_key: {node.host_key}" in written and f"node_key: {node_key}" in written
     [line] = node.authorized_keys.read_text().splitlines()
-    assert re.match(rf'command="(\S*/)?mutualbackup-node serve --config {re.escape(str(node.node_config))}"', line)
+    assert re.match(rf'command="/\S+/sudo -n -- /\S+/mutualbackup-node serve --config {re.escape(str(node.node_config))}"',
+                    line)  # the login is not root: the sudo rule's own command line
     assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
     assert oct(node.authorized_keys.stat().st_mode & 0o777) == "0o600"
     assert oct(node.storage.stat().st_mode & 0o777) == "0o700"
@@ -206,7 +207,8 @@ def test_the_join_playbook_prepares_every_node_of_a_member_from_the_federations_
             assert f"host_key: {node.host_key}" in written
             node.node_key = written.split("node_key: ")[1].split()[0]
             [line] = Path(f"/home/{node.user}/.ssh/authorized_keys").read_text().splitlines()
-            assert line.startswith(f'command="{tmp_path / slug / "bin" / "mutualbackup-node"} serve --config ')
+            assert re.match(rf'command="/\S+/sudo -n -- {re.escape(str(tmp_path / slug / "bin" / "mutualbackup-node"))} '
+                            'serve --config ', line)
             assert ",restrict " in line and lab.coordinator_public_key.split()[1] in line
             with SSHTransport(node.as_node(), str(lab.coordinator_key)) as transport:
                 hello = transport.request("hello", {}, timeout=120)  # the program the pip task installed, and borg

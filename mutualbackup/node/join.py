@@ -118,11 +118,14 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
+    sudo = system_tool("sudo") if config.sudo else None
     if config.sudo:
         only_roots(program)
-    if config.sudo and system_tool("sudo") is None:
+    if config.sudo and sudo is None:
         raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
                         "through one sudo rule, for backups that read every file)")
+    if sudo is not None and not _SUDOERS_SAFE.fullmatch(sudo):
+        raise JoinError(f"{sudo!r}: the forced command names sudo, so its path may hold only letters, digits and / . _ -")
     watched = (config.authorized_keys, os.path.join(directory, CONFIG_FILE), args.sudoers, config.identity_file,
                config.state, config.work, config.storage)
     before = _footprint(watched)
@@ -132,7 +135,7 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
             _owned_directory(path, account)
     if config.sudo:
         _install_sudo_rule(Path(args.sudoers), config, directory)
-    _install_forced_line(config, account, forced_command(config, directory))
+    _install_forced_line(config, account, forced_command(config, directory, sudo))
     write_config(config, directory)
     return host_key, node_key, _footprint(watched) != before
 
@@ -231,9 +234,14 @@ def _owned_directory(path: str, account: pwd.struct_passwd) -> None:
     os.chmod(path, 0o700)
 
 
-def forced_command(config: NodeConfig, directory: str) -> str:
-    """What sshd runs for the coordinator's key, whatever it asks: ``mutualbackup-node serve`` (its absolute
-    path when the program is not the one on the PATH; ``--config`` when the directory is not the default)."""
+def forced_command(config: NodeConfig, directory: str, sudo: str | None = None) -> str:
+    """What sshd runs for the coordinator's key, whatever it asks. When the login is not root, the one sudo rule's
+    command line itself, through ``sudo`` (its absolute path): ``/usr/bin/sudo -n -- PROGRAM serve --config DIR``,
+    so that no program of ours starts as the login only to hand over (``cli.to_root`` still does for a line written
+    before). As root: ``mutualbackup-node serve`` (its absolute path when the program is not the one on the PATH;
+    ``--config`` when the directory is not the default)."""
+    if config.sudo and sudo is not None:
+        return f"{sudo} -n -- {config.program} serve --config {directory}"
     on_path = shutil.which(PROGRAM)
     program = PROGRAM if on_path and os.path.realpath(on_path) == os.path.realpath(config.program) else config.program
     return f"{program} serve" + (f" --config {directory}" if directory != DEFAULT_CONFIG else "")
