@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,3 +56,25 @@ def test_a_node_answering_a_backup_imports_no_repository_reading_nor_authorized_
     loaded = imported_by("from mutualbackup import borg\nborg.create_argv")
     assert "mutualbackup.borg.argv" in loaded
     assert not {"mutualbackup.borg.repository_files", "mutualbackup.borg.authorized_keys", "mutualbackup.borg.output"} & loaded
+
+
+def test_paramiko_is_imported_without_invoke_nor_importlib_metadata_and_says_its_real_version():
+    done = subprocess.run([sys.executable, "-c", "from mutualbackup.remote.ssh import paramiko\nimport sys\n"
+                           "print(paramiko.__version__, paramiko.Transport._CLIENT_ID, 'importlib.metadata' in sys.modules,"
+                           " sys.modules['invoke'])"], capture_output=True, text=True, check=True)
+    from importlib.metadata import version
+
+    assert done.stdout.split() == [version("paramiko"), f"paramiko_{version('paramiko')}", "False", "None"]
+
+
+def test_the_version_stand_in_goes_to_importlib_metadata_for_what_it_cannot_find_on_the_path():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mutualbackup.remote.paramiko_import import _installed_version
+
+    assert _installed_version("pyyaml") == version("pyyaml")
+    assert _installed_version("prometheus-client") == version("prometheus-client")
+    real = sys.modules["importlib.metadata"]
+    with pytest.raises(PackageNotFoundError):
+        _installed_version("no-such-distribution-here")
+    assert sys.modules["importlib.metadata"] is real

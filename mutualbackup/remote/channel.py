@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import paramiko
+from mutualbackup.remote.paramiko_import import paramiko
 
 CHUNK = 1 << 16
 POLL_SECONDS = 0.05

@@ -20,20 +20,14 @@ import binascii
 import shlex
 import signal
 import socket
-import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
-
-# paramiko imports invoke only to run ssh_config's "Match exec", which mutualbackup never reads (it pins every
-# host itself): a third of paramiko's import time, paid by every command that connects. Keep it out.
-if "invoke" not in sys.modules:
-    sys.modules["invoke"] = None  # type: ignore[assignment]  # "import invoke" raises ImportError: paramiko copes
-import paramiko  # noqa: E402
 
 from mutualbackup.errors import HostKeyMismatch, TransportError
 from mutualbackup.inventory.model import Node
 from mutualbackup.node.protocol import FAILED, ProtocolError, Reply, decode_event, encode_request, reply_of
 from mutualbackup.remote.channel import pump
+from mutualbackup.remote.paramiko_import import paramiko
 
 KEEPALIVE_SECONDS = 10
 """Interval of SSH keepalive messages on an idle connection."""
