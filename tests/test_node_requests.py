@@ -4,6 +4,7 @@ restore's line is held and withdrawn, how secrets are sealed, how commands are s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -18,6 +19,8 @@ import pytest
 
 from fake import admin_key, signed_material
 from mutualbackup import borg
+from mutualbackup.node import authority
+from mutualbackup.node.authority import VERIFIED_DIRECTORY
 from mutualbackup.node.config import Admin, NodeConfig, load_config, write_config
 from mutualbackup.node.protocol import DONE, FAILED, REFUSED
 from mutualbackup.node.requests import Session, handle
@@ -59,6 +62,11 @@ class Conversation:
 
 # --- the host's authorized_keys ------------------------------------------------------------------
 
+
+
+def made_in(state: str | Path) -> list[str]:
+    """What a request left in a node's state, but the member files the node verified (``authority._remember``)."""
+    return sorted(p.name for p in Path(state).iterdir() if p.name != VERIFIED_DIRECTORY)
 
 def test_authorize_writes_one_confined_line_per_replica_and_keeps_every_other_line(tmp_path: Path) -> None:
     node = config(tmp_path)
@@ -285,7 +293,7 @@ def test_a_request_meant_for_another_node_is_refused_before_anything_runs(tmp_pa
     assert code == REFUSED and len(lines) == 1
     assert "this server is coop/store (pinned when it joined)" in lines[0]["error"]
     assert "meant for mallory/mine" in lines[0]["error"]
-    assert not any((tmp_path / "state").iterdir())  # no key, no passphrase made for the claimant
+    assert made_in(tmp_path / "state") == []  # no key, no passphrase made for the claimant
 
 
 def test_the_table_of_kinds_names_every_request_with_its_side_and_module_and_nothing_else() -> None:
@@ -374,7 +382,7 @@ def test_a_backup_that_is_not_what_the_member_signed_is_refused_before_anything_
     reply = conversation.ask("backup", backup_args(signed, **spec))
     assert reply.code == REFUSED and why in (reply.error or ""), reply.error
     assert reply.data == {"not_signed": True} and "nothing was done" in (reply.error or "")
-    assert not any(Path(node.state).iterdir()) and not conversation.events  # no key, no passphrase, no command
+    assert made_in(node.state) == [] and not conversation.events  # no key, no passphrase, no command
 
 
 def test_prune_keeps_what_the_member_signed_and_nothing_less(tmp_path: Path) -> None:
@@ -383,7 +391,7 @@ def test_prune_keeps_what_the_member_signed_and_nothing_less(tmp_path: Path) -> 
     args = {"host": HOST, "retention": {"daily": 1}, "run_id": 1, "timeout": 60, "signed": signed}
     reply = Conversation(node).ask("prune", args)
     assert reply.code == REFUSED and "disagrees with coop's signed file on retention" in (reply.error or "")
-    assert not any(Path(node.state).iterdir())
+    assert made_in(node.state) == []
 
 
 def test_a_default_retention_that_keeps_less_than_a_week_is_refused_unless_the_member_signs_it(tmp_path: Path) -> None:
@@ -419,3 +427,85 @@ def test_admins_rotate_only_by_a_pinned_admins_signature_and_are_pinned_again(tm
     old = signed_material(str(tmp_path / "o"), coop_file())  # the former admin can no longer sign
     assert Conversation(again).ask("prepare", {"hosts": [], "signed": old}).code == REFUSED
     assert Conversation(again).ask("prepare", {"hosts": [], "signed": by_mallory}).code == DONE
+
+
+# --- the member files a node verified, kept between requests --------------------------------------------------------
+
+
+def counted_verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each member (by name) whose file's signature ``ssh-keygen -Y verify`` checks from now on."""
+    from mutualbackup.inventory import signatures
+
+    calls: list[str] = []
+    real = signatures.verify
+
+    def verify(text: bytes, signature: bytes, member: str, keys: tuple[str, ...]) -> str:
+        calls.append(member)
+        return real(text, signature, member, keys)
+
+    monkeypatch.setattr(signatures, "verify", verify)
+    return calls
+
+
+def ask_afresh(node: NodeConfig, signed: dict) -> Any:  # noqa: ANN401 - Reply
+    """A request as a new ``serve`` process answers it: nothing remembered in memory, only in the node's state."""
+    authority._VERIFIED.clear()
+    return Conversation(node).ask("prepare", {"hosts": [], "signed": signed})
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the node keeps what it verified only as root")
+
+
+@needs_root
+def test_a_member_file_verified_once_is_read_from_the_nodes_state_by_the_next_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = config(tmp_path, node="web1")
+    calls = counted_verifications(monkeypatch)
+    signed = signed_material(str(tmp_path / "inv"), coop_file())
+    for _ in range(3):
+        assert ask_afresh(node, signed).code == DONE
+    assert calls == ["coop"]
+    [reading] = (Path(node.state) / VERIFIED_DIRECTORY).iterdir()
+    assert oct(reading.stat().st_mode & 0o777) == "0o600" and oct(reading.parent.stat().st_mode & 0o777) == "0o700"
+    tampered = {**signed, "file": signed["file"].replace("/etc", "/")}
+    reply = ask_afresh(node, tampered)
+    assert reply.code == REFUSED and "signature" in (reply.error or "") and calls == ["coop", "coop"]
+    rotated = dataclasses.replace(node, admins=(Admin("other", public_of(other_key())),))
+    reply = ask_afresh(rotated, signed)  # the admin who signed it is no longer pinned: verified again, refused
+    assert reply.code == REFUSED and len(calls) == 3
+
+
+@needs_root
+def test_a_reading_of_another_file_put_where_this_files_would_be_is_not_used(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator that could choose what a node finds in its state (it cannot: root's alone) still gets only
+    the file it sent read: the reading holds everything it was made of, compared whole."""
+    node = config(tmp_path, node="web1")
+    good = signed_material(str(tmp_path / "good"), coop_file())
+    evil = signed_material(str(tmp_path / "evil"), coop_file(before=["touch /tmp/pwned"]), key=other_key())
+    assert ask_afresh(node, good).code == DONE
+    [reading] = (Path(node.state) / VERIFIED_DIRECTORY).iterdir()
+    os.replace(reading, authority._memo_file(node.state, authority._memo(evil, node)))
+    calls = counted_verifications(monkeypatch)
+    reply = ask_afresh(node, evil)
+    assert reply.code == REFUSED and "signature" in (reply.error or "") and calls == ["coop"]
+
+
+@needs_root
+@pytest.mark.parametrize("loosened", ["directory writable by others", "file owned by another user", "damaged"])
+def test_a_reading_that_is_not_roots_alone_or_does_not_read_is_verified_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loosened: str,
+) -> None:
+    node = config(tmp_path, node="web1")
+    signed = signed_material(str(tmp_path / "inv"), coop_file())
+    assert ask_afresh(node, signed).code == DONE
+    [reading] = (Path(node.state) / VERIFIED_DIRECTORY).iterdir()
+    if loosened == "directory writable by others":
+        os.chmod(reading.parent, 0o777)
+    elif loosened == "file owned by another user":
+        os.chown(reading, 65534, 65534)
+    else:
+        reading.write_bytes(reading.read_bytes()[:40])
+    calls = counted_verifications(monkeypatch)
+    assert ask_afresh(node, signed).code == DONE and calls == ["coop"]

@@ -12,12 +12,13 @@ admins re-pins them: admins rotate by signing, never by the coordinator.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from mutualbackup.inventory.model import Backup, Member, Node, Retention
+from mutualbackup.node.config import NodeConfig
 from mutualbackup.node.requests import Refused, Session
 
 WEEK_SECONDS = 7 * 86400
@@ -64,21 +65,21 @@ def keeps_a_week(retention: Retention) -> bool:
 def verified(session: Session, args: Mapping[str, Any]) -> Signed:
     """The signed member file this request carries, verified against the admins this node pinned; NotSigned
     when there is none, or it does not verify, or it is not this node's member's."""
-    from mutualbackup.inventory.signatures import SignatureError, verify
-
     config = session.config
     material = args.get("signed")
     if not isinstance(material, dict) or not all(isinstance(material.get(k), str)
                                                  for k in ("file", "signature", "federation")):
         raise NotSigned(f"the request carries no signed member file: {config.member}'s nodes act only on what "
                         "its admins signed; nothing was done")
-    pinned = tuple(a.key for a in config.admins)
-    memo = (material["file"], material["signature"], material["federation"], config.member, config.node, pinned)
-    signed = _VERIFIED.get(memo)
+    memo = _memo(material, config)
+    signed = _VERIFIED.get(memo) or _remembered(config.state, memo)
     if signed is None:
+        from mutualbackup.inventory.signatures import SignatureError, verify
+
         text = material["file"].encode("utf-8")
         try:
-            signer = verify(text, material["signature"].encode("utf-8"), config.member, pinned)
+            signer = verify(text, material["signature"].encode("utf-8"), config.member,
+                            tuple(a.key for a in config.admins))
         except SignatureError as exc:
             raise NotSigned(f"{config.member}'s member file is refused: {exc} (this node accepts only the admins "
                             f"pinned at join: {', '.join(a.name for a in config.admins) or 'none'}); "
@@ -88,9 +89,10 @@ def verified(session: Session, args: Mapping[str, Any]) -> Signed:
         if not nodes:
             raise NotSigned(f"{config.member}'s signed file has no node {config.node}: nothing was done")
         signed = Signed(member, nodes[0], _own_backup_keys(text, config.node), signer)
-        if len(_VERIFIED) >= 64:
-            _VERIFIED.clear()
-        _VERIFIED[memo] = signed
+        _remember(config.state, memo, signed)
+    if len(_VERIFIED) >= 64:
+        _VERIFIED.clear()
+    _VERIFIED[memo] = signed
     _repin(session, signed.member)
     return signed
 
@@ -98,11 +100,94 @@ def verified(session: Session, args: Mapping[str, Any]) -> Signed:
 # What this process verified already (a serve process answers one request; a test's fake nodes answer many).
 _VERIFIED: dict[tuple[object, ...], Signed] = {}
 
+def _memo(material: Mapping[str, str], config: NodeConfig) -> tuple[object, ...]:
+    """Everything a reading of the signed file depends on."""
+    return (material["file"], material["signature"], material["federation"], config.member, config.node,
+            tuple(a.key for a in config.admins))
+
+
+VERIFIED_DIRECTORY = "verified"  # in the node's root-only state: member files this node verified, as it read them
+VERIFIED_KEPT = 8  # a member file changes rarely: the last few are enough for every request between two changes
+
+
+def _memo_file(state: str, memo: tuple[object, ...]) -> str:
+    """Where the reading of ``memo`` is kept. The name only spreads readings over files (CRC-32 of everything the
+    reading depends on: the file, its signature, the federation's file, the node, the pinned admins, this program's
+    version); the file holds the whole of that too, and a reading is used only when all of it is equal."""
+    import zlib
+
+    spread = zlib.crc32(repr(_memo_key(memo)).encode("utf-8", "surrogateescape"))
+    return os.path.join(state, VERIFIED_DIRECTORY, f"{spread:08x}.pickle")
+
+
+def _memo_key(memo: tuple[object, ...]) -> tuple[object, ...]:
+    from mutualbackup import __version__
+
+    return (__version__, *memo)
+
+
+def _remembered(state: str, memo: tuple[object, ...]) -> Signed | None:
+    """This node's own earlier reading of the same signed file for the same pinned admins (the signature check,
+    ``ssh-keygen``, and the YAML reading are the node program's largest fixed cost before borg starts), or None.
+
+    Only root's process reads it, and only from a directory and a file that root owns and nobody else may write:
+    whoever could write them could replace the node program itself."""
+    if os.geteuid() != 0 or not state:
+        return None
+    path = _memo_file(state, memo)
+    try:
+        with open(path, "rb") as handle:
+            if not all(_only_roots(os.stat(p)) for p in (state, os.path.dirname(path))) or not _only_roots(
+                    os.fstat(handle.fileno())):
+                return None
+            import pickle
+
+            key, signed = pickle.load(handle)
+    except Exception:  # noqa: BLE001 - absent, unreadable, or from a program whose classes changed: verify again
+        return None
+    return signed if key == _memo_key(memo) and isinstance(signed, Signed) else None
+
+
+def _remember(state: str, memo: tuple[object, ...], signed: Signed) -> None:
+    """Keep ``signed`` for the next requests (as root, in the root-only state; the oldest readings dropped).
+    A failure to keep it costs only the next request's time."""
+    if os.geteuid() != 0 or not state:
+        return
+    import pickle
+    import tempfile
+
+    path = _memo_file(state, memo)
+    directory = os.path.dirname(path)
+    temporary = None
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".tmp.", dir=directory)
+        with os.fdopen(fd, "wb") as handle:
+            pickle.dump((_memo_key(memo), signed), handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temporary, path)
+        temporary = None
+        kept = sorted((entry for entry in os.scandir(directory) if entry.name.endswith(".pickle")),
+                      key=lambda entry: entry.stat().st_mtime_ns, reverse=True)
+        for entry in kept[VERIFIED_KEPT:]:
+            os.unlink(entry.path)
+    except (OSError, pickle.PicklingError):
+        pass
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def _only_roots(status: os.stat_result) -> bool:
+    return status.st_uid == 0 and not status.st_mode & 0o022
+
 
 def _load(member: str, text: bytes, federation: bytes) -> Member:
     """The member file read as ``check`` reads it (the federation's defaults under it)."""
     from mutualbackup.errors import InventoryError
     from mutualbackup.inventory.load import load_inventory
+
+    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mutualbackup-signed-") as scratch:
         os.makedirs(os.path.join(scratch, "members"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import posixpath
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -131,6 +130,8 @@ def handle(kind: str, args: Args, session: Session, addressed: str) -> Reply:
     except Failed as exc:
         return Reply(kind, FAILED, str(exc))
     except Exception as exc:  # a bug, or the system refused (a permission): say so, never a half answer
+        import traceback
+
         traceback.print_exc()
         return Reply(kind, FAILED, f"{session.config.name}: internal error in the node program during {kind}: {exc!r}")
 

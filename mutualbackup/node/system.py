@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shutil
 import signal
 import subprocess
 import threading
@@ -245,6 +244,8 @@ class LocalSystem:
         return os.listdir(path)
 
     def remove_tree(self, path: str) -> None:
+        import shutil
+
         shutil.rmtree(path, ignore_errors=True)
 
     def free_space(self, path: str) -> int:
