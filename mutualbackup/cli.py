@@ -22,6 +22,8 @@ from mutualbackup.errors import InventoryError, MutualBackupError, OperationFail
 from mutualbackup.inventory.load import load_inventory
 
 if TYPE_CHECKING:
+    import socket
+
     from mutualbackup.context import Connector, Context
     from mutualbackup.inventory.model import Federation
     from mutualbackup.remote.transport import Transport
@@ -409,18 +411,29 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
 def _started_early(federation: Federation, first: str | None) -> tuple[Connector, Transport | None]:
     """The SSH connector, and a transport to the first source named, connected and its program already
     starting, before anything else is read or imported: the node starts (about 0.1 s: sshd, sudo, Python)
-    while this process reads its state and prepares the request (:meth:`Context.start`). A name that is no
+    while this process reads its state and prepares the request (:meth:`Context.start`). Its TCP connection is
+    opened before paramiko is imported, so that sshd's own start overlaps that import. A name that is no
     source is left to :meth:`Context.source` to refuse; a failed connection is raised by the job's request."""
-    from mutualbackup.context import ssh_connector
-
-    connector = ssh_connector(federation)
     try:
         node = federation.node(first) if first else None
     except KeyError:
         node = None
+    opened: socket.socket | OSError | None = None
+    if node is not None and node.is_source:
+        from mutualbackup.remote.sockets import CONNECT_TIMEOUT, open_socket
+
+        try:
+            opened = open_socket(node.address, node.port, CONNECT_TIMEOUT)
+        except OSError as error:
+            opened = error
+    from mutualbackup.context import coordinator_key, ssh_connector
+
+    connector = ssh_connector(federation)
     if node is None or not node.is_source:
         return connector, None
-    transport = connector(node)
+    from mutualbackup.remote.ssh import SSHTransport
+
+    transport = SSHTransport(node, coordinator_key(federation), opened=opened)
     transport.start()  # here, before the rest is imported: a thread would share this process's one core with it
     return connector, transport
 

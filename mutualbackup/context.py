@@ -153,12 +153,17 @@ def ssh_connector(federation: Federation) -> Connector:
     """Connector that opens pinned-key SSH sessions with the coordinator's own key."""
     from mutualbackup.remote.ssh import SSHTransport
 
-    key = os.path.expanduser(federation.coordinator.ssh_key)
+    key = coordinator_key(federation)
 
     def connect(node: Node) -> Transport:
         return SSHTransport(node, key)
 
     return connect
+
+
+def coordinator_key(federation: Federation) -> str:
+    """The coordinator's private key file, the only credential its SSH connections offer."""
+    return os.path.expanduser(federation.coordinator.ssh_key)
 
 
 class _Started:

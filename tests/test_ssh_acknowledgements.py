@@ -12,7 +12,8 @@ from typing import Iterator
 import paramiko
 import pytest
 
-from mutualbackup.remote.ssh import _PinnedTransport, ignore_message, open_socket
+from mutualbackup.remote.sockets import open_socket
+from mutualbackup.remote.ssh import _PinnedTransport, ignore_message
 
 
 @pytest.fixture

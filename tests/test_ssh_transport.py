@@ -17,6 +17,7 @@ import pytest
 from mutualbackup import borg
 from mutualbackup.errors import HostKeyMismatch, TransportError
 from lab.nodes import Lab, LabNode
+from mutualbackup.remote.sockets import open_socket
 from mutualbackup.remote.ssh import SSHTransport
 
 from labkit import wait_for
@@ -149,6 +150,34 @@ def test_a_request_started_early_raises_what_the_start_met_and_tries_nothing_twi
         with pytest.raises(HostKeyMismatch):
             transport.request("hello", {}, timeout=30)
         assert node.sshd_log.read_text().count("Connection from") == logins  # the start's refusal, not a second try
+
+
+def test_a_tcp_connection_opened_before_the_transport_is_the_one_its_first_connection_uses(lab: Lab, node: LabNode) -> None:
+    logins = node.sshd_log.read_text().count("Connection from")
+    opened = open_socket("127.0.0.1", node.port, timeout=5)
+    with SSHTransport(node.as_node(), str(lab.coordinator_key), opened=opened) as transport:
+        assert transport.request("hello", {}, timeout=30).data["node"] == "coop/web1"
+        assert opened.fileno() != -1  # paramiko's connection runs on it
+    assert opened.fileno() == -1 and node.sshd_log.read_text().count("Connection from") == logins + 1
+
+
+def test_a_tcp_connection_that_could_not_be_opened_early_is_the_first_requests_error_and_nothing_is_tried_again(
+    lab: Lab, node: LabNode,
+) -> None:
+    logins = node.sshd_log.read_text().count("Connection from")
+    refused = ConnectionRefusedError(111, "Connection refused")
+    with SSHTransport(node.as_node(), str(lab.coordinator_key), opened=refused) as transport:
+        transport.start()
+        with pytest.raises(TransportError, match="refused"):
+            transport.request("hello", {}, timeout=30)
+        assert node.sshd_log.read_text().count("Connection from") == logins
+        assert transport.request("hello", {}, timeout=30).ok  # the next connection is a new one
+
+
+def test_a_tcp_connection_opened_early_and_never_used_is_closed_with_the_transport(lab: Lab, node: LabNode) -> None:
+    opened = open_socket("127.0.0.1", node.port, timeout=5)
+    SSHTransport(node.as_node(), str(lab.coordinator_key), opened=opened).close()
+    assert opened.fileno() == -1
 
 
 def test_a_started_program_that_ended_meanwhile_is_replaced(lab: Lab, node: LabNode, transport: SSHTransport) -> None:

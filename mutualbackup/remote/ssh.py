@@ -28,12 +28,10 @@ from mutualbackup.inventory.model import Node
 from mutualbackup.node.protocol import FAILED, ProtocolError, Reply, decode_event, encode_request, reply_of
 from mutualbackup.remote.channel import pump
 from mutualbackup.remote.paramiko_import import paramiko
+from mutualbackup.remote.sockets import CONNECT_TIMEOUT, open_socket
 
 KEEPALIVE_SECONDS = 10
 """Interval of SSH keepalive messages on an idle connection."""
-
-TCP_USER_TIMEOUT_MS = 60_000
-"""Linux: drop the connection when sent data (keepalives) stays unacknowledged this long."""
 
 
 def parse_host_key(host_key: str) -> paramiko.PKey:
@@ -108,26 +106,6 @@ def ignore_message() -> paramiko.Message:
     return message
 
 
-def open_socket(address: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to ``address:port`` for SSH, with ``TCP_NODELAY`` (and ``TCP_USER_TIMEOUT``).
-
-    paramiko's own socket keeps Nagle's algorithm: a small packet written while an
-    earlier one is unacknowledged then waits for the peer's delayed acknowledgement
-    (up to 40 ms), several times per key exchange and authentication, and once per
-    command's round trip. Every message of ours is a complete request, so nothing
-    is gained by holding it back. Raises OSError as :func:`socket.create_connection`.
-    """
-    sock = socket.create_connection((address, port), timeout=timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class SSHTransport:
     """Runs commands and moves small files on one node over SSH, host key pinned.
 
@@ -136,7 +114,10 @@ class SSHTransport:
     Thread-safe: several threads may call :meth:`run` at once (one channel each).
     """
 
-    def __init__(self, node: Node, key_file: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, node: Node, key_file: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 opened: socket.socket | OSError | None = None) -> None:
+        """``opened``: the TCP connection to the node, already made for the first connection
+        (:func:`mutualbackup.remote.sockets.open_socket`), or why it could not be (raised by the first request)."""
         self.node = node
         self.node_name = node.name
         self.key_file = key_file
@@ -150,6 +131,7 @@ class SSHTransport:
         self._lock = threading.Lock()
         self._home: str | None = None
         self._started: tuple[paramiko.Transport, paramiko.Channel] | TransportError | None = None
+        self._opened = opened
 
     def __enter__(self) -> SSHTransport:
         return self
@@ -161,6 +143,9 @@ class SSHTransport:
         """Close the connection, if any (a session :meth:`start` opened with it); the next call reconnects."""
         with self._lock:
             self._started = None
+            if isinstance(self._opened, socket.socket):
+                self._opened.close()
+            self._opened = None
             if self._client is not None:
                 self._client.close()
                 self._client = None
@@ -196,10 +181,13 @@ class SSHTransport:
         client.get_host_keys().add(name, self._pinned.get_name(), self._pinned)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         timeout = self.connect_timeout
+        opened, self._opened = self._opened, None
         try:
             sock: socket.socket | None = None
             try:
-                sock = open_socket(node.address, node.port, timeout)
+                if isinstance(opened, OSError):
+                    raise opened
+                sock = opened or open_socket(node.address, node.port, timeout)
                 client.connect(
                     node.address,
                     port=node.port,
