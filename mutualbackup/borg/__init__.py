@@ -10,7 +10,10 @@ answering a backup reads neither the repositories' files nor the ``authorized_ke
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (node/preload.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "repository": (

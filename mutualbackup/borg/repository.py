@@ -15,7 +15,9 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from mutualbackup.inventory.model import Node
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a node's backup starts on few imports
+if TYPE_CHECKING:
+    from mutualbackup.inventory.model import Node
 
 
 KEY_FILE = "id_ed25519"

@@ -17,7 +17,10 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (node/preload.py)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 PROTOCOL = 1
 MAX_HEADER = 8 * 1024 * 1024  # a request's first line (with a signed member file, issue 13) stays far below

@@ -15,7 +15,10 @@ import queue
 import signal
 import sys
 import threading
-from typing import Any, BinaryIO, Mapping
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a backup's borg starts after few imports
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, BinaryIO
 
 from mutualbackup.node import kinds, protocol
 from mutualbackup.node.config import ConfigError, NodeConfig, config_directory, load_config
@@ -23,13 +26,17 @@ from mutualbackup.node.protocol import REFUSED, Reply
 
 
 def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | None = None,
-          stdout: BinaryIO | None = None) -> int:
-    """Answer the request read from ``stdin`` (which must be ``kind`` when given); its code is the exit status."""
-    from mutualbackup.node import requests
-    from mutualbackup.node.system import LocalSystem
-
+          stdout: BinaryIO | None = None, *, preload: bool = False) -> int:
+    """Answer the request read from ``stdin`` (which must be ``kind`` when given); its code is the exit status.
+    With ``preload`` (the program itself), a backup's borg starts while the request is checked (node/preload.py)."""
     stdin = stdin or LineReader(0)  # unbuffered: a reader thread must never hold stdin's lock at exit
     stdout = stdout or sys.stdout.buffer
+    borg_env = _borg_environment(config_dir) if preload else None  # while the request comes
+    request = stdin.readline(protocol.MAX_HEADER + 1)
+    preloaded = _preloaded(request, borg_env) if borg_env is not None else None
+    from mutualbackup.node import requests  # the rest of the request's modules, while borg starts
+    from mutualbackup.node.system import LocalSystem
+
     lock = threading.Lock()
 
     def write(event: str, fields: Mapping[str, Any]) -> None:
@@ -41,15 +48,46 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
             except OSError:  # the coordinator is gone; what runs is stopped through `gone`
                 pass
 
-    reply = _answer(kind, config_dir, stdin, write, LocalSystem, requests)
+    try:
+        reply = _answer(kind, request, config_dir, stdin, write, lambda: LocalSystem(preloaded=preloaded), requests)
+    finally:
+        if preloaded is not None:
+            preloaded.discard()  # when no run used it
     write("result", {"ok": reply.ok, "code": reply.code, "error": reply.error, "data": dict(reply.data)})
     return reply.code
 
 
-def _answer(kind, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
-    """The reply to the request on ``stdin`` (a refusal when it cannot even be read)."""
+def _borg_environment(config_dir: str | None) -> tuple[str, dict[str, str]] | None:
+    """(borg, its environment) as a source's requests run it, from this node's configuration (None as the login,
+    or when the configuration does not read: the request says so)."""
+    if os.geteuid() != 0:
+        return None
     try:
-        line = stdin.readline(protocol.MAX_HEADER + 1)
+        config = _config(config_dir)
+    except ConfigError:
+        return None
+    from mutualbackup import borg
+    from mutualbackup.node.preload import base_environment
+
+    return config.borg, {**base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
+
+
+def _preloaded(line: bytes, borg_env: tuple[str, dict[str, str]]):  # noqa: ANN202 - Preloaded | None
+    """borg started now for a request that will run it (node/preload.py), before the request is checked."""
+    import json
+
+    from mutualbackup.node import preload
+
+    try:
+        asked = json.loads(line).get("request")
+    except (ValueError, AttributeError):
+        return None  # not a request: refused below
+    return preload.start(*borg_env) if asked in preload.WANTED else None
+
+
+def _answer(kind, line, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
+    """The reply to the request ``line`` (a refusal when it cannot even be read); ``stdin`` gives its further lines."""
+    try:
         asked, args, addressed = protocol.decode_request(line)
     except protocol.ProtocolError as exc:
         return Reply(kind or "?", REFUSED, str(exc))
@@ -162,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         at = args.index("--config")
         config_dir = args[at + 1] if at + 1 < len(args) else None
         del args[at:at + 2]
-    return serve(args[0] if args else None, config_dir)
+    return serve(args[0] if args else None, config_dir, preload=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+from mutualbackup.node.preload import Preloaded, base_environment
 from mutualbackup.remote.transport import Result
 
 ORPHAN_INT_SECONDS = 60
@@ -114,8 +115,9 @@ def process_start(pid: int) -> str | None:
 class LocalSystem:
     """The node itself. ``gone`` is set when the coordinator's session ends."""
 
-    def __init__(self, gone: threading.Event | None = None) -> None:
+    def __init__(self, gone: threading.Event | None = None, preloaded: Preloaded | None = None) -> None:
         self.gone = gone or threading.Event()
+        self.preloaded = preloaded  # borg started early for this request (node/preload.py); used by the run it fits
 
     def run(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -123,15 +125,20 @@ class LocalSystem:
         pidfile: str | None = None, run_id: int | None = None, pass_fds: Sequence[int] = (),
     ) -> Result:
         argv = tuple(argv)
-        merged = {**_base_environment(), **(env or {})}
-        try:
-            process = subprocess.Popen(
-                argv, env=merged, cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds),
-            )
-        except OSError as error:
-            return Result(argv, 127 if isinstance(error, FileNotFoundError) else 126, b"",
-                          f"{argv[0]}: {error.strerror}\n".encode())
+        merged = {**base_environment(), **(env or {})}
+        preloaded, self.preloaded = self.preloaded, None
+        if preloaded is not None and preloaded.fits(argv, merged, cwd, stdin, pass_fds):
+            process = preloaded.release(argv)
+        else:
+            self.preloaded = preloaded  # for a later run it fits (a backup's `before:` commands run first)
+            try:
+                process = subprocess.Popen(
+                    argv, env=merged, cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds),
+                )
+            except OSError as error:
+                return Result(argv, 127 if isinstance(error, FileNotFoundError) else 126, b"",
+                              f"{argv[0]}: {error.strerror}\n".encode())
         if pidfile is not None:
             self._write_pidfile(pidfile, process.pid, run_id)
         try:
@@ -265,14 +272,6 @@ def _process_user(pid: int) -> str | None:
     except (OSError, KeyError, ValueError, IndexError):
         return None
     return None
-
-
-def _base_environment() -> dict[str, str]:
-    """A child's environment: the node's PATH and HOME, nothing the coordinator could have set."""
-    keep = ("PATH", "HOME", "USER", "LOGNAME")
-    base = {name: os.environ[name] for name in keep if name in os.environ}
-    base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    return base
 
 
 def _end(process: subprocess.Popen[bytes], *steps: tuple[signal.Signals, float]) -> None:

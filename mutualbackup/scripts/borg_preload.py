@@ -1,0 +1,32 @@
+"""borg, started before its command line is known (mutualbackup-node's ``node/preload.py``).
+
+Run as ``PYTHON -I -c THIS GATE PROGRAM`` with borg's own Python (the interpreter of PROGRAM, borg's
+console script) and the environment borg will have: it imports borg, the largest part of borg's start,
+while the node program checks the request; then it reads the gate (file descriptor GATE) to its end.
+Nothing of borg runs before that: an empty gate (the request was refused, or needs no borg) ends it at
+once. Otherwise the gate holds the command line, as JSON, and this process becomes that borg: what
+``PROGRAM ARGS`` would do, ``sys.argv[0]`` included. When borg could not even be imported here, the
+command line is handed to PROGRAM itself, whose own start says what is wrong.
+"""
+
+import os
+import sys
+
+gate, program = int(sys.argv[1]), sys.argv[2]
+try:
+    from borg.archiver import main
+except BaseException:  # noqa: BLE001 - said by PROGRAM's own start, below
+    main = None
+received = b""
+while chunk := os.read(gate, 1 << 16):
+    received += chunk
+os.close(gate)
+if not received:
+    sys.exit(0)
+import json  # noqa: E402
+
+argv = json.loads(received)
+if main is None:
+    os.execv(program, [program, *argv[1:]])
+sys.argv = [program, *argv[1:]]
+sys.exit(main())

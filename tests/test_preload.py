@@ -1,0 +1,118 @@
+"""borg started while the node program checks a request (node/preload.py): it runs the command line it is
+given as borg itself, nothing before, and only the run it was started for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mutualbackup.node import preload
+from mutualbackup.node.system import LocalSystem
+from mutualbackup.scripts import text
+
+BORG = str(Path(sys.executable).with_name("borg"))  # the virtualenv's console script, as pip writes it
+STARTED_EARLY = "started before its command line is known"  # in the preloader's text, hence its command line
+
+
+def preloaded(env: dict[str, str] | None = None) -> preload.Preloaded:
+    started = preload.start(BORG, env if env is not None else preload.base_environment())
+    assert started is not None
+    return started
+
+
+def test_borgs_console_script_is_started_early_with_its_own_python() -> None:
+    shebang = Path(BORG).read_text().splitlines()[0]
+    assert preload.python_of(BORG, os.defpath) == shebang[2:].strip()
+    assert preload.python_of("borg", str(Path(BORG).parent)) == shebang[2:].strip()  # found on the PATH given
+
+
+@pytest.mark.parametrize("program", ["shell wrapper", "single-file binary", "env shebang", "missing"])
+def test_any_other_borg_is_run_as_before(tmp_path: Path, program: str) -> None:
+    path = tmp_path / "borg"
+    if program == "shell wrapper":
+        path.write_text("#!/bin/sh\nexec /usr/bin/borg \"$@\"\n")
+    elif program == "single-file binary":
+        path.write_bytes(Path("/bin/true").read_bytes())
+    elif program == "env shebang":
+        path.write_text("#!/usr/bin/env python3\nfrom borg.archiver import main\nmain()\n")
+    if path.exists():
+        path.chmod(0o755)
+    assert preload.python_of(str(path), os.defpath) is None
+    assert preload.start(str(path), preload.base_environment()) is None
+
+
+def test_a_borg_started_early_runs_the_command_line_it_is_given_as_borg_itself() -> None:
+    process = preloaded().release([BORG, "--version"])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and out.decode().startswith("borg 1.4"), err
+
+
+def test_a_borg_started_early_and_not_needed_runs_nothing_and_ends() -> None:
+    started = preloaded()
+    started.discard()
+    assert started.process.returncode is not None
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and p == str(started.process.pid)]
+    empty = preloaded()
+    os.close(empty._gate)  # the gate closed with nothing in it: the preloader leaves by itself
+    empty._gate = None
+    out, err = empty.process.communicate(timeout=120)
+    assert empty.process.returncode == 0 and out == b"" and err == b""
+
+
+def test_the_command_line_goes_to_the_program_itself_when_borg_does_not_import(tmp_path: Path) -> None:
+    program = tmp_path / "borg"
+    program.write_text('#!/bin/sh\necho "ran as $0: $*"\n')
+    program.chmod(0o755)
+    read, write = os.pipe()
+    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", text("borg_preload.py"), str(read), str(program)],
+                               pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # -S: no borg here
+    os.close(read)
+    os.write(write, json.dumps(["whatever", "create", "x"]).encode())
+    os.close(write)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and out.decode() == f"ran as {program}: create x\n", err
+
+
+def test_the_node_hands_a_borg_started_early_only_to_the_run_it_was_started_for(tmp_path: Path) -> None:
+    started = preloaded()
+    system = LocalSystem(preloaded=started)
+    before = system.run(("sh", "-c", "echo before"))  # a backup's `before:` command: not borg
+    assert before.exit_code == 0 and system.preloaded is started
+    other = system.run((BORG, "--version"), env={"BORG_OTHER": "1"})  # another environment: a borg of its own
+    assert other.exit_code == 0 and system.preloaded is started
+    pidfile = tmp_path / "run" / "backup.pid"
+    done = system.run((BORG, "--version"), pidfile=str(pidfile), run_id=7)
+    assert done.exit_code == 0 and done.stdout.decode().startswith("borg 1.4") and system.preloaded is None
+    assert started.process.returncode == 0 and not pidfile.exists()  # supervised as any run, then forgotten
+
+
+def test_a_refused_backup_leaves_no_borg_started_early_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_node_requests import serve
+
+    request = {"protocol": 1, "request": "backup", "node": "coop/store", "args": {"host": {}}}
+    path = f"{Path(BORG).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    code, lines = serve(tmp_path, "backup", json.dumps(request).encode() + b"\n", PATH=path)
+    assert code != 0 and lines[-1]["event"] == "result" and not lines[-1]["ok"]
+    assert not preloaders()
+    from mutualbackup.node.serve import _borg_environment
+
+    monkeypatch.setenv("PATH", path)  # what that serve saw: it did start borg early for the request
+    started = _borg_environment(str(tmp_path / "etc"))
+    assert started is not None and preload.python_of(started[0], started[1]["PATH"]) is not None
+
+
+def preloaders() -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if STARTED_EARLY.encode() in command:
+            found.append(pid)
+    return found
