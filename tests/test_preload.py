@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from labkit import wait_for
 from mutualbackup.node import preload
 from mutualbackup.node.system import LocalSystem
-from mutualbackup.scripts import text
+from mutualbackup.scripts import path
 
 BORG = str(Path(sys.executable).with_name("borg"))  # the virtualenv's console script, as pip writes it
-STARTED_EARLY = "started before its command line is known"  # in the preloader's text, hence its command line
+PRELOADER = "borg_preload.py"  # on the command line of every borg started early
 
 
 def preloaded(env: dict[str, str] | None = None) -> preload.Preloaded:
-    started = preload.start(BORG, env if env is not None else preload.base_environment())
+    started = preload.start(BORG, env if env is not None else preload.base_environment(), "create")
     assert started is not None
     return started
 
@@ -43,13 +44,23 @@ def test_any_other_borg_is_run_as_before(tmp_path: Path, program: str) -> None:
     if path.exists():
         path.chmod(0o755)
     assert preload.python_of(str(path), os.defpath) is None
-    assert preload.start(str(path), preload.base_environment()) is None
+    assert preload.start(str(path), preload.base_environment(), "create") is None
 
 
 def test_a_borg_started_early_runs_the_command_line_it_is_given_as_borg_itself() -> None:
-    process = preloaded().release([BORG, "--version"])
+    started = preloaded()
+    seen = Path(f"/proc/{started.process.pid}/cmdline").read_bytes().split(b"\0")
+    assert seen[-3:-1] == [BORG.encode(), b"create"] and seen[-5].endswith(PRELOADER.encode())  # what `ps` shows
+    process = started.release([BORG, "--version"])
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0 and out.decode().startswith("borg 1.4"), err
+
+
+def test_a_borg_started_early_is_named_borg_once_it_runs(tmp_path: Path) -> None:
+    process = preloaded().release([BORG, "with-lock", str(tmp_path / "none"), "sleep", "30"])
+    wait_for(lambda: Path(f"/proc/{process.pid}/comm").read_text().strip() == "borg", what="the name borg")
+    process.kill()
+    process.communicate(timeout=60)
 
 
 def test_a_borg_started_early_and_not_needed_runs_nothing_and_ends() -> None:
@@ -69,7 +80,7 @@ def test_the_command_line_goes_to_the_program_itself_when_borg_does_not_import(t
     program.write_text('#!/bin/sh\necho "ran as $0: $*"\n')
     program.chmod(0o755)
     read, write = os.pipe()
-    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", text("borg_preload.py"), str(read), str(program)],
+    process = subprocess.Popen([sys.executable, "-I", "-S", path("borg_preload.py"), str(read), str(program), "create"],
                                pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # -S: no borg here
     os.close(read)
     os.write(write, json.dumps(["whatever", "create", "x"]).encode())
@@ -113,6 +124,6 @@ def preloaders() -> list[str]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if STARTED_EARLY.encode() in command:
+        if PRELOADER.encode() in command:
             found.append(pid)
     return found

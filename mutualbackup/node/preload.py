@@ -23,7 +23,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-WANTED = frozenset({"backup"})  # the requests whose borg is started early: the nightly job
+WANTED = {"backup": "create"}  # the requests whose borg is started early (the nightly job), and borg's command
 _SCRIPT_LIMIT = 4096
 
 
@@ -76,18 +76,20 @@ def base_environment() -> dict[str, str]:
     return base
 
 
-def start(program: str, env: Mapping[str, str]) -> Preloaded | None:
+def start(program: str, env: Mapping[str, str], command: str) -> Preloaded | None:
     """borg ``program`` started with ``env`` and waiting at its gate; None when ``program`` is not borg's console
-    script (it then runs as before), or it could not be started."""
+    script (it then runs as before), or it could not be started. ``command`` (borg's, e.g. ``create``) only
+    ends the process's command line, for whoever looks at ``ps``: ``PYTHON -I …/borg_preload.py GATE
+    /usr/bin/borg create``."""
     python = python_of(program, env.get("PATH", os.defpath))
     if python is None:
         return None
-    from mutualbackup.scripts import text
+    from mutualbackup.scripts import path
 
     read, write = os.pipe()
     try:
         process = subprocess.Popen(
-            [python, "-I", "-c", text("borg_preload.py"), str(read), program], env=dict(env),
+            [python, "-I", path("borg_preload.py"), str(read), program, command], env=dict(env),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             pass_fds=(read,),
         )

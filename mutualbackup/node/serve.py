@@ -82,7 +82,7 @@ def _preloaded(line: bytes, borg_env: tuple[str, dict[str, str]]):  # noqa: ANN2
         asked = json.loads(line).get("request")
     except (ValueError, AttributeError):
         return None  # not a request: refused below
-    return preload.start(*borg_env) if asked in preload.WANTED else None
+    return preload.start(*borg_env, preload.WANTED[asked]) if asked in preload.WANTED else None
 
 
 def _answer(kind, line, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001

@@ -13,5 +13,11 @@ from functools import cache
 @cache
 def text(name: str) -> str:
     """The program ``name`` (e.g. ``"repository_facts.sh"``) as it ships in this package."""
-    with open(os.path.join(os.path.dirname(__file__), name), encoding="utf-8") as handle:
-        return handle.read()  # the package is installed as files (not importlib.resources: 10 ms of imports)
+    with open(path(name), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def path(name: str) -> str:
+    """Where the program ``name`` is: the package is installed as files (importlib.resources would cost 10 ms of
+    imports to every node request that runs one)."""
+    return os.path.join(os.path.dirname(__file__), name)

@@ -1,12 +1,12 @@
 """borg, started before its command line is known (mutualbackup-node's ``node/preload.py``).
 
-Run as ``PYTHON -I -c THIS GATE PROGRAM`` with borg's own Python (the interpreter of PROGRAM, borg's
-console script) and the environment borg will have: it imports borg, the largest part of borg's start,
-while the node program checks the request; then it reads the gate (file descriptor GATE) to its end.
-Nothing of borg runs before that: an empty gate (the request was refused, or needs no borg) ends it at
-once. Otherwise the gate holds the command line, as JSON, and this process becomes that borg: what
-``PROGRAM ARGS`` would do, ``sys.argv[0]`` included. When borg could not even be imported here, the
-command line is handed to PROGRAM itself, whose own start says what is wrong.
+Run as ``PYTHON -I THIS GATE PROGRAM COMMAND`` with borg's own Python (the interpreter of PROGRAM, borg's
+console script) and the environment borg will have (COMMAND, borg's, is there for ``ps`` to show): it
+imports borg, the largest part of borg's start, while the node program checks the request; then it reads
+the gate (file descriptor GATE) to its end. Nothing of borg runs before that: an empty gate (the request was
+refused, or needs no borg) ends it at once. Otherwise the gate holds the command line, as JSON, and this
+process becomes that borg: what ``PROGRAM ARGS`` would do, ``sys.argv[0]`` included. When borg could not
+even be imported here, the command line is handed to PROGRAM itself, whose own start says what is wrong.
 """
 
 import os
@@ -28,5 +28,10 @@ import json  # noqa: E402
 argv = json.loads(received)
 if main is None:
     os.execv(program, [program, *argv[1:]])
+try:
+    with open("/proc/self/comm", "w") as comm:  # `ps -e`, `top` and `pgrep borg` name it as they name borg
+        comm.write(os.path.basename(program)[:15])
+except OSError:
+    pass
 sys.argv = [program, *argv[1:]]
 sys.exit(main())
