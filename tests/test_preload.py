@@ -100,10 +100,31 @@ def test_the_command_line_goes_to_the_program_itself_when_borg_does_not_import(t
     process = subprocess.Popen([sys.executable, "-I", "-S", path("borg_preload.py"), str(read), str(program), "create"],
                                pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # -S: no borg here
     os.close(read)
-    os.write(write, json.dumps(["whatever", "create", "x"]).encode())
+    os.write(write, json.dumps({"argv": ["whatever", "create", "x"], "cwd": str(tmp_path)}).encode())
     os.close(write)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0 and out.decode() == f"ran as {program}: create x\n", err
+
+
+@pytest.mark.parametrize("kind, args, command", [
+    ("backup", {}, "create"), ("extract", {"target": "/srv/restore"}, "extract"),
+    ("extract", {"sealed": True}, None),  # onto another node: borg has a passphrase on a pipe, another environment
+    ("prune", {}, None), ("hello", {}, None), ("grant", {}, None),
+])
+def test_borg_is_started_early_for_a_backup_and_a_restore_onto_the_source_only(kind: str, args: dict,
+                                                                               command: str | None) -> None:
+    assert preload.command_for(kind, args) == command
+
+
+def test_a_borg_started_early_runs_in_the_directory_it_is_given_and_says_when_there_is_none(tmp_path: Path) -> None:
+    env = {"BORG_BASE_DIR": str(tmp_path / "base")}
+    system = LocalSystem(preloaded=preloaded({**preload.base_environment(), **env}))
+    done = system.run((BORG, "init", "--encryption=none", "here"), env=env, cwd=str(tmp_path))  # a relative path
+    assert done.exit_code == 0 and system.preloaded is None, done.stderr
+    assert (tmp_path / "here" / "config").is_file()
+    process = preloaded().release([BORG, "--version"], str(tmp_path / "none"))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 127 and err.decode() == f"{BORG}: No such file or directory\n"  # as Popen says
 
 
 def test_the_node_hands_a_borg_started_early_only_to_the_run_it_was_started_for(tmp_path: Path) -> None:

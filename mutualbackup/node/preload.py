@@ -4,8 +4,8 @@
 backup and which borg and environment it will run (the node's configuration alone says). It starts borg's own
 Python on ``scripts/borg_preload.py`` then: that process imports borg and waits at a gate, a pipe only this
 process writes. When the handler runs borg with that program and that environment (and nothing else: no
-stdin, no working directory, no extra descriptor), :class:`~mutualbackup.node.system.LocalSystem` hands the
-command line through the gate and supervises that process as it would a new one (the pidfile names it: it
+stdin, no extra descriptor), :class:`~mutualbackup.node.system.LocalSystem` hands the command line (and the
+working directory) through the gate and supervises that process as it would a new one (the pidfile names it: it
 *is* borg from then on). Otherwise the gate is closed empty and the process killed: it ran nothing.
 
 Only borg's console script as pip and Debian write it (``#!PYTHON`` then ``from borg.archiver import main``)
@@ -23,7 +23,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-WANTED = {"backup": "create"}  # the requests whose borg is started early (the nightly job), and borg's command
 _SCRIPT_LIMIT = 4096
 
 
@@ -36,18 +35,17 @@ class Preloaded:
         self.process = process
         self._gate: int | None = gate
 
-    def fits(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, stdin: bytes | None,
-             pass_fds: Sequence[int]) -> bool:
+    def fits(self, argv: Sequence[str], env: Mapping[str, str], stdin: bytes | None, pass_fds: Sequence[int]) -> bool:
         """Whether running ``argv`` so would be what this process was started for."""
         return (self._gate is not None and bool(argv) and argv[0] == self.program and dict(env) == self.env
-                and cwd is None and stdin is None and not pass_fds)
+                and stdin is None and not pass_fds)
 
-    def release(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Open the gate with ``argv``: the process becomes that borg."""
+    def release(self, argv: Sequence[str], cwd: str | None = None) -> subprocess.Popen[bytes]:
+        """Open the gate with ``argv`` (run in ``cwd``): the process becomes that borg."""
         gate, self._gate = self._gate, None
         assert gate is not None
         try:
-            os.write(gate, json.dumps(list(argv)).encode())  # far below a pipe's buffer: never blocks
+            os.write(gate, json.dumps({"argv": list(argv), "cwd": cwd}).encode())  # far below a pipe's buffer
         finally:
             os.close(gate)
         return self.process
@@ -66,6 +64,17 @@ class Preloaded:
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def command_for(kind: str, args: Mapping[str, object]) -> str | None:
+    """borg's command when the request ``kind`` (its arguments as sent, not yet checked) will run borg as a source
+    runs it, with the source's own environment: a backup, and a restore onto the source itself (a restore onto
+    another node runs borg with a passphrase on a pipe: another environment). None for every other request."""
+    if kind == "backup":
+        return "create"
+    if kind == "extract" and not args.get("sealed"):
+        return "extract"
+    return None
 
 
 def base_environment() -> dict[str, str]:

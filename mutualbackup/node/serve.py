@@ -79,10 +79,11 @@ def _preloaded(line: bytes, borg_env: tuple[str, dict[str, str]]):  # noqa: ANN2
     from mutualbackup.node import preload
 
     try:
-        asked = json.loads(line).get("request")
-    except (ValueError, AttributeError):
+        data = json.loads(line)
+        command = preload.command_for(data["request"], data["args"])
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None  # not a request: refused below
-    return preload.start(*borg_env, preload.WANTED[asked]) if asked in preload.WANTED else None
+    return preload.start(*borg_env, command) if command is not None else None
 
 
 def _answer(kind, line, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001

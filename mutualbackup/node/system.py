@@ -127,8 +127,8 @@ class LocalSystem:
         argv = tuple(argv)
         merged = {**base_environment(), **(env or {})}
         preloaded, self.preloaded = self.preloaded, None
-        if preloaded is not None and preloaded.fits(argv, merged, cwd, stdin, pass_fds):
-            process = preloaded.release(argv)
+        if preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds):
+            process = preloaded.release(argv, cwd)
         else:
             self.preloaded = preloaded  # for a later run it fits (a backup's `before:` commands run first)
             try:

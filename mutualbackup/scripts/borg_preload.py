@@ -4,9 +4,10 @@ Run as ``PYTHON -I THIS GATE PROGRAM COMMAND`` with borg's own Python (the inter
 console script) and the environment borg will have (COMMAND, borg's, is there for ``ps`` to show): it
 imports borg, the largest part of borg's start, while the node program checks the request; then it reads
 the gate (file descriptor GATE) to its end. Nothing of borg runs before that: an empty gate (the request was
-refused, or needs no borg) ends it at once. Otherwise the gate holds the command line, as JSON, and this
-process becomes that borg: what ``PROGRAM ARGS`` would do, ``sys.argv[0]`` included. When borg could not
-even be imported here, the command line is handed to PROGRAM itself, whose own start says what is wrong.
+refused, or needs no borg) ends it at once. Otherwise the gate holds the command line and the working
+directory, as JSON (``{"argv": [...], "cwd": DIR or null}``), and this process becomes that borg: what
+``PROGRAM ARGS`` run in DIR would do, ``sys.argv[0]`` included. When borg could not even be imported here,
+the command line is handed to PROGRAM itself, whose own start says what is wrong.
 """
 
 import os
@@ -25,7 +26,14 @@ if not received:
     sys.exit(0)
 import json  # noqa: E402
 
-argv = json.loads(received)
+wanted = json.loads(received)
+argv, cwd = wanted["argv"], wanted.get("cwd")
+if cwd is not None:
+    try:
+        os.chdir(cwd)
+    except OSError as error:  # as a process started in a directory that is not there is refused
+        sys.stderr.write(f"{program}: {error.strerror}\n")
+        sys.exit(127 if isinstance(error, FileNotFoundError) else 126)
 if main is None:
     os.execv(program, [program, *argv[1:]])
 try:
