@@ -493,7 +493,8 @@ def test_a_reading_of_another_file_put_where_this_files_would_be_is_not_used(tmp
 
 
 @needs_root
-@pytest.mark.parametrize("loosened", ["directory writable by others", "file owned by another user", "damaged"])
+@pytest.mark.parametrize("loosened", ["directory writable by others", "file owned by another user", "damaged",
+                                      "a link to a reading elsewhere"])
 def test_a_reading_that_is_not_roots_alone_or_does_not_read_is_verified_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loosened: str,
 ) -> None:
@@ -505,7 +506,11 @@ def test_a_reading_that_is_not_roots_alone_or_does_not_read_is_verified_again(
         os.chmod(reading.parent, 0o777)
     elif loosened == "file owned by another user":
         os.chown(reading, 65534, 65534)
-    else:
+    elif loosened == "damaged":
         reading.write_bytes(reading.read_bytes()[:40])
+    else:
+        elsewhere = tmp_path / "elsewhere.pickle"
+        os.replace(reading, elsewhere)
+        reading.symlink_to(elsewhere)
     calls = counted_verifications(monkeypatch)
     assert ask_afresh(node, signed).code == DONE and calls == ["coop"]

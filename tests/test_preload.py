@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -38,24 +39,38 @@ def preloaded(env: dict[str, str] | None = None) -> preload.Preloaded:
     return started
 
 
+
 def test_borgs_console_script_is_started_early_with_its_own_python() -> None:
-    shebang = Path(BORG).read_text().splitlines()[0]
-    assert preload.python_of(BORG, os.defpath) == shebang[2:].strip()
-    assert preload.python_of("borg", str(Path(BORG).parent)) == shebang[2:].strip()  # found on the PATH given
+    python = Path(BORG).read_text().splitlines()[0][2:].strip()
+    assert preload.console_script(BORG, os.defpath) == (BORG, python)
+    assert preload.console_script("borg", str(Path(BORG).parent)) == (BORG, python)  # found on the PATH given
+    assert preload.console_script("borg", "/nonexistent") is None
 
 
-@pytest.mark.parametrize("program", ["shell wrapper", "single-file binary", "env shebang", "missing"])
+LAUNCHER = """#!/bin/sh
+'''exec' PYTHON "$0" "$@"
+' '''
+import sys
+from borg.archiver import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("program", ["shell wrapper", "pip's launcher for long paths", "single-file binary",
+                                     "env shebang", "missing"])
 def test_any_other_borg_is_run_as_before(tmp_path: Path, program: str) -> None:
     path = tmp_path / "borg"
     if program == "shell wrapper":
-        path.write_text("#!/bin/sh\nexec /usr/bin/borg \"$@\"\n")
+        path.write_text('#!/bin/sh\nexec /usr/bin/borg "$@"\n')
+    elif program == "pip's launcher for long paths":  # sh would run the preloader's Python as shell commands
+        path.write_text(LAUNCHER.replace("PYTHON", sys.executable))
     elif program == "single-file binary":
         path.write_bytes(Path("/bin/true").read_bytes())
     elif program == "env shebang":
         path.write_text("#!/usr/bin/env python3\nfrom borg.archiver import main\nmain()\n")
     if path.exists():
         path.chmod(0o755)
-    assert preload.python_of(str(path), os.defpath) is None
+    assert preload.console_script(str(path), os.defpath) is None
     assert preload.start(str(path), preload.base_environment(), "create") is None
 
 
@@ -64,7 +79,7 @@ def test_a_borg_started_early_runs_the_command_line_it_is_given_as_borg_itself()
     try:
         seen = wait_for(lambda: PRELOADER.encode() in (line := Path(f"/proc/{started.process.pid}/cmdline").read_bytes())
                         and line, what="the preloader's command line").split(b"\0")  # once it has exec'd
-        assert seen[-3:-1] == [BORG.encode(), b"create"] and seen[-5].endswith(PRELOADER.encode())  # what `ps` shows
+        assert seen[-3:-1] == [BORG.encode(), b"create"] and seen[-6].endswith(PRELOADER.encode())  # what `ps` shows
     except BaseException:
         started.discard()
         raise
@@ -92,18 +107,30 @@ def test_a_borg_started_early_and_not_needed_runs_nothing_and_ends() -> None:
     assert empty.process.returncode == 0 and out == b"" and err == b""
 
 
-def test_the_command_line_goes_to_the_program_itself_when_borg_does_not_import(tmp_path: Path) -> None:
-    program = tmp_path / "borg"
-    program.write_text('#!/bin/sh\necho "ran as $0: $*"\n')
-    program.chmod(0o755)
-    read, write = os.pipe()
-    process = subprocess.Popen([sys.executable, "-I", "-S", path("borg_preload.py"), str(read), str(program), "create"],
-                               pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # -S: no borg here
-    os.close(read)
-    os.write(write, json.dumps({"argv": ["whatever", "create", "x"], "cwd": str(tmp_path)}).encode())
-    os.close(write)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 0 and out.decode() == f"ran as {program}: create x\n", err
+def test_a_borg_that_does_not_import_early_is_started_as_before() -> None:
+    """Under a memory limit the login set, say: the preloader is never handed anything; borg starts as always."""
+    gate_read, gate = os.pipe()
+    ready, ready_write = os.pipe()
+    process = subprocess.Popen([sys.executable, "-I", "-S", path(PRELOADER), str(gate_read), str(ready_write), BORG,
+                                "create"], pass_fds=(gate_read, ready_write), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # -S: no borg to import
+    os.close(gate_read)
+    os.close(ready_write)
+    failing = preload.Preloaded(BORG, preload.base_environment(), process, gate, ready)
+    system = LocalSystem(preloaded=failing)
+    done = system.run((BORG, "--version"))
+    assert done.exit_code == 0 and done.stdout.decode().startswith("borg 1.4")
+    assert failing.process.returncode not in (None, 0) and system.preloaded is None
+
+
+def test_an_interrupt_before_borg_runs_leaves_the_borg_started_early_as_it_was() -> None:
+    started = preloaded()
+    assert select.select([started._ready], [], [], 120)[0]  # it has imported borg and waits at its gate
+    os.kill(started.process.pid, signal.SIGINT)  # what a stop would send; borg is not running yet
+    process = started.release([BORG, "--version"])
+    assert process is not None
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and out.decode().startswith("borg 1.4"), err
 
 
 @pytest.mark.parametrize("kind, args, command", [
@@ -153,7 +180,7 @@ def test_a_refused_backup_leaves_no_borg_started_early_behind(tmp_path: Path, mo
 
     monkeypatch.setenv("PATH", path)  # what that serve saw: it did start borg early for the request
     started = _borg_environment(str(tmp_path / "etc"))
-    assert started is not None and preload.python_of(started[0], started[1]["PATH"]) is not None
+    assert started is not None and preload.console_script(started[0], started[1]["PATH"]) is not None
 
 
 def preloaders() -> set[str]:

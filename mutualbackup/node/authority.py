@@ -121,9 +121,13 @@ def _memo_file(state: str, memo: tuple[object, ...]) -> str:
 
 
 def _memo_key(memo: tuple[object, ...]) -> tuple[object, ...]:
+    """``memo``, and what says which program read it: its version, and when its model and this file were
+    installed (an upgrade that changes the classes a reading holds makes every reading a new one)."""
     from mutualbackup import __version__
+    from mutualbackup.inventory import model
 
-    return (__version__, *memo)
+    installed = tuple(os.stat(module).st_mtime_ns for module in (model.__file__, __file__))
+    return (__version__, installed, *memo)
 
 
 def _remembered(state: str, memo: tuple[object, ...]) -> Signed | None:
@@ -136,9 +140,10 @@ def _remembered(state: str, memo: tuple[object, ...]) -> Signed | None:
         return None
     path = _memo_file(state, memo)
     try:
-        with open(path, "rb") as handle:
-            if not all(_only_roots(os.stat(p)) for p in (state, os.path.dirname(path))) or not _only_roots(
-                    os.fstat(handle.fileno())):
+        if not all(_only_roots(os.lstat(p)) for p in (state, os.path.dirname(path))):
+            return None  # (lstat: a directory, not a link to one)
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
+            if not _only_roots(os.fstat(handle.fileno())):
                 return None
             import pickle
 
@@ -166,10 +171,14 @@ def _remember(state: str, memo: tuple[object, ...], signed: Signed) -> None:
             pickle.dump((_memo_key(memo), signed), handle, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(temporary, path)
         temporary = None
-        kept = sorted((entry for entry in os.scandir(directory) if entry.name.endswith(".pickle")),
-                      key=lambda entry: entry.stat().st_mtime_ns, reverse=True)
-        for entry in kept[VERIFIED_KEPT:]:
-            os.unlink(entry.path)
+        entries = list(os.scandir(directory))
+        kept = sorted((entry for entry in entries if entry.name.endswith(".pickle")),
+                      key=lambda entry: entry.stat(follow_symlinks=False).st_mtime_ns, reverse=True)
+        import time
+
+        left = [e for e in entries if e.name.startswith(".tmp.") and time.time() - e.stat().st_mtime > 600]
+        for entry in kept[VERIFIED_KEPT:] + left:
+            os.unlink(entry.path)  # the oldest readings, and what an interrupted one left
     except (OSError, pickle.PicklingError):
         pass
     finally:

@@ -1,21 +1,26 @@
 """borg started while the request is checked: its start (about 0.15 s of imports) overlaps the node program's own.
 
-``serve`` knows, before it has imported its handlers or verified the member's signed file, that a request is a
-backup and which borg and environment it will run (the node's configuration alone says). It starts borg's own
-Python on ``scripts/borg_preload.py`` then: that process imports borg and waits at a gate, a pipe only this
-process writes. When the handler runs borg with that program and that environment (and nothing else: no
-stdin, no extra descriptor), :class:`~mutualbackup.node.system.LocalSystem` hands the command line (and the
-working directory) through the gate and supervises that process as it would a new one (the pidfile names it: it
-*is* borg from then on). Otherwise the gate is closed empty and the process killed: it ran nothing.
+``serve`` knows, before it has imported its handlers or verified the member's signed file, that a request will
+run borg as a source runs it, and which borg with which environment (the node's configuration alone says). It
+starts borg's own Python on ``scripts/borg_preload.py`` then: that process imports borg, says it is ready, and
+waits at a gate, a pipe only this process writes. When the handler runs borg with that program and that
+environment (and nothing else: no stdin, no extra descriptor), :class:`~mutualbackup.node.system.LocalSystem`
+waits for it to be ready and hands it the command line and the working directory through the gate, and
+supervises it as it would a new process (the pidfile names it: it *is* borg from then on). A preloader that
+could not import borg (a memory limit, a broken install) is never handed anything: borg is started as before.
+When no run fits (the request was refused, or runs no borg) it is killed: it ran nothing.
 
-Only borg's console script as pip and Debian write it (``#!PYTHON`` then ``from borg.archiver import main``)
-is started this way; any other ``borg`` (a single-file binary, a wrapper) is run as before.
+Only borg's console script as pip and Debian write it (``#!/path/to/pythonX.Y`` then ``from borg.archiver
+import main``) is started this way; any other ``borg`` (a single-file binary, a shell wrapper, pip's ``/bin/sh``
+launcher for long paths) is run as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 
@@ -23,31 +28,45 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+READY_SECONDS = 120.0  # borg imports in a fraction of a second; a node this slow starts borg as before
 _SCRIPT_LIMIT = 4096
+_PYTHON = re.compile(r"python[0-9.]*")
 
 
 class Preloaded:
     """One borg started early, waiting at its gate."""
 
-    def __init__(self, program: str, env: Mapping[str, str], process: subprocess.Popen[bytes], gate: int) -> None:
+    def __init__(self, program: str, env: Mapping[str, str], process: subprocess.Popen[bytes], gate: int,
+                 ready: int) -> None:
         self.program = program
         self.env = dict(env)
         self.process = process
         self._gate: int | None = gate
+        self._ready = ready
 
     def fits(self, argv: Sequence[str], env: Mapping[str, str], stdin: bytes | None, pass_fds: Sequence[int]) -> bool:
         """Whether running ``argv`` so would be what this process was started for."""
         return (self._gate is not None and bool(argv) and argv[0] == self.program and dict(env) == self.env
                 and stdin is None and not pass_fds)
 
-    def release(self, argv: Sequence[str], cwd: str | None = None) -> subprocess.Popen[bytes]:
-        """Open the gate with ``argv`` (run in ``cwd``): the process becomes that borg."""
+    def release(self, argv: Sequence[str], cwd: str | None = None) -> subprocess.Popen[bytes] | None:
+        """Once it has imported borg, open the gate with ``argv`` (run in ``cwd``): the process becomes that borg.
+        None (and the process ended) when it could not import borg: the caller starts borg itself."""
+        ready, _, _ = select.select([self._ready], [], [], READY_SECONDS)
+        if not ready or os.read(self._ready, 1) != b"r":
+            self.discard()
+            return None
         gate, self._gate = self._gate, None
         assert gate is not None
+        data = json.dumps({"argv": list(argv), "cwd": cwd}).encode()
         try:
-            os.write(gate, json.dumps({"argv": list(argv), "cwd": cwd}).encode())  # far below a pipe's buffer
+            while data:  # it reads the gate to its end now: a long command line never blocks for long
+                data = data[os.write(gate, data):]
+        except OSError:  # it died since: what it said is what the run reports
+            pass
         finally:
             os.close(gate)
+            os.close(self._ready)
         return self.process
 
     def discard(self) -> None:
@@ -56,6 +75,7 @@ class Preloaded:
         if gate is None:
             return
         os.close(gate)
+        os.close(self._ready)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except OSError:
@@ -88,35 +108,39 @@ def base_environment() -> dict[str, str]:
 def start(program: str, env: Mapping[str, str], command: str) -> Preloaded | None:
     """borg ``program`` started with ``env`` and waiting at its gate; None when ``program`` is not borg's console
     script (it then runs as before), or it could not be started. ``command`` (borg's, e.g. ``create``) only
-    ends the process's command line, for whoever looks at ``ps``: ``PYTHON -I …/borg_preload.py GATE
+    ends the process's command line, for whoever looks at ``ps``: ``PYTHON -I …/borg_preload.py GATE READY
     /usr/bin/borg create``."""
-    python = python_of(program, env.get("PATH", os.defpath))
-    if python is None:
+    found = console_script(program, env.get("PATH", os.defpath))
+    if found is None:
         return None
+    script, python = found
     from mutualbackup.scripts import path
 
-    read, write = os.pipe()
+    gate_read, gate = os.pipe()
+    ready, ready_write = os.pipe()
     try:
         process = subprocess.Popen(
-            [python, "-I", path("borg_preload.py"), str(read), program, command], env=dict(env),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            pass_fds=(read,),
+            [python, "-I", path("borg_preload.py"), str(gate_read), str(ready_write), script, command],
+            env=dict(env), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, pass_fds=(gate_read, ready_write),
         )
     except OSError:
-        os.close(write)
+        os.close(gate)
+        os.close(ready)
         return None
     finally:
-        os.close(read)
-    return Preloaded(program, env, process, write)
+        os.close(gate_read)
+        os.close(ready_write)
+    return Preloaded(program, env, process, gate, ready)
 
 
-def python_of(program: str, path: str) -> str | None:
-    """The interpreter of borg's console script ``program`` (found on ``path`` as ``Popen`` would find it), or
-    None when it is not one."""
+def console_script(program: str, path: str) -> tuple[str, str] | None:
+    """(its absolute path, its Python) when ``program`` (found on ``path`` as ``Popen`` would find it) is borg's
+    console script; None otherwise."""
     import shutil
 
     found = shutil.which(program, path=path) if os.sep not in program else program
-    if found is None:
+    if found is None or not os.path.isabs(found):
         return None
     try:
         with open(found, "rb") as handle:
@@ -125,6 +149,7 @@ def python_of(program: str, path: str) -> str | None:
         return None
     first, _, rest = head.partition(b"\n")
     python = first[2:].strip().decode("utf-8", "replace") if first.startswith(b"#!") else ""
-    if not python.startswith("/") or " " in python or b"from borg.archiver import main" not in rest:
+    if (not python.startswith("/") or " " in python or not _PYTHON.fullmatch(os.path.basename(python))
+            or b"from borg.archiver import main" not in rest):
         return None
-    return python if os.access(python, os.X_OK) else None
+    return (found, python) if os.access(python, os.X_OK) else None

@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     before it runs.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() == 0:
+        os.chdir("/")  # not the login's directory (sshd starts there, sudo keeps it): nothing of root's runs there
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: borg must stop cleanly on SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)
     config_dir = None

@@ -127,10 +127,11 @@ class LocalSystem:
         argv = tuple(argv)
         merged = {**base_environment(), **(env or {})}
         preloaded, self.preloaded = self.preloaded, None
-        if preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds):
-            process = preloaded.release(argv, cwd)
-        else:
+        fits = preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds)
+        if not fits:
             self.preloaded = preloaded  # for a later run it fits (a backup's `before:` commands run first)
+        process = preloaded.release(argv, cwd) if fits and preloaded is not None else None
+        if process is None:  # none fits, or it could not import borg: a process of its own
             try:
                 process = subprocess.Popen(
                     argv, env=merged, cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

@@ -25,6 +25,7 @@ def _import_paramiko() -> types.ModuleType:
         return paramiko
     stand_in = types.ModuleType("importlib.metadata")
     stand_in.version = _installed_version  # type: ignore[attr-defined]
+    stand_in.__getattr__ = _real_metadata_attribute  # type: ignore[attr-defined]  # anything else: the real module's
     sys.modules["importlib.metadata"] = stand_in
     try:
         import paramiko
@@ -32,6 +33,16 @@ def _import_paramiko() -> types.ModuleType:
         if sys.modules.get("importlib.metadata") is stand_in:
             del sys.modules["importlib.metadata"]
     return paramiko
+
+
+def _real_metadata_attribute(name: str) -> object:
+    """What the stand-in lacks (another import of ``importlib.metadata`` while paramiko imports, in another
+    thread): the real module's."""
+    if getattr(sys.modules.get("importlib.metadata"), "version", None) is _installed_version:
+        del sys.modules["importlib.metadata"]
+    import importlib.metadata
+
+    return getattr(importlib.metadata, name)
 
 
 def _installed_version(name: str) -> str:
