@@ -134,13 +134,14 @@ def test_an_interrupt_before_borg_runs_leaves_the_borg_started_early_as_it_was()
 
 
 @pytest.mark.parametrize("kind, args, command", [
-    ("backup", {}, "create"), ("extract", {"target": "/srv/restore"}, "extract"),
-    ("extract", {"sealed": True}, None),  # onto another node: borg has a passphrase on a pipe, another environment
+    ("backup", {}, "create"), ("extract", {"source": "coop/web1", "target": "/srv/restore"}, "extract"),
+    ("extract", {"source": "coop/web1", "sealed": True}, None),  # onto another node: a passphrase on a pipe
+    ("extract", {"source": "coop/db1"}, None),  # another node's, unsealed: refused anyway
     ("prune", {}, None), ("hello", {}, None), ("grant", {}, None),
 ])
 def test_borg_is_started_early_for_a_backup_and_a_restore_onto_the_source_only(kind: str, args: dict,
                                                                                command: str | None) -> None:
-    assert preload.command_for(kind, args) == command
+    assert preload.command_for(kind, args, "coop/web1") == command
 
 
 def test_a_borg_started_early_runs_in_the_directory_it_is_given_and_says_when_there_is_none(tmp_path: Path) -> None:
@@ -180,7 +181,8 @@ def test_a_refused_backup_leaves_no_borg_started_early_behind(tmp_path: Path, mo
 
     monkeypatch.setenv("PATH", path)  # what that serve saw: it did start borg early for the request
     started = _borg_environment(str(tmp_path / "etc"))
-    assert started is not None and preload.console_script(started[0], started[1]["PATH"]) is not None
+    assert started is not None and started[0] == "coop/store"  # the request above is meant for it
+    assert preload.console_script(started[1], started[2]["PATH"]) is not None
 
 
 def preloaders() -> set[str]:

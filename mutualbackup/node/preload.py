@@ -86,13 +86,14 @@ class Preloaded:
                 stream.close()
 
 
-def command_for(kind: str, args: Mapping[str, object]) -> str | None:
-    """borg's command when the request ``kind`` (its arguments as sent, not yet checked) will run borg as a source
-    runs it, with the source's own environment: a backup, and a restore onto the source itself (a restore onto
-    another node runs borg with a passphrase on a pipe: another environment). None for every other request."""
+def command_for(kind: str, args: Mapping[str, object], node: str) -> str | None:
+    """borg's command when the request ``kind`` (its arguments as sent, not yet checked) will run borg on
+    ``node`` as a source runs it, with the source's own environment: a backup, and a restore of ``node`` onto
+    itself (a restore onto another node runs borg with a passphrase on a pipe: another environment). None for
+    every other request."""
     if kind == "backup":
         return "create"
-    if kind == "extract" and not args.get("sealed"):
+    if kind == "extract" and not args.get("sealed") and args.get("source") == node:
         return "extract"
     return None
 

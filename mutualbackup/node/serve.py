@@ -57,9 +57,9 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
     return reply.code
 
 
-def _borg_environment(config_dir: str | None) -> tuple[str, dict[str, str]] | None:
-    """(borg, its environment) as a source's requests run it, from this node's configuration (None as the login,
-    or when the configuration does not read: the request says so)."""
+def _borg_environment(config_dir: str | None) -> tuple[str, str, dict[str, str]] | None:
+    """(this node's name, borg, its environment) as a source's requests run it, from this node's configuration
+    (None as the login, or when the configuration does not read: the request says so)."""
     if os.geteuid() != 0:
         return None
     try:
@@ -69,21 +69,23 @@ def _borg_environment(config_dir: str | None) -> tuple[str, dict[str, str]] | No
     from mutualbackup import borg
     from mutualbackup.node.preload import base_environment
 
-    return config.borg, {**base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
+    return config.name, config.borg, {**base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
 
 
-def _preloaded(line: bytes, borg_env: tuple[str, dict[str, str]]):  # noqa: ANN202 - Preloaded | None
-    """borg started now for a request that will run it (node/preload.py), before the request is checked."""
+def _preloaded(line: bytes, borg_env: tuple[str, str, dict[str, str]]):  # noqa: ANN202 - Preloaded | None
+    """borg started now for a request meant for this node that will run borg (node/preload.py), before the rest
+    of the request is checked."""
     import json
 
     from mutualbackup.node import preload
 
+    name, program, env = borg_env
     try:
         data = json.loads(line)
-        command = preload.command_for(data["request"], data["args"])
+        command = preload.command_for(data["request"], data["args"], name) if data["node"] == name else None
     except (ValueError, TypeError, KeyError, AttributeError):
         return None  # not a request: refused below
-    return preload.start(*borg_env, command) if command is not None else None
+    return preload.start(program, env, command) if command is not None else None
 
 
 def _answer(kind, line, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
