@@ -49,7 +49,8 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
                 pass
 
     try:
-        reply = _answer(kind, request, config_dir, stdin, write, lambda: LocalSystem(preloaded=preloaded), requests)
+        reply = _answer(kind, request, config_dir, stdin, write,  # (made once this process is whom the request needs)
+                        lambda: LocalSystem(preloaded=preloaded if os.geteuid() == 0 else None), requests)
     finally:
         if preloaded is not None:
             preloaded.discard()  # when no run used it
