@@ -177,12 +177,15 @@ def test_a_refused_backup_leaves_no_borg_started_early_behind(tmp_path: Path, mo
     code, lines = serve(tmp_path, "backup", json.dumps(request).encode() + b"\n", PATH=path)
     assert code != 0 and lines[-1]["event"] == "result" and not lines[-1]["ok"]
     assert preloaders() <= already
-    from mutualbackup.node.serve import _borg_environment
+    from mutualbackup.node.config import load_config
+    from mutualbackup.node.protocol import decode_request
+    from mutualbackup.node.serve import _preloaded
 
     monkeypatch.setenv("PATH", path)  # what that serve saw: it did start borg early for the request
-    started = _borg_environment(str(tmp_path / "etc"))
-    assert started is not None and started[0] == "coop/store"  # the request above is meant for it
-    assert preload.console_script(started[1], started[2]["PATH"]) is not None
+    config = load_config(str(tmp_path / "etc"))
+    started = _preloaded(decode_request(json.dumps(request).encode()), config)
+    assert started is not None and config.name == "coop/store"  # the request above is meant for it
+    started.discard()
 
 
 def preloaders() -> set[str]:

@@ -100,6 +100,7 @@ def verified(session: Session, args: Mapping[str, Any]) -> Signed:
 # What this process verified already (a serve process answers one request; a test's fake nodes answer many).
 _VERIFIED: dict[tuple[object, ...], Signed] = {}
 
+
 def _memo(material: Mapping[str, str], config: NodeConfig) -> tuple[object, ...]:
     """Everything a reading of the signed file depends on."""
     return (material["file"], material["signature"], material["federation"], config.member, config.node,
@@ -134,8 +135,8 @@ def _remembered(state: str, memo: tuple[object, ...]) -> Signed | None:
     """This node's own earlier reading of the same signed file for the same pinned admins (the signature check,
     ``ssh-keygen``, and the YAML reading are the node program's largest fixed cost before borg starts), or None.
 
-    Only root's process reads it, and only from a directory and a file that root owns and nobody else may write:
-    whoever could write them could replace the node program itself."""
+    Only root's process reads it, and only from a directory and a file that root owns and nobody else may write
+    (the state holds the source's key and passphrase already: whoever writes there has them)."""
     if os.geteuid() != 0 or not state:
         return None
     path = _memo_file(state, memo)
@@ -160,6 +161,7 @@ def _remember(state: str, memo: tuple[object, ...], signed: Signed) -> None:
         return
     import pickle
     import tempfile
+    import time
 
     path = _memo_file(state, memo)
     directory = os.path.dirname(path)
@@ -174,8 +176,6 @@ def _remember(state: str, memo: tuple[object, ...], signed: Signed) -> None:
         entries = list(os.scandir(directory))
         kept = sorted((entry for entry in entries if entry.name.endswith(".pickle")),
                       key=lambda entry: entry.stat(follow_symlinks=False).st_mtime_ns, reverse=True)
-        import time
-
         left = [e for e in entries if e.name.startswith(".tmp.") and time.time() - e.stat().st_mtime > 600]
         for entry in kept[VERIFIED_KEPT:] + left:
             os.unlink(entry.path)  # the oldest readings, and what an interrupted one left

@@ -55,6 +55,8 @@ def system_tool(name: str) -> str | None:
     the current directory, which an empty PATH entry would mean)."""
     directories = [d for d in (*SYSTEM_PATH.split(":"), *os.environ.get("PATH", "").split(":")) if d.startswith("/")]
     return shutil.which(name, path=":".join(directories))
+
+
 PROGRAM = "mutualbackup-node"
 _SUDOERS_SAFE = re.compile(r"/[A-Za-z0-9/._-]+")
 DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
@@ -118,14 +120,16 @@ def join(args: argparse.Namespace) -> tuple[str, str, bool]:
         if not _SUDOERS_SAFE.fullmatch(path):
             raise JoinError(f"{path!r}: the forced command and the sudo rule name it, so it may hold only letters, "
                             "digits and / . _ - (install mutualbackup-node, or put its configuration, elsewhere)")
-    sudo = system_tool("sudo") if config.sudo else None
+    sudo = None
     if config.sudo:
         only_roots(program)
-    if config.sudo and sudo is None:
-        raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches root "
-                        "through one sudo rule, for backups that read every file)")
-    if sudo is not None and not _SUDOERS_SAFE.fullmatch(sudo):
-        raise JoinError(f"{sudo!r}: the forced command names sudo, so its path may hold only letters, digits and / . _ -")
+        sudo = system_tool("sudo")
+        if sudo is None:
+            raise JoinError(f"{user} is not root, and sudo is not installed: install it (the node program reaches "
+                            "root through one sudo rule, for backups that read every file)")
+        if not _SUDOERS_SAFE.fullmatch(sudo):
+            raise JoinError(f"{sudo!r}: the forced command names sudo, so its path may hold only letters, digits "
+                            "and / . _ -")
     watched = (config.authorized_keys, os.path.join(directory, CONFIG_FILE), args.sudoers, config.identity_file,
                config.state, config.work, config.storage)
     before = _footprint(watched)

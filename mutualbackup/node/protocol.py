@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (node/preload.py)
 if TYPE_CHECKING:
     from collections.abc import Mapping

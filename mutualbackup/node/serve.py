@@ -15,6 +15,7 @@ import queue
 import signal
 import sys
 import threading
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a backup's borg starts after few imports
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -31,9 +32,16 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
     With ``preload`` (the program itself), a backup's borg starts while the request is checked (node/preload.py)."""
     stdin = stdin or LineReader(0)  # unbuffered: a reader thread must never hold stdin's lock at exit
     stdout = stdout or sys.stdout.buffer
-    borg_env = _borg_environment(config_dir) if preload else None  # while the request comes
-    request = stdin.readline(protocol.MAX_HEADER + 1)
-    preloaded = _preloaded(request, borg_env) if borg_env is not None else None
+    try:
+        config: NodeConfig | ConfigError = _config(config_dir)  # while the request comes
+    except ConfigError as exc:
+        config = exc  # said once the request is read
+    try:
+        decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError = protocol.decode_request(
+            stdin.readline(protocol.MAX_HEADER + 1))
+    except protocol.ProtocolError as exc:
+        decoded = exc
+    preloaded = _preloaded(decoded, config) if preload else None
     from mutualbackup.node import requests  # the rest of the request's modules, while borg starts
     from mutualbackup.node.system import LocalSystem
 
@@ -49,7 +57,7 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
                 pass
 
     try:
-        reply = _answer(kind, request, config_dir, stdin, write,  # (made once this process is whom the request needs)
+        reply = _answer(kind, decoded, config, stdin, write,  # (made once this process is whom the request needs)
                         lambda: LocalSystem(preloaded=preloaded if os.geteuid() == 0 else None), requests)
     finally:
         if preloaded is not None:
@@ -58,48 +66,36 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
     return reply.code
 
 
-def _borg_environment(config_dir: str | None) -> tuple[str, str, dict[str, str]] | None:
-    """(this node's name, borg, its environment) as a source's requests run it, from this node's configuration
-    (None as the login, or when the configuration does not read: the request says so)."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        config = _config(config_dir)
-    except ConfigError:
-        return None
-    from mutualbackup import borg
-    from mutualbackup.node.preload import base_environment
-
-    return config.name, config.borg, {**base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
-
-
-def _preloaded(line: bytes, borg_env: tuple[str, str, dict[str, str]]):  # noqa: ANN202 - Preloaded | None
-    """borg started now for a request meant for this node that will run borg (node/preload.py), before the rest
-    of the request is checked."""
-    import json
-
+def _preloaded(decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError,
+               config: NodeConfig | ConfigError):  # noqa: ANN202 - Preloaded | None
+    """borg started now, as root, for a request meant for this node that will run borg as a source runs it
+    (node/preload.py), before the rest of the request is checked."""
+    if os.geteuid() != 0 or isinstance(decoded, protocol.ProtocolError) or isinstance(config, ConfigError):
+        return None  # refused below, or not root's to start
+    asked, args, addressed = decoded
     from mutualbackup.node import preload
 
-    name, program, env = borg_env
-    try:
-        data = json.loads(line)
-        command = preload.command_for(data["request"], data["args"], name) if data["node"] == name else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None  # not a request: refused below
-    return preload.start(program, env, command) if command is not None else None
+    command = preload.command_for(asked, args, config.name) if addressed == config.name else None
+    if command is None:
+        return None
+    from mutualbackup import borg
+
+    env = {**preload.base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
+    return preload.start(config.borg, env, command)
 
 
-def _answer(kind, line, config_dir, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
-    """The reply to the request ``line`` (a refusal when it cannot even be read); ``stdin`` gives its further lines."""
-    try:
-        asked, args, addressed = protocol.decode_request(line)
-    except protocol.ProtocolError as exc:
-        return Reply(kind or "?", REFUSED, str(exc))
+def _answer(kind, decoded, config, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
+    """The reply to the ``decoded`` request (a refusal when it could not even be read, or this node's configuration
+    ``config`` not); ``stdin`` gives its further lines."""
+    if isinstance(decoded, protocol.ProtocolError):
+        return Reply(kind or "?", REFUSED, str(decoded))
+    asked, args, addressed = decoded
     if kind is not None and asked != kind:
         return Reply(kind, REFUSED, f"the request says {asked!r} but {kind!r} was asked for")
     import_handlers(asked)
     try:
-        config = _config(config_dir)
+        if isinstance(config, ConfigError):
+            raise config
         _become(asked, config)
     except ConfigError as exc:
         return Reply(asked, REFUSED, str(exc))

@@ -126,11 +126,11 @@ class LocalSystem:
     ) -> Result:
         argv = tuple(argv)
         merged = {**base_environment(), **(env or {})}
-        preloaded, self.preloaded = self.preloaded, None
-        fits = preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds)
-        if not fits:
-            self.preloaded = preloaded  # for a later run it fits (a backup's `before:` commands run first)
-        process = preloaded.release(argv, cwd) if fits and preloaded is not None else None
+        process = None
+        preloaded = self.preloaded
+        if preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds):
+            self.preloaded = None  # else kept for a later run it fits (a backup's `before:` commands run first)
+            process = preloaded.release(argv, cwd)
         if process is None:  # none fits, or it could not import borg: a process of its own
             try:
                 process = subprocess.Popen(
