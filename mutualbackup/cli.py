@@ -434,7 +434,8 @@ def _started_early(federation: Federation, first: str | None) -> tuple[Connector
     from mutualbackup.remote.ssh import SSHTransport
 
     transport = SSHTransport(node, coordinator_key(federation), opened=opened)
-    transport.start()  # here, before the rest is imported: a thread would share this process's one core with it
+    transport.start("backup")  # here, before the rest is imported (a thread would share this process's one core
+    # with it); the node starts the backup's borg on that word (node/preload.py)
     return connector, transport
 
 

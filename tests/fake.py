@@ -432,8 +432,8 @@ class FakeTransport:
         if self.node.name in self.world.unreachable:
             raise TransportError(f"cannot connect to {self.node.name}: connection refused (fake)")
 
-    def start(self) -> None:
-        self.started = True
+    def start(self, kind: str | None = None) -> None:
+        self.started = kind or True
 
     def close(self) -> None:
         self.closed = True

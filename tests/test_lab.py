@@ -177,6 +177,27 @@ def test_a_line_an_older_join_wrote_still_reaches_root_through_the_logins_step(l
     assert reply.ok and reply.data == {}, reply
 
 
+def test_the_sudo_rule_lets_the_coordinators_hint_through_and_a_backups_borg_starts_on_it(lab: Lab) -> None:
+    """What the coordinator asked sshd to run reaches root's `serve` (the rule keeps SSH_ORIGINAL_COMMAND for it
+    alone): on `serve backup`, borg starts before the request is even sent; unused, it ends with the session."""
+    node = lab.add_node("coop", "web1")
+    lab.join_alone(node)
+    lab.start(node)
+    rule = Path(lab.sudoers_file(node)).read_text()
+    assert rule.startswith(f'Defaults!{lab.program} env_keep += "SSH_ORIGINAL_COMMAND"\n'), rule
+
+    def borgs_started_early() -> list[int]:
+        return [pid for pid in lab.processes(node) if b"borg_preload.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    transport = SSHTransport(node.as_node(), str(lab.coordinator_key))
+    try:
+        transport.start("backup")
+        wait_for(borgs_started_early, seconds=60, what="borg started on the hint")
+    finally:
+        transport.close()
+    wait_for(lambda: not borgs_started_early(), seconds=60, what="the unused borg ended")
+
+
 def test_a_node_reads_only_its_own_authorized_keys(lab: Lab, probe: Path, tmp_path: Path) -> None:
     first, second = lab.add_node("coop", "web1"), lab.add_node("other", "web1")
     lab.start_all()

@@ -199,3 +199,100 @@ def preloaders() -> set[str]:
         if PRELOADER.encode() in command:
             found.add(pid)
     return found
+
+
+# --- on the coordinator's hint, before the request is read ----------------------------------------------------------
+
+BACKUP_HINT = "mutualbackup-node serve backup"  # what the coordinator asks sshd to run for a backup
+
+
+def configured(tmp_path: Path) -> str:
+    """A node's configuration directory (root's, as join leaves it) whose borg is the virtualenv's."""
+    from test_node_requests import config
+
+    from mutualbackup.node.config import write_config
+
+    write_config(config(tmp_path, borg=BORG), str(tmp_path / "etc"))
+    return str(tmp_path / "etc")
+
+
+def children_preloading(pid: int) -> list[int]:
+    """The borgs started early whose parent is ``pid``."""
+    found = []
+    for child in preloaders():
+        try:
+            if int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(child))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("hint", ["", "mutualbackup-node serve hello", "mutualbackup-node serve", "backup",
+                                  "mutualbackup-node serve backup; reboot", "mutualbackup-node serve backup extra"])
+def test_no_borg_starts_on_any_other_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hint: str) -> None:
+    monkeypatch.setenv(preload.HINT, hint)
+    assert preload.on_hint(configured(tmp_path)) is None
+    assert preload.HINT not in os.environ  # nothing this process starts sees it
+
+
+def test_the_hint_of_a_backup_starts_borg_as_the_request_would_and_is_not_passed_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(preload.HINT, BACKUP_HINT)
+    directory = configured(tmp_path)
+    started = preload.on_hint(directory)
+    try:
+        assert started is not None and preload.HINT not in os.environ
+        from mutualbackup.node.config import load_config
+        from mutualbackup.node.protocol import decode_request
+        from mutualbackup.node.serve import _preloaded
+
+        again = preload.for_source(BORG, load_config(directory).state, "create")  # what the request starts
+        assert again is not None and (started.program, started.env, started.command) == (again.program, again.env, "create")
+        again.discard()
+        backup = json.dumps({"protocol": 1, "request": "backup", "node": "coop/store", "args": {}}).encode()
+        assert _preloaded(decode_request(backup), load_config(directory), started) is started  # used, not another
+    except BaseException:
+        started.discard() if started is not None else None
+        raise
+    started.discard()
+
+
+@pytest.mark.parametrize("request_line", [
+    {"protocol": 1, "request": "hello", "node": "coop/store", "args": {"borg": False}},  # needs no borg
+    {"protocol": 1, "request": "backup", "node": "coop/other", "args": {}},  # meant for another node
+    {"protocol": 1, "request": "extract", "node": "coop/store", "args": {"source": "coop/store"}},  # another borg
+], ids=["hello", "another node's backup", "a restore"])
+def test_a_borg_started_on_the_hint_and_not_asked_for_is_ended_having_run_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request_line: dict) -> None:
+    from mutualbackup.node.config import load_config
+    from mutualbackup.node.protocol import decode_request
+    from mutualbackup.node.serve import _preloaded
+
+    monkeypatch.setenv(preload.HINT, BACKUP_HINT)
+    directory = configured(tmp_path)
+    started = preload.on_hint(directory)
+    assert started is not None
+    instead = _preloaded(decode_request(json.dumps(request_line).encode()), load_config(directory), started)
+    assert started.process.returncode is not None  # killed at its gate: it ran nothing
+    assert (instead is None) == (request_line["request"] != "extract")  # a restore starts its own
+    if instead is not None:
+        assert instead.command == "extract"
+        instead.discard()
+
+
+def test_the_node_program_starts_borg_on_the_hint_before_the_request_comes(tmp_path: Path) -> None:
+    directory = configured(tmp_path)
+    env = {**os.environ, preload.HINT: BACKUP_HINT}
+    program = subprocess.Popen([sys.executable, "-m", "mutualbackup.node.cli", "serve", "--config", directory],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        [early] = wait_for(lambda: children_preloading(program.pid), seconds=60, what="borg started on the hint")
+        hello = {"protocol": 1, "request": "hello", "node": "coop/store", "args": {"borg": False}}
+        out, err = program.communicate(json.dumps(hello).encode() + b"\n", timeout=60)
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.communicate()
+    assert program.returncode == 0 and json.loads(out.splitlines()[-1])["ok"], err
+    assert not Path(f"/proc/{early}").exists()  # the request needed none: ended with the program

@@ -10,13 +10,13 @@ Pure. ``WORKDIR`` is a node's ``workdir``, expanded:
 
 from __future__ import annotations
 
-import datetime as dt
 import posixpath
 import re
-from dataclasses import dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a node's backup starts on few imports
 if TYPE_CHECKING:
+    import datetime as dt
+
     from mutualbackup.inventory.model import Node
 
 
@@ -29,11 +29,17 @@ KNOWN_HOSTS_FILE = "known_hosts"
 BASE_DIR = "borg"
 
 
-@dataclass(frozen=True)
 class SourcePaths:
-    """The files of one source node, with ``~`` already expanded."""
+    """The files of one source node, with ``~`` already expanded. (A plain class, not a dataclass: a backup's
+    borg starts before the node program imports dataclasses, node/preload.py.)"""
 
-    workdir: str
+    __slots__ = ("workdir",)
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+
+    def __repr__(self) -> str:
+        return f"SourcePaths(workdir={self.workdir!r})"
 
     @property
     def key(self) -> str:
@@ -86,6 +92,8 @@ def known_hosts_line(node: Node) -> str:
 
 def archive_name(source: Node, when: dt.datetime) -> str:
     """``NODE-YYYY-MM-DDTHH:MM:SS`` in UTC: sortable, unique per second."""
+    import datetime as dt  # here: a node's backup starts borg before it imports datetime (node/preload.py)
+
     return f"{source.slug}-{when.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%S}"
 
 

@@ -15,18 +15,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import stat
 from dataclasses import asdict, dataclass, field
 
 from mutualbackup.node import CONFIG_FILE, DEFAULT_CONFIG, ENVIRONMENT  # noqa: F401 - the node's constants
+from mutualbackup.node.config_file import (  # noqa: F401 - the file's reading, shared with what runs first
+    FORMAT, ConfigError, borg_program, config_directory, read_config,
+)
 
 DEFAULT_STATE = "/var/lib/mutualbackup-node"
 IDENTITY_FILE = "identity"  # the node's age X25519 identity (sealing key), in the state directory
-FORMAT = 1
-
-
-class ConfigError(Exception):
-    """The node's configuration is missing, unreadable, or not trustworthy."""
 
 
 @dataclass(frozen=True)
@@ -66,49 +63,21 @@ class NodeConfig:
         return json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True) + "\n"
 
 
-def config_directory(explicit: str | None = None) -> str:
-    """The configuration directory: ``--config``, else ``$MUTUALBACKUP_NODE_CONFIG``, else /etc/mutualbackup-node."""
-    return explicit or os.environ.get(ENVIRONMENT) or DEFAULT_CONFIG
-
-
 def load_config(directory: str, *, trusted: bool | None = None) -> NodeConfig:
-    """The configuration in ``directory``; ConfigError saying what is wrong.
-
-    ``trusted`` (default: when this process is root) also requires the directory and the file to be
-    owned by root and writable by nobody else.
-    """
-    path = os.path.join(directory, CONFIG_FILE)
-    if trusted is None:
-        trusted = os.geteuid() == 0
-    try:
-        if trusted:
-            for checked in (directory, path):
-                _check_root_owned(checked)
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: this node has not joined (run `mutualbackup-node join`)") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a mutualbackup-node configuration (format {FORMAT})")
+    """The configuration in ``directory``; ConfigError saying what is wrong (see :func:`read_config`: ``trusted``,
+    by default when this process is root, requires root alone to be able to write it)."""
+    data = read_config(directory, trusted=trusted)
     try:
         admins = tuple(Admin(str(a["name"]), str(a["key"])) for a in data.get("admins", []))
         return NodeConfig(
             member=str(data["member"]), node=str(data["node"]), user=str(data["user"]),
             authorized_keys=str(data["authorized_keys"]), work=str(data["work"]), state=str(data["state"]),
-            borg=str(data.get("borg") or "borg"), storage=str(data.get("storage") or ""), admins=admins,
+            borg=borg_program(data), storage=str(data.get("storage") or ""), admins=admins,
             coordinator_key=str(data.get("coordinator_key", "")),
             sudo=bool(data.get("sudo", False)), program=str(data.get("program") or ""), directory=directory,
         )
     except (KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} lacks {exc}") from None
-
-
-def _check_root_owned(path: str) -> None:
-    info = os.stat(path)
-    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"{path} must be owned by root and writable by root alone; refusing to trust it")
+        raise ConfigError(f"{os.path.join(directory, CONFIG_FILE)} lacks {exc}") from None
 
 
 def write_config(config: NodeConfig, directory: str) -> None:

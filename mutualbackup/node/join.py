@@ -12,6 +12,7 @@ sealing key and changes only what differs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import re
@@ -277,25 +278,31 @@ def _install_forced_line(config: NodeConfig, account: pwd.struct_passwd, command
 
 def sudo_rule(config: NodeConfig, directory: str) -> str:
     """The one sudo rule: the login may run ``mutualbackup-node serve --config DIR`` as root, with exactly
-    these arguments (sudo matches them whole), and nothing else."""
-    return f"{config.user} ALL=(root) NOPASSWD: {config.program} serve --config {directory}\n"
+    these arguments (sudo matches them whole), and nothing else. sudo keeps ``SSH_ORIGINAL_COMMAND`` for it
+    alone: what the coordinator asked sshd to run, a hint of the request to come (``node/serve.py``)."""
+    return (f'Defaults!{config.program} env_keep += "SSH_ORIGINAL_COMMAND"\n'
+            f"{config.user} ALL=(root) NOPASSWD: {config.program} serve --config {directory}\n")
 
 
 def _install_sudo_rule(path: Path, config: NodeConfig, directory: str) -> None:
     rule = sudo_rule(config, directory)
     if path.exists() and path.read_text(encoding="utf-8") == rule:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(rule)
-    os.chmod(temporary, 0o440)
     visudo = system_tool("visudo")
     if visudo is None:
-        os.unlink(temporary)
         raise JoinError("visudo is not installed (it comes with sudo): install sudo; nothing was installed")
-    checked = subprocess.run([visudo, "-cf", temporary], capture_output=True, text=True)
-    if checked.returncode != 0:
-        os.unlink(temporary)
-        raise JoinError(f"the sudo rule does not check ({checked.stdout.strip()} {checked.stderr.strip()}); nothing was installed")
-    os.replace(temporary, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".mutualbackup-tmp.", dir=path.parent)  # sudo skips names with a dot
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(rule)
+        os.chmod(temporary, 0o440)
+        checked = subprocess.run([visudo, "-cf", temporary], capture_output=True, text=True)
+        if checked.returncode != 0:
+            raise JoinError(f"the sudo rule does not check ({checked.stdout.strip()} {checked.stderr.strip()}); "
+                            "nothing was installed")
+        os.replace(temporary, path)
+    except BaseException:  # an interrupted join leaves nothing half-written in sudoers.d
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

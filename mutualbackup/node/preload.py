@@ -28,6 +28,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+HINT = "SSH_ORIGINAL_COMMAND"
+"""What the coordinator asked sshd to run (``mutualbackup-node serve KIND``, kept by the node's sudo rule): a hint
+of the request to come, before it is read. Only ever a hint: the request itself decides everything."""
 READY_SECONDS = 120.0  # borg imports in a fraction of a second; a node this slow starts borg as before
 _SCRIPT_LIMIT = 4096
 _PYTHON = re.compile(r"python[0-9.]*")
@@ -37,8 +40,9 @@ class Preloaded:
     """One borg started early, waiting at its gate."""
 
     def __init__(self, program: str, env: Mapping[str, str], process: subprocess.Popen[bytes], gate: int,
-                 ready: int) -> None:
+                 ready: int, command: str = "create") -> None:
         self.program = program
+        self.command = command  # borg's, as `ps` shows it
         self.env = dict(env)
         self.process = process
         self._gate: int | None = gate
@@ -98,6 +102,31 @@ def command_for(kind: str, args: Mapping[str, object], node: str) -> str | None:
     return None
 
 
+def on_hint(config_dir: str | None) -> Preloaded | None:
+    """borg started now, before the request is read, when the coordinator's SSH command says a backup comes
+    (:data:`HINT`, then removed from this process's environment): from ``node.json`` alone, as root, before
+    the node program imports anything else. The request decides later whether it is used."""
+    hint = os.environ.pop(HINT, "")
+    if os.geteuid() != 0 or hint.split() != ["mutualbackup-node", "serve", "backup"]:
+        return None
+    from mutualbackup.node.config_file import ConfigError, borg_program, config_directory, read_config
+
+    try:
+        data = read_config(config_directory(config_dir))
+    except ConfigError:
+        return None  # serve says what is wrong, once the request is read
+    state = data.get("state")
+    return for_source(borg_program(data), state, "create") if isinstance(state, str) else None
+
+
+def for_source(program: str, workdir: str, command: str) -> Preloaded | None:
+    """borg ``program`` started early for its ``command``, with the environment of borg run by a source whose
+    state is ``workdir`` (see :func:`start`)."""
+    from mutualbackup import borg
+
+    return start(program, {**base_environment(), **borg.client_env(borg.SourcePaths(workdir=workdir))}, command)
+
+
 def base_environment() -> dict[str, str]:
     """A child's environment: the node's PATH and HOME, nothing the coordinator could have set."""
     keep = ("PATH", "HOME", "USER", "LOGNAME")
@@ -132,15 +161,18 @@ def start(program: str, env: Mapping[str, str], command: str) -> Preloaded | Non
     finally:
         os.close(gate_read)
         os.close(ready_write)
-    return Preloaded(program, env, process, gate, ready)
+    return Preloaded(program, env, process, gate, ready, command)
 
 
 def console_script(program: str, path: str) -> tuple[str, str] | None:
     """(its absolute path, its Python) when ``program`` (found on ``path`` as ``Popen`` would find it) is borg's
     console script; None otherwise."""
-    import shutil
+    if os.sep in program:
+        found: str | None = program
+    else:
+        import shutil
 
-    found = shutil.which(program, path=path) if os.sep not in program else program
+        found = shutil.which(program, path=path)
     if found is None or not os.path.isabs(found):
         return None
     try:

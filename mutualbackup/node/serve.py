@@ -11,15 +11,16 @@ coordinator is gone: supervised commands are stopped.
 from __future__ import annotations
 
 import os
-import queue
-import signal
 import sys
-import threading
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a backup's borg starts after few imports
 if TYPE_CHECKING:
+    import queue
+    import threading
     from collections.abc import Mapping
     from typing import Any, BinaryIO
+
+    from mutualbackup.node.preload import Preloaded
 
 from mutualbackup.node import kinds, protocol
 from mutualbackup.node.config import ConfigError, NodeConfig, config_directory, load_config
@@ -27,9 +28,10 @@ from mutualbackup.node.protocol import REFUSED, Reply
 
 
 def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | None = None,
-          stdout: BinaryIO | None = None, *, preload: bool = False) -> int:
+          stdout: BinaryIO | None = None, *, preload: bool = False, early: Preloaded | None = None) -> int:
     """Answer the request read from ``stdin`` (which must be ``kind`` when given); its code is the exit status.
-    With ``preload`` (the program itself), a backup's borg starts while the request is checked (node/preload.py)."""
+    With ``preload`` (the program itself), a backup's borg starts while the request is checked (node/preload.py);
+    ``early``: one the program started on the SSH command's hint, before the request was read."""
     stdin = stdin or LineReader(0)  # unbuffered: a reader thread must never hold stdin's lock at exit
     stdout = stdout or sys.stdout.buffer
     try:
@@ -41,7 +43,9 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
             stdin.readline(protocol.MAX_HEADER + 1))
     except protocol.ProtocolError as exc:
         decoded = exc
-    preloaded = _preloaded(decoded, config) if preload else None
+    preloaded = _preloaded(decoded, config, early) if preload or early else None
+    import threading
+
     from mutualbackup.node import requests  # the rest of the request's modules, while borg starts
     from mutualbackup.node.system import LocalSystem
 
@@ -67,21 +71,30 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
 
 
 def _preloaded(decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError,
-               config: NodeConfig | ConfigError):  # noqa: ANN202 - Preloaded | None
+               config: NodeConfig | ConfigError, early: Preloaded | None = None) -> Preloaded | None:
     """borg started now, as root, for a request meant for this node that will run borg as a source runs it
-    (node/preload.py), before the rest of the request is checked."""
-    if os.geteuid() != 0 or isinstance(decoded, protocol.ProtocolError) or isinstance(config, ConfigError):
+    (node/preload.py), before the rest of the request is checked: ``early``, the one started on the hint, when it
+    was started for that command, else a new one. ``early`` is ended when the request does not need it."""
+    command = None
+    if not isinstance(decoded, protocol.ProtocolError) and not isinstance(config, ConfigError):
+        asked, args, addressed = decoded
+        from mutualbackup.node import preload
+
+        command = preload.command_for(asked, args, config.name) if addressed == config.name else None
+    if early is not None and early.command == command:
+        return early
+    if early is not None:
+        early.discard()
+    return _start_borg(config, command) if command is not None else None
+
+
+def _start_borg(config: NodeConfig | ConfigError, command: str) -> Preloaded | None:
+    """borg's ``command`` started early as the node's configuration says, when this process is root."""
+    if os.geteuid() != 0 or isinstance(config, ConfigError):
         return None  # refused below, or not root's to start
-    asked, args, addressed = decoded
     from mutualbackup.node import preload
 
-    command = preload.command_for(asked, args, config.name) if addressed == config.name else None
-    if command is None:
-        return None
-    from mutualbackup import borg
-
-    env = {**preload.base_environment(), **borg.client_env(borg.SourcePaths(workdir=config.state))}
-    return preload.start(config.borg, env, command)
+    return preload.for_source(config.borg, config.state, command)
 
 
 def _answer(kind, decoded, config, stdin, write, system_class, requests) -> Reply:  # noqa: ANN001
@@ -99,6 +112,9 @@ def _answer(kind, decoded, config, stdin, write, system_class, requests) -> Repl
         _become(asked, config)
     except ConfigError as exc:
         return Reply(asked, REFUSED, str(exc))
+    import queue
+    import threading
+
     lines: queue.Queue[bytes | None] = queue.Queue()
     system = system_class()
     threading.Thread(target=_watch, args=(stdin, lines, system.gone), daemon=True).start()
@@ -184,25 +200,13 @@ def import_handlers(kind: str | None = None) -> None:
             importlib.import_module(name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``mutualbackup-node serve [REQUEST] [--config DIR]``: the coordinator's forced command.
+def main(argv: list[str] | None = None, early: Preloaded | None = None) -> int:
+    """``mutualbackup-node serve [REQUEST] [--config DIR]``: the coordinator's forced command (node/cli.py: it runs
+    as root, in ``/``). ``early``: a backup's borg the program started on the SSH command's hint."""
+    from mutualbackup.node.cli import serve_arguments
 
-    sshd runs it as the node's login, which hands over at once, stdin untouched, to
-    ``sudo -n PROGRAM serve --config DIR`` (the one sudo rule ``join`` installs: ``cli.to_root``); as root,
-    the request's name comes from its first line, and a request that does not need root drops to the login
-    before it runs.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() == 0:
-        os.chdir("/")  # not the login's directory (sshd starts there, sudo keeps it): nothing of root's runs there
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # inherited: borg must stop cleanly on SIGINT
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    config_dir = None
-    if "--config" in args:
-        at = args.index("--config")
-        config_dir = args[at + 1] if at + 1 < len(args) else None
-        del args[at:at + 2]
-    return serve(args[0] if args else None, config_dir, preload=True)
+    kind, config_dir = serve_arguments(list(sys.argv[1:] if argv is None else argv))
+    return serve(kind, config_dir, preload=True, early=early)
 
 
 if __name__ == "__main__":

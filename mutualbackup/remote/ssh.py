@@ -300,11 +300,12 @@ class SSHTransport:
         """Open (or check) the connection now; TransportError or HostKeyMismatch as :meth:`request`."""
         self._transport()
 
-    def start(self) -> None:
+    def start(self, kind: str | None = None) -> None:
         """Connect and start ``serve`` for the next :meth:`request` now (see :meth:`Transport.start`); what fails
         is kept for that request to raise."""
+        command = f"mutualbackup-node serve {kind}" if kind else "mutualbackup-node serve"
         try:
-            started = self._session("mutualbackup-node serve", f"cannot start serve on {self.node_name} ({self._where})")
+            started = self._session(command, f"cannot start serve on {self.node_name} ({self._where})")
         except TransportError as error:
             started = error
         with self._lock:

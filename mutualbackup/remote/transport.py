@@ -61,9 +61,10 @@ class Transport(Protocol):
         """Open the connection now rather than at the first request (raises like :meth:`request`)."""
         ...
 
-    def start(self) -> None:
+    def start(self, kind: str | None = None) -> None:
         """Connect and start the node's program now, for the next :meth:`request`, before it is known: the node
-        starts while the coordinator prepares what to ask. Never raises: that request raises what went wrong."""
+        starts while the coordinator prepares what to ask (``kind``, when known, tells it what is coming: a
+        backup's borg then starts at once). Never raises: that request raises what went wrong."""
         ...
 
     def close(self) -> None:
