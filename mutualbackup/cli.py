@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from mutualbackup.context import Connector, Context
     from mutualbackup.inventory.model import Federation
+    from mutualbackup.remote.hints import Hinted
     from mutualbackup.remote.transport import Transport
 
 # Each command imports what it uses, when it uses it: a backup's whole process is part of its cost (bench/), and
@@ -34,9 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("mutualbackup")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hinted: Hinted | None = None) -> int:
+    """The command line ``argv``'s exit code. ``hinted``: the connection the executable started before it was
+    parsed (``mutualbackup/__main__.py``), which ``run`` uses if the inventory names its endpoint."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.hinted = hinted
     setup_logging(getattr(args, "verbose", False), getattr(args, "log_format", "text"))
     try:
         code = int(args.func(args) or 0)
@@ -60,9 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def console() -> None:
+def console(hinted: Hinted | None = None) -> None:
     """The ``mutualbackup`` executable: :func:`main`, then out at once (:func:`mutualbackup.leave`)."""
-    leave(main())
+    try:
+        code = main(hinted=hinted)
+    finally:
+        if hinted is not None:
+            hinted.close()  # when no command took it
+    leave(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +369,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     federation = load(args)
-    connector, early = _started_early(federation, args.sources[0] if args.sources else None)
+    connector, early = _started_early(federation, args.sources[0] if args.sources else None,
+                                      getattr(args, "hinted", None))
     ctx = open_context(args, federation, connector)
     if early is not None:
         ctx.start(federation.node(early.node_name), early)
@@ -408,16 +418,25 @@ def _run(args: argparse.Namespace, ctx: Context) -> int:
     return 0 if all(o is not None and o.ok for o in outcomes) else 1
 
 
-def _started_early(federation: Federation, first: str | None) -> tuple[Connector, Transport | None]:
+def _started_early(federation: Federation, first: str | None,
+                   hinted: Hinted | None = None) -> tuple[Connector, Transport | None]:
     """The SSH connector, and a transport to the first source named, connected and its program already
     starting, before anything else is read or imported: the node starts (about 0.1 s: sshd, sudo, Python)
-    while this process reads its state and prepares the request (:meth:`Context.start`). Its TCP connection is
-    opened before paramiko is imported, so that sshd's own start overlaps that import. A name that is no
-    source is left to :meth:`Context.source` to refuse; a failed connection is raised by the job's request."""
+    while this process reads its state and prepares the request (:meth:`Context.start`). That transport is the
+    one ``hinted`` started before the command line was even parsed when the inventory names its very endpoint
+    (remote/hints.py); else its TCP connection is opened before paramiko is imported, so that sshd's own start
+    overlaps that import. A name that is no source is left to :meth:`Context.source` to refuse; a failed
+    connection is raised by the job's request."""
     try:
         node = federation.node(first) if first else None
     except KeyError:
         node = None
+    if hinted is not None and node is not None and node.is_source:
+        from mutualbackup.context import coordinator_key, ssh_connector
+
+        taken = hinted.take(node, coordinator_key(federation))
+        if taken is not None:
+            return ssh_connector(federation), taken
     opened: socket.socket | OSError | None = None
     if node is not None and node.is_source:
         from mutualbackup.remote.sockets import CONNECT_TIMEOUT, open_socket

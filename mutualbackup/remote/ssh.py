@@ -21,14 +21,16 @@ import shlex
 import signal
 import socket
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from mutualbackup.errors import HostKeyMismatch, TransportError
-from mutualbackup.inventory.model import Node
 from mutualbackup.node.protocol import FAILED, ProtocolError, Reply, decode_event, encode_request, reply_of
 from mutualbackup.remote.channel import pump
 from mutualbackup.remote.paramiko_import import paramiko
 from mutualbackup.remote.sockets import CONNECT_TIMEOUT, open_socket
+
+if TYPE_CHECKING:  # a node, or what stands for one before the inventory is read (remote/hints.Endpoint)
+    from mutualbackup.inventory.model import Node
 
 KEEPALIVE_SECONDS = 10
 """Interval of SSH keepalive messages on an idle connection."""

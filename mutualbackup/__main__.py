@@ -1,0 +1,30 @@
+"""``mutualbackup``, the executable (and ``python -m mutualbackup``).
+
+``mutualbackup run`` starts its first connection before anything else is imported, on what the same command
+line connected to last time (:mod:`mutualbackup.remote.hints`): the source's node program starts while this
+one imports its modules and reads the inventory, which then decides whether that connection is used. Then
+:func:`mutualbackup.cli.console`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> None:
+    hinted = None
+    if "run" in sys.argv[1:]:  # the hint is kept per whole command line: another command never finds one
+        from mutualbackup.remote import hints
+
+        try:
+            hinted = hints.start(sys.argv[1:], os.environ, os.getcwd(), "backup")
+        except Exception:  # noqa: BLE001 - only ever a head start: the run connects as it would have
+            hinted = None
+    from mutualbackup.cli import console
+
+    console(hinted)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Where ``mutualbackup run`` connected the last time it was given the same command line: its source is
+connected to, and its node program started, before the rest of the program is imported or the inventory read.
+
+A run's first connection waits for Python's imports and the inventory (about 0.1 s) before it can start; the
+node's start (sshd, sudo, Python, borg's import) then follows. A command line run again (cron, a timer, an
+operator's shell history) names the same source of the same inventory: the endpoint it connected to last time
+(name, address, port, login, pinned host key, the coordinator's key file) is kept in the user's cache
+(``$XDG_CACHE_HOME/mutualbackup/connections.json``, 0600), keyed by the command line, the working directory and
+the ``MUTUALBACKUP_*`` environment.
+
+A hint is only ever a guess: nothing is sent on its connection before the inventory has been read and names
+that very endpoint for that source (``cli._started_early``); any other connection is closed unused (the node's
+program ends, having run nothing). A hint whose address answers no connection within :data:`HINT_CONNECT_SECONDS`
+is dropped, and the run connects as it would have. The pinned host key is checked as on any connection. What a
+hint could do in other hands: make the coordinator open an SSH session it then closes — whoever can write the
+coordinator's own cache can already run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this runs before the program imports
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from mutualbackup.remote.ssh import SSHTransport
+
+HINT_CONNECT_SECONDS = 2.0
+"""How long a hinted address may take to accept the connection (the inventory's own connection waits longer)."""
+KEPT = 32
+"""Command lines remembered (the oldest is forgotten first)."""
+FIELDS = ("name", "address", "port", "user", "host_key", "key_file")
+
+
+class Endpoint:
+    """What a connection to one node is made of: its name, address, port, login, pinned host key, and the
+    coordinator's key file. It stands in for the node while the inventory is not read yet."""
+
+    __slots__ = FIELDS
+
+    def __init__(self, name: str, address: str, port: int, user: str, host_key: str, key_file: str) -> None:
+        self.name, self.address, self.port, self.user = name, address, port, user
+        self.host_key, self.key_file = host_key, key_file
+
+    @classmethod
+    def of(cls, node: object, key_file: str) -> Endpoint:
+        """The endpoint of an inventory's node (anything with those attributes)."""
+        return cls(*(getattr(node, field) for field in FIELDS[:-1]), key_file)
+
+    def as_list(self) -> list[object]:
+        return [getattr(self, field) for field in FIELDS]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Endpoint) and self.as_list() == other.as_list()
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name!r}, {self.address}:{self.port})"
+
+
+def cache_file(environ: Mapping[str, str]) -> str:
+    """Where hints are kept: ``$XDG_CACHE_HOME/mutualbackup/connections.json`` (``~/.cache`` by default)."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mutualbackup", "connections.json")
+
+
+def key(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> str:
+    """A command line as the hints know it: its words, where it ran, and the ``MUTUALBACKUP_*`` environment."""
+    mine = sorted((name, value) for name, value in environ.items() if name.startswith("MUTUALBACKUP_"))
+    return json.dumps([cwd, list(argv), mine])
+
+
+def _read(path: str) -> dict[str, list[object]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            kept = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def recall(path: str, command: str) -> Endpoint | None:
+    """The endpoint ``command`` connected to last time, if it is remembered (and well formed)."""
+    fields = _read(path).get(command)
+    if not isinstance(fields, list) or len(fields) != len(FIELDS):
+        return None
+    name, address, port, user, host_key, key_file = fields
+    if not all(isinstance(v, str) for v in (name, address, user, host_key, key_file)) or type(port) is not int:
+        return None
+    return Endpoint(name, address, port, user, host_key, key_file)
+
+
+def remember(path: str, command: str, endpoint: Endpoint) -> None:
+    """Keep ``endpoint`` as where ``command`` connects (the last :data:`KEPT` command lines). Best effort: a cache
+    that cannot be written (a read-only home) changes nothing but the next run's start."""
+    kept = _read(path)
+    if kept.get(command) == endpoint.as_list():
+        return
+    kept.pop(command, None)
+    kept[command] = endpoint.as_list()
+    kept = dict(list(kept.items())[-KEPT:])
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".connections.", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(kept, handle)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError:
+        pass
+
+
+class Hinted:
+    """A connection started on a hint: its command line's key, the endpoint, and the transport (or None when
+    the hinted address did not answer)."""
+
+    def __init__(self, path: str, command: str, endpoint: Endpoint | None, transport: SSHTransport | None) -> None:
+        self.path, self.command, self.endpoint, self.transport = path, command, endpoint, transport
+
+    def take(self, node: object, key_file: str) -> SSHTransport | None:
+        """The started transport when the inventory's ``node`` is the endpoint it was started for (it then stands
+        for that node); else None, the transport closed unused. Either way ``node`` is remembered."""
+        endpoint = Endpoint.of(node, key_file)
+        transport, self.transport = self.transport, None
+        if transport is not None and endpoint == self.endpoint:
+            transport.node = node  # type: ignore[assignment]
+        elif transport is not None:
+            transport.close()
+            transport = None
+        remember(self.path, self.command, endpoint)
+        return transport
+
+    def close(self) -> None:
+        """Close a transport nothing took (a run that failed before it connected)."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+def start(argv: Sequence[str], environ: Mapping[str, str], cwd: str, kind: str) -> Hinted:
+    """The connection ``argv`` made last time, started now for a request ``kind`` (:meth:`SSHTransport.start`),
+    before anything else is imported."""
+    path, command = cache_file(environ), key(argv, environ, cwd)
+    endpoint = recall(path, command)
+    if endpoint is None:
+        return Hinted(path, command, None, None)
+    from mutualbackup.remote.sockets import open_socket
+
+    try:
+        opened = open_socket(endpoint.address, endpoint.port, HINT_CONNECT_SECONDS)
+    except OSError:
+        return Hinted(path, command, endpoint, None)  # moved, or down: the run connects as it would have
+    from mutualbackup.remote.ssh import SSHTransport
+
+    try:
+        transport = SSHTransport(endpoint, endpoint.key_file, opened=opened)  # type: ignore[arg-type]
+    except Exception:  # a pinned key that does not parse: the inventory's own connection says so
+        opened.close()
+        return Hinted(path, command, endpoint, None)
+    transport.start(kind)
+    return Hinted(path, command, endpoint, transport)

@@ -1,0 +1,111 @@
+"""Where `mutualbackup run` connected last time (remote/hints.py): only ever a head start. A hint is used only
+when the inventory names that very endpoint for the source; any other is closed unused, and a run whose hint
+is stale, malformed or unreachable connects as it would have."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from mutualbackup.remote import hints
+
+ENDPOINT = hints.Endpoint("coop/web1", "127.0.0.1", 2222, "mutualbackup", "ssh-ed25519 AAAAC3Nza", "/etc/mb/id_ed25519")
+
+
+class Node:
+    """The attributes of an inventory's node that a connection is made of."""
+
+    def __init__(self, **changes: object) -> None:
+        values = dict(name="coop/web1", address="127.0.0.1", port=2222, user="mutualbackup", host_key="ssh-ed25519 AAAAC3Nza")
+        values.update(changes)
+        self.__dict__.update(values)
+
+
+class Started:
+    """A transport started on a hint, as far as the hint sees it."""
+
+    def __init__(self) -> None:
+        self.node: object = ENDPOINT
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_command_line_recalls_the_endpoint_it_connected_to_and_nothing_else(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache" / "connections.json")
+    command = hints.key(["run", "coop/web1"], {"MUTUALBACKUP_STATE": "/s", "HOME": "/root"}, "/srv")
+    assert hints.recall(path, command) is None  # nothing kept yet
+    hints.remember(path, command, ENDPOINT)
+    assert hints.recall(path, command) == ENDPOINT
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600" and oct(os.stat(Path(path).parent).st_mode & 0o777) == "0o700"
+    for other in (hints.key(["run", "coop/web2"], {"MUTUALBACKUP_STATE": "/s"}, "/srv"),  # another source
+                  hints.key(["run", "coop/web1"], {"MUTUALBACKUP_STATE": "/t"}, "/srv"),  # another state
+                  hints.key(["run", "coop/web1"], {"MUTUALBACKUP_STATE": "/s"}, "/home")):  # relative paths differ
+        assert hints.recall(path, other) is None
+    assert hints.key(["run"], {"HOME": "/a"}, "/") == hints.key(["run"], {"HOME": "/b"}, "/")  # only our variables
+
+
+def test_only_the_last_command_lines_are_kept(tmp_path: Path) -> None:
+    path = str(tmp_path / "connections.json")
+    for n in range(hints.KEPT + 5):
+        hints.remember(path, f"command {n}", ENDPOINT)
+    kept = json.loads(Path(path).read_text())
+    assert len(kept) == hints.KEPT and "command 0" not in kept and f"command {hints.KEPT + 4}" in kept
+    hints.remember(path, "command 10", hints.Endpoint("coop/web2", "10.0.0.2", 22, "u", "ssh-ed25519 B", "/k"))
+    assert list(json.loads(Path(path).read_text()))[-1] == "command 10"  # the latest used last
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"c": "x"}', '{"c": ["a", "b"]}',
+                                     '{"c": ["coop/web1", "127.0.0.1", "22", "u", "k", "f"]}',
+                                     '{"c": ["coop/web1", "127.0.0.1", true, "u", "k", "f"]}'])
+def test_a_damaged_cache_is_no_hint(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "connections.json"
+    path.write_text(content)
+    assert hints.recall(str(path), "c") is None
+    hints.remember(str(path), "c", ENDPOINT)  # and is replaced by a good one
+    assert hints.recall(str(path), "c") == ENDPOINT
+
+
+def test_a_cache_that_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    hints.remember(str(blocker / "mutualbackup" / "connections.json"), "c", ENDPOINT)  # a file where a directory goes
+    assert hints.cache_file({"XDG_CACHE_HOME": "/x"}) == "/x/mutualbackup/connections.json"
+    assert hints.cache_file({"HOME": "/h"}).endswith("/.cache/mutualbackup/connections.json")
+
+
+@pytest.mark.parametrize("change", [{}, {"address": "10.0.0.9"}, {"port": 22}, {"user": "other"},
+                                    {"host_key": "ssh-ed25519 AAAAother"}, {"name": "coop/web2"}, "key file"],
+                         ids=["the same", "moved", "another port", "another login", "another host key",
+                              "another node", "another key file"])
+def test_a_connection_started_on_a_hint_is_used_only_for_the_very_endpoint_the_inventory_names(
+        tmp_path: Path, change: object) -> None:
+    path = str(tmp_path / "connections.json")
+    started = Started()
+    hinted = hints.Hinted(path, "c", ENDPOINT, started)  # type: ignore[arg-type]
+    node = Node(**change) if isinstance(change, dict) else Node()
+    key_file = "/other/key" if change == "key file" else ENDPOINT.key_file
+    taken = hinted.take(node, key_file)
+    if change == {}:
+        assert taken is started and started.node is node and not started.closed  # it now stands for that node
+    else:
+        assert taken is None and started.closed  # closed unused: nothing was sent on it
+    assert hints.recall(path, "c") == hints.Endpoint.of(node, key_file)  # what the next run starts on
+    assert hinted.transport is None
+
+
+def test_a_hint_that_answers_nothing_is_dropped_at_once(tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    environ = {"XDG_CACHE_HOME": str(tmp_path)}
+    command = hints.key(["run", "coop/web1"], environ, "/")
+    hints.remember(hints.cache_file(environ), command, hints.Endpoint("coop/web1", "127.0.0.1", port, "u", "k", "/k"))
+    hinted = hints.start(["run", "coop/web1"], environ, "/", "backup")
+    assert hinted.endpoint is not None and hinted.transport is None
+    assert hints.start(["run", "coop/web9"], environ, "/", "backup").endpoint is None  # never ran: no hint
