@@ -19,6 +19,9 @@ def main() -> None:
 
         try:
             hinted = hints.start(sys.argv[1:], os.environ, os.getcwd(), "backup")
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(1) from None
         except Exception:  # noqa: BLE001 - only ever a head start: the run connects as it would have
             hinted = None
     from mutualbackup.cli import console

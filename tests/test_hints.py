@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def test_a_command_line_recalls_the_endpoint_it_connected_to_and_nothing_else(tm
                   hints.key(["run", "coop/web1"], {"MUTUALBACKUP_STATE": "/s"}, "/home")):  # relative paths differ
         assert hints.recall(path, other) is None
     assert hints.key(["run"], {"HOME": "/a"}, "/") == hints.key(["run"], {"HOME": "/b"}, "/")  # only our variables
+    assert "/s" not in Path(path).read_text() and "coop/web1\"]" not in Path(path).read_text()[:80]  # a digest
 
 
 def test_only_the_last_command_lines_are_kept(tmp_path: Path) -> None:
@@ -76,7 +78,67 @@ def test_a_cache_that_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
     blocker.write_text("")
     hints.remember(str(blocker / "mutualbackup" / "connections.json"), "c", ENDPOINT)  # a file where a directory goes
     assert hints.cache_file({"XDG_CACHE_HOME": "/x"}) == "/x/mutualbackup/connections.json"
-    assert hints.cache_file({"HOME": "/h"}).endswith("/.cache/mutualbackup/connections.json")
+    assert hints.cache_file({"HOME": "/h"}) == "/h/.cache/mutualbackup/connections.json"
+    assert hints.cache_file({"XDG_CACHE_HOME": "relative", "HOME": "/h"}) == "/h/.cache/mutualbackup/connections.json"
+    assert hints.cache_file({"HOME": "relative"}) is None or hints.cache_file({"HOME": "relative"}).startswith("/")
+
+
+@pytest.mark.parametrize("how", ["group-writable file", "group-writable directory", "symbolic link",
+                                 "another owner", "linked directory"])
+def test_a_cache_that_is_not_the_users_own_alone_is_no_hint_and_is_not_written(tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "mutualbackup"
+    directory.mkdir(mode=0o700)
+    path = directory / "connections.json"
+    hints.remember(str(path), "c", ENDPOINT)
+    assert hints.recall(str(path), "c") == ENDPOINT
+    if how == "group-writable file":
+        path.chmod(0o620)
+    elif how == "group-writable directory":
+        directory.chmod(0o770)
+    elif how == "symbolic link":
+        real = tmp_path / "elsewhere.json"
+        path.rename(real)
+        path.symlink_to(real)
+    elif how == "another owner":
+        os.chown(path, 12345, -1)
+    else:
+        moved = tmp_path / "real"
+        directory.rename(moved)
+        directory.symlink_to(moved)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.json") if p.is_file() and not p.is_symlink()}
+    assert hints.recall(str(path), "c") is None
+    hints.remember(str(path), "d", ENDPOINT)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.json") if p.is_file() and not p.is_symlink()} == before
+
+
+def test_a_hinted_key_file_that_is_no_regular_file_is_never_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo)  # opening it would wait forever for a writer
+    environ = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = hints.key(["run", "coop/web1"], environ, "/")
+    hints.remember(hints.cache_file(environ), command,
+                   hints.Endpoint("coop/web1", "127.0.0.1", 22, "u", "ssh-ed25519 AAAA", str(fifo)))
+    hinted = hints.start(["run", "coop/web1"], environ, "/", "backup")
+    assert hinted.endpoint is not None and hinted.transport is None
+
+
+def test_a_hinted_connection_that_does_not_start_in_time_is_dropped(tmp_path: Path) -> None:
+    """A server that accepts the connection and never speaks: the run goes on after HINT_SECONDS."""
+    import time
+
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        environ = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+        command = hints.key(["run", "coop/web1"], environ, "/")
+        pinned = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHf3I6KmEdPmDyJ0sTdsvYyXaSnmOd8L5N7IEHFL8KFq"
+        hints.remember(hints.cache_file(environ), command,
+                       hints.Endpoint("coop/web1", "127.0.0.1", silent.getsockname()[1], "u", pinned, str(key)))
+        began = time.monotonic()
+        hinted = hints.start(["run", "coop/web1"], environ, "/", "backup")
+        assert hinted.transport is None and time.monotonic() - began < hints.HINT_SECONDS + 5
 
 
 @pytest.mark.parametrize("change", [{}, {"address": "10.0.0.9"}, {"port": 22}, {"user": "other"},
@@ -105,7 +167,9 @@ def test_a_hint_that_answers_nothing_is_dropped_at_once(tmp_path: Path) -> None:
         port = free.getsockname()[1]  # closed again: nothing listens there
     environ = {"XDG_CACHE_HOME": str(tmp_path)}
     command = hints.key(["run", "coop/web1"], environ, "/")
-    hints.remember(hints.cache_file(environ), command, hints.Endpoint("coop/web1", "127.0.0.1", port, "u", "k", "/k"))
+    key = tmp_path / "key"
+    key.write_text("")
+    hints.remember(hints.cache_file(environ), command, hints.Endpoint("coop/web1", "127.0.0.1", port, "u", "k", str(key)))
     hinted = hints.start(["run", "coop/web1"], environ, "/", "backup")
     assert hinted.endpoint is not None and hinted.transport is None
     assert hints.start(["run", "coop/web9"], environ, "/", "backup").endpoint is None  # never ran: no hint

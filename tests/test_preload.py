@@ -296,3 +296,27 @@ def test_the_node_program_starts_borg_on_the_hint_before_the_request_comes(tmp_p
             program.communicate()
     assert program.returncode == 0 and json.loads(out.splitlines()[-1])["ok"], err
     assert not Path(f"/proc/{early}").exists()  # the request needed none: ended with the program
+
+
+def test_a_session_that_sends_no_request_keeps_no_borg_of_roots_waiting(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from mutualbackup.node import serve
+
+    monkeypatch.setattr(serve, "EARLY_SECONDS", 0.3)
+    monkeypatch.setenv(preload.HINT, BACKUP_HINT)
+    started = preload.on_hint(configured(tmp_path))
+    assert started is not None
+    read, write = os.pipe()
+    os.write(write, b'{"protocol": 1, "req')  # half a line, then nothing for a while
+    later = threading.Timer(1.0, lambda: os.write(write, b'uest": "hello"}\n'))
+    later.start()
+    try:
+        line, still = serve._request_line(serve.LineReader(read), started)
+    finally:
+        later.join()
+        os.close(read)
+        os.close(write)
+    assert still is None and started.process.returncode is not None  # killed at its gate after EARLY_SECONDS
+    assert line == b'{"protocol": 1, "request": "hello"}\n'  # and the request, when it came, was read whole

@@ -278,9 +278,10 @@ def _install_forced_line(config: NodeConfig, account: pwd.struct_passwd, command
 
 def sudo_rule(config: NodeConfig, directory: str) -> str:
     """The one sudo rule: the login may run ``mutualbackup-node serve --config DIR`` as root, with exactly
-    these arguments (sudo matches them whole), and nothing else. sudo keeps ``SSH_ORIGINAL_COMMAND`` for it
-    alone: what the coordinator asked sshd to run, a hint of the request to come (``node/serve.py``)."""
-    return (f'Defaults!{config.program} env_keep += "SSH_ORIGINAL_COMMAND"\n'
+    these arguments (sudo matches them whole), and nothing else. sudo keeps ``SSH_ORIGINAL_COMMAND`` for that
+    program alone (``join``, run through sudo by an admin, ignores it): what the coordinator asked sshd to run,
+    a hint of the request to come (``node/preload.py``)."""
+    return (f'Defaults!{config.program} env_keep += "SSH_ORIGINAL_COMMAND"\n'  # (sudo takes no arguments here)
             f"{config.user} ALL=(root) NOPASSWD: {config.program} serve --config {directory}\n")
 
 

@@ -11,7 +11,9 @@ coordinator is gone: supervised commands are stopped.
 from __future__ import annotations
 
 import os
+import select
 import sys
+import time
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a backup's borg starts after few imports
 if TYPE_CHECKING:
@@ -26,6 +28,9 @@ from mutualbackup.node import kinds, protocol
 from mutualbackup.node.config import ConfigError, NodeConfig, config_directory, load_config
 from mutualbackup.node.protocol import REFUSED, Reply
 
+EARLY_SECONDS = 60.0
+"""How long a borg started on the coordinator's hint waits for the request (which comes within a second)."""
+
 
 def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | None = None,
           stdout: BinaryIO | None = None, *, preload: bool = False, early: Preloaded | None = None) -> int:
@@ -38,9 +43,9 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
         config: NodeConfig | ConfigError = _config(config_dir)  # while the request comes
     except ConfigError as exc:
         config = exc  # said once the request is read
+    line, early = _request_line(stdin, early)
     try:
-        decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError = protocol.decode_request(
-            stdin.readline(protocol.MAX_HEADER + 1))
+        decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError = protocol.decode_request(line)
     except protocol.ProtocolError as exc:
         decoded = exc
     preloaded = _preloaded(decoded, config, early) if preload or early else None
@@ -68,6 +73,19 @@ def serve(kind: str | None, config_dir: str | None = None, stdin: BinaryIO | Non
             preloaded.discard()  # when no run used it
     write("result", {"ok": reply.ok, "code": reply.code, "error": reply.error, "data": dict(reply.data)})
     return reply.code
+
+
+def _request_line(stdin: BinaryIO, early: Preloaded | None) -> tuple[bytes, Preloaded | None]:
+    """The request's line, and the borg started on the hint if it is still wanted: a session that sends nothing
+    keeps no borg of root's waiting for more than :data:`EARLY_SECONDS` (it is killed; the request, if it
+    ever comes, starts its own)."""
+    if early is None or not isinstance(stdin, LineReader):
+        return stdin.readline(protocol.MAX_HEADER + 1), early
+    try:
+        return stdin.readline(protocol.MAX_HEADER + 1, timeout=EARLY_SECONDS), early
+    except TimeoutError:
+        early.discard()
+        return stdin.readline(protocol.MAX_HEADER + 1), None
 
 
 def _preloaded(decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError,
@@ -165,8 +183,13 @@ class LineReader:
         self.fd = fd
         self.pending = b""
 
-    def readline(self, limit: int = -1) -> bytes:
+    def readline(self, limit: int = -1, timeout: float | None = None) -> bytes:
+        """A line (at most ``limit`` bytes); TimeoutError when none is whole within ``timeout`` seconds (what came
+        of it is kept for the next call)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.pending and (limit < 0 or len(self.pending) < limit):
+            if deadline is not None and not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"no line within {timeout:g} s")
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 break
@@ -208,6 +231,3 @@ def main(argv: list[str] | None = None, early: Preloaded | None = None) -> int:
     kind, config_dir = serve_arguments(list(sys.argv[1:] if argv is None else argv))
     return serve(kind, config_dir, preload=True, early=early)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,16 +10,19 @@ the ``MUTUALBACKUP_*`` environment.
 
 A hint is only ever a guess: nothing is sent on its connection before the inventory has been read and names
 that very endpoint for that source (``cli._started_early``); any other connection is closed unused (the node's
-program ends, having run nothing). A hint whose address answers no connection within :data:`HINT_CONNECT_SECONDS`
-is dropped, and the run connects as it would have. The pinned host key is checked as on any connection. What a
-hint could do in other hands: make the coordinator open an SSH session it then closes — whoever can write the
-coordinator's own cache can already run it.
+program ends, having run nothing). A hint whose connection is not started within :data:`HINT_SECONDS` is
+dropped, and the run connects as it would have. The pinned host key is checked as on any connection. The cache
+is used only when it and its directory are the user's own and nobody else can write them (no symbolic link),
+and only a regular file is read as a key. What a stale or hostile hint can do: make the coordinator log in, with
+its own key, to the endpoint the hint names and close that session unused, at most :data:`HINT_SECONDS` into
+the run; every request goes to the endpoint the inventory names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: all this runs before the program imports
 if TYPE_CHECKING:
@@ -27,8 +30,9 @@ if TYPE_CHECKING:
 
     from mutualbackup.remote.ssh import SSHTransport
 
-HINT_CONNECT_SECONDS = 2.0
-"""How long a hinted address may take to accept the connection (the inventory's own connection waits longer)."""
+HINT_SECONDS = 2.0
+"""How long a hinted connection may take to start (the inventory's own connection waits longer)."""
+KEY_FILE_LIMIT = 64 * 1024
 KEPT = 32
 """Command lines remembered (the oldest is forgotten first)."""
 FIELDS = ("name", "address", "port", "user", "host_key", "key_file")
@@ -59,25 +63,74 @@ class Endpoint:
         return f"Endpoint({self.name!r}, {self.address}:{self.port})"
 
 
-def cache_file(environ: Mapping[str, str]) -> str:
-    """Where hints are kept: ``$XDG_CACHE_HOME/mutualbackup/connections.json`` (``~/.cache`` by default)."""
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mutualbackup", "connections.json")
+def cache_file(environ: Mapping[str, str]) -> str | None:
+    """Where hints are kept: ``$XDG_CACHE_HOME/mutualbackup/connections.json`` (``~/.cache`` by default); None
+    without an absolute place for it (no home)."""
+    base = environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):
+        home = environ.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".cache") if os.path.isabs(home) else ""
+    return os.path.join(base, "mutualbackup", "connections.json") if base else None
 
 
 def key(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> str:
-    """A command line as the hints know it: its words, where it ran, and the ``MUTUALBACKUP_*`` environment."""
+    """A command line as the hints know it (a digest): its words, where it ran, and the ``MUTUALBACKUP_*``
+    environment."""
+    import hashlib
+
     mine = sorted((name, value) for name, value in environ.items() if name.startswith("MUTUALBACKUP_"))
-    return json.dumps([cwd, list(argv), mine])
+    return hashlib.sha256(json.dumps([cwd, list(argv), mine]).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _own(info: os.stat_result) -> bool:
+    """Whether a file or directory is this user's and nobody else can write it."""
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _private_directory(path: str) -> bool:
+    try:
+        info = os.lstat(os.path.dirname(path))
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and _own(info)
 
 
 def _read(path: str) -> dict[str, list[object]]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            kept = json.load(handle)
-    except (OSError, ValueError):
+    if not _private_directory(path):
         return {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    with os.fdopen(fd, encoding="utf-8") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not _own(info):
+            return {}
+        try:
+            kept = json.load(handle)
+        except (OSError, ValueError):
+            return {}
     return kept if isinstance(kept, dict) else {}
+
+
+def _replaceable(path: str) -> bool:
+    """Whether the cache may be written: absent, or a regular file of the user's own that nobody else can write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and _own(info)
+
+
+def _usable_key(path: str) -> bool:
+    """Whether the hinted key file may be read now: a regular file of a key's size (not a pipe, not a device)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= KEY_FILE_LIMIT
 
 
 def recall(path: str, command: str) -> Endpoint | None:
@@ -92,10 +145,11 @@ def recall(path: str, command: str) -> Endpoint | None:
 
 
 def remember(path: str, command: str, endpoint: Endpoint) -> None:
-    """Keep ``endpoint`` as where ``command`` connects (the last :data:`KEPT` command lines). Best effort: a cache
-    that cannot be written (a read-only home) changes nothing but the next run's start."""
+    """Keep ``endpoint`` as where ``command`` connects (the last :data:`KEPT` command lines used). Best effort: a
+    cache that cannot be written (a read-only home, a directory that is not the user's own) changes nothing but
+    the next run's start."""
     kept = _read(path)
-    if kept.get(command) == endpoint.as_list():
+    if list(kept)[-1:] == [command] and kept[command] == endpoint.as_list():
         return
     kept.pop(command, None)
     kept[command] = endpoint.as_list()
@@ -104,6 +158,8 @@ def remember(path: str, command: str, endpoint: Endpoint) -> None:
 
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if not _private_directory(path) or not _replaceable(path):
+            return
         fd, temporary = tempfile.mkstemp(prefix=".connections.", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -120,7 +176,8 @@ class Hinted:
     """A connection started on a hint: its command line's key, the endpoint, and the transport (or None when
     the hinted address did not answer)."""
 
-    def __init__(self, path: str, command: str, endpoint: Endpoint | None, transport: SSHTransport | None) -> None:
+    def __init__(self, path: str | None, command: str, endpoint: Endpoint | None,
+                 transport: SSHTransport | None) -> None:
         self.path, self.command, self.endpoint, self.transport = path, command, endpoint, transport
 
     def take(self, node: object, key_file: str) -> SSHTransport | None:
@@ -133,7 +190,8 @@ class Hinted:
         elif transport is not None:
             transport.close()
             transport = None
-        remember(self.path, self.command, endpoint)
+        if self.path is not None:
+            remember(self.path, self.command, endpoint)
         return transport
 
     def close(self) -> None:
@@ -145,23 +203,45 @@ class Hinted:
 
 def start(argv: Sequence[str], environ: Mapping[str, str], cwd: str, kind: str) -> Hinted:
     """The connection ``argv`` made last time, started now for a request ``kind`` (:meth:`SSHTransport.start`),
-    before anything else is imported."""
+    before anything else is imported; within :data:`HINT_SECONDS`, or not at all."""
     path, command = cache_file(environ), key(argv, environ, cwd)
+    if path is None:
+        return Hinted(None, command, None, None)
     endpoint = recall(path, command)
-    if endpoint is None:
-        return Hinted(path, command, None, None)
+    if endpoint is None or not _usable_key(endpoint.key_file):
+        return Hinted(path, command, endpoint, None)
     from mutualbackup.remote.sockets import open_socket
 
     try:
-        opened = open_socket(endpoint.address, endpoint.port, HINT_CONNECT_SECONDS)
+        opened = open_socket(endpoint.address, endpoint.port, HINT_SECONDS)
     except OSError:
         return Hinted(path, command, endpoint, None)  # moved, or down: the run connects as it would have
+    import threading
+
     from mutualbackup.remote.ssh import SSHTransport
 
-    try:
-        transport = SSHTransport(endpoint, endpoint.key_file, opened=opened)  # type: ignore[arg-type]
-    except Exception:  # a pinned key that does not parse: the inventory's own connection says so
+    outcome: list[SSHTransport] = []
+
+    def started() -> None:
+        try:
+            transport = SSHTransport(endpoint, endpoint.key_file, opened=opened)  # type: ignore[arg-type]
+            transport.start(kind)  # (a refused connection is kept in it, for the inventory's decision)
+        except Exception:  # noqa: BLE001 - a key that cannot be read, a pinned key that does not parse: no hint
+            return
+        outcome.append(transport)
+
+    thread = threading.Thread(target=started, name="hinted connection", daemon=True)
+    thread.start()  # this thread only waits: the handshake has the process to itself
+    thread.join(HINT_SECONDS)
+    if thread.is_alive() or not outcome:
+        import socket
+
+        try:
+            opened.shutdown(socket.SHUT_RDWR)  # ends a handshake still waiting for its peer
+        except OSError:
+            pass
         opened.close()
+        if outcome:
+            outcome[0].close()
         return Hinted(path, command, endpoint, None)
-    transport.start(kind)
-    return Hinted(path, command, endpoint, transport)
+    return Hinted(path, command, endpoint, outcome[0])

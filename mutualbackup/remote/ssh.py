@@ -173,6 +173,9 @@ class SSHTransport:
         node = self.node
         try:
             pkey = paramiko.PKey.from_path(self.key_file)
+        except TypeError as error:  # paramiko's word for a key that needs a passphrase
+            raise TransportError(f"cannot read the coordinator key {self.key_file}: it is protected by a passphrase, "
+                                 "and the coordinator runs unattended: give it a key without one") from error
         except (OSError, paramiko.SSHException, ValueError) as error:
             raise TransportError(f"cannot read the coordinator key {self.key_file}: {error}") from error
         client = paramiko.SSHClient()
