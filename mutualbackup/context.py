@@ -90,13 +90,14 @@ class Context:
         early = self._early.pop(node.name, None)
         return early.ready() if early is not None else self.connector(node)
 
-    def start(self, node: Node, started: Transport | None = None) -> None:
+    def start(self, node: Node, started: Transport | None = None, kind: str | None = None) -> None:
         """Begin the next session to ``node`` now, in the background: connected and its program started
-        (:meth:`Transport.start`) while this process prepares what to ask; the next :meth:`connect` to it takes
-        that session, and raises what went wrong. Never raises itself. ``started``: a transport already started
-        (``mutualbackup run`` starts its source's before it reads the state)."""
+        (:meth:`Transport.start`, told ``kind`` when the request to come is known) while this process prepares
+        what to ask; the next :meth:`connect` to it takes that session, and raises what went wrong. Never raises
+        itself. ``started``: a transport already started (``mutualbackup run`` starts its source's before it
+        reads the state)."""
         if node.name not in self._early:
-            self._early[node.name] = _Started(self.connector, node, started)
+            self._early[node.name] = _Started(self.connector, node, started, kind)
 
     def close_started(self) -> None:
         """Close the sessions :meth:`start` began that no request used, without waiting for one still connecting
@@ -169,19 +170,19 @@ def coordinator_key(federation: Federation) -> str:
 class _Started:
     """A session :meth:`Context.start` began: its transport, made and started in a thread of its own."""
 
-    def __init__(self, connector: Connector, node: Node, started: Transport | None) -> None:
+    def __init__(self, connector: Connector, node: Node, started: Transport | None, kind: str | None = None) -> None:
         self.transport = started
         self.error: Exception | None = None
         self.thread: threading.Thread | None = None
         if started is None:
-            self.thread = threading.Thread(target=self._start, args=(connector, node), name=f"start {node.name}",
+            self.thread = threading.Thread(target=self._start, args=(connector, node, kind), name=f"start {node.name}",
                                            daemon=True)
             self.thread.start()
 
-    def _start(self, connector: Connector, node: Node) -> None:
+    def _start(self, connector: Connector, node: Node, kind: str | None) -> None:
         try:
             self.transport = connector(node)
-            self.transport.start()
+            self.transport.start(kind)
         except Exception as error:  # what connecting to it raises, raised by the request that needs it
             self.error = error
 

@@ -77,3 +77,23 @@ def test_closing_does_not_wait_for_a_session_still_connecting(tmp_path: Path, wo
             break
         threading.Event().wait(0.01)
     assert made and made[0].closed
+
+
+def test_a_started_session_is_told_the_request_to_come_when_it_is_known(tmp_path: Path, world: FakeWorld) -> None:
+    ctx = context(tmp_path, world)
+    node = world.federation.node("coop0/src0")
+    ctx.start(node, kind="extract")  # a restore of the node onto itself: its borg starts on that word
+    assert ctx.connect(node).started == "extract"
+
+
+def test_a_restore_onto_the_source_itself_starts_it_early_telling_it_an_extract_comes(tmp_path: Path,
+                                                                                     world: FakeWorld) -> None:
+    from mutualbackup.errors import MutualBackupError
+    from mutualbackup.restore.extract import restore
+
+    made: list[FakeTransport] = []
+    ctx = context(tmp_path, world, lambda node: made.append(world.connect(node)) or made[-1])
+    source = world.federation.node("coop0/src0")
+    with pytest.raises(MutualBackupError):  # nothing was ever backed up here: refused, after the early start
+        restore(ctx, source, source, "/restore")
+    assert made and made[0].node.name == "coop0/src0" and made[0].started == "extract" and made[0].closed

@@ -228,7 +228,8 @@ def children_preloading(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("hint", ["", "mutualbackup-node serve hello", "mutualbackup-node serve", "backup",
+@pytest.mark.parametrize("hint", ["", "mutualbackup-node serve hello", "mutualbackup-node serve prune",
+                                  "mutualbackup-node serve", "backup", "mutualbackup-node serve extract now",
                                   "mutualbackup-node serve backup; reboot", "mutualbackup-node serve backup extra"])
 def test_no_borg_starts_on_any_other_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hint: str) -> None:
     monkeypatch.setenv(preload.HINT, hint)
@@ -256,6 +257,25 @@ def test_the_hint_of_a_backup_starts_borg_as_the_request_would_and_is_not_passed
         started.discard() if started is not None else None
         raise
     started.discard()
+
+
+def test_the_hint_of_a_restore_starts_borgs_extract_used_only_by_a_restore_of_this_node_onto_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mutualbackup.node.config import load_config
+    from mutualbackup.node.protocol import decode_request
+    from mutualbackup.node.serve import _preloaded
+
+    directory = configured(tmp_path)
+    for args, used in (({"source": "coop/store", "target": "/srv/restore"}, True),
+                       ({"source": "coop/web1", "target": "/srv/restore", "sealed": True}, False)):  # another's
+        monkeypatch.setenv(preload.HINT, "mutualbackup-node serve extract")
+        started = preload.on_hint(directory)
+        assert started is not None and started.command == "extract"
+        line = json.dumps({"protocol": 1, "request": "extract", "node": "coop/store", "args": args}).encode()
+        kept = _preloaded(decode_request(line), load_config(directory), started)
+        assert (kept is started) == used and (started.process.returncode is None) == used
+        if kept is not None:
+            kept.discard()
 
 
 @pytest.mark.parametrize("request_line", [

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 HINT = "SSH_ORIGINAL_COMMAND"
 """What the coordinator asked sshd to run (``mutualbackup-node serve KIND``, kept by the node's sudo rule): a hint
 of the request to come, before it is read. Only ever a hint: the request itself decides everything."""
+HINTED = {"backup": "create", "extract": "extract"}
+"""The requests whose borg starts on the hint (an extract's only fits a restore of this node onto itself)."""
 READY_SECONDS = 120.0  # borg imports in a fraction of a second; a node this slow starts borg as before
 _SCRIPT_LIMIT = 4096
 _PYTHON = re.compile(r"python[0-9.]*")
@@ -103,11 +105,12 @@ def command_for(kind: str, args: Mapping[str, object], node: str) -> str | None:
 
 
 def on_hint(config_dir: str | None) -> Preloaded | None:
-    """borg started now, before the request is read, when the coordinator's SSH command says a backup comes
-    (:data:`HINT`, then removed from this process's environment): from ``node.json`` alone, as root, before
+    """borg started now, before the request is read, when the coordinator's SSH command says a backup or a restore
+    comes (:data:`HINT`, then removed from this process's environment): from ``node.json`` alone, as root, before
     the node program imports anything else. The request decides later whether it is used."""
-    hint = os.environ.pop(HINT, "")
-    if os.geteuid() != 0 or hint.split() != ["mutualbackup-node", "serve", "backup"]:
+    hint = os.environ.pop(HINT, "").split()
+    command = HINTED.get(hint[2]) if len(hint) == 3 and hint[:2] == ["mutualbackup-node", "serve"] else None
+    if os.geteuid() != 0 or command is None:
         return None
     from mutualbackup.node.config_file import ConfigError, borg_program, config_directory, read_config
 
@@ -116,7 +119,7 @@ def on_hint(config_dir: str | None) -> Preloaded | None:
     except ConfigError:
         return None  # serve says what is wrong, once the request is read
     state = data.get("state")
-    return for_source(borg_program(data), state, "create") if isinstance(state, str) else None
+    return for_source(borg_program(data), state, command) if isinstance(state, str) else None
 
 
 def for_source(program: str, workdir: str, command: str) -> Preloaded | None:

@@ -53,19 +53,21 @@ def restore(
     """
     source_name = source if isinstance(source, str) else source.name
     source_node = source if isinstance(source, Node) else None
-    hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
-                                   allow_other_member)
-    other_member = destination.member != source_name.split("/", 1)[0]
     sealed = recovery is not None or destination.name != source_name
-    detail: dict[str, object] = {
-        "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
-        "requested_by": requested_by, "other_member": other_member, "recovery": recovery is not None,
-        "access": "sealed passphrase" if sealed else "source key",
-    }
-    seal = _sealing(ctx, source_node, destination, recovery) if sealed else None
-    job = RestoreJob(ctx, source_name, destination, directory, hosts, archive, tuple(paths), dry_run, force, detail,
-                     recovery, seal, on_progress, on_line)
+    if not sealed:  # its program starts, and its borg on that word, while the request is checked here
+        ctx.start(destination, kind="extract")
     try:
+        hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
+                                       allow_other_member)
+        other_member = destination.member != source_name.split("/", 1)[0]
+        detail: dict[str, object] = {
+            "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
+            "requested_by": requested_by, "other_member": other_member, "recovery": recovery is not None,
+            "access": "sealed passphrase" if sealed else "source key",
+        }
+        seal = _sealing(ctx, source_node, destination, recovery) if sealed else None
+        job = RestoreJob(ctx, source_name, destination, directory, hosts, archive, tuple(paths), dry_run, force, detail,
+                         recovery, seal, on_progress, on_line)
         return job.run()
     finally:
         ctx.close_started()  # what a restore started early and did not need (sealed.SealedRestore)
