@@ -187,7 +187,14 @@ def test_the_sudo_rule_lets_the_coordinators_hint_through_and_a_backups_borg_sta
     assert rule.startswith(f'Defaults!{lab.program} env_keep += "SSH_ORIGINAL_COMMAND"\n'), rule
 
     def borgs_started_early() -> list[int]:
-        return [pid for pid in lab.processes(node) if b"borg_preload.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        found = []
+        for pid in lab.processes(node):
+            try:
+                if b"borg_preload.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:  # a process of the session that ended since it was listed
+                continue
+        return found
 
     transport = SSHTransport(node.as_node(), str(lab.coordinator_key))
     try:

@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         from mutualbackup.node.preload import on_hint
 
-        early = on_hint(serve_arguments(args[1:])[1])  # a backup's borg, before anything else is imported
-        from mutualbackup.node.serve import main as serve
+        kind, config_dir = serve_arguments(args[1:])
+        early = on_hint(config_dir)  # a backup's borg, before anything else is imported
+        from mutualbackup.node.serve import serve
 
-        return serve(args[1:], early)
+        return serve(kind, config_dir, preload=True, early=early)
     if args[:1] == ["join"]:
         from mutualbackup.node.join import main as join
 

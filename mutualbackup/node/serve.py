@@ -221,13 +221,3 @@ def import_handlers(kind: str | None = None) -> None:
     for name in names:
         if name is not None:
             importlib.import_module(name)
-
-
-def main(argv: list[str] | None = None, early: Preloaded | None = None) -> int:
-    """``mutualbackup-node serve [REQUEST] [--config DIR]``: the coordinator's forced command (node/cli.py: it runs
-    as root, in ``/``). ``early``: a backup's borg the program started on the SSH command's hint."""
-    from mutualbackup.node.cli import serve_arguments
-
-    kind, config_dir = serve_arguments(list(sys.argv[1:] if argv is None else argv))
-    return serve(kind, config_dir, preload=True, early=early)
-

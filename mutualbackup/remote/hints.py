@@ -87,6 +87,10 @@ def _own(info: os.stat_result) -> bool:
     return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
+def _own_file(info: os.stat_result) -> bool:
+    return stat.S_ISREG(info.st_mode) and _own(info)
+
+
 def _private_directory(path: str) -> bool:
     try:
         info = os.lstat(os.path.dirname(path))
@@ -103,8 +107,7 @@ def _read(path: str) -> dict[str, list[object]]:
     except OSError:
         return {}
     with os.fdopen(fd, encoding="utf-8") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or not _own(info):
+        if not _own_file(os.fstat(fd)):
             return {}
         try:
             kept = json.load(handle)
@@ -121,7 +124,7 @@ def _replaceable(path: str) -> bool:
         return True
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and _own(info)
+    return _own_file(info)
 
 
 def _usable_key(path: str) -> bool:
