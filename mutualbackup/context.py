@@ -90,14 +90,17 @@ class Context:
         early = self._early.pop(node.name, None)
         return early.ready() if early is not None else self.connector(node)
 
-    def start(self, node: Node, started: Transport | None = None, kind: str | None = None) -> None:
+    def start(self, node: Node, started: Transport | None = None, kind: str | None = None,
+              after: Node | None = None) -> None:
         """Begin the next session to ``node`` now, in the background: connected and its program started
         (:meth:`Transport.start`, told ``kind`` when the request to come is known) while this process prepares
         what to ask; the next :meth:`connect` to it takes that session, and raises what went wrong. Never raises
         itself. ``started``: a transport already started (``mutualbackup run`` starts its source's before it
-        reads the state)."""
+        reads the state). ``after``: a node whose session :meth:`start` began, on the critical path: this one
+        connects once that one has (handshakes in one process slow each other down)."""
         if node.name not in self._early:
-            self._early[node.name] = _Started(self.connector, node, started, kind)
+            first = self._early.get(after.name) if after is not None else None
+            self._early[node.name] = _Started(self.connector, node, started, kind, first)
 
     def close_started(self) -> None:
         """Close the sessions :meth:`start` began that no request used, without waiting for one still connecting
@@ -170,16 +173,19 @@ def coordinator_key(federation: Federation) -> str:
 class _Started:
     """A session :meth:`Context.start` began: its transport, made and started in a thread of its own."""
 
-    def __init__(self, connector: Connector, node: Node, started: Transport | None, kind: str | None = None) -> None:
+    def __init__(self, connector: Connector, node: Node, started: Transport | None, kind: str | None = None,
+                 after: _Started | None = None) -> None:
         self.transport = started
         self.error: Exception | None = None
         self.thread: threading.Thread | None = None
         if started is None:
-            self.thread = threading.Thread(target=self._start, args=(connector, node, kind), name=f"start {node.name}",
-                                           daemon=True)
+            self.thread = threading.Thread(target=self._start, args=(connector, node, kind, after),
+                                           name=f"start {node.name}", daemon=True)
             self.thread.start()
 
-    def _start(self, connector: Connector, node: Node, kind: str | None) -> None:
+    def _start(self, connector: Connector, node: Node, kind: str | None, after: _Started | None) -> None:
+        if after is not None and after.thread is not None:
+            after.thread.join()  # connected and started (or failed): the line is free
         try:
             self.transport = connector(node)
             self.transport.start(kind)

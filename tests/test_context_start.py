@@ -97,3 +97,41 @@ def test_a_restore_onto_the_source_itself_starts_it_early_telling_it_an_extract_
     with pytest.raises(MutualBackupError):  # nothing was ever backed up here: refused, after the early start
         restore(ctx, source, source, "/restore")
     assert made and made[0].node.name == "coop0/src0" and made[0].started == "extract" and made[0].closed
+
+
+def test_a_session_started_after_another_connects_only_once_that_one_has(tmp_path: Path, world: FakeWorld) -> None:
+    """A restore onto another node starts the destination first: the source's and the host's handshakes, in the
+    same process, wait for it rather than slow it down."""
+    first_may_connect = threading.Event()
+    order: list[str] = []
+
+    def connector(node: Node) -> FakeTransport:
+        if node.name == "coop0/src0":
+            assert first_may_connect.wait(30)
+        order.append(node.name)
+        return world.connect(node)
+
+    ctx = context(tmp_path, world, connector)
+    first, second = world.federation.node("coop0/src0"), world.federation.node("coop1/src0")
+    ctx.start(first)
+    ctx.start(second, after=first)
+    threading.Event().wait(0.2)
+    assert order == []  # the second waits for the first, which is still connecting
+    first_may_connect.set()
+    assert ctx.connect(second).started and ctx.connect(first).started
+    assert order == ["coop0/src0", "coop1/src0"]
+
+
+def test_a_session_started_after_one_that_failed_still_starts(tmp_path: Path, world: FakeWorld) -> None:
+    def connector(node: Node) -> FakeTransport:
+        if node.name == "coop0/src0":
+            raise TransportError("cannot connect to coop0/src0: connection refused")
+        return world.connect(node)
+
+    ctx = context(tmp_path, world, connector)
+    first, second = world.federation.node("coop0/src0"), world.federation.node("coop1/src0")
+    ctx.start(first)
+    ctx.start(second, after=first)
+    assert ctx.connect(second).started
+    with pytest.raises(TransportError, match="connection refused"):
+        ctx.connect(first)

@@ -210,6 +210,67 @@ def test_a_restore_onto_a_non_empty_directory_is_refused_before_borg_runs(tmp_pa
     assert reply.code == FAILED and (reply.error or "").startswith("target not empty")
 
 
+def sealed_restore(tmp_path: Path, lines: list[bytes]) -> tuple[Conversation, Any, Path]:
+    """coop/web2 asked to restore coop/web1 with a sealed passphrase, its borg a script that goes through borg's
+    ssh command (the gate, then ssh) and leaves a mark when it starts; (the conversation, the reply, the mark)."""
+    mark = tmp_path / "borg-started"
+    script = tmp_path / "borg"
+    script.write_text(f'#!/bin/sh\ntouch {mark}\neval "$BORG_RSH"\n')
+    script.chmod(0o755)
+    node = config(tmp_path, node="web2", borg=str(script))
+    host = {"name": "other/store", "address": "127.0.0.1", "port": 22, "user": "mb", "storage": "/srv/mb",
+            "host_key": OTHER}
+    conversation = Conversation(node, lines)
+    replies: list[Any] = []
+    asking = threading.Thread(target=lambda: replies.append(conversation.ask("extract", {
+        "host": host, "source": "coop/web1", "target": str(tmp_path / "target"), "archive": "web1-1", "paths": [],
+        "sealed": True})))
+    asking.start()
+    asking.join(60)
+    assert replies, "the restore still waits"
+    return conversation, replies[0], mark
+
+
+def test_a_restore_onto_another_node_starts_borg_while_its_key_is_made_and_borg_waits_at_the_gate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key pair (ssh-keygen) is made while borg starts, not before: borg's ssh waits at the gate, which opens
+    only once the coordinator has had the key, the host's line and the passphrase."""
+    from mutualbackup.node import restore as node_restore
+
+    made, started_first = node_restore._key_pair, []
+
+    def key_pair(comment: str, state: str) -> tuple[bytes, str]:
+        for _ in range(1000):  # borg (the script) starts without waiting for the key
+            if (tmp_path / "borg-started").exists():
+                break
+            time.sleep(0.01)
+        started_first.append((tmp_path / "borg-started").exists())
+        return made(comment, state)
+
+    monkeypatch.setattr(node_restore, "_key_pair", key_pair)
+    conversation, reply, _ = sealed_restore(tmp_path, [b'{"refused": "called off by the test"}\n'])
+    assert started_first == [True]
+    keys = [fields for event, fields in conversation.events if event == "key"]
+    assert len(keys) == 1 and keys[0]["public_key"].startswith("ssh-ed25519 ")
+    assert reply.code == FAILED and reply.error == "called off by the test"
+    assert not [name for name in made_in(conversation.session.config.state) if name.startswith("restore-")]
+
+
+def test_a_restore_key_that_cannot_be_made_calls_borg_off_at_once_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mutualbackup.node import restore as node_restore
+
+    def key_pair(comment: str, state: str) -> tuple[bytes, str]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node_restore, "_key_pair", key_pair)
+    conversation, reply, mark = sealed_restore(tmp_path, [])  # no passphrase will ever come: nothing waits for it
+    assert mark.exists()
+    assert reply.code == FAILED and reply.error == "the restore's key could not be made: [Errno 28] No space left on device"
+    assert not [event for event, _ in conversation.events if event == "key"]
+    assert not [name for name in made_in(conversation.session.config.state) if name.startswith("restore-")]
+
+
 # --- supervision ----------------------------------------------------------------------------------
 
 

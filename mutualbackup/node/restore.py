@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mutualbackup import borg
 from mutualbackup.node.requests import (
@@ -89,7 +89,8 @@ def _extract(session: Session, url: str, archive: str, wanted: list[str], target
     """List (for the latest archive), then extract; a kit's key imported if the repository lost its own.
 
     With a passphrase still to come (``_Awaited``), the first borg command starts at once: its ssh waits at
-    the gate while the host's line and the sealed passphrase arrive, so that borg's start-up overlaps them."""
+    the gate while the restore's key is made and the host's line and the sealed passphrase arrive, so that borg's
+    start-up overlaps them."""
     config = session.config
 
     def run(argv, **options):  # noqa: ANN001, ANN202 - one borg command, the passphrase on a fresh pipe
@@ -163,8 +164,9 @@ class _Awaited:
     """The sealed passphrase the coordinator relays, received (and opened) while borg starts; borg's ssh waits at
     a gate (``GATE.go``, or ``GATE.no`` to give up) until the host's line is in and the passphrase is known."""
 
-    def __init__(self, session: Session, gate: str) -> None:
+    def __init__(self, session: Session, gate: str, prepare: Callable[[], None] | None = None) -> None:
         self.session, self.gate = session, gate
+        self.prepare = prepare  # done first, once, in the thread: the restore's key, made while borg starts
         self.value: dict[str, Any] | None = None
         self.refused: Exception | None = None
         self.thread: threading.Thread | None = None
@@ -173,6 +175,7 @@ class _Awaited:
         def receive() -> None:
             if self.value is None and self.refused is None:
                 try:
+                    self._prepared()
                     self.value = self._receive()
                 except (Failed, Refused) as exc:
                     self.refused = exc
@@ -192,6 +195,15 @@ class _Awaited:
     def raise_if_refused(self) -> None:
         if self.refused is not None:
             raise self.refused
+
+    def _prepared(self) -> None:
+        prepare, self.prepare = self.prepare, None
+        if prepare is None:
+            return
+        try:
+            prepare()
+        except (OSError, subprocess.SubprocessError) as error:  # the gate says no: borg's ssh gives up at once
+            raise Failed(f"the restore's key could not be made: {error}") from None
 
     def _receive(self) -> dict[str, Any]:
         line = self.session.next_line(SECRET_WAIT)
@@ -213,18 +225,22 @@ class _Temporary:
         self.session = session
         self.restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), os.urandom(4).hex())
         self.directory = posixpath.join(session.config.state, f"restore-{self.restore_id}.tmp")
-        self.private, self.public_key = _key_pair(f"mutualbackup-restore-{self.restore_id}", session.config.state)
         self.host = host
         self.source = source
-        self.secret = _Awaited(session, posixpath.join(self.directory, "gate"))
+        self.secret = _Awaited(session, posixpath.join(self.directory, "gate"), prepare=self._key)
 
     def __enter__(self) -> "_Temporary":
         self.session.system.makedirs(self.directory, 0o700)
-        self.session.system.write(posixpath.join(self.directory, "id_ed25519"), self.private, 0o600)
+        return self
+
+    def _key(self) -> None:
+        """Make the key pair, write it and the host's pinned line, and tell the public half (the coordinator then
+        asks the host for its line). Done while borg starts: its ssh waits at the gate, which opens only after."""
+        private, public_key = _key_pair(f"mutualbackup-restore-{self.restore_id}", self.session.config.state)
+        self.session.system.write(posixpath.join(self.directory, "id_ed25519"), private, 0o600)
         self.session.system.write(posixpath.join(self.directory, "known_hosts"),
                                   (borg.known_hosts_line(self.host) + "\n").encode(), 0o600)
-        self.session.emit("key", public_key=self.public_key, restore_id=self.restore_id)
-        return self
+        self.session.emit("key", public_key=public_key, restore_id=self.restore_id)
 
     def __exit__(self, *exc: object) -> None:
         self.session.system.remove_tree(self.directory)

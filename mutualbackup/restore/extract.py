@@ -59,6 +59,8 @@ def restore(
     try:
         hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
                                        allow_other_member)
+        if sealed:  # no node is reached for a refused one; the others start once it has: the critical path
+            ctx.start(destination)
         other_member = destination.member != source_name.split("/", 1)[0]
         detail: dict[str, object] = {
             "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
@@ -90,7 +92,7 @@ def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: Rec
     if source is None:
         raise OperationFailed("a source gone from the inventory is restored with its recovery kit")
     cached: list[str] = []
-    ctx.start(source)  # the source's program starts while the destination does: the seal is asked as soon as possible
+    ctx.start(source, after=destination)  # the seal is asked as soon as the destination's session is up
 
     def by_source() -> str:
         if not cached:

@@ -48,7 +48,7 @@ class SealedRestore:
     def run(self, args: Mapping[str, Any], timeout: float) -> Reply:
         """The destination's reply; ``data["not_sealed"]`` when the passphrase could not be sealed for it,
         ``data["host_unusable"]`` when the host's line could not be had."""
-        self.ctx.start(self.host)  # its program starts while the destination's does: the grant goes out at once
+        self.ctx.start(self.host, after=self.destination)  # its program starts while the destination's borg does
         self.sealing.start()  # for the destination's node_key: it needs nothing of this restore's key
         try:
             with self.ctx.session(self.destination) as transport:
