@@ -18,7 +18,7 @@ Prints the median times, the ratios of the medians to ``bare`` (goal: ≤ 1.05) 
 the median of each round's own ratio (a paired measure, less sensitive to a slow
 moment of the machine). Needs root and /usr/sbin/sshd, like the lab. Usage::
 
-    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 9] [--json]
+    .venv/bin/python bench/restore_bench.py [--size-mb 300] [--repeat 15] [--json]
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--repeat", type=int, default=15)
     add_lab_arguments(parser)
     args = parser.parse_args(argv)
     return run_lab_bench(args, "restore-bench-", lambda root: run(args.size_mb, args.repeat, root, args.borg), report)

@@ -135,12 +135,12 @@ def test_an_interrupt_before_borg_runs_leaves_the_borg_started_early_as_it_was()
 
 @pytest.mark.parametrize("kind, args, command", [
     ("backup", {}, "create"), ("extract", {"source": "coop/web1", "target": "/srv/restore"}, "extract"),
-    ("extract", {"source": "coop/web1", "sealed": True}, None),  # onto another node: a passphrase on a pipe
+    ("extract", {"source": "coop/db1", "sealed": True}, "extract"),  # another's: the environment changes at the gate
     ("extract", {"source": "coop/db1"}, None),  # another node's, unsealed: refused anyway
     ("prune", {}, None), ("hello", {}, None), ("grant", {}, None),
 ])
-def test_borg_is_started_early_for_a_backup_and_a_restore_onto_the_source_only(kind: str, args: dict,
-                                                                               command: str | None) -> None:
+def test_borg_is_started_early_for_a_backup_and_a_restore_onto_this_node(kind: str, args: dict,
+                                                                         command: str | None) -> None:
     assert preload.command_for(kind, args, "coop/web1") == command
 
 
@@ -153,6 +153,37 @@ def test_a_borg_started_early_runs_in_the_directory_it_is_given_and_says_when_th
     process = preloaded().release([BORG, "--version"], str(tmp_path / "none"))
     out, err = process.communicate(timeout=120)
     assert process.returncode == 127 and err.decode() == f"{BORG}: No such file or directory\n"  # as Popen says
+
+
+def test_a_restore_onto_another_node_changes_borgs_environment_at_the_gate_and_relays_its_passphrase(
+        tmp_path: Path) -> None:
+    """Started with this node's own source environment, the borg is handed a sealed restore's: its base directory,
+    no passphrase command, the passphrase on a pipe, written once the run has begun (borg reads it on the gate)."""
+    own = {**preload.base_environment(), "BORG_BASE_DIR": str(tmp_path / "own"), "BORG_PASSCOMMAND": "cat /nonexistent"}
+    started = preload.start(BORG, own, "extract")
+    assert started is not None
+    system = LocalSystem(preloaded=started)
+    read, write = os.pipe()
+    env = {"BORG_BASE_DIR": str(tmp_path / "restore")}
+    try:
+        assert not started.fits((BORG, "init"), {**own, "BORG_OTHER": "1", "BORG_PASSPHRASE_FD": str(read)}, None,
+                                (read,))  # anything else changed: a borg of its own
+        assert not started.fits((BORG, "init"), {**own, "BORG_BASE_DIR": "x"}, None, ())  # no passphrase pipe
+        import threading
+
+        threading.Timer(0.5, lambda: (os.write(write, b"s3cret"), os.close(write))).start()  # after the run began
+        done = system.run((BORG, "init", "--encryption=repokey", str(tmp_path / "repo")),
+                          env={**env, "BORG_PASSPHRASE_FD": str(read)}, pass_fds=(read,))
+    finally:
+        os.close(read)
+    assert done.exit_code == 0 and system.preloaded is None and started.process.returncode == 0, done.stderr
+    assert (tmp_path / "restore" / ".config" / "borg" / "security").is_dir() and not (tmp_path / "own").exists()
+    check = {**preload.base_environment(), **env, "BORG_PASSPHRASE": "s3cret"}
+    info = subprocess.run([BORG, "info", str(tmp_path / "repo")], env=check, capture_output=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    wrong = subprocess.run([BORG, "info", str(tmp_path / "repo")], env={**check, "BORG_PASSPHRASE": "other"},
+                           capture_output=True, timeout=120)
+    assert wrong.returncode != 0
 
 
 def test_the_node_hands_a_borg_started_early_only_to_the_run_it_was_started_for(tmp_path: Path) -> None:
@@ -259,7 +290,7 @@ def test_the_hint_of_a_backup_starts_borg_as_the_request_would_and_is_not_passed
     started.discard()
 
 
-def test_the_hint_of_a_restore_starts_borgs_extract_used_only_by_a_restore_of_this_node_onto_itself(
+def test_the_hint_of_a_restore_starts_borgs_extract_used_by_a_restore_onto_this_node(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mutualbackup.node.config import load_config
     from mutualbackup.node.protocol import decode_request
@@ -267,7 +298,8 @@ def test_the_hint_of_a_restore_starts_borgs_extract_used_only_by_a_restore_of_th
 
     directory = configured(tmp_path)
     for args, used in (({"source": "coop/store", "target": "/srv/restore"}, True),
-                       ({"source": "coop/web1", "target": "/srv/restore", "sealed": True}, False)):  # another's
+                       ({"source": "coop/web1", "target": "/srv/restore", "sealed": True}, True),  # another's
+                       ({"source": "coop/web1", "target": "/srv/restore"}, False)):  # another's, unsealed: refused
         monkeypatch.setenv(preload.HINT, "mutualbackup-node serve extract")
         started = preload.on_hint(directory)
         assert started is not None and started.command == "extract"

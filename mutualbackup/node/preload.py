@@ -6,7 +6,11 @@ starts borg's own Python on ``scripts/borg_preload.py`` then: that process impor
 waits at a gate, a pipe only this process writes. When the handler runs borg with that program and that
 environment (and nothing else: no stdin, no extra descriptor), :class:`~mutualbackup.node.system.LocalSystem`
 waits for it to be ready and hands it the command line and the working directory through the gate, and
-supervises it as it would a new process (the pidfile names it: it *is* borg from then on). A preloader that
+supervises it as it would a new process (the pidfile names it: it *is* borg from then on). A restore onto
+another node runs borg with another environment, in the keys borg reads only once it runs (:data:`AT_RUN`: its
+ssh command, its base directory, where its passphrase comes from), and its passphrase on a pipe: the gate then
+carries that environment too, stays open, and the passphrase written to the pipe is relayed onto it (borg reads
+it there, ``BORG_PASSPHRASE_FD``). A preloader that
 could not import borg (a memory limit, a broken install) is never handed anything: borg is started as before.
 When no run fits (the request was refused, or runs no borg) it is killed: it ran nothing.
 
@@ -32,8 +36,10 @@ HINT = "SSH_ORIGINAL_COMMAND"
 """What the coordinator asked sshd to run (``mutualbackup-node serve KIND``, kept by the node's sudo rule): a hint
 of the request to come, before it is read. Only ever a hint: the request itself decides everything."""
 HINTED = {"backup": "create", "extract": "extract"}
-"""The requests whose borg starts on the hint (an extract's only fits a restore of this node onto itself)."""
+"""The requests whose borg starts on the hint."""
 READY_SECONDS = 120.0  # borg imports in a fraction of a second; a node this slow starts borg as before
+AT_RUN = frozenset({"BORG_RSH", "BORG_BASE_DIR", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD"})
+"""The environment borg 1.4 reads only once it runs, never while it imports: a run may change these."""
 _SCRIPT_LIMIT = 4096
 _PYTHON = re.compile(r"python[0-9.]*")
 
@@ -51,28 +57,48 @@ class Preloaded:
         self._ready = ready
 
     def fits(self, argv: Sequence[str], env: Mapping[str, str], stdin: bytes | None, pass_fds: Sequence[int]) -> bool:
-        """Whether running ``argv`` so would be what this process was started for."""
-        return (self._gate is not None and bool(argv) and argv[0] == self.program and dict(env) == self.env
-                and stdin is None and not pass_fds)
+        """Whether running ``argv`` so would be what this process was started for: the same program and environment,
+        no stdin, no descriptor; or, for an extract, an environment that differs only in :data:`AT_RUN` and one
+        descriptor, the passphrase's (``BORG_PASSPHRASE_FD``)."""
+        if self._gate is None or not argv or argv[0] != self.program or stdin is not None:
+            return False
+        env = dict(env)
+        if env == self.env:
+            return not pass_fds
+        changed = {name for name in env.keys() | self.env.keys() if env.get(name) != self.env.get(name)}
+        return (self.command == "extract" and changed <= AT_RUN and len(pass_fds) == 1
+                and env.get("BORG_PASSPHRASE_FD") == str(pass_fds[0]))
 
-    def release(self, argv: Sequence[str], cwd: str | None = None) -> subprocess.Popen[bytes] | None:
+    def release(self, argv: Sequence[str], cwd: str | None = None, env: Mapping[str, str] | None = None,
+                pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes] | None:
         """Once it has imported borg, open the gate with ``argv`` (run in ``cwd``): the process becomes that borg.
-        None (and the process ended) when it could not import borg: the caller starts borg itself."""
+        None (and the process ended) when it could not import borg: the caller starts borg itself. ``env`` and
+        ``pass_fds``: a run that :meth:`fits` with another environment and its passphrase's pipe, whose content is
+        relayed onto the gate."""
         ready, _, _ = select.select([self._ready], [], [], READY_SECONDS)
         if not ready or os.read(self._ready, 1) != b"r":
             self.discard()
             return None
         gate, self._gate = self._gate, None
         assert gate is not None
-        data = json.dumps({"argv": list(argv), "cwd": cwd}).encode()
+        other = env is not None and dict(env) != self.env
+        relayed = os.dup(pass_fds[0]) if other and pass_fds else None  # the caller closes its own
+        header = json.dumps({"argv": list(argv), "cwd": cwd, "env": dict(env) if other else None,  # type: ignore[arg-type]
+                             "passphrase_on_gate": relayed is not None}).encode()
+        data = b"%08x" % len(header) + header
         try:
-            while data:  # it reads the gate to its end now: a long command line never blocks for long
+            while data:  # it reads the header at once: a long command line never blocks for long
                 data = data[os.write(gate, data):]
         except OSError:  # it died since: what it said is what the run reports
             pass
         finally:
-            os.close(gate)
             os.close(self._ready)
+            if relayed is None:
+                os.close(gate)
+        if relayed is not None:
+            import threading
+
+            threading.Thread(target=_relay, args=(relayed, gate), name="passphrase relay", daemon=True).start()
         return self.process
 
     def discard(self) -> None:
@@ -92,14 +118,25 @@ class Preloaded:
                 stream.close()
 
 
+def _relay(source: int, gate: int) -> None:
+    """What is written to the passphrase's pipe, onto the gate (borg reads it there), then the gate closed."""
+    try:
+        while chunk := os.read(source, 1 << 16):
+            os.write(gate, chunk)
+    except OSError:  # borg ended without reading it
+        pass
+    finally:
+        os.close(source)
+        os.close(gate)
+
+
 def command_for(kind: str, args: Mapping[str, object], node: str) -> str | None:
     """borg's command when the request ``kind`` (its arguments as sent, not yet checked) will run borg on
-    ``node`` as a source runs it, with the source's own environment: a backup, and a restore of ``node`` onto
-    itself (a restore onto another node runs borg with a passphrase on a pipe: another environment). None for
-    every other request."""
+    ``node``: a backup, and a restore onto ``node`` (of itself, as a source runs it; of another node, with a
+    sealed passphrase, the environment changed at the gate). None for every other request."""
     if kind == "backup":
         return "create"
-    if kind == "extract" and not args.get("sealed") and args.get("source") == node:
+    if kind == "extract" and (args.get("sealed") or args.get("source") == node):
         return "extract"
     return None
 

@@ -130,7 +130,7 @@ class LocalSystem:
         preloaded = self.preloaded
         if preloaded is not None and preloaded.fits(argv, merged, stdin, pass_fds):
             self.preloaded = None  # else kept for a later run it fits (a backup's `before:` commands run first)
-            process = preloaded.release(argv, cwd)
+            process = preloaded.release(argv, cwd, merged, pass_fds)
         if process is None:  # none fits, or it could not import borg: a process of its own
             try:
                 process = subprocess.Popen(

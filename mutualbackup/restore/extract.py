@@ -60,7 +60,7 @@ def restore(
         hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
                                        allow_other_member)
         if sealed:  # no node is reached for a refused one; the others start once it has: the critical path
-            ctx.start(destination)
+            ctx.start(destination, kind="extract")
         other_member = destination.member != source_name.split("/", 1)[0]
         detail: dict[str, object] = {
             "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
