@@ -575,3 +575,11 @@ def test_a_reading_that_is_not_roots_alone_or_does_not_read_is_verified_again(
         reading.symlink_to(elsewhere)
     calls = counted_verifications(monkeypatch)
     assert ask_afresh(node, signed).code == DONE and calls == ["coop"]
+
+
+def test_a_passphrase_message_nested_too_deep_calls_borg_off_and_says_why(tmp_path: Path) -> None:
+    """Whatever the coordinator relays as the passphrase, the gate says yes or no: borg's ssh never waits on."""
+    conversation, reply, mark = sealed_restore(tmp_path, [b"[" * 200_000 + b"\n"])
+    assert mark.exists()
+    assert reply.code == FAILED and reply.error == "the passphrase message could not be read (RecursionError)"
+    assert not [name for name in made_in(conversation.session.config.state) if name.startswith("restore-")]

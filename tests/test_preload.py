@@ -186,6 +186,28 @@ def test_a_restore_onto_another_node_changes_borgs_environment_at_the_gate_and_r
     assert wrong.returncode != 0
 
 
+def test_a_borg_started_early_that_cannot_take_the_passphrase_pipe_is_ended_and_not_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = {**preload.base_environment(), "BORG_BASE_DIR": str(tmp_path / "own")}
+    started = preload.start(BORG, own, "extract")
+    assert started is not None
+    read, write = os.pipe()
+    other = {**own, "BORG_BASE_DIR": str(tmp_path / "restore"), "BORG_PASSPHRASE_FD": str(read)}
+    assert started.fits((BORG, "--version"), other, None, (read,))
+
+    def no_more_descriptors(fd: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(preload.os, "dup", no_more_descriptors)
+            assert started.release([BORG, "--version"], None, other, (read,)) is None  # the caller starts its own
+    finally:
+        os.close(read)
+        os.close(write)
+    assert started.process.returncode is not None and started._gate is None  # ended at its gate, nothing left open
+
+
 def test_the_node_hands_a_borg_started_early_only_to_the_run_it_was_started_for(tmp_path: Path) -> None:
     started = preloaded()
     system = LocalSystem(preloaded=started)

@@ -283,3 +283,19 @@ def test_a_destination_that_refuses_before_its_key_is_what_the_operator_hears_ev
         restore(ctx, ctx.node(SOURCE), ctx.node("coop0/store"), "/restore")
     assert "not empty" in str(refused.value) and "recovery" not in str(refused.value)
     assert not [r for r in world.requests if r[1] == "grant"]  # no host line was asked for
+
+
+def test_a_restore_onto_a_node_without_node_key_is_refused_before_any_node_is_reached(tmp_path: Path) -> None:
+    import threading
+
+    federation = make_federation(4)
+    store = federation.node("coop0/store")
+    members = tuple(
+        dataclasses.replace(m, nodes=tuple(dataclasses.replace(n, node_key=None) if n is store else n for n in m.nodes))
+        for m in federation.members
+    )
+    ctx = context(tmp_path, dataclasses.replace(federation, members=members))
+    with pytest.raises(UsageError, match="coop0/store has no node_key in the inventory"):
+        restore(ctx, ctx.node(SOURCE), ctx.node("coop0/store"), "/restore")
+    threading.Event().wait(0.2)  # a session started in the background would have reached its node by now
+    assert ctx.reached == []

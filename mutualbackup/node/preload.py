@@ -39,7 +39,9 @@ HINTED = {"backup": "create", "extract": "extract"}
 """The requests whose borg starts on the hint."""
 READY_SECONDS = 120.0  # borg imports in a fraction of a second; a node this slow starts borg as before
 AT_RUN = frozenset({"BORG_RSH", "BORG_BASE_DIR", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD"})
-"""The environment borg 1.4 reads only once it runs, never while it imports: a run may change these."""
+"""The environment borg 1.4 (the borg this product requires) reads only once it runs, never while it imports: a
+run may change these. What borg reads while it imports (``BORG_EXIT_CODES``, ``BORG_WORKAROUNDS``,
+``BORG_HOST_ID``, ``LD_PRELOAD``) must never be added here."""
 _SCRIPT_LIMIT = 4096
 _PYTHON = re.compile(r"python[0-9.]*")
 
@@ -79,10 +81,14 @@ class Preloaded:
         if not ready or os.read(self._ready, 1) != b"r":
             self.discard()
             return None
+        other = env is not None and dict(env) != self.env
+        try:
+            relayed = os.dup(pass_fds[0]) if other and pass_fds else None  # the caller closes its own
+        except OSError:
+            self.discard()
+            return None
         gate, self._gate = self._gate, None
         assert gate is not None
-        other = env is not None and dict(env) != self.env
-        relayed = os.dup(pass_fds[0]) if other and pass_fds else None  # the caller closes its own
         header = json.dumps({"argv": list(argv), "cwd": cwd, "env": dict(env) if other else None,  # type: ignore[arg-type]
                              "passphrase_on_gate": relayed is not None}).encode()
         data = b"%08x" % len(header) + header
@@ -122,7 +128,8 @@ def _relay(source: int, gate: int) -> None:
     """What is written to the passphrase's pipe, onto the gate (borg reads it there), then the gate closed."""
     try:
         while chunk := os.read(source, 1 << 16):
-            os.write(gate, chunk)
+            while chunk:
+                chunk = chunk[os.write(gate, chunk):]
     except OSError:  # borg ended without reading it
         pass
     finally:

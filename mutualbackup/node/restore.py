@@ -33,8 +33,11 @@ from mutualbackup.node.source import paths, result_data
 RESTORE_TIMEOUT = 24 * 3600
 SECRET_WAIT = 600.0  # how long a sealed restore waits for its passphrase before it gives up
 # borg's ssh, as BORG_RSH: waits until GATE.go (the host's line is in, the passphrase known) or GATE.no (give up)
-GATE_SCRIPT = ('until [ -e "$0.go" ]; do [ -e "$0.no" ] && { echo "mutualbackup-node: the restore was called off" >&2; '
+GATE_SCRIPT = ('n=0; until [ -e "$0.go" ]; do [ -e "$0.no" ] && { echo "mutualbackup-node: the restore was called off" >&2; '
+               'exit 255; }; n=$((n+1)); [ "$n" -gt 36000 ] && { echo "mutualbackup-node: no passphrase came" >&2; '
                'exit 255; }; sleep 0.02; done; exec "$@"')
+"""borg's ssh command behind the gate: on ``GATE.go``; gives up on ``GATE.no``, or after at least 36 000 × 20 ms
+(12 min, more than :data:`SECRET_WAIT`) whatever happened to the node program."""
 TARGET_NOT_EMPTY = 202
 
 
@@ -97,12 +100,20 @@ def _extract(session: Session, url: str, archive: str, wanted: list[str], target
         if secret.value is None and isinstance(secret, _Known):
             return session.system.run(argv, env=env, **options)
         read, write = os.pipe()
+        given: list[bool] = []
+
+        def give(value: dict[str, Any]) -> None:
+            given.append(True)
+            _give(write, value["passphrase"])
+
         try:
-            secret.when_known(lambda value: _give(write, value["passphrase"]))
+            secret.when_known(give)
             return session.system.run(argv, env={**env, "BORG_PASSPHRASE_FD": str(read)}, pass_fds=(read,), **options)
         finally:
             os.close(read)
             secret.finished()
+            if not given:  # none came: the pipe's end, so that nothing waits on it
+                os.close(write)
 
     def with_key(argv, **options):  # noqa: ANN001, ANN202 - a kit's key imported when the repository lost its own
         done = run(argv, **options)
@@ -173,15 +184,18 @@ class _Awaited:
 
     def when_known(self, give: Any) -> None:
         def receive() -> None:
-            if self.value is None and self.refused is None:
-                try:
+            try:
+                if self.value is None and self.refused is None:
                     self._prepared()
                     self.value = self._receive()
-                except (Failed, Refused) as exc:
-                    self.refused = exc
-            opened = self.gate + (".go" if self.value is not None else ".no")
-            with open(opened, "w", encoding="ascii"):
-                pass
+            except (Failed, Refused) as exc:
+                self.refused = exc
+            except Exception as exc:  # noqa: BLE001 - whatever it was (a message nested too deep), borg hears no
+                self.refused = Failed(f"the passphrase message could not be read ({type(exc).__name__})")
+            finally:
+                opened = self.gate + (".go" if self.value is not None else ".no")
+                with open(opened, "w", encoding="ascii"):
+                    pass
             if self.value is not None:
                 give(self.value)
 

@@ -59,8 +59,6 @@ def restore(
     try:
         hosts, _path = checked_request(ctx, source_name, source_node, destination, directory, replica, recovery,
                                        allow_other_member)
-        if sealed:  # no node is reached for a refused one; the others start once it has: the critical path
-            ctx.start(destination, kind="extract")
         other_member = destination.member != source_name.split("/", 1)[0]
         detail: dict[str, object] = {
             "to": f"{destination.name}:{directory}", "paths": list(paths), "dry_run": dry_run,
@@ -82,6 +80,11 @@ def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: Rec
     if not destination.node_key:
         raise UsageError(f"{destination.name} has no node_key in the inventory: a passphrase travels only sealed for "
                          "the node that uses it. Join the node (`mutualbackup-node join`) and paste its node_key")
+    if recovery is None and source is None:
+        raise OperationFailed("a source gone from the inventory is restored with its recovery kit")
+    # No node is reached for a refused request. The destination starts first, its borg on that word (the critical
+    # path); the source and the host once its session is up.
+    ctx.start(destination, kind="extract")
     if recovery is not None:
         def from_kit(host: Node) -> Seal:
             entry = recovery.repository(host.name)
@@ -89,8 +92,7 @@ def _sealing(ctx: Context, source: Node | None, destination: Node, recovery: Rec
             return lambda: seal_for_node(destination.node_key, secret)
 
         return from_kit
-    if source is None:
-        raise OperationFailed("a source gone from the inventory is restored with its recovery kit")
+    assert source is not None
     cached: list[str] = []
     ctx.start(source, after=destination)  # the seal is asked as soon as the destination's session is up
 

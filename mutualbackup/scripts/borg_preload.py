@@ -37,11 +37,13 @@ def received(size: int) -> bytes:
 length = received(8)
 if len(length) < 8:
     sys.exit(0)
+if not all(digit in b"0123456789abcdef" for digit in length):
+    sys.exit("borg_preload: a bad header on the gate")
 import json  # noqa: E402
 
 wanted = json.loads(received(int(length, 16)))
 if wanted.get("env") is not None:  # a restore onto another node: its own ssh command, base directory, passphrase
-    os.environ.clear()
+    os.environ.clear()  # replaced, never merged: nothing of the node's own (its passphrase command) may remain
     os.environ.update(wanted["env"])
 if wanted.get("passphrase_on_gate"):
     os.set_inheritable(gate, False)  # borg's own, not its ssh's
