@@ -45,6 +45,15 @@ def without(federation: Federation, *names: str) -> Federation:
     return dataclasses.replace(federation, members=members)
 
 
+def changed(federation: Federation, name: str, **changes: object) -> Federation:
+    """``federation`` with the node ``name`` changed so."""
+    members = tuple(
+        dataclasses.replace(m, nodes=tuple(dataclasses.replace(n, **changes) if n.name == name else n for n in m.nodes))
+        for m in federation.members
+    )
+    return dataclasses.replace(federation, members=members)
+
+
 def context(tmp_path: Path, federation: Federation | None = None, connector=None) -> Context:  # noqa: ANN001
     """coop0..coop3, ``SOURCE`` recorded on ``REPLICAS``; the connector records who was reached, then raises."""
     federation = federation or make_federation(4)
@@ -169,13 +178,7 @@ def test_a_recorded_replica_gone_from_the_inventory_is_skipped_with_a_note(
 
 
 def test_a_recorded_replica_that_is_no_longer_a_host_is_skipped(tmp_path: Path) -> None:
-    federation = make_federation(4)
-    store = federation.node("coop1/store")
-    members = tuple(
-        dataclasses.replace(m, nodes=tuple(dataclasses.replace(n, storage=None) if n is store else n for n in m.nodes))
-        for m in federation.members
-    )
-    ctx, _ = fake_context(tmp_path, dataclasses.replace(federation, members=members))
+    ctx, _ = fake_context(tmp_path, changed(make_federation(4), "coop1/store", storage=None))
     assert [h.name for h in choose_replica(ctx, SOURCE, None)] == ["coop2/store"]
 
 
@@ -288,13 +291,7 @@ def test_a_destination_that_refuses_before_its_key_is_what_the_operator_hears_ev
 def test_a_restore_onto_a_node_without_node_key_is_refused_before_any_node_is_reached(tmp_path: Path) -> None:
     import threading
 
-    federation = make_federation(4)
-    store = federation.node("coop0/store")
-    members = tuple(
-        dataclasses.replace(m, nodes=tuple(dataclasses.replace(n, node_key=None) if n is store else n for n in m.nodes))
-        for m in federation.members
-    )
-    ctx = context(tmp_path, dataclasses.replace(federation, members=members))
+    ctx = context(tmp_path, changed(make_federation(4), "coop0/store", node_key=None))
     with pytest.raises(UsageError, match="coop0/store has no node_key in the inventory"):
         restore(ctx, ctx.node(SOURCE), ctx.node("coop0/store"), "/restore")
     threading.Event().wait(0.2)  # a session started in the background would have reached its node by now
