@@ -583,3 +583,22 @@ def test_a_passphrase_message_nested_too_deep_calls_borg_off_and_says_why(tmp_pa
     assert mark.exists()
     assert reply.code == FAILED and reply.error == "the passphrase message could not be read (RecursionError)"
     assert not [name for name in made_in(conversation.session.config.state) if name.startswith("restore-")]
+
+
+def test_a_restore_onto_another_node_sweeps_what_restores_killed_long_ago_left_and_nothing_else(tmp_path: Path) -> None:
+    """A node program killed mid-restore (SIGKILL, a power cut) leaves its directory and key: the next restore
+    removes those older than any restore can run, never one that may still be running, nor anything else."""
+    state = tmp_path / "state"
+    state.mkdir(parents=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    old = state / f"restore-{borg.new_restore_id(now - dt.timedelta(hours=26), 'abcd')}.tmp"
+    running = state / f"restore-{borg.new_restore_id(now - dt.timedelta(hours=20), 'ef01')}.tmp"
+    for directory in (old, running):
+        directory.mkdir()
+        (directory / "id_ed25519").write_text("a key")
+    (state / "restore-notanid.tmp").mkdir()
+    (state / "passphrase").write_text("s3cret")
+    conversation, reply, _ = sealed_restore(tmp_path, [b'{"refused": "called off by the test"}\n'])
+    assert reply.code == FAILED
+    assert not old.exists() and running.is_dir() and (state / "restore-notanid.tmp").is_dir()
+    assert (state / "passphrase").read_text() == "s3cret"

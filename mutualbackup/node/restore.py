@@ -39,6 +39,8 @@ GATE_SCRIPT = ('n=0; until [ -e "$0.go" ]; do [ -e "$0.no" ] && { echo "mutualba
 """borg's ssh command behind the gate: on ``GATE.go``; gives up on ``GATE.no``, or after at least 36 000 × 20 ms
 (12 min, more than :data:`SECRET_WAIT`) whatever happened to the node program."""
 TARGET_NOT_EMPTY = 202
+STALE_AFTER = dt.timedelta(seconds=RESTORE_TIMEOUT + 3600)
+"""Older than any restore can run: a restore directory this old was left by a node program killed mid-way."""
 
 
 # --- extract -------------------------------------------------------------------------------------
@@ -64,8 +66,23 @@ def extract(session: Session, args: Args) -> Mapping[str, Any]:
     url = borg.url_of(host, posixpath.join(host.storage.path if host.storage else "", member, slug))
     if not sealed:
         return _extract(session, url, archive, wanted, target, dry_run, borg.client_env(paths(session)), _Known(None))
+    _sweep_stale(session, dt.datetime.now(dt.timezone.utc))
     with _Temporary(session, host, source) as temporary:
         return _extract(session, url, archive, wanted, target, dry_run, temporary.env, temporary.secret)
+
+
+def _sweep_stale(session: Session, now: dt.datetime) -> None:
+    """Remove the directories restores killed mid-way (SIGKILL, a power cut) left in the state, once older than
+    :data:`STALE_AFTER`: each holds a key the host no longer accepts (its line expires after 6 hours)."""
+    try:
+        names = session.system.listdir(session.config.state)
+    except OSError:
+        return
+    for name in names:
+        made = borg.restore_id_time(name[len("restore-"):-len(".tmp")]) if (
+            name.startswith("restore-") and name.endswith(".tmp")) else None
+        if made is not None and now - made > STALE_AFTER:
+            session.system.remove_tree(posixpath.join(session.config.state, name))  # a link is not followed
 
 
 def _absolute(path: str) -> str:
