@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from mutualbackup.node.preload import on_hint
 
         kind, config_dir = serve_arguments(args[1:])
-        early = on_hint(config_dir)  # a backup's borg, before anything else is imported
+        early = on_hint(config_dir)  # a backup's or a restore's borg, before anything else is imported
         from mutualbackup.node.serve import serve
 
         return serve(kind, config_dir, preload=True, early=early)

@@ -79,10 +79,19 @@ def _sweep_stale(session: Session, now: dt.datetime) -> None:
     except OSError:
         return
     for name in names:
-        made = borg.restore_id_time(name[len("restore-"):-len(".tmp")]) if (
-            name.startswith("restore-") and name.endswith(".tmp")) else None
+        restore_id = _restore_id_of(name)
+        made = borg.restore_id_time(restore_id) if restore_id is not None else None
         if made is not None and now - made > STALE_AFTER:
             session.system.remove_tree(posixpath.join(session.config.state, name))  # a link is not followed
+
+
+def _restore_directory(restore_id: str) -> str:
+    """The name of a restore's directory in the node's state (:func:`_restore_id_of` reads it back)."""
+    return f"restore-{restore_id}.tmp"
+
+
+def _restore_id_of(name: str) -> str | None:
+    return name[len("restore-"):-len(".tmp")] if name.startswith("restore-") and name.endswith(".tmp") else None
 
 
 def _absolute(path: str) -> str:
@@ -255,7 +264,7 @@ class _Temporary:
     def __init__(self, session: Session, host, source: str) -> None:  # noqa: ANN001
         self.session = session
         self.restore_id = borg.new_restore_id(dt.datetime.now(dt.timezone.utc), os.urandom(4).hex())
-        self.directory = posixpath.join(session.config.state, f"restore-{self.restore_id}.tmp")
+        self.directory = posixpath.join(session.config.state, _restore_directory(self.restore_id))
         self.host = host
         self.source = source
         self.secret = _Awaited(session, posixpath.join(self.directory, "gate"), prepare=self._key)

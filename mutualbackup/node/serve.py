@@ -90,8 +90,8 @@ def _request_line(stdin: BinaryIO, early: Preloaded | None) -> tuple[bytes, Prel
 
 def _preloaded(decoded: tuple[str, dict[str, Any], str] | protocol.ProtocolError,
                config: NodeConfig | ConfigError, early: Preloaded | None = None) -> Preloaded | None:
-    """borg started now, as root, for a request meant for this node that will run borg as a source runs it
-    (node/preload.py), before the rest of the request is checked: ``early``, the one started on the hint, when it
+    """borg started now, as root, for a request meant for this node that will run borg (a backup, a restore onto
+    it: node/preload.py), before the rest of the request is checked: ``early``, the one started on the hint, when it
     was started for that command, else a new one. ``early`` is ended when the request does not need it."""
     command = None
     if not isinstance(decoded, protocol.ProtocolError) and not isinstance(config, ConfigError):
