@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from labkit import mb
-from mutualbackup.inventory.signatures import NAMESPACE, SignatureError, allowed_signers, sign, verify
+from mutualbackup.inventory.signatures import NAMESPACE, SignatureError, allowed_signers, sign, verify, verify_in_process
 from signkit import admin_key, public, sign_inventory
 
 VALID = Path(__file__).parent / "inventories" / "three-members"
@@ -116,3 +116,128 @@ def test_sign_uses_an_admins_key_held_by_the_ssh_agent(inventory: Path, tmp_path
         os.environ.pop("SSH_AUTH_SOCK", None)
         os.kill(pid, 15)
     assert mb(inventory, "check")[0] == 0
+
+
+def _keypair(directory: Path, name: str, kind: str) -> Path:
+    key = directory / name
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", name, "-f", str(key)], check=True)
+    return key
+
+
+def _rearmored(signature: bytes, change) -> bytes:  # noqa: ANN001 - bytes -> bytes
+    """The signature with its binary blob changed by ``change``, armored again as ssh-keygen armors it."""
+    import base64
+
+    lines = signature.decode().splitlines()
+    blob = change(base64.b64decode("".join(lines[1:-1])))
+    text = base64.b64encode(blob).decode()
+    return ("\n".join([lines[0], *(text[i:i + 70] for i in range(0, len(text), 70)), lines[-1]]) + "\n").encode()
+
+
+def _with_reserved(blob: bytes) -> bytes:
+    """The blob with something in its reserved field (after the magic, the version, the key and the namespace)."""
+    import struct
+
+    at = 10
+    for _ in range(2):
+        at += 4 + struct.unpack(">I", blob[at:at + 4])[0]
+    assert blob[at:at + 4] == b"\0\0\0\0"
+    return blob[:at] + b"\0\0\0\2ok" + blob[at + 4:]
+
+
+@pytest.fixture(scope="module")
+def signed_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, bytes, list[str], bool]]:
+    """Signature cases as a hostile or careless signer makes them: name -> (data, signature, admins' keys, whether
+    the library should vouch for it)."""
+    keys = tmp_path_factory.mktemp("signers")
+    alice, mallory = _keypair(keys, "alice", "ed25519"), _keypair(keys, "mallory", "ed25519")
+    rsa, ecdsa = _keypair(keys, "rsa", "rsa"), _keypair(keys, "ecdsa", "ecdsa")
+    data = b"member: coop\nnodes: []\n"
+
+    def signed(key: Path, *options: str, namespace: str = NAMESPACE) -> bytes:
+        path = keys / "file.yml"
+        path.write_bytes(data)
+        subprocess.run(["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", namespace, *options, str(path)],
+                       check=True, capture_output=True)
+        signature = Path(f"{path}.sig").read_bytes()
+        Path(f"{path}.sig").unlink()
+        return signature
+
+    good = signed(alice)
+    return {
+        "ed25519": (data, good, [public(alice)], True),
+        "ed25519 among others": (data, good, [public(mallory), "ssh-foo AAAA", public(alice) + " alice@laptop"], True),
+        "rsa": (data, signed(rsa), [public(rsa)], True),
+        "rsa, sha256": (data, signed(rsa, "-O", "hashalg=sha256"), [public(rsa)], True),
+        "ed25519, sha256": (data, signed(alice, "-O", "hashalg=sha256"), [public(alice)], True),
+        "ecdsa (ssh-keygen's alone)": (data, signed(ecdsa), [public(ecdsa)], False),
+        "the file edited": (data + b"before: [touch /tmp/pwned]\n", good, [public(alice)], False),
+        "a key that is not an admin's": (data, signed(mallory), [public(alice)], False),
+        "another namespace": (data, signed(alice, namespace="git"), [public(alice)], False),
+        "the namespace's prefix": (data, signed(alice, namespace=NAMESPACE[:-1]), [public(alice)], False),
+        "a truncated signature": (data, b"\n".join(good.splitlines()[:-2]) + b"\n", [public(alice)], False),
+        "bytes after the blob": (data, _rearmored(good, lambda blob: blob + b"\0\0\0\0"), [public(alice)], False),
+        "a flipped bit": (data, _rearmored(good, lambda blob: blob[:-1] + bytes([blob[-1] ^ 1])), [public(alice)],
+                          False),
+        "the version changed": (data, _rearmored(good, lambda blob: blob[:9] + b"\2" + blob[10:]), [public(alice)],
+                                False),
+        "text before the armor": (data, b"signed by alice\n" + good, [public(alice)], False),
+        "text after the armor": (data, good + b"and nothing else\n", [public(alice)], True),
+        "a reserved field": (data, _rearmored(good, _with_reserved), [public(alice)], False),
+        "a stray character": (data, good.replace(b"\n", b"\n!", 2).replace(b"\n!", b"\n", 1), [public(alice)],
+                              False),
+        "not armored": (data, b"-----BEGIN SSH SIGNATURE-----\nnot base64 at all\n-----END SSH SIGNATURE-----\n",
+                        [public(alice)], False),
+        "empty": (data, b"", [public(alice)], False),
+    }
+
+
+CASES = ["ed25519", "ed25519 among others", "rsa", "rsa, sha256", "ed25519, sha256", "ecdsa (ssh-keygen's alone)",
+         "the file edited", "a key that is not an admin's", "another namespace", "the namespace's prefix",
+         "a truncated signature", "bytes after the blob", "text before the armor", "text after the armor",
+         "a reserved field", "a stray character", "a flipped bit", "the version changed", "not armored",
+         "empty"]
+
+
+SSH_KEYGEN_ALONE = {"ecdsa (ssh-keygen's alone)", "a reserved field"}  # what it accepts and the library leaves to it
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_in_process_check_vouches_only_for_what_ssh_keygen_accepts(signed_cases, case: str) -> None:
+    """`check` trusts verify_in_process's yes without asking ssh-keygen: it must never say yes where OpenSSH's own
+    verifier says no, and must say the same key signed; it must also really say yes where it can (else `check`
+    spawns a thousand processes again)."""
+    data, signature, keys, vouched = signed_cases[case]
+    try:
+        by_ssh_keygen: str | None = verify(data, signature, "coop", keys)
+    except SignatureError:
+        by_ssh_keygen = None
+    in_process = verify_in_process(data, signature, keys)
+    if in_process is not None:
+        assert in_process == by_ssh_keygen
+    assert (in_process is not None) == vouched
+    assert (by_ssh_keygen is not None) == (vouched or case in SSH_KEYGEN_ALONE)
+
+
+def test_check_verifies_in_process_and_leaves_the_rest_to_ssh_keygen(inventory: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed inventory's check runs no ssh-keygen; a signature the library does not vouch for (one with a
+    reserved field, which ssh-keygen accepts) is checked by ssh-keygen, and a bad one is explained by it."""
+    from mutualbackup.inventory import signatures
+    from mutualbackup.inventory.load import load_inventory
+
+    by_ssh_keygen: list[str] = []
+    real = signatures.verify
+    monkeypatch.setattr(signatures, "verify", lambda data, signature, principal, keys, **kw: (
+        by_ssh_keygen.append(principal), real(data, signature, principal, keys, **kw))[1])
+    assert signatures.member_signature_problems(load_inventory(inventory)) == []
+    assert by_ssh_keygen == []
+    path = inventory / "members" / "coopcycle.yml"
+    signature = Path(f"{path}.sig")
+    signature.write_bytes(_rearmored(signature.read_bytes(), _with_reserved))
+    assert signatures.member_signature_problems(load_inventory(inventory)) == []
+    assert by_ssh_keygen == ["coopcycle"]
+    path.write_text(path.read_text() + "# edited\n")
+    problems = signatures.member_signature_problems(load_inventory(inventory))
+    assert len(problems) == 1 and f"{path}:1: the signature does not match" in problems[0]
+    assert by_ssh_keygen == ["coopcycle", "coopcycle"]
