@@ -698,12 +698,25 @@ def test_admins_and_a_node_key_are_read_into_the_model(tmp_path: Path):
     assert member.nodes[0].node_key == NODE_KEY
 
 
+def rsa_key(bits: int, negative: bool = False) -> str:
+    """An ``ssh-rsa`` public key line with a modulus of ``bits`` bits (not a real key: the loader reads its size);
+    ``negative``: its modulus written without the zero byte that keeps it positive, which OpenSSH refuses."""
+    def wire(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+
+    modulus = ((1 << (bits - 1)) | 1).to_bytes(bits // 8 + (0 if negative else 1), "big")
+    return "ssh-rsa " + base64.b64encode(wire(b"ssh-rsa") + wire(b"\x01\x00\x01") + wire(modulus)).decode()
+
+
 @pytest.mark.parametrize("admins, message", [
     pytest.param("admins: []\n", "admins must not be empty", id="an empty list"),
     pytest.param("admins:\n  - name: alice\n", 'admins item 1 is missing the required key "key"', id="no key"),
     pytest.param("admins:\n  - name: alice\n    key: ssh-ed25519 AAAA\n", "admins.key", id="a key that does not parse"),
     pytest.param(f"admins:\n  - name: alice\n    key: {ed25519_host_key(1, b'ecdsa-sha2-nistp256')}\n",
                  "admins.key", id="a key type that cannot open a kit"),
+    pytest.param(f"admins:\n  - name: alice\n    key: {rsa_key(1016)}\n", "an ssh-rsa key of 1016 bits", id="a small rsa key"),
+    pytest.param(f"admins:\n  - name: alice\n    key: {rsa_key(2048, negative=True)}\n", "modulus reads as a negative number",
+                 id="an rsa modulus that reads as negative"),
     pytest.param(f"admins:\n  - name: Alice Smith\n    key: {ed25519_host_key(7)}\n", "admins.name", id="not a name"),
     pytest.param(f"admins:\n  - name: a\n    key: {ed25519_host_key(7)}\n  - name: a\n    key: {ed25519_host_key(8)}\n",
                  'admin "a" is listed twice', id="twice"),

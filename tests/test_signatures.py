@@ -145,6 +145,75 @@ def _with_reserved(blob: bytes) -> bytes:
     return blob[:at] + b"\0\0\0\2ok" + blob[at + 4:]
 
 
+def _wire(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _fields(blob: bytes) -> list[bytes]:
+    """A signature blob's fields after its magic and version: key, namespace, reserved, hash, signature."""
+    fields, at = [], 10
+    for _ in range(5):
+        size = int.from_bytes(blob[at:at + 4], "big")
+        fields.append(blob[at + 4:at + 4 + size])
+        at += 4 + size
+    return fields
+
+
+def _refielded(change):  # noqa: ANN001, ANN202 - list[bytes] -> list[bytes], as a blob change
+    return lambda blob: blob[:10] + b"".join(_wire(field) for field in change(_fields(blob)))
+
+
+def _inner(name: bytes | None = None, extra: bytes = b""):  # noqa: ANN202
+    """A change of the signature field: another algorithm name, or bytes after the signature's own."""
+    def change(fields: list[bytes]) -> list[bytes]:
+        said = fields[4]
+        own = int.from_bytes(said[:4], "big")
+        raw = said[4 + own:]
+        return [*fields[:4], _wire(name if name is not None else said[4:4 + own]) + raw + extra]
+    return change
+
+
+def _small_rsa_signature(data: bytes, bits: int) -> tuple[bytes, str]:
+    """A signature made the way ssh-keygen makes one, by an RSA key smaller than OpenSSH accepts (ssh-keygen
+    will not make one itself); and that key, as an admins: line would give it."""
+    import base64
+    import hashlib
+    import secrets
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    def prime(size: int) -> int:  # cryptography makes no key under 1024 bits, but loads one
+        while True:
+            n = secrets.randbits(size) | (3 << (size - 2)) | 1
+            if all(pow(a, n - 1, n) == 1 for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)):
+                return n
+
+    while True:
+        p, q = prime(bits // 2), prime(bits - bits // 2)
+        try:
+            d = pow(65537, -1, (p - 1) * (q - 1))
+            break
+        except ValueError:
+            continue
+    key = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p),
+                                rsa.RSAPublicNumbers(65537, p * q)).private_key()
+    numbers = key.public_key().public_numbers()
+
+    def mpint(n: int) -> bytes:
+        return _wire(n.to_bytes(n.bit_length() // 8 + 1, "big"))
+
+    public_blob = _wire(b"ssh-rsa") + mpint(numbers.e) + mpint(numbers.n)
+    signed = b"SSHSIG" + _wire(NAMESPACE.encode()) + _wire(b"") + _wire(b"sha512") + _wire(hashlib.sha512(data).digest())
+    raw = key.sign(signed, padding.PKCS1v15(), hashes.SHA512())
+    blob = (b"SSHSIG" + (1).to_bytes(4, "big") + _wire(public_blob) + _wire(NAMESPACE.encode()) + _wire(b"")
+            + _wire(b"sha512") + _wire(_wire(b"rsa-sha2-512") + _wire(raw)))
+    text = base64.b64encode(blob).decode()
+    armored = "\n".join(["-----BEGIN SSH SIGNATURE-----", *(text[i:i + 70] for i in range(0, len(text), 70)),
+                         "-----END SSH SIGNATURE-----"]) + "\n"
+    return armored.encode(), "ssh-rsa " + base64.b64encode(public_blob).decode()
+
+
 @pytest.fixture(scope="module")
 def signed_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, bytes, list[str], bool]]:
     """Signature cases as a hostile or careless signer makes them: name -> (data, signature, admins' keys, whether
@@ -164,10 +233,12 @@ def signed_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[by
         return signature
 
     good = signed(alice)
+    rsa_signed = signed(rsa)
+    small, small_key = _small_rsa_signature(data, 1016)
     return {
         "ed25519": (data, good, [public(alice)], True),
         "ed25519 among others": (data, good, [public(mallory), "ssh-foo AAAA", public(alice) + " alice@laptop"], True),
-        "rsa": (data, signed(rsa), [public(rsa)], True),
+        "rsa": (data, rsa_signed, [public(rsa)], True),
         "rsa, sha256": (data, signed(rsa, "-O", "hashalg=sha256"), [public(rsa)], True),
         "ed25519, sha256": (data, signed(alice, "-O", "hashalg=sha256"), [public(alice)], True),
         "ecdsa (ssh-keygen's alone)": (data, signed(ecdsa), [public(ecdsa)], False),
@@ -186,6 +257,15 @@ def signed_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[by
         "a reserved field": (data, _rearmored(good, _with_reserved), [public(alice)], False),
         "a stray character": (data, good.replace(b"\n", b"\n!", 2).replace(b"\n!", b"\n", 1), [public(alice)],
                               False),
+        "bytes after the signature's own": (data, _rearmored(good, _refielded(_inner(extra=b"\0"))), [public(alice)],
+                                            False),
+        "bytes after an rsa signature's own": (data, _rearmored(rsa_signed, _refielded(_inner(extra=b"\0\0"))),
+                                               [public(rsa)], False),
+        "another signature name": (data, _rearmored(good, _refielded(_inner(name=b"rsa-sha2-512"))), [public(alice)],
+                                   False),
+        "bytes after the key in it": (data, _rearmored(good, _refielded(lambda f: [f[0] + b"xx", *f[1:]])),
+                                      [public(alice)], False),
+        "an rsa key of 1016 bits": (data, small, [small_key], False),
         "not armored": (data, b"-----BEGIN SSH SIGNATURE-----\nnot base64 at all\n-----END SSH SIGNATURE-----\n",
                         [public(alice)], False),
         "empty": (data, b"", [public(alice)], False),
@@ -195,8 +275,24 @@ def signed_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[by
 CASES = ["ed25519", "ed25519 among others", "rsa", "rsa, sha256", "ed25519, sha256", "ecdsa (ssh-keygen's alone)",
          "the file edited", "a key that is not an admin's", "another namespace", "the namespace's prefix",
          "a truncated signature", "bytes after the blob", "text before the armor", "text after the armor",
-         "a reserved field", "a stray character", "a flipped bit", "the version changed", "not armored",
+         "a reserved field", "a stray character", "bytes after the signature's own", "bytes after an rsa signature's own",
+         "another signature name", "bytes after the key in it", "an rsa key of 1016 bits", "a flipped bit", "the version changed", "not armored",
          "empty"]
+
+
+LIBRARY_ALONE = {"bytes after the blob", "text before the armor", "a stray character", "bytes after the signature's own",
+                 "bytes after an rsa signature's own", "bytes after the key in it", "an rsa key of 1016 bits"}
+"""What the sshsig library alone accepts and ssh-keygen refuses: verify_in_process's own checks exist for these."""
+
+
+@pytest.mark.parametrize("case", sorted(LIBRARY_ALONE))
+def test_the_library_alone_would_vouch_for_what_ssh_keygen_refuses(signed_cases, case: str) -> None:
+    """The cases above are not vacuous: the library by itself says yes to each (and ssh-keygen no, above)."""
+    import sshsig
+
+    data, signature, keys, _ = signed_cases[case]
+    assert sshsig.verify(data, signature, [sshsig.PublicKey.from_openssh_str(key) for key in keys],
+                         namespace=NAMESPACE) is not None
 
 
 SSH_KEYGEN_ALONE = {"ecdsa (ssh-keygen's alone)", "a reserved field"}  # what it accepts and the library leaves to it

@@ -59,11 +59,12 @@ def verify(data: bytes, signature: bytes, principal: str, keys: Iterable[str], *
 
 def verify_in_process(data: bytes, signature: bytes, keys: Iterable[str], *, namespace: str = NAMESPACE) -> str | None:
     """The SHA256 fingerprint of the key among ``keys`` that signed ``data``, found without a process: the sshsig
-    library (OpenSSH's signature format over cryptography's Ed25519 and RSA) checks it. None when it cannot say
-    yes: another key type, a message hash other than OpenSSH's (SHA-512, SHA-256), a signature that does not
-    verify or does not parse, the library missing. Only ever a yes: what it does not vouch for is for
-    :func:`verify` (ssh-keygen itself) to decide and explain. Not for a node's own decisions
-    (:mod:`mutualbackup.node.authority`), which OpenSSH's code makes."""
+    library (OpenSSH's signature format over cryptography's Ed25519 and RSA) checks the signature, once this
+    function has found it exactly as ``ssh-keygen -Y sign`` writes one, for one of ``keys`` exactly. None when it
+    cannot say yes: anything else (bytes the library would skip, a key or signature type or size OpenSSH refuses,
+    a message hash other than SHA-512 or SHA-256), a signature that does not verify, the library missing. Only ever
+    a yes: what it does not vouch for is for :func:`verify` (ssh-keygen itself) to decide and explain. Not for a
+    node's own decisions (:mod:`mutualbackup.node.authority`), which OpenSSH's code makes."""
     try:
         import sshsig
         from sshsig.sshsig import SshsigSignature
@@ -72,15 +73,12 @@ def verify_in_process(data: bytes, signature: bytes, keys: Iterable[str], *, nam
         outer = SshsigSignature(blob)
         if bytes(outer) != blob or outer.hash_algo not in (b"sha512", b"sha256"):
             return None  # more than ssh-keygen's sign writes (a reserved field, bytes after it), or another hash
-        allowed = []
-        for key in keys:
-            try:
-                allowed.append(sshsig.PublicKey.from_openssh_str(" ".join(key.split()[:2])))
-            except (ValueError, NotImplementedError):  # a key type it does not know: it cannot vouch for that one
-                continue
-        if not allowed:
+        if outer.public_key not in {_admin_blob(key) for key in keys}:
+            return None  # not byte for byte one of the admins' keys as OpenSSH encodes them (the library reads less)
+        if not _plain_signature(outer.public_key, outer.signature):
             return None
-        return sshsig.verify(data, signature, allowed, namespace=namespace).sha256_str()
+        signer = sshsig.PublicKey.from_ssh_encoding(outer.public_key)
+        return sshsig.verify(data, signature, [signer], namespace=namespace).sha256_str()
     except Exception:  # noqa: BLE001 - anything it cannot vouch for is ssh-keygen's to judge
         return None
 
@@ -94,6 +92,52 @@ def _dearmored(signature: bytes) -> bytes:
     if lines[0] != "-----BEGIN SSH SIGNATURE-----":
         raise ValueError("not an armored signature")
     return base64.b64decode("".join(lines[1:lines.index("-----END SSH SIGNATURE-----")]), validate=True)
+
+
+def _wire(buffer: bytes, at: int) -> tuple[bytes, int]:
+    """The SSH wire string at ``at`` and where the next field starts; ValueError past the end."""
+    size = int.from_bytes(buffer[at:at + 4], "big")
+    if at + 4 + size > len(buffer):
+        raise ValueError("truncated")
+    return buffer[at + 4:at + 4 + size], at + 4 + size
+
+
+def _admin_blob(key: str) -> bytes | None:
+    """The blob of an admin's ``ssh-ed25519`` or ``ssh-rsa`` key when it is what OpenSSH itself would write (an RSA
+    modulus of 1024 to 16384 bits, as OpenSSH accepts); else None."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_public_key
+
+    try:
+        kind, encoded = key.split()[:2]
+        blob = base64.b64decode(encoded, validate=True)
+        loaded = load_ssh_public_key(f"{kind} {encoded}".encode("ascii"))
+    except Exception:  # noqa: BLE001 - malformed, or a type cryptography does not know (UnsupportedAlgorithm)
+        return None
+    if isinstance(loaded, rsa.RSAPublicKey) and kind == "ssh-rsa":
+        if not 1024 <= loaded.key_size <= 16384:
+            return None
+    elif not (isinstance(loaded, ed25519.Ed25519PublicKey) and kind == "ssh-ed25519"):
+        return None
+    again = base64.b64decode(loaded.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()[1])
+    return blob if again == blob else None
+
+
+def _plain_signature(key: bytes, inner: bytes) -> bool:
+    """Whether ``inner``, a signature by ``key``, is exactly its algorithm's name and its bytes as OpenSSH makes
+    them: ``ssh-ed25519`` and 64 bytes, or ``rsa-sha2-512``/``rsa-sha2-256`` and the modulus's length."""
+    name, at = _wire(inner, 0)
+    raw, at = _wire(inner, at)
+    if at != len(inner):
+        return False
+    kind, where = _wire(key, 0)
+    if kind == b"ssh-ed25519":
+        return name == b"ssh-ed25519" and len(raw) == 64
+    _exponent, where = _wire(key, where)
+    modulus, _ = _wire(key, where)
+    return name in (b"rsa-sha2-512", b"rsa-sha2-256") and len(raw) == len(modulus.lstrip(b"\0"))
 
 
 def fingerprint(key: str) -> str:

@@ -162,6 +162,18 @@ def check_admin_key(text: str) -> str:
     key = check_host_key(text).replace("does not parse", "the key does not parse")
     if key.split()[0] not in ("ssh-ed25519", "ssh-rsa"):
         raise ValueError(f"{quote(key.split()[0])} keys cannot open a recovery kit; use an ssh-ed25519 (or ssh-rsa) key")
+    if key.startswith("ssh-rsa "):
+        blob = base64.b64decode(key.split()[1])
+        _, offset = _wire_string(blob, 0)
+        _, offset = _wire_string(blob, offset)
+        modulus, _ = _wire_string(blob, offset)
+        if modulus[:1] >= b"\x80":
+            raise ValueError("the ssh-rsa key's modulus reads as a negative number, which OpenSSH refuses; "
+                             "copy the key again from its .pub file")
+        bits = int.from_bytes(modulus, "big").bit_length()
+        if not 1024 <= bits <= 16384:
+            raise ValueError(f"an ssh-rsa key of {bits} bits: OpenSSH signs and verifies with RSA keys of 1024 to 16384 "
+                             "bits only; use an ssh-ed25519 key (ssh-keygen -t ed25519)")
     return key
 
 
