@@ -151,6 +151,54 @@ def test_extract_progress_counts_items_and_bytes_and_keeps_borgs_messages() -> N
     assert progress.tail() == "WARNING: some file vanished\nRemote: ssh: connect to host 127.0.0.1 port 1: Connection refused"
 
 
+def test_a_restores_lines_reach_the_coordinator_thinned_and_are_not_kept_for_the_reply(monkeypatch) -> None:
+    """The node relays every listed item and every message of borg's, and how far borg is at most every
+    PROGRESS_EVERY seconds, its last word and the last held line included: the coordinator counts what it
+    counted from every line. The reply's stderr keeps only borg's messages (not a million listed items)."""
+    import json
+
+    from mutualbackup.node import restore
+
+    clock = [0.0]
+    monkeypatch.setattr(restore.time, "monotonic", lambda: clock[0])
+    relayed: list[str] = []
+    relay = restore.Relayed(relayed.append)
+
+    def line(**fields: object) -> str:
+        return json.dumps(fields)  # as borg's --log-json writes them
+
+    def progress(current: int, path: str = "srv/big") -> str:
+        return line(message=f"{current}%", current=current, total=300, info=[path], operation=1, msgid="extract",
+                    type="progress_percent", finished=False)
+
+    listed = [line(type="log_message", message=f"srv/f{i}", levelname="INFO", name="borg.output.list") for i in range(3)]
+    warning = line(type="log_message", message="srv/x: vanished", levelname="WARNING", name="borg.archiver")
+    finished = line(operation=1, msgid="extract", type="progress_percent", finished=True)
+    kept = [relay(progress(0)), relay(listed[0])]
+    kept += [relay(progress(n)) for n in range(1, 100)]  # within 0.25 s: held back, superseded
+    clock[0] = 0.1
+    kept += [relay(listed[1]), relay(progress(150)), relay(warning)]
+    clock[0] = 0.4
+    kept += [relay(progress(200)), relay(progress(250)), relay(listed[2]), relay(finished)]
+    assert relayed == [progress(0), listed[0], listed[1], warning, progress(200), listed[2], progress(250), finished]
+    assert kept.count(True) == 1 and kept.index(True) == 103  # only the warning is kept for the reply
+    ours, theirs = borg.ExtractProgress(), borg.ExtractProgress()
+    everything = [progress(0), listed[0], *map(progress, range(1, 100)), listed[1], progress(150), warning,
+                  progress(200), progress(250), listed[2], finished]
+    for said in everything:
+        theirs.feed(said)
+    for said in relayed:
+        ours.feed(said)
+    assert (ours.files, ours.bytes_done, ours.bytes_total, ours.messages) == \
+        (theirs.files, theirs.bytes_done, theirs.bytes_total, theirs.messages) == (3, 300, 300, ["WARNING: srv/x: vanished"])
+    held = restore.Relayed(relayed.append)
+    relayed.clear()
+    held(progress(1))
+    held(progress(2))  # borg killed here: flush sends how far it got
+    held.flush()
+    assert relayed == [progress(1), progress(2)]
+
+
 def test_a_key_export_is_recognised_by_its_header() -> None:
     key_id = "e4ab17b9008f422cea378131e97051073b96449e800405fe204f6181310071cb"
     assert borg.parse_key_export(f"BORG_KEY {key_id}\nhqlhbGdv\n".encode()) == (key_id, f"BORG_KEY {key_id}\nhqlhbGdv\n")

@@ -22,6 +22,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 from mutualbackup import borg
@@ -162,16 +163,63 @@ def _extract(session: Session, url: str, archive: str, wanted: list[str], target
             return {"no_archive": True}
         archive = names[-1]
     argv = borg.extract_argv(config.borg, url, archive, wanted, dry_run=dry_run)
-    lines = LineBatch(session)
+    relayed = Relayed(LineBatch(session))
     try:
-        done, failed = with_key(argv, cwd="/" if dry_run else target, timeout=RESTORE_TIMEOUT, on_stderr_line=lines)
+        done, failed = with_key(argv, cwd="/" if dry_run else target, timeout=RESTORE_TIMEOUT, on_stderr_line=relayed)
     finally:
-        lines.flush()
+        relayed.flush()
     if failed:
         return failed
     if done.exit_code == borg.ARCHIVE_DOES_NOT_EXIST:
         return {"no_such_archive": archive}
     return {"archive": archive, **result_data(done)}
+
+
+PROGRESS_EVERY = 0.25
+"""How often a restore's progress reaches the coordinator at most: borg says it at each 0.1 % and at each small file
+(thousands of lines, read, relayed and parsed on the cores borg extracts with); a terminal's line needs a few a
+second."""
+
+
+class Relayed:
+    """borg extract's stderr lines, relayed to the coordinator (``lines``, a :class:`LineBatch`) as they come: every
+    item listed and every message of borg's, and how far it is at most every :data:`PROGRESS_EVERY` seconds (the
+    last progress line held back goes before borg's last word, or at the end when borg stopped short). Neither items
+    nor progress are kept for the reply's stderr: the coordinator has them already, and a restore of a million
+    files would otherwise hold and send them all again at the end."""
+
+    def __init__(self, lines: Callable[[str], None]) -> None:
+        self.lines = lines
+        self.sent = float("-inf")
+        self.held: str | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> bool:
+        """Relay ``line`` (now or later); False: not kept for the reply."""
+        progress = '"type": "progress_percent"' in line  # (JSON escapes a quote in a path: no item passes for one)
+        with self.lock:
+            if progress and '"finished": true' in line:
+                self._release()
+            elif progress:
+                now = time.monotonic()
+                if now - self.sent < PROGRESS_EVERY:
+                    self.held = line
+                    return False
+                self.sent, self.held = now, None
+            self.lines(line)
+        return not progress and '"name": "borg.output.list"' not in line
+
+    def flush(self) -> None:
+        with self.lock:
+            self._release()
+        flush = getattr(self.lines, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _release(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.lines(held)
 
 
 def _give(write: int, passphrase: str) -> None:
