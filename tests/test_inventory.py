@@ -690,12 +690,27 @@ NODE_KEY = "age1" + "q" * 58
 
 def test_admins_and_a_node_key_are_read_into_the_model(tmp_path: Path):
     text = edited(MEMBER, "site: paris-nord\n",
-                  f"site: paris-nord\nadmins:\n  - name: alice\n    key: {ed25519_host_key(7)} alice@coopcycle\n")
+                  f"site: paris-nord\nadmins:\n  - name: alice\n    key: {admin_key_line(7)} alice@coopcycle\n")
     text = edited(text, "    port: 22\n", f"    port: 22\n    node_key: {NODE_KEY}\n")
     federation = load_inventory(write_inventory(tmp_path, {"coopcycle.yml": text}))
     [member] = federation.members
-    assert [(a.name, a.key) for a in member.admins] == [("alice", ed25519_host_key(7))]
+    assert [(a.name, a.key) for a in member.admins] == [("alice", admin_key_line(7))]
     assert member.nodes[0].node_key == NODE_KEY
+
+
+def admin_key_line(seed: int) -> str:
+    """A real ``ssh-ed25519`` public key (of the private key ``seed`` repeated), as an admin's ``.pub`` has it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32).public_key()
+    return key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+def ed25519_key(point: bytes) -> str:
+    """An ``ssh-ed25519`` public key line for the 32 bytes ``point``."""
+    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + len(point).to_bytes(4, "big") + point
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()
 
 
 def rsa_key(bits: int, negative: bool = False) -> str:
@@ -714,11 +729,15 @@ def rsa_key(bits: int, negative: bool = False) -> str:
     pytest.param("admins:\n  - name: alice\n    key: ssh-ed25519 AAAA\n", "admins.key", id="a key that does not parse"),
     pytest.param(f"admins:\n  - name: alice\n    key: {ed25519_host_key(1, b'ecdsa-sha2-nistp256')}\n",
                  "admins.key", id="a key type that cannot open a kit"),
+    pytest.param(f"admins:\n  - name: alice\n    key: {ed25519_key(bytes([1]) + bytes(31))}\n", "of small order",
+                 id="the neutral point, whose signatures hold for any file"),
+    pytest.param(f"admins:\n  - name: alice\n    key: {ed25519_key(bytes(32))}\n", "of small order",
+                 id="a point of order 4"),
     pytest.param(f"admins:\n  - name: alice\n    key: {rsa_key(1016)}\n", "an ssh-rsa key of 1016 bits", id="a small rsa key"),
     pytest.param(f"admins:\n  - name: alice\n    key: {rsa_key(2048, negative=True)}\n", "modulus reads as a negative number",
                  id="an rsa modulus that reads as negative"),
-    pytest.param(f"admins:\n  - name: Alice Smith\n    key: {ed25519_host_key(7)}\n", "admins.name", id="not a name"),
-    pytest.param(f"admins:\n  - name: a\n    key: {ed25519_host_key(7)}\n  - name: a\n    key: {ed25519_host_key(8)}\n",
+    pytest.param(f"admins:\n  - name: Alice Smith\n    key: {admin_key_line(7)}\n", "admins.name", id="not a name"),
+    pytest.param(f"admins:\n  - name: a\n    key: {admin_key_line(7)}\n  - name: a\n    key: {admin_key_line(8)}\n",
                  'admin "a" is listed twice', id="twice"),
 ])
 def test_a_bad_admins_list_is_an_error_at_its_line(tmp_path: Path, admins: str, message: str):

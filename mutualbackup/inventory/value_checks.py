@@ -162,6 +162,13 @@ def check_admin_key(text: str) -> str:
     key = check_host_key(text).replace("does not parse", "the key does not parse")
     if key.split()[0] not in ("ssh-ed25519", "ssh-rsa"):
         raise ValueError(f"{quote(key.split()[0])} keys cannot open a recovery kit; use an ssh-ed25519 (or ssh-rsa) key")
+    if key.startswith("ssh-ed25519 "):
+        from nacl.bindings import crypto_core_ed25519_is_valid_point  # libsodium (PyNaCl, paramiko's own dependency)
+
+        if not crypto_core_ed25519_is_valid_point(base64.b64decode(key.split()[1])[-32:]):
+            raise ValueError("this ssh-ed25519 key is not a point any private key makes (of small order, or not in "
+                             "canonical form): a signature by it would hold for any file; copy the key again from "
+                             "the admin's .pub file")
     if key.startswith("ssh-rsa "):
         blob = base64.b64decode(key.split()[1])
         _, offset = _wire_string(blob, 0)
