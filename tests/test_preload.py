@@ -25,12 +25,33 @@ PRELOADER = "borg_preload.py"  # on the command line of every borg started early
 
 @pytest.fixture(autouse=True)
 def none_left_behind():  # noqa: ANN201
-    """A test that fails half-way leaves no borg waiting at its gate for the next ones."""
+    """A test that fails half-way leaves no borg waiting at its gate for the next ones: those this process started
+    (its descendants) are killed, never another's (a lab's, another test run's, a real node's)."""
     before = preloaders()
     yield
     for pid in preloaders() - before:
-        with contextlib.suppress(OSError):
-            os.kill(int(pid), signal.SIGKILL)
+        if descends_from_us(int(pid)):
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descends_from_us(pid: int) -> bool:
+    """Whether ``pid`` is a child, grandchild… of this process."""
+    for _ in range(32):
+        parent = parent_of(pid)
+        if parent is None or parent <= 1:
+            return False
+        if parent == os.getpid():
+            return True
+        pid = parent
+    return False
 
 
 def preloaded(env: dict[str, str] | None = None) -> preload.Preloaded:
@@ -242,14 +263,15 @@ def test_a_refused_backup_leaves_no_borg_started_early_behind(tmp_path: Path, mo
 
 
 def preloaders() -> set[str]:
-    """The borgs started early and still alive on this machine (PIDs)."""
+    """The borgs started early with this checkout's borg and still alive on this machine (PIDs): a lab or another
+    test run from another checkout has its own."""
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if PRELOADER.encode() in command:
+        if any(word.endswith(PRELOADER.encode()) for word in command) and BORG.encode() in command:
             found.add(pid)
     return found
 
@@ -271,14 +293,7 @@ def configured(tmp_path: Path) -> str:
 
 def children_preloading(pid: int) -> list[int]:
     """The borgs started early whose parent is ``pid``."""
-    found = []
-    for child in preloaders():
-        try:
-            if int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(child))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+    return [int(child) for child in preloaders() if parent_of(int(child)) == pid]
 
 
 @pytest.mark.parametrize("hint", ["", "mutualbackup-node serve hello", "mutualbackup-node serve prune",
