@@ -337,3 +337,18 @@ def test_check_verifies_in_process_and_leaves_the_rest_to_ssh_keygen(inventory: 
     problems = signatures.member_signature_problems(load_inventory(inventory))
     assert len(problems) == 1 and f"{path}:1: the signature does not match" in problems[0]
     assert by_ssh_keygen == ["coopcycle", "coopcycle"]
+
+
+def test_check_names_an_admin_whose_key_no_private_key_makes(inventory: Path) -> None:
+    """A file signed by its real admin that also lists a "key" of small order: anyone could sign for that member, so
+    check says so and nodes refuse the file, however well it is signed."""
+    import base64
+
+    path = inventory / "members" / "coopcycle.yml"
+    neutral = bytes([1]) + bytes(31)
+    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + neutral
+    path.write_text(path.read_text().replace(
+        "\nadmins:\n", f"\nadmins:\n  - name: eve\n    key: ssh-ed25519 {base64.b64encode(blob).decode()}\n", 1))
+    sign(str(path), str(inventory.parent / "keys" / "alice"))
+    code, out, err = mb(inventory, "check")
+    assert code == 2 and f"{path}:1: admin eve: its ssh-ed25519 key is not a point any private key makes" in err

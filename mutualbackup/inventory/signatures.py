@@ -196,6 +196,8 @@ def member_signature_problems(federation: "Federation") -> list[str]:
     its operator: what a node obeys, it verifies itself with ``ssh-keygen`` against the admins it pinned."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from mutualbackup.inventory.value_checks import check_signing_key
+
     def problem(member: "Member") -> str | None:
         path = member.where.file if member.where is not None else ""
         try:
@@ -211,6 +213,11 @@ def member_signature_problems(federation: "Federation") -> list[str]:
         if not member.admins:
             return (f"{path}:1: names no admins: add admins: (the member's people and their SSH keys), "
                     "then one of them signs the file")
+        for admin in member.admins:
+            try:
+                check_signing_key(admin.key)
+            except ValueError as exc:
+                return f"{path}:1: admin {admin.name}: {exc}; its nodes refuse the file"
         keys = [admin.key for admin in member.admins]
         if verify_in_process(data, signature, keys) is not None:
             return None

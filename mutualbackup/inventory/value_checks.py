@@ -162,13 +162,6 @@ def check_admin_key(text: str) -> str:
     key = check_host_key(text).replace("does not parse", "the key does not parse")
     if key.split()[0] not in ("ssh-ed25519", "ssh-rsa"):
         raise ValueError(f"{quote(key.split()[0])} keys cannot open a recovery kit; use an ssh-ed25519 (or ssh-rsa) key")
-    if key.startswith("ssh-ed25519 "):
-        from nacl.bindings import crypto_core_ed25519_is_valid_point  # libsodium (PyNaCl, paramiko's own dependency)
-
-        if not crypto_core_ed25519_is_valid_point(base64.b64decode(key.split()[1])[-32:]):
-            raise ValueError("this ssh-ed25519 key is not a point any private key makes (of small order, or not in "
-                             "canonical form): a signature by it would hold for any file; copy the key again from "
-                             "the admin's .pub file")
     if key.startswith("ssh-rsa "):
         blob = base64.b64decode(key.split()[1])
         _, offset = _wire_string(blob, 0)
@@ -181,6 +174,21 @@ def check_admin_key(text: str) -> str:
         if not 1024 <= bits <= 16384:
             raise ValueError(f"an ssh-rsa key of {bits} bits: OpenSSH signs and verifies with RSA keys of 1024 to 16384 "
                              "bits only; use an ssh-ed25519 key (ssh-keygen -t ed25519)")
+    return key
+
+
+def check_signing_key(key: str) -> str:
+    """An admin's key (already through :func:`check_admin_key`) that a signature can be trusted from: ValueError for
+    an ``ssh-ed25519`` "key" that no private key makes (a point of small order, or not in canonical form), whose
+    signature holds for any file, for ``ssh-keygen`` too. Checked where admins are trusted: a node pinning them
+    (at join, or re-pinned from a signed file) and ``check``; not by every command that reads the inventory."""
+    if key.startswith("ssh-ed25519 "):
+        from nacl.bindings import crypto_core_ed25519_is_valid_point  # libsodium (PyNaCl, paramiko's own dependency)
+
+        if not crypto_core_ed25519_is_valid_point(base64.b64decode(key.split()[1])[-32:]):
+            raise ValueError("its ssh-ed25519 key is not a point any private key makes (of small order, or not in "
+                             "canonical form): a signature by it would hold for any file; copy the key again from "
+                             "the admin's .pub file")
     return key
 
 

@@ -85,6 +85,7 @@ def verified(session: Session, args: Mapping[str, Any]) -> Signed:
                             f"pinned at join: {', '.join(a.name for a in config.admins) or 'none'}); "
                             "nothing was done") from None
         member = _load(config.member, text, material["federation"].encode("utf-8"))
+        _refuse_unusable_admins(config.member, member)
         nodes = [n for n in member.nodes if n.slug == config.node]
         if not nodes:
             raise NotSigned(f"{config.member}'s signed file has no node {config.node}: nothing was done")
@@ -220,6 +221,17 @@ def _own_backup_keys(text: bytes, slug: str) -> frozenset[str]:
         if isinstance(entry, dict) and entry.get("name") == slug and isinstance(entry.get("backup"), dict):
             return frozenset(entry["backup"])
     return frozenset()
+
+
+def _refuse_unusable_admins(name: str, member: Member) -> None:
+    """NotSigned when the file names an admin whose key no private key makes: pinned, it would let anyone sign."""
+    from mutualbackup.inventory.value_checks import check_signing_key
+
+    for admin in member.admins:
+        try:
+            check_signing_key(admin.key)
+        except ValueError as exc:
+            raise NotSigned(f"{name}'s signed file is refused: admin {admin.name}: {exc}; nothing was done") from None
 
 
 def _repin(session: Session, member: Member) -> None:

@@ -175,7 +175,7 @@ def _node_of_member_file(path: Path, member: str, slug: str) -> tuple[dict[str, 
     """This node's entry in the member file, and the member's admins (checked as the inventory checks them)."""
     import yaml
 
-    from mutualbackup.inventory.value_checks import check_admin_key
+    from mutualbackup.inventory.value_checks import check_admin_key, check_signing_key
 
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -189,9 +189,10 @@ def _node_of_member_file(path: Path, member: str, slug: str) -> tuple[dict[str, 
     admins = []
     for entry in document.get("admins") or []:
         try:
-            admins.append(Admin(str(entry["name"]), check_admin_key(str(entry["key"]))))
+            admins.append(Admin(str(entry["name"]), check_signing_key(check_admin_key(str(entry["key"])))))
         except (KeyError, TypeError, ValueError) as exc:
-            raise JoinError(f"{path}: an admin cannot be read: {exc}") from None
+            raise JoinError(f"{path}: admin {entry.get('name', '?') if isinstance(entry, dict) else '?'} cannot be "
+                            f"pinned: {exc}") from None
     if not admins:
         raise JoinError(f"{path} names no admins: the member's admins sign its file and open its recovery kits")
     return nodes[0], tuple(admins)
