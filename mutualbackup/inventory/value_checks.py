@@ -162,26 +162,16 @@ def check_admin_key(text: str) -> str:
     key = check_host_key(text).replace("does not parse", "the key does not parse")
     if key.split()[0] not in ("ssh-ed25519", "ssh-rsa"):
         raise ValueError(f"{quote(key.split()[0])} keys cannot open a recovery kit; use an ssh-ed25519 (or ssh-rsa) key")
-    if key.startswith("ssh-rsa "):
-        blob = base64.b64decode(key.split()[1])
-        _, offset = _wire_string(blob, 0)
-        _, offset = _wire_string(blob, offset)
-        modulus, _ = _wire_string(blob, offset)
-        if modulus[:1] >= b"\x80":
-            raise ValueError("the ssh-rsa key's modulus reads as a negative number, which OpenSSH refuses; "
-                             "copy the key again from its .pub file")
-        bits = int.from_bytes(modulus, "big").bit_length()
-        if not 1024 <= bits <= 16384:
-            raise ValueError(f"an ssh-rsa key of {bits} bits: OpenSSH signs and verifies with RSA keys of 1024 to 16384 "
-                             "bits only; use an ssh-ed25519 key (ssh-keygen -t ed25519)")
     return key
 
 
 def check_signing_key(key: str) -> str:
     """An admin's key (already through :func:`check_admin_key`) that a signature can be trusted from: ValueError for
     an ``ssh-ed25519`` "key" that no private key makes (a point of small order, or not in canonical form), whose
-    signature holds for any file, for ``ssh-keygen`` too. Checked where admins are trusted: a node pinning them
-    (at join, or re-pinned from a signed file) and ``check``; not by every command that reads the inventory."""
+    signature holds for any file, for ``ssh-keygen`` too; and for an ``ssh-rsa`` key OpenSSH will not verify with
+    (under 1024 bits or over 16384, a modulus that reads as negative). Checked where admins are trusted: a node
+    pinning them (at join, or re-pinned from a signed file) and ``check``; not by every command that reads the
+    inventory (generated test federations write made-up keys)."""
     if key.startswith("ssh-ed25519 "):
         from nacl.bindings import crypto_core_ed25519_is_valid_point  # libsodium (PyNaCl, paramiko's own dependency)
 
@@ -189,6 +179,18 @@ def check_signing_key(key: str) -> str:
             raise ValueError("its ssh-ed25519 key is not a point any private key makes (of small order, or not in "
                              "canonical form): a signature by it would hold for any file; copy the key again from "
                              "the admin's .pub file")
+    if key.startswith("ssh-rsa "):
+        blob = base64.b64decode(key.split()[1])
+        _, offset = _wire_string(blob, 0)
+        _, offset = _wire_string(blob, offset)
+        modulus, _ = _wire_string(blob, offset)
+        if modulus[:1] >= b"\x80":
+            raise ValueError("its ssh-rsa key's modulus reads as a negative number, which OpenSSH refuses; "
+                             "copy the key again from its .pub file")
+        bits = int.from_bytes(modulus, "big").bit_length()
+        if not 1024 <= bits <= 16384:
+            raise ValueError(f"its ssh-rsa key has {bits} bits: OpenSSH signs and verifies with RSA keys of 1024 to "
+                             "16384 bits only; use an ssh-ed25519 key (ssh-keygen -t ed25519)")
     return key
 
 
