@@ -28,3 +28,15 @@ def sign_inventory(inventory: Path, key: Path, name: str = "admin") -> None:
         if "\nadmins:" not in "\n" + text:
             path.write_text(text.rstrip("\n") + f"\nadmins:\n  - name: {name}\n    key: {public(key)}\n")
         sign(str(path), str(key))
+
+
+NEUTRAL_POINT = bytes([1]) + bytes(31)
+"""The ed25519 point no private key makes whose "signature" holds for any file (the curve's neutral element)."""
+
+
+def ed25519_key(point: bytes = NEUTRAL_POINT) -> str:
+    """An ``ssh-ed25519`` public key line for the 32 bytes ``point``, whatever they are."""
+    import base64
+
+    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + len(point).to_bytes(4, "big") + point
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()

@@ -25,6 +25,7 @@ from mutualbackup.inventory.units import (
     parse_size,
     parse_window,
 )
+from signkit import NEUTRAL_POINT, ed25519_key
 
 FIXTURES = Path(__file__).parent / "inventories"
 
@@ -707,20 +708,12 @@ def admin_key_line(seed: int) -> str:
     return key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
 
 
-def ed25519_key(point: bytes) -> str:
-    """An ``ssh-ed25519`` public key line for the 32 bytes ``point``."""
-    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + len(point).to_bytes(4, "big") + point
-    return "ssh-ed25519 " + base64.b64encode(blob).decode()
-
-
 def rsa_key(bits: int, negative: bool = False) -> str:
     """An ``ssh-rsa`` public key line with a modulus of ``bits`` bits (not a real key: the loader reads its size);
     ``negative``: its modulus written without the zero byte that keeps it positive, which OpenSSH refuses."""
-    def wire(data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + data
-
     modulus = ((1 << (bits - 1)) | 1).to_bytes(bits // 8 + (0 if negative else 1), "big")
-    return "ssh-rsa " + base64.b64encode(wire(b"ssh-rsa") + wire(b"\x01\x00\x01") + wire(modulus)).decode()
+    blob = ssh_string(b"ssh-rsa") + ssh_string(b"\x01\x00\x01") + ssh_string(modulus)
+    return "ssh-rsa " + base64.b64encode(blob).decode()
 
 
 @pytest.mark.parametrize("admins, message", [
@@ -740,7 +733,7 @@ def test_a_bad_admins_list_is_an_error_at_its_line(tmp_path: Path, admins: str, 
 
 
 @pytest.mark.parametrize("key, why", [
-    (ed25519_key(bytes([1]) + bytes(31)), "not a point any private key makes"),
+    (ed25519_key(NEUTRAL_POINT), "not a point any private key makes"),
     (ed25519_key(bytes(32)), "not a point any private key makes"),
     (ed25519_key(bytes([7]) * 32), "not a point any private key makes"),
     (rsa_key(1016), "its ssh-rsa key has 1016 bits"),

@@ -200,13 +200,10 @@ def test_join_refuses_a_program_someone_but_root_could_replace(tmp_path: Path) -
 
 def test_join_refuses_to_pin_an_admin_key_no_private_key_makes(tmp_path: Path) -> None:
     """An ed25519 "key" of small order signs for any file: a node that pinned it would obey anyone."""
-    import base64
-
     from mutualbackup.node.join import JoinError, _node_of_member_file
+    from signkit import ed25519_key
 
-    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + bytes([1]) + bytes(31)
     path = tmp_path / "coop.yml"
-    path.write_text(f"member: coop\nadmins:\n  - name: eve\n    key: ssh-ed25519 {base64.b64encode(blob).decode()}\n"
-                    "nodes:\n  - name: web1\n")
+    path.write_text(f"member: coop\nadmins:\n  - name: eve\n    key: {ed25519_key()}\nnodes:\n  - name: web1\n")
     with pytest.raises(JoinError, match="admin eve cannot be pinned: its ssh-ed25519 key is not a point any private"):
         _node_of_member_file(path, "coop", "web1")

@@ -493,15 +493,14 @@ def test_admins_rotate_only_by_a_pinned_admins_signature_and_are_pinned_again(tm
 def test_a_signed_file_naming_an_admin_key_no_private_key_makes_is_refused_and_nothing_is_pinned(tmp_path: Path) -> None:
     """Signed by the pinned admin, but adding an ed25519 "key" of small order, whose signature holds for any file:
     pinned, it would let anyone sign for the member. The node refuses the file."""
-    import base64
+    from signkit import ed25519_key
 
     directory = tmp_path / "config"
     directory.mkdir()
     write_config(config(tmp_path, node="store"), str(directory))
     node = load_config(str(directory), trusted=False)
-    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + bytes([1]) + bytes(31)
     widened = coop_file()
-    widened["admins"] = [*widened["admins"], {"name": "anyone", "key": "ssh-ed25519 " + base64.b64encode(blob).decode()}]
+    widened["admins"] = [*widened["admins"], {"name": "anyone", "key": ed25519_key()}]
     conversation = Conversation(node)
     reply = conversation.ask("prepare", {"hosts": [], "signed": signed_material(str(tmp_path / "a"), widened)})
     assert reply.code == REFUSED and "admin anyone" in (reply.error or "") and "not a point any private key makes" in (

@@ -11,7 +11,7 @@ import pytest
 
 from labkit import mb
 from mutualbackup.inventory.signatures import NAMESPACE, SignatureError, allowed_signers, sign, verify, verify_in_process
-from signkit import admin_key, public, sign_inventory
+from signkit import admin_key, ed25519_key, public, sign_inventory
 
 VALID = Path(__file__).parent / "inventories" / "three-members"
 
@@ -342,13 +342,8 @@ def test_check_verifies_in_process_and_leaves_the_rest_to_ssh_keygen(inventory: 
 def test_check_names_an_admin_whose_key_no_private_key_makes(inventory: Path) -> None:
     """A file signed by its real admin that also lists a "key" of small order: anyone could sign for that member, so
     check says so and nodes refuse the file, however well it is signed."""
-    import base64
-
     path = inventory / "members" / "coopcycle.yml"
-    neutral = bytes([1]) + bytes(31)
-    blob = len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519" + (32).to_bytes(4, "big") + neutral
-    path.write_text(path.read_text().replace(
-        "\nadmins:\n", f"\nadmins:\n  - name: eve\n    key: ssh-ed25519 {base64.b64encode(blob).decode()}\n", 1))
+    path.write_text(path.read_text().replace("\nadmins:\n", f"\nadmins:\n  - name: eve\n    key: {ed25519_key()}\n", 1))
     sign(str(path), str(inventory.parent / "keys" / "alice"))
     code, out, err = mb(inventory, "check")
     assert code == 2 and f"{path}:1: admin eve: its ssh-ed25519 key is not a point any private key makes" in err

@@ -94,14 +94,6 @@ def _dearmored(signature: bytes) -> bytes:
     return base64.b64decode("".join(lines[1:lines.index("-----END SSH SIGNATURE-----")]), validate=True)
 
 
-def _wire(buffer: bytes, at: int) -> tuple[bytes, int]:
-    """The SSH wire string at ``at`` and where the next field starts; ValueError past the end."""
-    size = int.from_bytes(buffer[at:at + 4], "big")
-    if at + 4 + size > len(buffer):
-        raise ValueError("truncated")
-    return buffer[at + 4:at + 4 + size], at + 4 + size
-
-
 def _admin_blob(key: str) -> bytes | None:
     """The blob of an admin's ``ssh-ed25519`` or ``ssh-rsa`` key when it is what OpenSSH itself would write (an RSA
     modulus of 1024 to 16384 bits, as OpenSSH accepts); else None."""
@@ -128,6 +120,7 @@ def _admin_blob(key: str) -> bytes | None:
 def _plain_signature(key: bytes, inner: bytes) -> bool:
     """Whether ``inner``, a signature by ``key``, is exactly its algorithm's name and its bytes as OpenSSH makes
     them: ``ssh-ed25519`` and 64 bytes, or ``rsa-sha2-512``/``rsa-sha2-256`` and the modulus's length."""
+    from mutualbackup.inventory.value_checks import _wire_string as _wire
     name, at = _wire(inner, 0)
     raw, at = _wire(inner, at)
     if at != len(inner):
@@ -196,7 +189,7 @@ def member_signature_problems(federation: "Federation") -> list[str]:
     its operator: what a node obeys, it verifies itself with ``ssh-keygen`` against the admins it pinned."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mutualbackup.inventory.value_checks import check_signing_key
+    from mutualbackup.inventory.value_checks import unusable_admin
 
     def problem(member: "Member") -> str | None:
         path = member.where.file if member.where is not None else ""
@@ -213,11 +206,9 @@ def member_signature_problems(federation: "Federation") -> list[str]:
         if not member.admins:
             return (f"{path}:1: names no admins: add admins: (the member's people and their SSH keys), "
                     "then one of them signs the file")
-        for admin in member.admins:
-            try:
-                check_signing_key(admin.key)
-            except ValueError as exc:
-                return f"{path}:1: admin {admin.name}: {exc}; its nodes refuse the file"
+        unusable = unusable_admin(member.admins)
+        if unusable is not None:
+            return f"{path}:1: {unusable}; its nodes refuse the file"
         keys = [admin.key for admin in member.admins]
         if verify_in_process(data, signature, keys) is not None:
             return None

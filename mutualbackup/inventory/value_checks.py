@@ -13,13 +13,18 @@ import binascii
 import ipaddress
 import re
 import unicodedata
+from typing import TYPE_CHECKING, Iterable
 
 from mutualbackup.inventory.units import quote
+
+if TYPE_CHECKING:
+    from mutualbackup.inventory.model import Admin
 
 __all__ = [
     "quote", "check_slug", "check_user", "check_address", "check_listen_address", "check_host_key",
     "check_absolute_path", "check_home_path", "check_pattern", "check_command", "check_borg_command",
-    "check_compression", "check_timezone", "check_line", "check_admin_key", "check_node_key",
+    "check_compression", "check_timezone", "check_line", "check_admin_key", "check_signing_key", "unusable_admin",
+    "check_node_key",
 ]  # fmt: skip
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -192,6 +197,16 @@ def check_signing_key(key: str) -> str:
             raise ValueError(f"its ssh-rsa key has {bits} bits: OpenSSH signs and verifies with RSA keys of 1024 to "
                              "16384 bits only; use an ssh-ed25519 key (ssh-keygen -t ed25519)")
     return key
+
+
+def unusable_admin(admins: Iterable[Admin]) -> str | None:
+    """``admin NAME: why`` for the first of ``admins`` whose key :func:`check_signing_key` refuses; None if none."""
+    for admin in admins:
+        try:
+            check_signing_key(admin.key)
+        except ValueError as exc:
+            return f"admin {admin.name}: {exc}"
+    return None
 
 
 _NODE_KEY = re.compile(r"age1[02-9ac-hj-np-z]{58}")

@@ -225,13 +225,11 @@ def _own_backup_keys(text: bytes, slug: str) -> frozenset[str]:
 
 def _refuse_unusable_admins(name: str, member: Member) -> None:
     """NotSigned when the file names an admin whose key no private key makes: pinned, it would let anyone sign."""
-    from mutualbackup.inventory.value_checks import check_signing_key
+    from mutualbackup.inventory.value_checks import unusable_admin
 
-    for admin in member.admins:
-        try:
-            check_signing_key(admin.key)
-        except ValueError as exc:
-            raise NotSigned(f"{name}'s signed file is refused: admin {admin.name}: {exc}; nothing was done") from None
+    unusable = unusable_admin(member.admins)
+    if unusable is not None:
+        raise NotSigned(f"{name}'s signed file is refused: {unusable}; nothing was done")
 
 
 def _repin(session: Session, member: Member) -> None:
