@@ -22,6 +22,8 @@ Needs root and /usr/sbin/sshd, like the lab. Usage::
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the lab lives
 from lab import federation as labfed
 from lab.nodes import Lab
 from mutualbackup.remote.ssh import SSHTransport, parse_host_key
+from mutualbackup.state.history import History
 
 GOAL_SECONDS = 0.15
 SOURCE, HOST = "alpha/web", "beta/store"
@@ -65,8 +68,6 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
     from mutualbackup.context import Context, ssh_connector
     from mutualbackup.inventory.load import load_inventory
     from mutualbackup.jobs.backup import run_backup
-    from mutualbackup.state.history import History
-
     lab, fed = build(root, borg)
     with lab:
         written = write_data(fed.data_path(SOURCE, "/srv/data"), size_mb)
@@ -91,14 +92,23 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
 
         program = str(Path(sys.executable).with_name("mutualbackup"))
 
-        def whole_process() -> None:
+        def whole_process(handoff: str = "no") -> None:
             done = subprocess.run([program, "--inventory", str(fed.inventory), "run", SOURCE],
-                                  stdin=subprocess.DEVNULL, capture_output=True)
+                                  stdin=subprocess.DEVNULL, capture_output=True,
+                                  env={**os.environ, "MUTUALBACKUP_HANDOFF": handoff})
             if done.returncode != 0:
                 raise SystemExit(f"mutualbackup run failed: {done.stdout.decode()[-1000:]}{done.stderr.decode()[-2000:]}")
 
-        probe = _probe(root, fed)
-        kept = SSHTransport(source, str(lab.coordinator_key))
+        def handed_off() -> None:
+            whole_process("yes")  # the same command, which the daemon serving the inventory runs
+
+        daemon = _daemon(program, fed, root / "daemon.log")
+        try:
+            probe = _probe(root, fed)
+            kept = SSHTransport(source, str(lab.coordinator_key))
+        except BaseException:
+            daemon.kill()
+            raise
 
         def hello() -> None:
             if not kept.request("hello", {"borg": False}, timeout=60).ok:
@@ -109,7 +119,8 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
             if stdout.channel.recv_exit_status() != 0:
                 raise SystemExit("true failed through the plain login")
 
-        ways: dict[str, Callable[[], None]] = {"bare": bare, "mutualbackup": through_serve, "process": whole_process}
+        ways: dict[str, Callable[[], None]] = {"bare": bare, "mutualbackup": through_serve, "process": whole_process,
+                                               "handed": handed_off}
         starts: dict[str, Callable[[], None]] = {"serve hello, kept connection": hello,
                                                  "plain login, kept connection": plain_true}
         try:
@@ -134,6 +145,11 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
         finally:
             kept.close()
             probe.close()
+            daemon.terminate()
+            daemon.wait(timeout=90)
+        handed = History(fed.state).runs(kind="backup", source=SOURCE)
+        if sum(1 for run in handed if run.pid == daemon.pid) < repeat:
+            raise SystemExit("the daemon did not run the handed-off backups")
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "bytes": written,
@@ -146,12 +162,44 @@ def run(size_mb: int, repeat: int, root: Path, borg: str, full_mb: int = 1024, f
         "process_overhead_seconds": round(medians["process"] - medians["bare"], 3),
         "paired_process_overhead_seconds": round(statistics.median(
             m - b for m, b in zip(times["process"], times["bare"])), 3),
+        "handed_overhead_seconds": round(medians["handed"] - medians["bare"], 3),
+        "paired_handed_overhead_seconds": round(statistics.median(
+            m - b for m, b in zip(times["handed"], times["bare"])), 3),
         "full_mb": full_mb,
         "full_seconds": {name: [round(v, 3) for v in values] for name, values in full.items()},
         "full_ratio": round(statistics.median(full["process"]) / statistics.median(full["bare"]), 3) if full_repeat else None,
         "serve_start_seconds": round(medians["serve hello, kept connection"] - medians["plain login, kept connection"], 3),
         "goal_seconds": GOAL_SECONDS,
     }
+
+
+def _daemon(program: str, fed: labfed.LabFederation, log: Path) -> subprocess.Popen[bytes]:
+    """The daemon of the bench's inventory, once it serves handed-off runs (nothing is due: it idles)."""
+    from mutualbackup.handoff import address
+
+    with log.open("ab") as out:
+        proc = subprocess.Popen([program, "--inventory", str(fed.inventory), "daemon"], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(address(os.path.realpath(fed.inventory)))
+                break
+            except OSError:
+                pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"the daemon did not start: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
+    time.sleep(1.0)  # its first tick starts what is due (the source's first drill): not while timing
+    history = History(fed.state)
+    while history.runs(result="running"):
+        if proc.poll() is not None or time.monotonic() > deadline + 120:
+            proc.kill()
+            raise SystemExit(f"the daemon's first jobs did not end: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    return proc
 
 
 def wait_for_next_second() -> None:
@@ -184,6 +232,8 @@ def report(result: dict[str, Any]) -> str:
         f"  +{result['overhead_seconds']:.3f} s (paired +{result['paired_overhead_seconds']:.3f} s)",
         f"  mutualbackup run, the whole process             {m['process']:6.3f} s"
         f"  +{result['process_overhead_seconds']:.3f} s (paired +{result['paired_process_overhead_seconds']:.3f} s)",
+        f"  the same, handed to the running daemon          {m['handed']:6.3f} s"
+        f"  +{result['handed_overhead_seconds']:.3f} s (paired +{result['paired_handed_overhead_seconds']:.3f} s)",
         f"  goal: at most +{result['goal_seconds']} s",
         *([f"a full backup of {result['full_mb']} MiB of new data, median of {len(result['full_seconds']['bare'])}: "
            f"bare {statistics.median(result['full_seconds']['bare']):.2f} s, the whole mutualbackup run "

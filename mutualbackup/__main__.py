@@ -1,5 +1,7 @@
 """``mutualbackup``, the executable (and ``python -m mutualbackup``).
 
+``mutualbackup run`` is first offered to the daemon serving the same inventory, if one does
+(:mod:`mutualbackup.handoff`): it then runs the jobs and this process prints what it sends. Else:
 ``mutualbackup run`` starts its first connection before anything else is imported, on what the same command
 line connected to last time (:mod:`mutualbackup.remote.hints`): the source's node program starts while this
 one imports its modules and reads the inventory, which then decides whether that connection is used. Then
@@ -15,6 +17,17 @@ import sys
 def main() -> None:
     hinted = None
     if "run" in sys.argv[1:]:  # the hint is kept per whole command line: another command never finds one
+        from mutualbackup.handoff.client import hand_off
+
+        try:
+            handed = hand_off(sys.argv[1:], os.environ, os.getcwd())
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(1) from None
+        if handed is not None:
+            from mutualbackup import leave
+
+            leave(handed)
         from mutualbackup.remote import hints
 
         try:

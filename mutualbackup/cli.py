@@ -8,6 +8,7 @@ invalid nothing runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -381,41 +382,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ctx: Context) -> int:
-    from mutualbackup.jobs.backup import run_backup
-    from mutualbackup.report.text import print_backup
-    from mutualbackup.terminal import format_create_progress, progress_line, showing
+    from mutualbackup.jobs.foreground import back_up_now, exit_code
 
-    sources = [ctx.source(name) for name in args.sources] if args.sources else list(ctx.federation.sources())
-    if args.replica:
-        ctx.node(args.replica)
-    outcomes = []
-    for source in sources:
-        targets = ctx.replica_hosts(source.name)
-        if not targets:
-            print(f"{source.name}: no provisioned replica; run `mutualbackup apply` first", file=sys.stderr)
-            outcomes.append(None)
-            continue
-        for target in targets:
-            if args.replica and target.name != args.replica:
-                continue
-            holder = job_in_progress(ctx, source.name, target.name)
-            if holder:
-                print(f"{source.name} → {target.name}  not started: {holder}; run it again once that ends",
-                      file=sys.stderr)
-                outcomes.append(None)
-                continue
-            label = f"{source.name} → {target.name}  "
-            progress = progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
-            with showing(progress):
-                outcome = run_backup(ctx, source, target, on_progress=progress)
-            outcomes.append(outcome)
-            if not args.json:
-                print_backup(outcome)
-    if args.replica and not [o for o in outcomes if o is not None]:
-        raise UsageError(f"{args.replica} holds no replica of the named source(s)")
+    outcomes = back_up_now(ctx, list(args.sources), args.replica, TerminalReport(args.json))
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes if o is not None], indent=2))
-    return 0 if all(o is not None and o.ok for o in outcomes) else 1
+    return exit_code(outcomes)
+
+
+class TerminalReport:
+    """:class:`mutualbackup.jobs.foreground.Report` on this command's own terminal."""
+
+    def __init__(self, json_out: bool) -> None:
+        self.json = json_out
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def backing_up(self, source: str, target: str):  # noqa: ANN201
+        from mutualbackup.terminal import format_create_progress, progress_line, showing
+
+        label = f"{source} → {target}  "
+        progress = progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
+        with showing(progress):
+            yield progress
+
+    def outcome(self, outcome) -> None:  # noqa: ANN001
+        from mutualbackup.report.text import print_backup
+
+        if not self.json:
+            print_backup(outcome)
 
 
 def _started_early(federation: Federation, first: str | None,
@@ -463,17 +460,6 @@ def step_progress():  # noqa: ANN201 - TerminalProgress | None
     from mutualbackup.terminal import progress_line
 
     return progress_line(lambda text, seconds: f"{text}  ({seconds:.0f} s)", every=0.0)
-
-
-def job_in_progress(ctx: Context, source: str, target: str) -> str | None:
-    """Who runs a job on this replica now (the daemon, or another ``run``): one job per replica at a time."""
-    from mutualbackup.state.processes import run_owner_alive
-
-    for run in ctx.history.runs(source=source, target=target, result="running"):
-        if run_owner_alive(run):
-            started = time.strftime("%H:%M:%S", time.localtime(run.started))
-            return f"its {run.kind} (run {run.id}, started {started}) is in progress in coordinator process {run.pid}"
-    return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

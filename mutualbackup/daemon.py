@@ -144,6 +144,10 @@ class Daemon:
         self.metrics.unplaceable = len(candidate.placement.problems)
         self.metrics.inventory_valid = True
 
+    def reads_inventory_as_it_is(self) -> bool:
+        """Whether the inventory in use is the one its files hold now (read since they last changed, and valid)."""
+        return _stamp(self.ctx.federation.directory) == self._inventory_stamp and self.metrics.inventory_valid
+
     # --- scheduling -----------------------------------------------------------
 
     def _placement(self) -> dict[str, tuple[str, ...]]:
@@ -293,6 +297,24 @@ class Daemon:
             self.running[(source, target)] = job
             job.thread.start()
         return job
+
+    def take_slot(self, job: RunningJob) -> str | None:
+        """Hold ``job``'s replica for a job run outside the scheduler (a ``mutualbackup run`` handed to the
+        daemon: :mod:`mutualbackup.handoff.server`) until :meth:`give_slot_back`; why not, else None."""
+        with self._lock:
+            if self.stop.is_set():
+                return "the daemon is stopping"
+            held = self.running.get((job.source, job.target))
+            if held is not None:
+                return f"the daemon's {held.kind} of it is in progress"
+            self.running[(job.source, job.target)] = job
+        return None
+
+    def give_slot_back(self, job: RunningJob) -> None:
+        with self._lock:
+            if self.running.get((job.source, job.target)) is job:
+                del self.running[(job.source, job.target)]
+        self.wake.set()
 
     def _stopping(self, job: RunningJob) -> bool:
         return self.stop.is_set() or job.control.is_aborted

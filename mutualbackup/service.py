@@ -10,6 +10,7 @@ import signal
 from mutualbackup.context import Context, ssh_connector
 from mutualbackup.daemon import GRACE_SECONDS, Daemon
 from mutualbackup.errors import OperationFailed
+from mutualbackup.handoff.server import HandoffServer
 from mutualbackup.inventory.model import Federation
 from mutualbackup.report.metrics import start_metrics_server
 from mutualbackup.state.history import History
@@ -53,7 +54,10 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    handoffs = HandoffServer(daemon)
+    handoffs.start()
     try:
         return daemon.serve()
     finally:
+        handoffs.close()
         server.shutdown()

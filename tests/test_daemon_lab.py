@@ -439,3 +439,66 @@ def test_sighup_during_a_backup_re_reads_the_inventory_and_the_backup_ends_succe
     assert "received SIGHUP: re-reading the inventory" in log
     assert ended.result == "success", ended.error
     assert running.id not in before and not history.runs(result="running")
+
+
+def handed_off_run(fed: LabFederation, *args: str) -> subprocess.Popen[str]:
+    """The ``mutualbackup`` executable (``__main__``: where a run is handed to the daemon), ``run ARGS``."""
+    return subprocess.Popen([sys.executable, "-m", "mutualbackup", "--inventory", str(fed.inventory), "run", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ctrl_c_stops_it_there(
+    two: LabFederation, tmp_path: Path,
+) -> None:
+    import re
+    import socket
+
+    from mutualbackup.handoff import address
+
+    fed = two
+    code, out, err = mb(fed, "run", SOURCE)  # in-process: a success first, so that the daemon has nothing due
+    assert code == 0, out + err
+    history = History(fed.state)
+    daemon = DaemonProcess(fed, tmp_path / "daemon.log")
+    big = fed.data_path(SOURCE, "/srv/data") / "holes"
+    try:
+        def serving() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                return probe.connect_ex(address(os.path.realpath(fed.inventory))) == 0
+
+        wait_for(serving, 60, "the daemon to serve handed-off runs")
+        time.sleep(1.0)  # the daemon's first tick: what is due starts (the window is open: no drill, no check)
+        wait_for(lambda: not history.runs(result="running"), 120, "the daemon's first jobs to end")
+        command = handed_off_run(fed, SOURCE)
+        out, err = command.communicate(timeout=120)
+        assert command.returncode == 0, out + err
+        assert re.fullmatch(rf"{SOURCE} → {HOST}  success  \S+  \S+ \S+ read, \S+ \S+ new  [0-9.]+s\n", out), out
+        [run] = history.runs(kind="backup", source=SOURCE, limit=1)
+        assert run.result == "success" and run.pid == daemon.proc.pid  # the daemon ran it
+
+        big.mkdir()
+        for i in range(16):  # 16 GiB of holes: a backup that reads zeros for a long while
+            with open(big / f"part{i:02d}.img", "wb") as f:
+                f.truncate(1024**3)
+        repo = repository(fed, SOURCE, HOST)
+        command = handed_off_run(fed, SOURCE)
+        wait_for(lambda: serve_holding_lock(fed.lab, fed.nodes[HOST], repo), 60, "the handed-off backup in progress")
+        [running] = history.runs(kind="backup", source=SOURCE, result="running")
+        assert running.pid == daemon.proc.pid
+        command.send_signal(signal.SIGINT)  # the operator's Ctrl-C
+        out, err = command.communicate(timeout=60)
+        assert command.returncode == 1 and "interrupted" in err, out + err
+        wait_for(lambda: not borg_creates(fed.lab, fed.nodes[SOURCE]), 60, "the source's borg create to stop")
+        [stopped] = [r for r in history.runs(kind="backup", source=SOURCE) if r.id == running.id]
+        assert stopped.result in ("failure", "interrupted"), stopped
+        assert daemon.proc.poll() is None  # the daemon goes on
+        shutil.rmtree(big)
+        command = handed_off_run(fed, SOURCE)  # and the next handed-off run works (the lock is gone)
+        out, err = command.communicate(timeout=120)
+        assert command.returncode == 0, out + err
+        assert history.runs(kind="backup", source=SOURCE, limit=1)[0].pid == daemon.proc.pid
+    finally:
+        shutil.rmtree(big, ignore_errors=True)
+        code = daemon.stop()
+    assert code == 0, daemon.text()

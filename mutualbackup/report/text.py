@@ -46,17 +46,19 @@ def print_moves(moves, orphans) -> None:  # noqa: ANN001 - rows of the history
         print(f"  {o['source']} on {o['host']}  {size}")
 
 
-def print_backup(o) -> None:  # noqa: ANN001
-    """One line per backup run by ``mutualbackup run``: its result, archive, sizes and time; the error on stderr."""
+def print_backup(o, out=None, err=None) -> None:  # noqa: ANN001
+    """One line per backup run by ``mutualbackup run``: its result, archive, sizes and time; the error on stderr
+    (``out`` and ``err``: stdout and stderr unless given)."""
+    out, err = out or sys.stdout, err or sys.stderr
     if o.ok:
         size = f"{format_size(o.original_bytes or 0)} read, {format_size(o.deduplicated_bytes or 0)} new"
-        print(f"{o.source} → {o.target}  {o.result:<7}  {o.archive}  {size}  {o.duration:.1f}s")
+        print(f"{o.source} → {o.target}  {o.result:<7}  {o.archive}  {size}  {o.duration:.1f}s", file=out)
         if o.result == "warning":
-            print(f"  warning: {o.error}")
+            print(f"  warning: {o.error}", file=out)
     else:
-        print(f"{o.source} → {o.target}  FAILED  {o.duration:.1f}s", file=sys.stderr)
+        print(f"{o.source} → {o.target}  FAILED  {o.duration:.1f}s", file=err)
         for line in (o.error or "").splitlines():
-            print(f"  {line}", file=sys.stderr)
+            print(f"  {line}", file=err)
 
 
 def print_status(rows, now: float) -> None:  # noqa: ANN001
