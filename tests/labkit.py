@@ -162,6 +162,24 @@ def wait_for(condition: Callable[[], Any], seconds: float = 10.0, what: str = "t
     raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")
 
 
+def daemon_idle(inventory: Path, state: Path, seconds: float = 120.0) -> None:
+    """Wait until a daemon of ``inventory`` takes handed-off runs (mutualbackup/handoff) and, its first tick
+    past, has no job running (what its first tick found due, a drill say, has ended)."""
+    import socket
+
+    from mutualbackup.handoff import address
+    from mutualbackup.state.history import History
+
+    def serving() -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            return probe.connect_ex(address(os.path.realpath(inventory))) == 0
+
+    wait_for(serving, 60, "the daemon to take handed-off runs")
+    time.sleep(1.0)  # its first tick
+    history = History(state)
+    wait_for(lambda: not history.runs(result="running"), seconds, "the daemon's first jobs to end", step=0.2)
+
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

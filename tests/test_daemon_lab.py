@@ -41,7 +41,7 @@ from mutualbackup.restore.replicas import list_archives
 from mutualbackup.plan.windows import jitter_seconds
 from mutualbackup.report.status import compute_status
 
-from labkit import alpha_beta, mb, wait_for, write_tree
+from labkit import alpha_beta, daemon_idle, mb, wait_for, write_tree
 
 pytestmark = pytest.mark.lab
 
@@ -452,9 +452,6 @@ def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ct
     two: LabFederation, tmp_path: Path,
 ) -> None:
     import re
-    import socket
-
-    from mutualbackup.handoff import address
 
     fed = two
     code, out, err = mb(fed, "run", SOURCE)  # in-process: a success first, so that the daemon has nothing due
@@ -463,13 +460,7 @@ def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ct
     daemon = DaemonProcess(fed, tmp_path / "daemon.log")
     big = fed.data_path(SOURCE, "/srv/data") / "holes"
     try:
-        def serving() -> bool:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                return probe.connect_ex(address(os.path.realpath(fed.inventory))) == 0
-
-        wait_for(serving, 60, "the daemon to serve handed-off runs")
-        time.sleep(1.0)  # the daemon's first tick: what is due starts (the window is open: no drill, no check)
-        wait_for(lambda: not history.runs(result="running"), 120, "the daemon's first jobs to end")
+        daemon_idle(fed.inventory, fed.state)
         command = handed_off_run(fed, SOURCE)
         out, err = command.communicate(timeout=120)
         assert command.returncode == 0, out + err

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from lab.federation import LabFederation
-from labkit import mb
+from labkit import daemon_idle, mb
 from mutualbackup.borg import CreateProgress
 from mutualbackup.terminal import format_create_progress
 from restorekit import build, node_doc, source, storage
@@ -81,6 +81,31 @@ def test_a_backup_on_a_terminal_shows_its_progress_on_one_line(fed: LabFederatio
     assert len(updates) >= 2, text  # moving: the line was rewritten as borg went on
     assert updates[0].startswith(f"{SOURCE} → beta/store  ")
     assert "success" in text.splitlines()[-1] or "success" in text  # then the result line
+
+
+def test_a_backup_handed_to_the_daemon_shows_its_progress_on_the_terminal_as_well(
+    fed: LabFederation, tmp_path: Path,
+) -> None:
+    from mutualbackup.state.history import History
+
+    with (tmp_path / "daemon.log").open("ab") as log:
+        daemon = subprocess.Popen([PROGRAM, "--inventory", str(fed.inventory), "daemon"], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=log)
+    try:
+        daemon_idle(fed.inventory, fed.state)
+        new_data(fed, "handed", 400)
+        code, written = on_a_terminal([PROGRAM, "--inventory", str(fed.inventory), "run", SOURCE])
+        [run] = History(fed.state).runs(kind="backup", source=SOURCE, limit=1)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=90)
+    text = written.decode("utf-8", "replace")
+    assert code == 0, text
+    assert run.pid == daemon.pid and run.result == "success"  # the daemon ran it
+    updates = [part for part in text.split("\r") if " read  " in part and " new  " in part and "/s" in part]
+    assert len(updates) >= 2, text
+    assert updates[0].startswith(f"{SOURCE} → beta/store  ")
+    assert f"{SOURCE} → beta/store  success  " in text
 
 
 def test_a_backup_piped_prints_only_its_result_lines(fed: LabFederation) -> None:
