@@ -51,6 +51,13 @@ def test_the_command_line_imports_what_a_command_uses_when_it_uses_it():
     assert "mutualbackup.state.history" not in connecting and "mutualbackup.plan.placement" not in connecting
 
 
+def test_a_run_handed_to_the_daemon_imports_nothing_of_the_coordinator_before_it_asks():
+    """The command's side of a hand-off (mutualbackup/handoff/client.py) runs before anything else is imported:
+    the daemon does the rest, so the command's cost is its Python and this."""
+    asking = imported_by("from mutualbackup.handoff.client import hand_off")
+    assert asking == {"mutualbackup", "mutualbackup.handoff", "mutualbackup.handoff.client"}, asking
+
+
 def test_a_node_answering_a_backup_imports_no_repository_reading_nor_authorized_keys_code():
     """The borg layer's modules are imported when one of their names is first used."""
     loaded = imported_by("from mutualbackup import borg\nborg.create_argv")
