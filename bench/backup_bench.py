@@ -182,12 +182,9 @@ def _daemon(program: str, fed: labfed.LabFederation, log: Path) -> subprocess.Po
                                 stdout=out, stderr=out)
     deadline = time.monotonic() + 60
     while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(address(os.path.realpath(fed.inventory)))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, address(str(fed.state)) as where:
+            if probe.connect_ex(where) == 0:
                 break
-            except OSError:
-                pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise SystemExit(f"the daemon did not start: {log.read_text(errors='replace')[-2000:]}")

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mutualbackup import __version__, leave
 from mutualbackup.errors import InventoryError, MutualBackupError, OperationFailed, UsageError
@@ -36,12 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("mutualbackup")
 
 
-def main(argv: Sequence[str] | None = None, hinted: Hinted | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hinted: Hinted | None = None,
+         handoff: Callable[[str], int | None] | None = None) -> int:
     """The command line ``argv``'s exit code. ``hinted``: the connection the executable started before it was
-    parsed (``mutualbackup/__main__.py``), which ``run`` uses if the inventory names its endpoint."""
+    parsed (``mutualbackup/__main__.py``), which ``run`` uses if the inventory names its endpoint; ``handoff``:
+    how the executable hands ``run`` to the daemon of a state directory (mutualbackup/handoff), once known."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.hinted = hinted
+    args.handoff = handoff
     setup_logging(getattr(args, "verbose", False), getattr(args, "log_format", "text"))
     try:
         code = int(args.func(args) or 0)
@@ -65,10 +68,10 @@ def main(argv: Sequence[str] | None = None, hinted: Hinted | None = None) -> int
         return 0
 
 
-def console(hinted: Hinted | None = None) -> None:
+def console(hinted: Hinted | None = None, handoff: Callable[[str], int | None] | None = None) -> None:
     """The ``mutualbackup`` executable: :func:`main`, then out at once (:func:`mutualbackup.leave`)."""
     try:
-        code = main(hinted=hinted)
+        code = main(hinted=hinted, handoff=handoff)
     finally:
         if hinted is not None:
             hinted.close()  # when no command took it
@@ -370,6 +373,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     federation = load(args)
+    state = getattr(args, "state", None) or federation.coordinator.state
+    hinted, handoff = getattr(args, "hinted", None), getattr(args, "handoff", None)
+    if hinted is not None:
+        hinted.keep_state(state)  # the next run of this command line asks that directory's daemon first
+    if handoff is not None:
+        handed = handoff(state)  # a daemon of that state runs it (mutualbackup/handoff), when one does
+        if handed is not None:
+            return handed
     connector, early = _started_early(federation, args.sources[0] if args.sources else None,
                                       getattr(args, "hinted", None))
     ctx = open_context(args, federation, connector)

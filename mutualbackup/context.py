@@ -120,6 +120,10 @@ class Context:
         if control is not None:
             control.attach(transport)
         try:
+            if control is not None and control.is_aborted:  # while it connected: nothing is asked of the node
+                from mutualbackup.jobs.runs import aborted
+
+                aborted(control)
             yield transport
         finally:
             if control is not None:

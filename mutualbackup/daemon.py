@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 from zoneinfo import ZoneInfo
 
@@ -112,7 +112,8 @@ class Daemon:
         self._due_memo: dict = {}  # next attempts that do not depend on the time (plan/due.py); per inventory
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement,
                                      unplaceable=len(ctx.placement.problems))
-        self._inventory_stamp = _stamp(ctx.federation.directory)
+        self._inventory_stamp = _stamp(ctx.federation.directory)  # the files as last looked at
+        self._read_at: tuple[object, ...] | None = self._inventory_stamp  # the files as self.ctx was read from them
         self._copied: float | None = None  # monotonic time of the last copy of the state
         self._moves_looked: float | None = None  # fake-clock time of the last look for replicas to move
         self.heartbeat: Callable[[], None] = lambda: None  # called every loop (systemd's watchdog)
@@ -131,12 +132,16 @@ class Daemon:
             problems = candidate.placement.problems
         except MutualBackupError as exc:
             self.metrics.inventory_valid = False
+            with self._lock:
+                self._read_at = None
             log.error("inventory changed and is now invalid; keeping the last valid one:\n%s", exc)
             return
         log.info("inventory reloaded")
         for problem in problems:
             log.warning("%s; it keeps the replicas it has", problem)
-        self.ctx = candidate
+        with self._lock:
+            self.ctx = candidate
+            self._read_at = stamp
         self.global_limit = self.fixed_limit or schedule.global_limit_for(federation)
         self._states.clear()
         self._due_memo.clear()
@@ -144,9 +149,15 @@ class Daemon:
         self.metrics.unplaceable = len(candidate.placement.problems)
         self.metrics.inventory_valid = True
 
-    def reads_inventory_as_it_is(self) -> bool:
-        """Whether the inventory in use is the one its files hold now (read since they last changed, and valid)."""
-        return _stamp(self.ctx.federation.directory) == self._inventory_stamp and self.metrics.inventory_valid
+    def inventory_as_it_is(self) -> Context | None:
+        """The context in use when it was read from the inventory's files as they are now (read since they last
+        changed, and valid); else None (changed since, being read, invalid, or the directory's path now leads
+        elsewhere)."""
+        with self._lock:
+            ctx, read_at = self.ctx, self._read_at
+        if read_at is None or _stamp(ctx.federation.directory) != read_at:
+            return None
+        return ctx
 
     # --- scheduling -----------------------------------------------------------
 
@@ -163,7 +174,7 @@ class Daemon:
         from it) occupies it, and so does a replica another live coordinator process holds."""
         if summaries is None:
             summaries = self.index.pair_summaries("backup")
-        occupied = set(self.running) | self._busy()
+        occupied = set(self.running_jobs()) | self._busy()
         # A move's new replica is due at once (inside its window), not in a first run's spread slot: the source
         # has backups already, and the old replica waits for this one.
         arriving = {(m["source"], m["new"]): m["started"] for m in self.ctx.history.moves()}
@@ -196,9 +207,14 @@ class Daemon:
 
     def occupancy(self) -> schedule.Occupancy:
         """What runs now (this process's jobs, and replicas another live process holds), for the limits."""
-        running = [(job.kind, job.source, job.target) for job in self.running.values()]
+        running = [(job.kind, job.source, job.target) for job in self.running_jobs().values()]
         running += [("busy", source, target) for source, target in self._busy()]
         return schedule.Occupancy.of(running, self.global_limit)
+
+    def running_jobs(self) -> dict[tuple[str, str], RunningJob]:
+        """A copy of :attr:`running` (other threads add and remove jobs: a handed-off ``run``'s, for one)."""
+        with self._lock:
+            return dict(self.running)
 
     def reap(self) -> list[RunningJob]:
         """Forget the jobs whose thread has ended; return them."""
@@ -247,7 +263,7 @@ class Daemon:
         fed = self.ctx.federation
         jobs = []
         for move in moving:
-            if (move["source"], move["new"]) in self.running or move["source"] not in {s.name for s in fed.sources()}:
+            if (move["source"], move["new"]) in self.running_jobs() or move["source"] not in {s.name for s in fed.sources()}:
                 continue
             if move["new"] not in history.placement().get(move["source"], ()) or moves.new_replica_healthy(
                     self.ctx, move):
@@ -279,7 +295,7 @@ class Daemon:
         wakes = [schedule.next_wakeup(fed, placement, self.job_states(), now, tz, memo=self._due_memo)]
         if self.maintenance_enabled:
             wakes.append(schedule.maintenance_wakeup(fed, placement, self.index.pair_summaries("backup"),
-                                                     self.index.pair_summaries("check"), set(self.running), now, tz))
+                                                     self.index.pair_summaries("check"), set(self.running_jobs()), now, tz))
         return min((w for w in wakes if w is not None), default=None)
 
     # --- jobs -------------------------------------------------------------------
@@ -504,10 +520,26 @@ JOB_KINDS: dict[str, tuple[Callable[[Daemon, RunningJob, float], None], bool]] =
 """Each job kind: what its thread runs, and whether a bad last run of its replica is cleaned up first."""
 
 
-def _stamp(directory: str) -> tuple[tuple[str, float], ...]:
-    root = Path(directory)
-    files = [root / "federation.yml", *sorted((root / "members").glob("*.yml"))]
-    return tuple((str(p), p.stat().st_mtime if p.exists() else 0.0) for p in files)
+def _stamp(directory: str) -> tuple[object, ...]:
+    """What the inventory's loader reads, as the file system has it now: the directory's real path,
+    ``federation.yml``, and every entry of ``members/`` but hidden ones (name, kind, inode, size, modification
+    and change times: a file replaced with its old modification time, ``cp -p`` say, still changes the last)."""
+    real = os.path.realpath(directory)
+    stamp: list[object] = [real, _file_stamp(os.path.join(real, "federation.yml"))]
+    try:
+        with os.scandir(os.path.join(real, "members")) as entries:
+            stamp += sorted((entry.name, _file_stamp(entry.path)) for entry in entries if not entry.name.startswith("."))
+    except OSError as exc:
+        stamp.append(exc.errno)
+    return tuple(stamp)
+
+
+def _file_stamp(path: str) -> tuple[int, ...]:
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return (-1, exc.errno or 0)
+    return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _utc(timestamp: float) -> dt.datetime:

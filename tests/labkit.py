@@ -163,7 +163,7 @@ def wait_for(condition: Callable[[], Any], seconds: float = 10.0, what: str = "t
 
 
 def daemon_idle(inventory: Path, state: Path, seconds: float = 120.0) -> None:
-    """Wait until a daemon of ``inventory`` takes handed-off runs (mutualbackup/handoff) and, its first tick
+    """Wait until the daemon of ``inventory`` and ``state`` takes handed-off runs (mutualbackup/handoff) and, its first tick
     past, has no job running (what its first tick found due, a drill say, has ended)."""
     import socket
 
@@ -171,8 +171,8 @@ def daemon_idle(inventory: Path, state: Path, seconds: float = 120.0) -> None:
     from mutualbackup.state.history import History
 
     def serving() -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            return probe.connect_ex(address(os.path.realpath(inventory))) == 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, address(str(state)) as where:
+            return probe.connect_ex(where) == 0
 
     wait_for(serving, 60, "the daemon to take handed-off runs")
     time.sleep(1.0)  # its first tick

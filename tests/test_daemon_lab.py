@@ -16,6 +16,7 @@ Everything else polls; nothing sleeps blindly.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import signal
@@ -441,11 +442,20 @@ def test_sighup_during_a_backup_re_reads_the_inventory_and_the_backup_ends_succe
     assert running.id not in before and not history.runs(result="running")
 
 
-def handed_off_run(fed: LabFederation, *args: str) -> subprocess.Popen[str]:
+def handed_off_run(fed: LabFederation, cache: Path, *args: str, handoff: str = "yes") -> subprocess.Popen[str]:
     """The ``mutualbackup`` executable (``__main__``: where a run is handed to the daemon), ``run ARGS``."""
     return subprocess.Popen([sys.executable, "-m", "mutualbackup", "--inventory", str(fed.inventory), "run", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "XDG_CACHE_HOME": str(cache), "MUTUALBACKUP_HANDOFF": handoff})
+
+
+def printed(command: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """What a command printed, its digits (times, sizes, run ids) made alike."""
+    import re
+
+    out, err = command.communicate(timeout=120)
+    return command.returncode, re.sub(r"\d+", "N", out), re.sub(r"\d+", "N", err)
 
 
 def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ctrl_c_stops_it_there(
@@ -459,21 +469,31 @@ def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ct
     history = History(fed.state)
     daemon = DaemonProcess(fed, tmp_path / "daemon.log")
     big = fed.data_path(SOURCE, "/srv/data") / "holes"
+    cache = tmp_path / "cache"
     try:
         daemon_idle(fed.inventory, fed.state)
-        command = handed_off_run(fed, SOURCE)
-        out, err = command.communicate(timeout=120)
-        assert command.returncode == 0, out + err
-        assert re.fullmatch(rf"{SOURCE} → {HOST}  success  \S+  \S+ \S+ read, \S+ \S+ new  [0-9.]+s\n", out), out
+        itself = printed(handed_off_run(fed, cache, SOURCE, handoff="no"))  # MUTUALBACKUP_HANDOFF=no: in the command
+        assert history.runs(kind="backup", source=SOURCE, limit=1)[0].pid != daemon.proc.pid
+        time.sleep(1.1)  # one archive a second
+        first = printed(handed_off_run(fed, cache, SOURCE))  # handed over once the inventory is read (cli.cmd_run)
+        assert history.runs(kind="backup", source=SOURCE, limit=1)[0].pid == daemon.proc.pid
+        kept = (cache / "mutualbackup" / "connections.json").read_text()
+        assert json.dumps(str(fed.state)) in kept  # the state directory the command line used, for next time
+        time.sleep(1.1)
+        again = printed(handed_off_run(fed, cache, SOURCE))  # handed over before anything is imported (__main__)
         [run] = history.runs(kind="backup", source=SOURCE, limit=1)
         assert run.result == "success" and run.pid == daemon.proc.pid  # the daemon ran it
+        assert itself[0] == 0, itself
+        assert re.fullmatch(rf"{SOURCE} → {HOST}  success  \S+  \S+ \S+ read, \S+ \S+ new  N.Ns\n", itself[1])
+        assert "INFO    backup  start  " in itself[2] and "INFO    backup  end    " in itself[2], itself
+        assert first == itself and again == itself  # the same lines, log lines included
 
         big.mkdir()
         for i in range(16):  # 16 GiB of holes: a backup that reads zeros for a long while
             with open(big / f"part{i:02d}.img", "wb") as f:
                 f.truncate(1024**3)
         repo = repository(fed, SOURCE, HOST)
-        command = handed_off_run(fed, SOURCE)
+        command = handed_off_run(fed, cache, SOURCE)
         wait_for(lambda: serve_holding_lock(fed.lab, fed.nodes[HOST], repo), 60, "the handed-off backup in progress")
         [running] = history.runs(kind="backup", source=SOURCE, result="running")
         assert running.pid == daemon.proc.pid
@@ -485,7 +505,7 @@ def test_a_run_while_the_daemon_serves_the_inventory_is_run_by_the_daemon_and_ct
         assert stopped.result in ("failure", "interrupted"), stopped
         assert daemon.proc.poll() is None  # the daemon goes on
         shutil.rmtree(big)
-        command = handed_off_run(fed, SOURCE)  # and the next handed-off run works (the lock is gone)
+        command = handed_off_run(fed, cache, SOURCE)  # and the next handed-off run works (the lock is gone)
         out, err = command.communicate(timeout=120)
         assert command.returncode == 0, out + err
         assert history.runs(kind="backup", source=SOURCE, limit=1)[0].pid == daemon.proc.pid

@@ -1,31 +1,38 @@
 """``mutualbackup run`` handed to the daemon serving its inventory (mutualbackup/handoff): the command prints what
 it would have printed running the jobs itself, and the daemon's socket serves no one else and nothing else.
 
-The daemon is the real :class:`~mutualbackup.daemon.Daemon` and its real :class:`HandoffServer` on a Unix socket,
-over a fake federation (tests/fake.py); the command's side is the real client, in this process."""
+The daemon is the real :class:`~mutualbackup.daemon.Daemon` and its real :class:`HandoffServer` on a Unix socket in
+its state directory, over a fake federation (tests/fake.py); the command's side is the real client, in this
+process. Another user is played by a child process of user :data:`STRANGER`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mutualbackup import cli
-from mutualbackup.handoff import address, client
+from mutualbackup import __version__, cli
+from mutualbackup.handoff import SOCKET, client, trusted
 from mutualbackup.handoff.server import HandoffServer
 
 from fake import Harness, failing, make_federation
 
 START = 1_750_000_000.0
-NOBODY = 65534
+STRANGER = 4242  # another local user (not the overflow user, whom nobody trusts anyway)
+CLI_LOG = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")  # cli.setup_logging's
 
 
 def harness(tmp_path: Path, name: str = "daemon") -> Harness:
@@ -42,12 +49,39 @@ def served(tmp_path: Path):  # noqa: ANN201
     h = harness(tmp_path)
     server = HandoffServer(h.daemon)
     assert server.start()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # as the daemon's logging (cli.setup_logging): the jobs' INFO records exist
     yield h
+    root.setLevel(level)
     server.close()
 
 
+def state(h: Harness) -> str:
+    return str(h.history.path.parent)
+
+
 def argv(h: Harness, *words: str) -> list[str]:
-    return ["--inventory", h.federation.directory, "--state", str(h.history.path.parent), "run", *words]
+    return ["--inventory", h.federation.directory, "--state", state(h), "run", *words]
+
+
+@contextlib.contextmanager
+def logging_to_stderr() -> Iterator[None]:
+    """This thread's log records on stderr as the command's own logging writes them (cli.setup_logging)."""
+    import sys as system
+
+    handler = logging.StreamHandler(system.stderr)
+    handler.setFormatter(CLI_LOG)
+    handler.addFilter(lambda record: record.thread == threading.get_ident())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str], *words: str, json_out: bool = False,
@@ -57,26 +91,28 @@ def in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str], *words: str, 
     if script is not None:
         h.world.script(script)
     try:
-        code = cli._run(argparse.Namespace(sources=list(words), replica=replica, json=json_out), h.ctx)
+        with logging_to_stderr():
+            code = cli._run(argparse.Namespace(sources=list(words), replica=replica, json=json_out), h.ctx)
     except cli.MutualBackupError as exc:
-        print(f"mutualbackup: {exc}", file=__import__("sys").stderr)
+        print(f"mutualbackup: {exc}", file=sys.stderr)
         code = exc.exit_code
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def handed(h: Harness, capsys: pytest.CaptureFixture[str], *words: str) -> tuple[int | None, str, str]:
-    code = client.hand_off(argv(h, *words), {}, os.getcwd())
+    code = client.hand_off(argv(h, *words), {}, os.getcwd(), state(h))
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def same(printed: tuple[int | None, str, str]) -> tuple[int | None, str, str]:
-    """What was printed, but for the second the archive is named after and the job's duration in JSON (both runs
+    """What was printed, but for the times (the archive's name, a log line's) and the job's duration (both runs
     read the real clock)."""
     code, out, err = printed
-    stamp, duration = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"), re.compile(r'"duration": [0-9.e-]+')
-    return code, duration.sub('"duration": D', stamp.sub("TIME", out)), stamp.sub("TIME", err)
+    times = re.compile(r"(\d{4}-\d\d-\d\dT)?\d\d:\d\d:\d\d")
+    durations = re.compile(r'"duration": [0-9.e-]+|\d+\.\ds\b')
+    return code, durations.sub("D", times.sub("TIME", out)), durations.sub("D", times.sub("TIME", err))
 
 
 CASES = {
@@ -164,41 +200,91 @@ def test_forms_argparse_reads_otherwise_are_left_to_the_command(tmp_path: Path) 
 
 def test_without_a_daemon_the_command_runs_its_jobs_itself(tmp_path: Path) -> None:
     h = harness(tmp_path)
-    assert client.hand_off(argv(h), {}, os.getcwd()) is None
+    assert client.hand_off(argv(h), {}, os.getcwd(), state(h)) is None
 
 
-def test_a_daemon_that_has_not_read_the_inventory_as_it_is_now_declines(
+def test_a_daemon_that_has_not_read_the_inventory_as_it_is_now_declines_until_it_has(
     capsys: pytest.CaptureFixture[str], served: Harness,
 ) -> None:
     members = Path(served.federation.directory) / "members"
-    members.mkdir(exist_ok=True)
-    (members / "coop9.yml").write_text("# changed since the daemon read it\n")
-    assert handed(served, capsys, "coop0/src0") == (None, "", "")
-    assert not served.history.runs(kind="backup")
+    original = members / "coop0.yml"
+    text, stat = original.read_text(), original.stat()
+    edits = {
+        "a stray entry the loader refuses": lambda: (members / "coop3.yaml").write_text("member: coop3\n"),
+        "a member file replaced with its old times (cp -p)": lambda: (
+            original.write_text(text + "# edited\n"), os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))),
+        "a directory in members/": lambda: (members / "old").mkdir(),
+    }
+    for what, edit in edits.items():
+        edit()
+        assert served.daemon.inventory_as_it_is() is None, what
+        assert handed(served, capsys, "coop0/src0") == (None, "", ""), what
+        assert not served.history.runs(kind="backup"), what
+        for extra in (members / "coop3.yaml", members / "old"):
+            if extra.is_dir():
+                extra.rmdir()
+            elif extra.exists():
+                extra.unlink()
+        original.write_text(text)
+    served.daemon.reload_if_changed()  # its next tick reads the files as they are (back as they were)
+    assert served.daemon.inventory_as_it_is() is served.daemon.ctx
+    assert handed(served, capsys, "coop0/src0")[0] == 0
+
+
+def test_a_daemon_whose_inventory_path_now_leads_elsewhere_declines(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    h = harness(tmp_path)
+    real = Path(h.federation.directory)
+    other = tmp_path / "v2"
+    shutil.copytree(real, other)
+    link = tmp_path / "current"
+    link.symlink_to(real)
+    import dataclasses
+
+    h.daemon.ctx.federation = dataclasses.replace(h.federation, directory=str(link))  # started on the link
+    h.daemon.reload_if_changed(asked=True)
+    server = HandoffServer(h.daemon)
+    assert server.start()
+    try:
+        assert h.daemon.inventory_as_it_is() is not None
+        link.unlink()
+        link.symlink_to(other)  # the link now leads to another inventory: the daemon has not read that one
+        assert h.daemon.inventory_as_it_is() is None
+        words = ["--inventory", str(real), "--state", state(h), "run"]
+        assert client.hand_off(words, {}, os.getcwd(), state(h)) is None
+        assert not h.history.runs(kind="backup")
+    finally:
+        server.close()
 
 
 def test_a_daemon_of_another_state_or_another_inventory_declines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], served: Harness,
 ) -> None:
-    words = ["--inventory", served.federation.directory, "--state", str(tmp_path / "elsewhere"), "run"]
-    assert client.hand_off(words, {}, os.getcwd()) is None
-    answer = exchange(served, {"protocol": 1, "run": request_fields(served, inventory=str(tmp_path))})
-    assert answer == [{"refused": "this daemon serves another inventory"}]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    words = ["--inventory", served.federation.directory, "--state", str(elsewhere), "run"]
+    assert client.hand_off(words, {}, os.getcwd(), str(elsewhere)) is None  # no daemon there
+    assert exchange(served, request(served, inventory=str(tmp_path))) == [
+        {"refused": "this daemon serves another inventory"}]
+    assert exchange(served, request(served, state=str(elsewhere))) == [
+        {"refused": "this daemon uses another state directory"}]
+    assert exchange(served, request(served, version="0.0.1")) == [
+        {"refused": f"this daemon is mutualbackup {__version__}, the command 0.0.1"}]
     assert not served.history.runs(kind="backup")
 
 
-def request_fields(h: Harness, **changed: object) -> dict[str, object]:
-    fields = {"sources": [], "replica": None, "json": False, "progress": False,
-              "inventory": h.federation.directory, "state": str(h.history.path.parent)}
-    return {**fields, **changed}
+def request(h: Harness, version: str = __version__, **changed: object) -> dict[str, object]:
+    fields = {"sources": [], "replica": None, "json": False, "progress": False, "journal": False,
+              "inventory": h.federation.directory, "state": state(h), "state_named": True}
+    return {"protocol": 2, "version": version, "run": {**fields, **changed}}
 
 
-def exchange(h: Harness, request: object, raw: bytes | None = None) -> list[object]:
+def exchange(h: Harness, message: object, raw: bytes | None = None) -> list[object]:
     """What the daemon answers to one request line (or ``raw`` bytes), until it closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.settimeout(10)
-        connection.connect(address(h.federation.directory))
-        connection.sendall(raw if raw is not None else json.dumps(request).encode() + b"\n")
+        connection.connect(os.path.join(state(h), SOCKET))
+        connection.sendall(raw if raw is not None else json.dumps(message).encode() + b"\n")
         connection.shutdown(socket.SHUT_WR)
         data = b"".join(iter(lambda: connection.recv(65536), b""))
     return [json.loads(line) for line in data.splitlines()]
@@ -206,42 +292,105 @@ def exchange(h: Harness, request: object, raw: bytes | None = None) -> list[obje
 
 @pytest.mark.parametrize("name, raw", [
     ("not JSON", b"run everything\n"),
-    ("another protocol", json.dumps({"protocol": 2, "run": {}}).encode() + b"\n"),
+    ("another protocol", json.dumps({"protocol": 1, "run": {}}).encode() + b"\n"),
     ("a field more", None),
     ("a source that is not a name", None),
     ("a flag that is not a flag", None),
-    ("no end of line", json.dumps({"protocol": 1}).encode()),
-    ("longer than a request can be", b'{"protocol": 1, "run": {"sources": ["' + b"a" * (1 << 20) + b'"]}}\n'),
+    ("no end of line", json.dumps({"protocol": 2}).encode()),
+    ("two lines", b'{"protocol": 2}\n{"protocol": 2}\n'),
+    ("nested too deep", b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+    ("longer than a request can be", b'{"protocol": 2, "run": {"sources": ["' + b"a" * (1 << 20) + b'"]}}\n'),
 ])
 def test_a_hostile_request_is_refused_and_runs_nothing(served: Harness, name: str, raw: bytes | None) -> None:
-    fields = request_fields(served)
+    message = request(served)
+    fields = message["run"]
+    assert isinstance(fields, dict)
     if name == "a field more":
         fields["command"] = "rm -rf /"
     if name == "a source that is not a name":
         fields["sources"] = [{"$ne": ""}]
     if name == "a flag that is not a flag":
         fields["json"] = "yes"
-    answer = exchange(served, {"protocol": 1, "run": fields}, raw)
-    assert answer == [{"refused": "not a request this daemon reads"}]
+    assert exchange(served, message, raw) == [{"refused": "not a request this daemon reads"}]
     assert not served.history.runs() and not served.world.requests
+
+
+def test_ctrl_c_while_the_daemon_connects_to_the_source_asks_the_node_nothing(served: Harness) -> None:
+    """The command goes away while the daemon is still connecting: the job is stopped there, before its request."""
+    from mutualbackup.jobs.foreground import back_up_now
+    from mutualbackup.handoff.server import stop
+
+    connect = served.ctx.connector
+    controls: list = []
+
+    def slow_connect(node):  # noqa: ANN001, ANN202
+        for control in controls:
+            stop(control)  # what the watcher does when the command's end closes, here mid-connect
+        return connect(node)
+
+    @contextlib.contextmanager
+    def claim(source: str, target: str):  # noqa: ANN202
+        from mutualbackup.jobs.control import JobControl
+
+        controls.append(JobControl())
+        yield controls[-1], None
+
+    served.ctx.connector = slow_connect
+
+    class Quiet:
+        def note(self, text: str) -> None: ...
+        def outcome(self, outcome) -> None: ...  # noqa: ANN001
+        backing_up = staticmethod(lambda source, target: contextlib.nullcontext())
+
+    [outcome, _other] = back_up_now(served.ctx, ["coop0/src0"], None, Quiet(), claim)
+    assert outcome.result == "interrupted" and "aborted" in outcome.error
+    assert not [r for r in served.world.requests if r[1] == "backup"]  # the node was asked nothing
+
+
+def test_a_closed_stdout_or_stderr_keeps_the_run_in_the_command(served: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    for stream in ("stdout", "stderr"):
+        with monkeypatch.context() as patched:
+            patched.setattr(sys, stream, None)  # `mutualbackup run >&-` in a cron line
+            assert client.hand_off(argv(served), {}, os.getcwd(), state(served)) is None
+    assert not served.history.runs()
+
+
+def test_the_overflow_user_is_nobody_to_trust() -> None:
+    assert trusted(os.geteuid())
+    assert not trusted(65534)  # whom a user namespace shows for a user it does not map
+
+
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A directory every user may enter (the test's own tmp_path is 0700)."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="handoff-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def needs_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: another user's process is played by a child that drops to nobody")
+        pytest.skip("needs root: another user's process is played by a child of another user id")
 
 
-def as_nobody(script: str, *args: str) -> subprocess.Popen[str]:
-    """``script`` (Python) run by user nobody, its output read as text: another user's process."""
-    return subprocess.Popen([sys.executable, "-c", script, *args], user=NOBODY, group=NOBODY, extra_groups=[],
-                            stdout=subprocess.PIPE, text=True)
+def as_stranger(script: str, *args: str) -> subprocess.Popen[str]:
+    """``script`` (Python) run by user :data:`STRANGER`, its output read as text: another user's process."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], user=STRANGER, group=STRANGER, extra_groups=[],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 ASK = """
 import socket, sys
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
     connection.settimeout(10)
-    connection.connect("\\0" + sys.argv[1])  # the abstract name (no NUL in an argument)
+    try:
+        connection.connect(sys.argv[1])
+    except PermissionError:
+        print("no permission to connect")
+        sys.exit()
     try:
         connection.sendall(sys.argv[2].encode() + b"\\n")
         answer = connection.recv(65536)
@@ -251,22 +400,43 @@ print("closed unanswered" if answer == b"" else answer)
 """
 
 
-def test_the_daemon_serves_no_other_user(served: Harness) -> None:
+def test_the_daemon_serves_no_other_user(reachable: Path) -> None:
     needs_root()
-    request = json.dumps({"protocol": 1, "run": request_fields(served, sources=["coop0/src0"])})
-    asked = as_nobody(ASK, address(served.federation.directory)[1:], request)
-    out, _ = asked.communicate(timeout=30)
-    assert out.strip() == "closed unanswered"
+    served = harness(reachable)
+    server = HandoffServer(served.daemon)
+    assert server.start()
+    try:
+        answered_no_other_user(served)
+    finally:
+        server.close()
+
+
+def answered_no_other_user(served: Harness) -> None:
+    (Path(state(served)).parent).chmod(0o755)
+    where = os.path.join(state(served), SOCKET)
+    line = json.dumps(request(served, sources=["coop0/src0"]))
+    asked = as_stranger(ASK, where, line)
+    assert asked.communicate(timeout=30)[0].strip() == "no permission to connect"  # the state directory is 0700
+    os.chmod(state(served), 0o755)  # a state directory opened up, and the socket too: the daemon still refuses
+    os.chmod(where, 0o777)
+    asked = as_stranger(ASK, where, line)
+    assert asked.communicate(timeout=30)[0].strip() == "closed unanswered"
     assert not served.history.runs() and not served.world.requests
 
 
 IMPOSTOR = """
-import socket, sys
+import os, socket, sys
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-    listener.bind("\\0" + sys.argv[1])
+    listener.bind(sys.argv[1])
+    os.chmod(sys.argv[1], 0o777)
     listener.listen(1)
     print("ready", flush=True)
-    connection, _ = listener.accept()
+    listener.settimeout(float(sys.argv[2]))
+    try:
+        connection, _ = listener.accept()
+    except OSError:
+        print("nobody came", flush=True)
+        sys.exit()
     connection.settimeout(2)
     try:
         connection.sendall(b'{"accepted": 1}\\n{"exit": 0}\\n')
@@ -277,25 +447,65 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
 """
 
 
-def test_the_command_talks_to_no_other_users_socket(tmp_path: Path) -> None:
+def test_the_command_talks_to_no_other_users_socket(reachable: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     needs_root()
-    h = harness(tmp_path)  # no daemon: another user holds the name, says "accepted" and makes up an exit code
-    impostor = as_nobody(IMPOSTOR, address(h.federation.directory)[1:])
+    tmp_path = reachable
+    h = harness(tmp_path)  # no daemon: another user's impostor says "accepted", then makes up an exit code
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, STRANGER, STRANGER)
+    impostor = as_stranger(IMPOSTOR, str(theirs / SOCKET), "1")
+    try:
+        assert impostor.stdout.readline() == "ready\n"
+        words = ["--inventory", h.federation.directory, "--state", str(theirs), "run"]
+        assert client.hand_off(words, {}, os.getcwd(), str(theirs)) is None  # their directory: not even asked
+        assert impostor.communicate(timeout=30)[0] == "nobody came\n"
+    finally:
+        if impostor.poll() is None:
+            impostor.kill()
+            impostor.wait()
+    monkeypatch.setattr(client, "private_directory", lambda path: True)  # past the directory: the user itself
+    (theirs / SOCKET).unlink()
+    impostor = as_stranger(IMPOSTOR, str(theirs / SOCKET), "10")
     try:
         assert impostor.stdout.readline() == "ready\n"
         began = time.monotonic()
-        assert client.hand_off(argv(h, "coop0/src0"), {}, os.getcwd()) is None  # the command runs it itself
+        assert client.hand_off(words, {}, os.getcwd(), str(theirs)) is None  # the command runs it itself
         assert time.monotonic() - began < 1.5
-        out, _ = impostor.communicate(timeout=30)
-        assert out == "heard nothing\n"  # it never sent its request
+        assert impostor.communicate(timeout=30)[0] == "heard nothing\n"  # it never sent its request
     finally:
         if impostor.poll() is None:
             impostor.kill()
             impostor.wait()
 
 
-def test_a_second_daemon_of_the_same_inventory_does_not_take_the_socket(tmp_path: Path, served: Harness) -> None:
+def test_a_second_daemon_of_the_same_state_does_not_take_the_socket(served: Harness) -> None:
     assert not HandoffServer(served.daemon).start()
+    assert os.path.exists(os.path.join(state(served), SOCKET))  # the first one's is still there, and answers
+    assert exchange(served, request(served, version="0"))[0]["refused"].startswith("this daemon is")
+
+
+def test_a_socket_left_by_a_killed_daemon_is_replaced_and_a_long_state_path_works(tmp_path: Path) -> None:
+    h = harness(tmp_path / ("long-" * 20))
+    assert len(os.path.join(state(h), SOCKET)) > 108  # longer than a socket's address
+    first = HandoffServer(h.daemon)
+    assert first.start()
+    first.listener.shutdown(socket.SHUT_RDWR)  # killed: its socket file stays, nobody answers
+    first.listener.close()
+    first.listener = None
+    assert os.path.exists(os.path.join(state(h), SOCKET))
+    second = HandoffServer(h.daemon)
+    assert second.start()
+    try:
+        assert client.hand_off(argv(h, "coop0/src0"), {}, os.getcwd(), state(h)) == 0
+        assert stat_mode(os.path.join(state(h), SOCKET)) == 0o600
+    finally:
+        second.close()
+    assert not os.path.exists(os.path.join(state(h), SOCKET))  # removed on a clean stop
+
+
+def stat_mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o777
 
 
 def test_a_request_that_does_not_come_in_time_is_refused(served: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,8 +514,8 @@ def test_a_request_that_does_not_come_in_time_is_refused(served: Harness, monkey
     monkeypatch.setattr(server, "READ_SECONDS", 0.3)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.settimeout(10)
-        connection.connect(address(served.federation.directory))
-        connection.sendall(b'{"protocol": 1, ')  # and then nothing, the connection kept open
+        connection.connect(os.path.join(state(served), SOCKET))
+        connection.sendall(b'{"protocol": 2, ')  # and then nothing, the connection kept open
         began = time.monotonic()
         answer = connection.recv(65536)
     assert json.loads(answer) == {"refused": "not a request this daemon reads"}

@@ -52,6 +52,21 @@ def test_a_command_line_recalls_the_endpoint_it_connected_to_and_nothing_else(tm
     assert "/s" not in Path(path).read_text() and "coop/web1\"]" not in Path(path).read_text()[:80]  # a digest
 
 
+def test_a_command_line_recalls_the_state_directory_it_used_with_its_endpoint(tmp_path: Path) -> None:
+    """Where the daemon that may run it listens (mutualbackup/handoff): kept beside the endpoint, each kept when
+    the other is learnt; a cache written before the state was kept still gives its endpoint."""
+    path = str(tmp_path / "connections.json")
+    assert hints.recalled_state(path, "c") is None
+    hints.remember(path, "c", None, "/var/lib/mutualbackup")
+    assert hints.recalled_state(path, "c") == "/var/lib/mutualbackup" and hints.recall(path, "c") is None
+    hints.remember(path, "c", ENDPOINT)
+    assert hints.recalled_state(path, "c") == "/var/lib/mutualbackup" and hints.recall(path, "c") == ENDPOINT
+    hints.remember(path, "c", None, "relative/state")  # kept as given, but never recalled: not a place
+    assert hints.recalled_state(path, "c") is None
+    Path(path).write_text(json.dumps({"old": ENDPOINT.as_list()}))  # the format of before
+    assert hints.recall(path, "old") == ENDPOINT and hints.recalled_state(path, "old") is None
+
+
 def test_only_the_last_command_lines_are_kept(tmp_path: Path) -> None:
     path = str(tmp_path / "connections.json")
     for n in range(hints.KEPT + 5):

@@ -1,14 +1,16 @@
 """The command's side: ``mutualbackup run`` asks the daemon to run its jobs, then prints what the daemon sends.
 
-This runs before the rest of the program is imported (``mutualbackup/__main__.py``), so it reads the command line
-itself, and only its plain forms (:func:`parse`): anything else — ``-v``, ``--help``, an abbreviated option, an
-error — is left to the command, which runs the jobs itself and says what argparse says.
+Asked twice at most: by the executable before anything else is imported, when the state directory is known
+without the inventory (``--state``, or where the same command line found it last time: ``remote/hints.py``);
+else by ``cli.cmd_run`` once it has read the inventory. It reads the command line itself, and only its plain
+forms (:func:`parse`): anything else — ``-v``, ``--help``, an abbreviated option, an error — is left to the
+command, which runs the jobs itself and says what argparse says.
 
-Nothing is sent before the daemon's user is checked (:func:`mutualbackup.handoff.trusted`). Until the daemon has
-said "accepted", any failure (no daemon, another user's socket, a refusal, no answer within
-:data:`ANSWER_SECONDS`) gives the jobs back to the command. Once it has, they are the daemon's: the command
-prints, and an interruption (Ctrl-C) closes the connection, on which the daemon stops the job as it would stop
-the command's own (its connection to the node closed).
+Nothing is sent unless the socket is in a directory of this user's (or root's) that nobody else may write, and
+the daemon is this user or root (:mod:`mutualbackup.handoff`). Until the daemon has said "accepted", any
+failure (no daemon, a refusal, no answer within :data:`ANSWER_SECONDS`) gives the jobs back to the command.
+Once it has, they are the daemon's: the command prints, and an interruption (Ctrl-C) closes the connection, on
+which the daemon stops the job as it would stop the command's own (its connection to the node closed).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import BinaryIO
 
-from mutualbackup.handoff import PROTOCOL, address, peer_user, trusted
+from mutualbackup import __version__
+from mutualbackup.handoff import PROTOCOL, address, peer_user, private_directory, trusted
+
 
 ANSWER_SECONDS = 2.0
 """How long the daemon may take to accept or decline (it answers at once: its checks are a few stat calls)."""
@@ -77,21 +81,36 @@ def parse(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> dict[str
             "inventory": inventory, "state": os.path.realpath(os.path.join(cwd, state)) if state else None}
 
 
-def hand_off(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int | None:
-    """``mutualbackup ARGV`` run by the daemon serving its inventory: the exit code; None when the command is to
-    run it itself (not handed off)."""
+def state_named(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> str | None:
+    """The state directory the command line names (``--state``), when it is one :func:`hand_off` would take."""
     request = parse(argv, environ, cwd)
-    if request is None:
+    return str(request["state"]) if request is not None and request["state"] else None
+
+
+def hand_off(argv: Sequence[str], environ: Mapping[str, str], cwd: str, state: str) -> int | None:
+    """``mutualbackup ARGV`` run by the daemon of the state directory ``state`` (where the command would keep its
+    runs: ``--state``, else the inventory's ``coordinator.state``): the exit code; None when the command is to run
+    it itself (not handed off)."""
+    request = parse(argv, environ, cwd)
+    if request is None or sys.stdout is None or sys.stderr is None:  # a closed stream (`>&-`): the command copes
         return None
+    state = os.path.realpath(os.path.join(cwd, state))
+    if not private_directory(state):
+        return None
+    request["state_named"] = request["state"] is not None  # else the inventory's coordinator.state
+    request["state"] = state
     request["progress"] = sys.stderr.isatty()
+    request["journal"] = bool(environ.get("JOURNAL_STREAM"))
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.settimeout(ANSWER_SECONDS)
         try:
-            connection.connect(address(str(request["inventory"])))
+            with address(state) as where:
+                connection.connect(where)
             if not trusted(peer_user(connection)):
                 return None
-            connection.sendall(json.dumps({"protocol": PROTOCOL, "run": request}).encode() + b"\n")
+            connection.sendall(json.dumps({"protocol": PROTOCOL, "version": __version__, "run": request}).encode()
+                               + b"\n")
             replies = connection.makefile("rb")
             answer = _message(replies.readline())
         except (OSError, ValueError):
@@ -101,7 +120,8 @@ def hand_off(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int |
         connection.settimeout(None)
         daemon = answer["accepted"]
         try:
-            return Printer(bool(request["json"]), bool(request["progress"])).follow(replies, daemon)
+            return Printer(bool(request["json"]), bool(request["progress"]), bool(request["journal"])).follow(
+                replies, daemon)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 1
@@ -127,8 +147,9 @@ def _message(line: bytes) -> object:
 class Printer:
     """Prints what the daemon sends, as the command would have printed it."""
 
-    def __init__(self, json_out: bool, progress: bool) -> None:
+    def __init__(self, json_out: bool, progress: bool, journal: bool = False) -> None:
         self.json = json_out
+        self.journal = journal  # stderr is the journal's: log lines without their time
         self.wants_progress = progress
         self.progress = None  # the terminal's progress line of the backup under way
         self.outcomes: list[object] = []
@@ -159,6 +180,8 @@ class Printer:
 
             files, original, deduplicated = message["progress"]  # type: ignore[misc]
             self.progress(SimpleNamespace(files=files, original_bytes=original, deduplicated_bytes=deduplicated))
+        if "log" in message:
+            self.write(sys.stderr, self.log_line(*message["log"]) + "\n")  # type: ignore[misc]
         if "ended" in message:
             self.ended()
         if "outcome" in message:
@@ -174,6 +197,14 @@ class Printer:
             sys.stdout.flush()
             return int(message["exit"])  # type: ignore[call-overload]
         return None
+
+    def log_line(self, created: float, level: str, text: str) -> str:
+        """A log record of the job, as the command's own logging writes it (``cli.setup_logging``)."""
+        if self.journal:
+            return f"{level} {text}"
+        import time
+
+        return f"{time.strftime('%H:%M:%S', time.localtime(created))} {level:<7} {text}"
 
     def write(self, stream, text: str) -> None:  # noqa: ANN001
         if self.progress is not None and stream is sys.stderr:

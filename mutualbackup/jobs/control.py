@@ -33,8 +33,16 @@ class JobControl:
         return self.aborted.is_set()
 
     def attach(self, transport: Transport) -> None:
+        """Register a connection of the job; one attached after :meth:`abort` is closed at once (the job was
+        stopped while it connected)."""
         with self._lock:
             self._transports.append(transport)
+            late = self.is_aborted
+        if late:
+            try:
+                transport.close()
+            except Exception:  # closing is best effort
+                pass
 
     def detach(self, transport: Transport) -> None:
         with self._lock:

@@ -136,9 +136,17 @@ def _usable_key(path: str) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size <= KEY_FILE_LIMIT
 
 
+def _kept(path: str, command: str) -> dict[str, object]:
+    """What is kept for ``command``: ``endpoint`` (its fields) and ``state`` (the state directory it used)."""
+    kept = _read(path).get(command)
+    if isinstance(kept, list):  # as written before the state directory was kept too
+        kept = {"endpoint": kept}
+    return kept if isinstance(kept, dict) else {}
+
+
 def recall(path: str, command: str) -> Endpoint | None:
     """The endpoint ``command`` connected to last time, if it is remembered (and well formed)."""
-    fields = _read(path).get(command)
+    fields = _kept(path, command).get("endpoint")
     if not isinstance(fields, list) or len(fields) != len(FIELDS):
         return None
     name, address, port, user, host_key, key_file = fields
@@ -147,15 +155,26 @@ def recall(path: str, command: str) -> Endpoint | None:
     return Endpoint(name, address, port, user, host_key, key_file)
 
 
-def remember(path: str, command: str, endpoint: Endpoint) -> None:
-    """Keep ``endpoint`` as where ``command`` connects (the last :data:`KEPT` command lines used). Best effort: a
-    cache that cannot be written (a read-only home, a directory that is not the user's own) changes nothing but
-    the next run's start."""
+def recalled_state(path: str, command: str) -> str | None:
+    """The state directory ``command`` used last time (where a daemon may run it: mutualbackup/handoff)."""
+    state = _kept(path, command).get("state")
+    return state if isinstance(state, str) and os.path.isabs(state) else None
+
+
+def remember(path: str, command: str, endpoint: Endpoint | None, state: str | None = None) -> None:
+    """Keep ``endpoint`` as where ``command`` connects, and ``state`` as its state directory (the last
+    :data:`KEPT` command lines used; None: what was kept stays). Best effort: a cache that cannot be written (a
+    read-only home, a directory that is not the user's own) changes nothing but the next run's start."""
     kept = _read(path)
-    if list(kept)[-1:] == [command] and kept[command] == endpoint.as_list():
+    entry = dict(_kept(path, command)) if command in kept else {}
+    if endpoint is not None:
+        entry["endpoint"] = endpoint.as_list()
+    if state is not None:
+        entry["state"] = state
+    if list(kept)[-1:] == [command] and kept[command] == entry:
         return
     kept.pop(command, None)
-    kept[command] = endpoint.as_list()
+    kept[command] = entry
     kept = dict(list(kept.items())[-KEPT:])
     import tempfile
 
@@ -182,6 +201,13 @@ class Hinted:
     def __init__(self, path: str | None, command: str, endpoint: Endpoint | None,
                  transport: SSHTransport | None) -> None:
         self.path, self.command, self.endpoint, self.transport = path, command, endpoint, transport
+        self.state: str | None = None  # the state directory the command uses, once its inventory is read
+
+    def keep_state(self, state: str) -> None:
+        """Remember the state directory the command uses (the next run asks that directory's daemon first)."""
+        self.state = state
+        if self.path is not None and recalled_state(self.path, self.command) != state:
+            remember(self.path, self.command, None, state)
 
     def take(self, node: object, key_file: str) -> SSHTransport | None:
         """The started transport when the inventory's ``node`` is the endpoint it was started for (it then stands
@@ -194,7 +220,7 @@ class Hinted:
             transport.close()
             transport = None
         if self.path is not None:
-            remember(self.path, self.command, endpoint)
+            remember(self.path, self.command, endpoint, self.state)
         return transport
 
     def close(self) -> None:
