@@ -520,3 +520,26 @@ def test_a_request_that_does_not_come_in_time_is_refused(served: Harness, monkey
         answer = connection.recv(65536)
     assert json.loads(answer) == {"refused": "not a request this daemon reads"}
     assert time.monotonic() - began < 5
+
+
+def test_a_command_that_stops_reading_loses_progress_lines_then_counts_as_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-Z, or a pipe nobody reads: the daemon never waits on it for a progress line, and waits at most
+    SEND_SECONDS for any other before it stops the job as if the command had gone."""
+    from types import SimpleNamespace
+
+    from mutualbackup.handoff import server
+    from mutualbackup.jobs.control import JobControl
+
+    monkeypatch.setattr(server, "SEND_SECONDS", 0.3)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(server.SEND_SECONDS)
+        served = server.Served(SimpleNamespace(daemon=None), ours)  # type: ignore[arg-type]
+        served.current = control = JobControl()
+        began = time.monotonic()
+        for _ in range(20_000):  # far more than the socket holds: the rest are dropped, never waited for
+            served.send({"progress": [1, 2, 3]}, droppable=True)
+        assert time.monotonic() - began < 0.3 * 3 and not served.gone.is_set()
+        served.send({"out": "a line the command must get\n"})  # waits SEND_SECONDS, then: gone
+        assert served.gone.is_set() and control.is_aborted and control.reason == server.GONE
+        assert time.monotonic() - began < 5
