@@ -1,7 +1,8 @@
 """The demo federation: ``inventory/`` on real sshd nodes on loopback, end to end.
 
 check → plan → apply → run → status → restore of one file into a new directory,
-then the daemon with /metrics until Ctrl-C (or, with ``--once``, a scrape and exit).
+then the daemon with /metrics, a `run` it runs for the command, until Ctrl-C (or, with ``--once``, a scrape
+and that run, and exit).
 Every step is the real ``mutualbackup`` command, printed before it runs.
 """
 
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {copy}\n  byte-identical to the original: {'yes' if same else 'NO'}")
         if not same:
             return 1
-        return run_daemon(fed, once=args.once)
+        return run_daemon(fed, source, once=args.once)
 
 
-def run_daemon(fed: LabFederation, *, once: bool) -> int:
+def run_daemon(fed: LabFederation, source: str, *, once: bool) -> int:
     url = f"http://127.0.0.1:{fed.metrics_port}/metrics"
     step("mutualbackup daemon")
     daemon = subprocess.Popen(_mb_argv(fed, "daemon"), env=_env())
@@ -69,6 +70,7 @@ def run_daemon(fed: LabFederation, *, once: bool) -> int:
         body = _wait_for_metrics(url, daemon)
         healthy = [line for line in body.splitlines() if line.startswith("mutualbackup_replicas_healthy")]
         print("\n".join(f"  {line}" for line in healthy))
+        _handed_to_the_daemon(fed, source, daemon)
         if once:
             return 0
         print(f"\nThe daemon is running. Metrics: {url}")
@@ -84,6 +86,20 @@ def run_daemon(fed: LabFederation, *, once: bool) -> int:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=90)
+
+
+def _handed_to_the_daemon(fed: LabFederation, source: str, daemon: subprocess.Popen[bytes]) -> None:
+    """``mutualbackup run`` while the daemon runs: the daemon runs the backup, the command prints its lines."""
+    from mutualbackup.state.history import History
+
+    history = History(fed.state)
+    deadline = time.monotonic() + 120
+    while history.runs(result="running") and time.monotonic() < deadline:  # its first jobs (drills) end first
+        time.sleep(0.5)
+    mb(fed, "run", source)
+    [run] = history.runs(kind="backup", source=source, limit=1)
+    who = "the daemon" if run.pid == daemon.pid else f"the command itself (process {run.pid})"
+    print(f"  run by {who}: `mutualbackup run` hands its backups to the daemon of its state directory")
 
 
 def seed_data(fed: LabFederation) -> None:
@@ -113,7 +129,7 @@ def step(text: str) -> None:
 
 
 def _mb_argv(fed: LabFederation, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mutualbackup.cli", "--inventory", str(fed.inventory), *args]
+    return [sys.executable, "-m", "mutualbackup", "--inventory", str(fed.inventory), *args]
 
 
 def _env() -> dict[str, str]:
