@@ -16,7 +16,7 @@ import sys
 
 
 def main() -> None:
-    hinted = handoff = None
+    hinted = handoff = asked = None
     if "run" in sys.argv[1:]:  # the hint is kept per whole command line: another command never finds one
         argv, environ, cwd = sys.argv[1:], os.environ, os.getcwd()
         try:

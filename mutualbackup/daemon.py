@@ -262,8 +262,9 @@ class Daemon:
         self._moves_looked = stamp
         fed = self.ctx.federation
         jobs = []
+        running = self.running_jobs()
         for move in moving:
-            if (move["source"], move["new"]) in self.running_jobs() or move["source"] not in {s.name for s in fed.sources()}:
+            if (move["source"], move["new"]) in running or move["source"] not in {s.name for s in fed.sources()}:
                 continue
             if move["new"] not in history.placement().get(move["source"], ()) or moves.new_replica_healthy(
                     self.ctx, move):

@@ -543,3 +543,28 @@ def test_a_command_that_stops_reading_loses_progress_lines_then_counts_as_gone(m
         served.send({"out": "a line the command must get\n"})  # waits SEND_SECONDS, then: gone
         assert served.gone.is_set() and control.is_aborted and control.reason == server.GONE
         assert time.monotonic() - began < 5
+
+
+def test_once_the_daemon_has_accepted_the_command_never_runs_the_jobs_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A daemon that goes away, or says something the command does not read: the jobs were taken, the command
+    says so and exits 1 (None would run them a second time)."""
+    h = harness(tmp_path)
+    for said in (b'{"accepted": 7}\n', b'{"accepted": 7}\n{"log": 5}\n', b'{"accepted": 7}\n["exit", 0]\n'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(os.path.join(state(h), SOCKET))
+            listener.listen(1)
+
+            def answer() -> None:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(said)
+
+            answering = threading.Thread(target=answer)
+            answering.start()
+            assert client.hand_off(argv(h), {}, os.getcwd(), state(h)) == 1, said
+            answering.join()
+        os.unlink(os.path.join(state(h), SOCKET))
+        assert "the daemon (process 7)" in capsys.readouterr().err

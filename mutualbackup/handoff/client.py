@@ -130,7 +130,7 @@ def hand_off(argv: Sequence[str], environ: Mapping[str, str], cwd: str, state: s
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
             return 0
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - never run again what the daemon took: say so, and stop
             print(f"mutualbackup: the daemon (process {daemon}) ran this command's backups, and its connection "
                   f"failed: {exc}; `mutualbackup status` says what it recorded", file=sys.stderr)
             return 1
