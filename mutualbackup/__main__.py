@@ -17,8 +17,12 @@ import sys
 
 def main() -> None:
     hinted = handoff = asked = None
-    if "run" in sys.argv[1:]:  # the hint is kept per whole command line: another command never finds one
-        argv, environ, cwd = sys.argv[1:], os.environ, os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a directory removed under the shell: the command says what it finds
+        cwd = None
+    if "run" in sys.argv[1:] and cwd is not None:  # hints are kept per whole command line and directory
+        argv, environ = sys.argv[1:], os.environ
         try:
             asked = _ask_the_daemon(argv, environ, cwd)
             if asked is not None and asked[0] is not None:

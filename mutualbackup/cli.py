@@ -378,6 +378,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hinted is not None:
         hinted.keep_state(state)  # the next run of this command line asks that directory's daemon first
     if handoff is not None:
+        from mutualbackup.handoff import SOCKET
+
+        if hinted is not None and os.path.exists(os.path.join(state, SOCKET)):
+            hinted.close()  # a daemon may well run it: no session left waiting on the source meanwhile
         handed = handoff(state)  # a daemon of that state runs it (mutualbackup/handoff), when one does
         if handed is not None:
             return handed
@@ -580,10 +584,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    from mutualbackup.daemon import inventory_stamp
     from mutualbackup.service import run_daemon
 
+    read_at = inventory_stamp(inventory_dir(args))  # before it is read: an edit meanwhile is read at the first tick
     federation = load(args)
-    return run_daemon(args, federation)
+    return run_daemon(args, federation, read_at)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -166,6 +166,7 @@ def ssh_connector(federation: Federation) -> Connector:
     def connect(node: Node) -> Transport:
         return SSHTransport(node, key)
 
+    connect.key_file = key  # type: ignore[attr-defined]  # what a reloaded inventory is compared with (daemon.py)
     return connect
 
 

@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 from mutualbackup.jobs import maintenance
 from mutualbackup.plan import schedule
 from mutualbackup.jobs.backup import run_backup
-from mutualbackup.context import Context
+from mutualbackup.context import Context, coordinator_key, ssh_connector
 from mutualbackup.errors import MutualBackupError
 from mutualbackup.plan.due import JobState, PairSummary
 from mutualbackup.inventory.load import load_inventory
@@ -77,7 +77,8 @@ class Daemon:
 
     ``clock`` gives the times recorded in the history (tests pass a fake one,
     together with ``now`` to :meth:`step`); ``timeout_for`` maps a job's
-    estimated duration to its timeout.
+    estimated duration to its timeout; ``read_at``: the inventory's stamp taken before ``ctx``'s federation was
+    read (:func:`inventory_stamp`; an edit made meanwhile is then read at the first tick).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class Daemon:
         timeout_for: Callable[[float], float] = job_timeout,
         maintenance_enabled: bool = True,
         drills_enabled: bool = True,
+        read_at: tuple[object, ...] | None = None,
     ):
         self.ctx = ctx
         self.tick = tick
@@ -112,8 +114,9 @@ class Daemon:
         self._due_memo: dict = {}  # next attempts that do not depend on the time (plan/due.py); per inventory
         self.metrics = MetricsSource(ctx.history, ctx.federation, placement=ctx.history.placement,
                                      unplaceable=len(ctx.placement.problems))
-        self._inventory_stamp = _stamp(ctx.federation.directory)  # the files as last looked at
-        self._read_at: tuple[object, ...] | None = self._inventory_stamp  # the files as self.ctx was read from them
+        # the files as ctx was read from them (``read_at``: stamped before they were read), and as last looked at
+        self._read_at: tuple[object, ...] | None = read_at or inventory_stamp(ctx.federation.directory)
+        self._inventory_stamp = self._read_at
         self._copied: float | None = None  # monotonic time of the last copy of the state
         self._moves_looked: float | None = None  # fake-clock time of the last look for replicas to move
         self.heartbeat: Callable[[], None] = lambda: None  # called every loop (systemd's watchdog)
@@ -122,13 +125,16 @@ class Daemon:
 
     def reload_if_changed(self, *, asked: bool = False) -> None:
         """A new inventory when its files changed (or when ``asked``: SIGHUP); the last valid one stays otherwise."""
-        stamp = _stamp(self.ctx.federation.directory)
+        stamp = inventory_stamp(self.ctx.federation.directory)
         if stamp == self._inventory_stamp and not asked:
             return
         self._inventory_stamp = stamp
         try:
             federation = load_inventory(self.ctx.federation.directory)
-            candidate = Context(federation, self.ctx.history, self.ctx.connector)
+            connector = self.ctx.connector
+            if getattr(connector, "key_file", None) not in (None, coordinator_key(federation)):
+                connector = ssh_connector(federation)  # the key the inventory names now
+            candidate = Context(federation, self.ctx.history, connector)
             problems = candidate.placement.problems
         except MutualBackupError as exc:
             self.metrics.inventory_valid = False
@@ -155,7 +161,7 @@ class Daemon:
         elsewhere)."""
         with self._lock:
             ctx, read_at = self.ctx, self._read_at
-        if read_at is None or _stamp(ctx.federation.directory) != read_at:
+        if read_at is None or inventory_stamp(ctx.federation.directory) != read_at:
             return None
         return ctx
 
@@ -521,12 +527,12 @@ JOB_KINDS: dict[str, tuple[Callable[[Daemon, RunningJob, float], None], bool]] =
 """Each job kind: what its thread runs, and whether a bad last run of its replica is cleaned up first."""
 
 
-def _stamp(directory: str) -> tuple[object, ...]:
+def inventory_stamp(directory: str) -> tuple[object, ...]:
     """What the inventory's loader reads, as the file system has it now: the directory's real path,
     ``federation.yml``, and every entry of ``members/`` but hidden ones (name, kind, inode, size, modification
     and change times: a file replaced with its old modification time, ``cp -p`` say, still changes the last)."""
     real = os.path.realpath(directory)
-    stamp: list[object] = [real, _file_stamp(os.path.join(real, "federation.yml"))]
+    stamp: list[object] = [real, _file_stamp(os.path.join(real, "federation.yml"), follow=True)]  # as opened
     try:
         with os.scandir(os.path.join(real, "members")) as entries:
             stamp += sorted((entry.name, _file_stamp(entry.path)) for entry in entries if not entry.name.startswith("."))
@@ -535,9 +541,11 @@ def _stamp(directory: str) -> tuple[object, ...]:
     return tuple(stamp)
 
 
-def _file_stamp(path: str) -> tuple[int, ...]:
+def _file_stamp(path: str, follow: bool = False) -> tuple[int, ...]:
+    """A file's kind, inode, size and times (of what a link leads to when ``follow``: the loader opens
+    ``federation.yml`` through one, and refuses links among the member files)."""
     try:
-        info = os.lstat(path)
+        info = os.stat(path) if follow else os.lstat(path)
     except OSError as exc:
         return (-1, exc.errno or 0)
     return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)

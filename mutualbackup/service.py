@@ -19,7 +19,8 @@ from mutualbackup.systemd_notify import Notifier
 log = logging.getLogger("mutualbackup.daemon")
 
 
-def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
+def run_daemon(args: argparse.Namespace, federation: Federation, read_at: tuple[object, ...] | None = None) -> int:
+    """The daemon until SIGTERM; ``read_at``: the inventory's stamp taken before ``federation`` was read."""
     state = getattr(args, "state", None) or federation.coordinator.state
     history = History(state)
     ctx = Context(federation, history, ssh_connector(federation))
@@ -28,7 +29,7 @@ def run_daemon(args: argparse.Namespace, federation: Federation) -> int:
     for run in history.mark_interrupted():
         log.warning("run %d (%s %s -> %s) was interrupted by a previous crash; marked", run.id, run.kind, run.source, run.target)
     daemon = Daemon(ctx, tick=args.tick, grace=getattr(args, "grace", GRACE_SECONDS),
-                    global_limit=getattr(args, "max_jobs", None))
+                    global_limit=getattr(args, "max_jobs", None), read_at=read_at)
     address, port = federation.coordinator.metrics_address
     try:
         server, _thread = start_metrics_server(address, port, daemon.metrics)

@@ -568,3 +568,69 @@ def test_once_the_daemon_has_accepted_the_command_never_runs_the_jobs_itself(
             answering.join()
         os.unlink(os.path.join(state(h), SOCKET))
         assert "the daemon (process 7)" in capsys.readouterr().err
+
+
+def real_inventory(tmp_path: Path) -> Path:
+    """A copy of a valid inventory (the daemon reloads it for real)."""
+    inventory = tmp_path / "inventory"
+    shutil.copytree(Path(__file__).parent / "inventories" / "three-members", inventory)
+    return inventory
+
+
+def test_the_stamp_follows_a_linked_federation_file_and_is_taken_before_the_daemon_reads(tmp_path: Path) -> None:
+    from mutualbackup.daemon import inventory_stamp
+
+    inventory = real_inventory(tmp_path)
+    elsewhere = tmp_path / "federation.yml"
+    (inventory / "federation.yml").rename(elsewhere)
+    (inventory / "federation.yml").symlink_to(elsewhere)  # a file kept elsewhere (a checkout, a ConfigMap)
+    before = inventory_stamp(str(inventory))
+    elsewhere.write_text(elsewhere.read_text() + "# edited where the link leads\n")
+    assert inventory_stamp(str(inventory)) != before
+
+
+def test_a_reloaded_inventory_that_names_another_key_gets_a_connector_with_that_key(tmp_path: Path) -> None:
+    from mutualbackup.context import Context, ssh_connector
+    from mutualbackup.daemon import Daemon, inventory_stamp
+    from mutualbackup.inventory.load import load_inventory
+    from mutualbackup.state.history import History
+
+    inventory = real_inventory(tmp_path)
+    read_at = inventory_stamp(str(inventory))  # as cmd_daemon takes it: before the inventory is read
+    federation = load_inventory(str(inventory))
+    daemon = Daemon(Context(federation, History(str(tmp_path / "state")), ssh_connector(federation)),
+                    read_at=read_at)
+    assert daemon.inventory_as_it_is() is daemon.ctx
+    text = (inventory / "federation.yml").read_text()
+    assert "ssh_key: /etc/mutualbackup/id_ed25519" in text
+    (inventory / "federation.yml").write_text(text.replace("/etc/mutualbackup/id_ed25519", "/etc/mutualbackup/new_key"))
+    assert daemon.inventory_as_it_is() is None  # not before it has read it
+    daemon.reload_if_changed()
+    assert daemon.inventory_as_it_is() is daemon.ctx
+    assert daemon.ctx.connector.key_file == "/etc/mutualbackup/new_key"  # type: ignore[attr-defined]
+    stale = Daemon(daemon.ctx, read_at=read_at)  # started from a reading older than the files: reads them again
+    assert stale.inventory_as_it_is() is None
+
+
+def test_a_daemon_whose_state_directory_others_may_write_takes_no_run(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    os.chmod(state(h), 0o777)
+    assert not HandoffServer(h.daemon).start()
+    assert not os.path.exists(os.path.join(state(h), SOCKET))
+
+
+def test_a_command_the_daemon_could_not_serve_leaves_the_next_one_served(served: Harness,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    started = threading.Thread.start
+    failures = []
+
+    def no_thread(self):  # noqa: ANN001, ANN202
+        if self.name == "handed-off run" and not failures:
+            failures.append(self)
+            raise RuntimeError("can't start new thread")
+        return started(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    assert client.hand_off(argv(served, "coop0/src0"), {}, os.getcwd(), state(served)) is None  # runs it itself
+    assert client.hand_off(argv(served, "coop0/src0"), {}, os.getcwd(), state(served)) == 0  # the daemon still serves
+    assert failures

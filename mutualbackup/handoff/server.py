@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from mutualbackup import __version__
 from mutualbackup.errors import MutualBackupError
-from mutualbackup.handoff import PROTOCOL, REQUEST_LIMIT, SOCKET, address, peer_user, trusted
+from mutualbackup.handoff import PROTOCOL, REQUEST_LIMIT, SOCKET, address, peer_user, private_directory, trusted
 from mutualbackup.jobs.control import JobControl
 
 if TYPE_CHECKING:
@@ -96,6 +96,10 @@ class HandoffServer:
         if not trusted(os.geteuid()):
             log.warning("`mutualbackup run` will run its jobs itself: this daemon's user is the overflow user")
             return False
+        if not private_directory(self.state):
+            log.warning("`mutualbackup run` will run its jobs itself, not in this daemon: its state directory %s is "
+                        "not its own or others may write it (chmod 700 it)", self.state)
+            return False
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with address(self.state) as where:
@@ -136,19 +140,31 @@ class HandoffServer:
                 time.sleep(0.5)  # out of file descriptors, say: try again
                 continue
             try:
-                uid = peer_user(connection)
-            except OSError:
+                self._take(connection)
+            except Exception:  # noqa: BLE001 - no thread to be had (TasksMax), say: this command runs its jobs itself
+                log.exception("cannot serve a handed-off `mutualbackup run`")
                 connection.close()
-                continue
-            if not trusted(uid):
-                self._log_refusal(uid)
-                connection.close()
-                continue
-            if not self.clients.acquire(blocking=False):
-                _send(connection, {"refused": f"the daemon serves {MAX_CLIENTS} commands already"})
-                connection.close()
-                continue
+
+    def _take(self, connection: socket.socket) -> None:
+        """One command's connection: refused, or served in a thread of its own."""
+        try:
+            uid = peer_user(connection)
+        except OSError:
+            connection.close()
+            return
+        if not trusted(uid):
+            self._log_refusal(uid)
+            connection.close()
+            return
+        if not self.clients.acquire(blocking=False):
+            _send(connection, {"refused": f"the daemon serves {MAX_CLIENTS} commands already"})
+            connection.close()
+            return
+        try:
             threading.Thread(target=self._serve, args=(connection,), name="handed-off run", daemon=True).start()
+        except BaseException:
+            self.clients.release()
+            raise
 
     def _log_refusal(self, uid: int) -> None:
         now = time.monotonic()
@@ -244,10 +260,11 @@ class Served:
 
     def _watch(self) -> None:
         """The command sends nothing after its request: anything, or its end, means it is gone."""
+        poller = select.poll()  # not select(): a descriptor above 1024 is fine
+        poller.register(self.connection, select.POLLIN)
         while not self.finished.is_set():
             try:
-                readable, _, _ = select.select([self.connection], [], [], 1.0)
-                if readable and not self.finished.is_set():
+                if poller.poll(1000) and not self.finished.is_set():
                     self.connection.recv(1, socket.MSG_DONTWAIT)
                     break
             except BlockingIOError:
@@ -296,11 +313,9 @@ class Served:
         line = json.dumps(message).encode() + b"\n"
         with self.sending:
             if droppable:
-                try:
-                    _, writable, _ = select.select([], [self.connection], [], 0)
-                except (OSError, ValueError):
-                    writable = [self.connection]  # the send below says what is wrong
-                if not writable:
+                poller = select.poll()
+                poller.register(self.connection, select.POLLOUT)
+                if not poller.poll(0):
                     return  # the command is not reading now: this progress is dropped, the next one will do
             ok = _send_rest(self.connection, line)
         if not ok:
@@ -308,15 +323,16 @@ class Served:
 
 
 class _Forward(logging.Handler):
-    """The job's log records (its thread's, INFO and up), sent to the command for its stderr."""
+    """The job's log records (its thread's, INFO and up), sent to the command for its stderr. Other threads'
+    records are filtered out before the handler's lock is taken: a command slow to read holds up its own job's
+    logging only, never the daemon's."""
 
     def __init__(self, served: Served, thread: int) -> None:
         super().__init__(logging.INFO)
         self.served, self.thread = served, thread
+        self.addFilter(lambda record: record.thread == self.thread and record.name != log.name)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread or record.name == log.name or record.levelno < logging.INFO:
-            return
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + logging.Formatter().formatException(record.exc_info)
