@@ -634,3 +634,30 @@ def test_a_command_the_daemon_could_not_serve_leaves_the_next_one_served(served:
     assert client.hand_off(argv(served, "coop0/src0"), {}, os.getcwd(), state(served)) is None  # runs it itself
     assert client.hand_off(argv(served, "coop0/src0"), {}, os.getcwd(), state(served)) == 0  # the daemon still serves
     assert failures
+
+
+def test_a_daemon_stopping_during_a_handed_off_run_starts_none_of_its_next_jobs_and_says_so(
+    capsys: pytest.CaptureFixture[str], served: Harness,
+) -> None:
+    """SIGTERM while a handed-off run goes on: the job under way ends as the daemon's own do; the next ones are
+    not started, each says why, and the command exits 1 (it ran them all, or says which it did not)."""
+    from mutualbackup.jobs import backup
+
+    real = backup.run_backup
+    calls: list[str] = []
+
+    def then_sigterm(*args, **options):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[2].name)
+        outcome = real(*args, **options)
+        served.daemon.stop.set()  # SIGTERM arrives while the first backup runs
+        return outcome
+
+    backup.run_backup = then_sigterm  # type: ignore[assignment]
+    try:
+        code, out, err = handed(served, capsys)  # every source: six backups
+    finally:
+        backup.run_backup = real  # type: ignore[assignment]
+    assert code == 1 and len(calls) == 1
+    assert len(out.splitlines()) == 1 and " success " in out
+    assert err.count("not started: the daemon is stopping; run it again once that ends") == 5, err
+    assert not served.daemon.running
