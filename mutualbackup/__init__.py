@@ -19,3 +19,14 @@ def leave(code: int) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def stdout_gone() -> None:
+    """stdout's reader went away (``mutualbackup … | head``): what is still buffered goes nowhere, so that the
+    interpreter's last flush does not fail again."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from mutualbackup import __version__, leave
+from mutualbackup import __version__, leave, stdout_gone
 from mutualbackup.errors import InventoryError, MutualBackupError, OperationFailed, UsageError
 from mutualbackup.inventory.load import load_inventory
 
@@ -62,9 +62,7 @@ def main(argv: Sequence[str] | None = None, hinted: Hinted | None = None,
         print("interrupted", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `mutualbackup plan | head`: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush does not fail again
-        os.close(devnull)
+        stdout_gone()
         return 0
 
 
@@ -165,14 +163,20 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     """Plain lines under systemd (no colours, no timestamps: the journal adds them); with ``json``, one JSON
     object a line (time, level, event, source, target, result, duration, error)."""
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLines())
-    elif os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(log_formatter(log_format))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+def log_formatter(log_format: str = "text", journal: bool | None = None) -> logging.Formatter:
+    """How the command's log lines look on its stderr: JSON objects, plain lines when stderr is the journal's
+    (``journal``; by default when ``JOURNAL_STREAM`` says so), else with their time. A run handed to the daemon
+    has its job's lines formatted by this too (mutualbackup/handoff/server.py)."""
+    if log_format == "json":
+        return JsonLines()
+    if journal if journal is not None else os.environ.get("JOURNAL_STREAM"):
+        return logging.Formatter("%(levelname)s %(message)s")
+    return logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
 
 
 class JsonLines(logging.Formatter):
@@ -416,10 +420,9 @@ class TerminalReport:
 
     @contextlib.contextmanager
     def backing_up(self, source: str, target: str):  # noqa: ANN201
-        from mutualbackup.terminal import format_create_progress, progress_line, showing
+        from mutualbackup.terminal import backup_progress, showing
 
-        label = f"{source} → {target}  "
-        progress = progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
+        progress = backup_progress(source, target)
         with showing(progress):
             yield progress
 

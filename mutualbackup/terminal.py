@@ -57,6 +57,12 @@ def progress_line(describe: Callable[..., str] = format_progress, *, every: floa
     return TerminalProgress(stream, describe=describe, every=every) if stream.isatty() else None
 
 
+def backup_progress(source: str, target: str):  # noqa: ANN201 - TerminalProgress | None
+    """A backup's progress line on the operator's terminal (None when stderr is not one)."""
+    label = f"{source} → {target}  "
+    return progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
+
+
 @contextlib.contextmanager
 def showing(progress: "TerminalProgress | None") -> Iterator["TerminalProgress | None"]:
     """Inside, log lines go above ``progress``'s line (nothing at all when there is none)."""

@@ -69,12 +69,13 @@ def trusted(uid: int) -> bool:
 def private_directory(path: str) -> bool:
     """Whether ``path`` is a directory of this user or root that nobody else may write (where a socket found is
     the daemon's)."""
+    from mutualbackup.remote.hints import owned_privately
+
     try:
         info = os.lstat(path)
     except OSError:
         return False
-    return (stat.S_ISDIR(info.st_mode) and info.st_uid in (os.geteuid(), 0)
-            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    return stat.S_ISDIR(info.st_mode) and owned_privately(info, or_root=True)
 
 
 def _overflow_user() -> int:

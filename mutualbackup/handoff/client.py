@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import BinaryIO
 
-from mutualbackup import __version__
+from mutualbackup import __version__, stdout_gone
 from mutualbackup.handoff import PROTOCOL, address, peer_user, private_directory, trusted
 
 
@@ -120,15 +120,12 @@ def hand_off(argv: Sequence[str], environ: Mapping[str, str], cwd: str, state: s
         connection.settimeout(None)
         daemon = answer["accepted"]
         try:
-            return Printer(bool(request["json"]), bool(request["progress"]), bool(request["journal"])).follow(
-                replies, daemon)
+            return Printer(bool(request["json"]), bool(request["progress"])).follow(replies, daemon)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 1
         except BrokenPipeError:  # `mutualbackup run | head`: the reader has what it wanted
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            stdout_gone()
             return 0
         except Exception as exc:  # noqa: BLE001 - never run again what the daemon took: say so, and stop
             print(f"mutualbackup: the daemon (process {daemon}) ran this command's backups, and its connection "
@@ -147,9 +144,8 @@ def _message(line: bytes) -> object:
 class Printer:
     """Prints what the daemon sends, as the command would have printed it."""
 
-    def __init__(self, json_out: bool, progress: bool, journal: bool = False) -> None:
+    def __init__(self, json_out: bool, progress: bool) -> None:
         self.json = json_out
-        self.journal = journal  # stderr is the journal's: log lines without their time
         self.wants_progress = progress
         self.progress = None  # the terminal's progress line of the backup under way
         self.outcomes: list[object] = []
@@ -181,7 +177,7 @@ class Printer:
             files, original, deduplicated = message["progress"]  # type: ignore[misc]
             self.progress(SimpleNamespace(files=files, original_bytes=original, deduplicated_bytes=deduplicated))
         if "log" in message:
-            self.write(sys.stderr, self.log_line(*message["log"]) + "\n")  # type: ignore[misc]
+            self.write(sys.stderr, f"{message['log']}\n")  # formatted as this command's logging would have
         if "ended" in message:
             self.ended()
         if "outcome" in message:
@@ -198,14 +194,6 @@ class Printer:
             return int(message["exit"])  # type: ignore[call-overload]
         return None
 
-    def log_line(self, created: float, level: str, text: str) -> str:
-        """A log record of the job, as the command's own logging writes it (``cli.setup_logging``)."""
-        if self.journal:
-            return f"{level} {text}"
-        import time
-
-        return f"{time.strftime('%H:%M:%S', time.localtime(created))} {level:<7} {text}"
-
     def write(self, stream, text: str) -> None:  # noqa: ANN001
         if self.progress is not None and stream is sys.stderr:
             self.progress.write_above(text)
@@ -213,10 +201,9 @@ class Printer:
             stream.write(text)
 
     def started(self, source: str, target: str) -> None:
-        from mutualbackup.terminal import format_create_progress, progress_line
+        from mutualbackup.terminal import backup_progress
 
-        label = f"{source} → {target}  "
-        self.progress = progress_line(lambda shown, seconds: label + format_create_progress(shown, seconds))
+        self.progress = backup_progress(source, target)
 
     def ended(self) -> None:
         if self.progress is not None:

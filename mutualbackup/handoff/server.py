@@ -242,7 +242,7 @@ class Served:
         self.watcher.start()
         from mutualbackup.jobs.foreground import back_up_now, exit_code
 
-        forward = _Forward(self, threading.get_ident())
+        forward = _Forward(self, threading.get_ident(), request.journal)
         logging.getLogger().addHandler(forward)
         try:
             outcomes = back_up_now(ctx, request.sources, request.replica, SocketReport(self, request), self.claim)
@@ -327,16 +327,16 @@ class _Forward(logging.Handler):
     records are filtered out before the handler's lock is taken: a command slow to read holds up its own job's
     logging only, never the daemon's."""
 
-    def __init__(self, served: Served, thread: int) -> None:
+    def __init__(self, served: Served, thread: int, journal: bool) -> None:
+        from mutualbackup.cli import log_formatter
+
         super().__init__(logging.INFO)
         self.served, self.thread = served, thread
         self.addFilter(lambda record: record.thread == self.thread and record.name != log.name)
+        self.setFormatter(log_formatter(journal=journal))  # as the command's own logging would write them
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + logging.Formatter().formatException(record.exc_info)
-        self.served.send({"log": [record.created, record.levelname, text]})
+        self.served.send({"log": self.format(record)})
 
 
 def stop(control: JobControl) -> None:

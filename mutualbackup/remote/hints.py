@@ -82,9 +82,14 @@ def key(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> str:
     return hashlib.sha256(json.dumps([cwd, list(argv), mine]).encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def owned_privately(info: os.stat_result, *, or_root: bool = False) -> bool:
+    """Whether a file or directory is this user's (or root's, ``or_root``) and nobody else can write it."""
+    owners = (os.geteuid(), 0) if or_root else (os.geteuid(),)
+    return info.st_uid in owners and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def _own(info: os.stat_result) -> bool:
-    """Whether a file or directory is this user's and nobody else can write it."""
-    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return owned_privately(info)
 
 
 def _own_file(info: os.stat_result) -> bool:
